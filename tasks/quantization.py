@@ -1,0 +1,171 @@
+"""Quantization: llm-compressor ``oneshot`` on the calibration set, saved atomically + manifest.
+
+The model is loaded on the CPU and llm-compressor's sequential pipeline moves one decoder layer at
+a time onto the GPU (when there is one), so peak GPU memory is one layer plus its activations,
+not the whole model: an 8B model calibrates on a 24 GiB card, a 70B one on an 80 GiB card.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.logging import get_run_logger
+
+from requant.atomic import atomic_directory, write_json_atomic
+from requant.hardware import Accelerator
+from requant.manifest import MANIFEST_NAME, library_versions, render_manifest
+from requant.memory import peak_gpu_gib, peak_rss_gib, reset_gpu_peak
+from requant.recipes import ResolvedRecipe
+from requant.settings import PipelineSettings
+from tasks.calibration import CalibrationSet, load_prepared
+from tasks.source import ResolvedSource, fetch_weights
+from tasks.verification import (
+    CheckpointVerificationError,
+    ExpectedScheme,
+    VerificationReport,
+    verify_checkpoint,
+)
+
+
+@dataclass(frozen=True)
+class QuantizedCheckpoint:
+    path: Path
+    manifest: dict[str, Any]
+
+
+def run_oneshot(
+    model_dir: Path,
+    recipe: ResolvedRecipe,
+    calib: CalibrationSet | None,
+    max_seq_len: int,
+    acc: Accelerator,
+    *,
+    allow_tf32: bool = True,
+    trust_remote_code: bool = False,
+):
+    """Load the model from ``model_dir`` and quantize it in memory; returns (model, tokenizer).
+
+    The model is loaded from a directory (not built in memory) because oneshot re-reads the
+    config from ``model.config.name_or_path``.
+    """
+    import torch
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if acc.kind == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype="auto", trust_remote_code=trust_remote_code
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = {}
+    if calib is not None:
+        dataset = load_prepared(calib)
+        kwargs = {
+            "dataset": dataset,
+            "num_calibration_samples": len(dataset),
+            "max_seq_length": max_seq_len,
+            # We drew and shuffled the samples ourselves with a seed; oneshot's own shuffle is
+            # unseeded and would make two runs on the same inputs calibrate in different orders.
+            "shuffle_calibration_samples": False,
+        }
+    oneshot(model=model, processor=tokenizer, recipe=recipe.text, **kwargs)
+    return model, tokenizer
+
+
+def quantize_checkpoint(
+    settings: PipelineSettings,
+    source: ResolvedSource,
+    calib: CalibrationSet | None,
+    recipe: ResolvedRecipe,
+    acc: Accelerator,
+    out_dir: Path,
+    run: dict[str, Any],
+) -> QuantizedCheckpoint:
+    """Quantize and write ``out_dir`` atomically; the manifest is the last file written."""
+    import torch
+
+    q = settings.quantization
+    started = time.perf_counter()
+    reset_gpu_peak()
+    source = fetch_weights(settings.source, source)
+    t_fetch = time.perf_counter()
+    model, tokenizer = run_oneshot(
+        source.path, recipe, calib, settings.calibration.max_seq_len, acc,
+        allow_tf32=q.allow_tf32, trust_remote_code=settings.source.trust_remote_code,
+    )
+    t_oneshot = time.perf_counter()
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp, save_compressed=True)
+        tokenizer.save_pretrained(tmp)
+        if not (tmp / "recipe.yaml").is_file():
+            (tmp / "recipe.yaml").write_text(recipe.text)
+        t_saved = time.perf_counter()
+        report = verify_checkpoint(
+            tmp, ExpectedScheme.for_scheme(recipe.scheme), recipe.ignore,
+            reload=q.verify_reload, trust_remote_code=settings.source.trust_remote_code,
+        )
+        if not report.ok:
+            _reject(tmp, out_dir, report)
+        t_verified = time.perf_counter()
+        manifest = render_manifest(
+            source=source.as_record(),
+            recipe={"origin": recipe.origin, "sha256": recipe.sha256, "scheme": recipe.scheme,
+                    "text": recipe.text},
+            calibration=calib.as_record() if calib is not None else {"fingerprint": None},
+            settings=settings.model_dump(mode="json"),
+            hardware={"kind": acc.kind, "name": acc.name,
+                      "capability": list(acc.capability) if acc.capability else None,
+                      "torch_threads": torch.get_num_threads()},
+            timings={"fetch_weights": round(t_fetch - started, 2),
+                     "oneshot": round(t_oneshot - t_fetch, 2),
+                     "save": round(t_saved - t_oneshot, 2),
+                     "verify": round(t_verified - t_saved, 2),
+                     "total": round(t_verified - started, 2)},
+            memory={"host_rss": peak_rss_gib(), "gpu_allocated": peak_gpu_gib()},
+            versions=library_versions(),
+            run=run,
+        )
+        manifest["verification"] = report.as_record()
+        write_json_atomic(tmp / MANIFEST_NAME, manifest)
+    del model
+    return QuantizedCheckpoint(Path(out_dir), manifest)
+
+
+def _reject(tmp: Path, out_dir: Path, report: VerificationReport) -> None:
+    """Keep the failed output for inspection under a name no consumer takes for a checkpoint."""
+    rejected = out_dir.with_name(out_dir.name + ".rejected")
+    shutil.rmtree(rejected, ignore_errors=True)
+    tmp.rename(rejected)
+    write_json_atomic(rejected / "verification.json", report.as_record())
+    raise CheckpointVerificationError(
+        "the quantized checkpoint failed verification, so it was not kept as "
+        f"{out_dir.name}/ (inspect {rejected}):\n  - " + "\n  - ".join(report.problems)
+    )
+
+
+@task(name="quantize")
+def quantize(
+    settings: PipelineSettings,
+    source: ResolvedSource,
+    calib: CalibrationSet | None,
+    recipe: ResolvedRecipe,
+    acc: Accelerator,
+    out_dir: Path,
+    run: dict[str, Any],
+) -> QuantizedCheckpoint:
+    """oneshot on the GPU worker (or the CPU), writing the run's checkpoint/ folder."""
+    logger = get_run_logger()
+    logger.info("quantizing %s with %s (%s) on %s", source.model_id, recipe.origin,
+                recipe.scheme, acc.name)
+    ckpt = quantize_checkpoint(settings, source, calib, recipe, acc, out_dir, run)
+    t = ckpt.manifest["timings_s"]
+    logger.info("checkpoint written to %s: oneshot %.1f s, total %.1f s, peak RSS %.2f GiB",
+                ckpt.path, t["oneshot"], t["total"], ckpt.manifest["peak_memory_gib"]["host_rss"])
+    return ckpt

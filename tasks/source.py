@@ -1,0 +1,153 @@
+"""Resolve the source model to local files, a pinned revision and content hashes.
+
+A Hub id is resolved to the commit it points at *now*, and that commit, not the branch name, is
+what every later step and the manifest use: a model pushed mid-run cannot mix two revisions.
+Only metadata and tokenizer files are fetched here; weights are fetched by the quantization stage,
+after the calibration set (which needs only the tokenizer) has passed its checks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect import task
+from prefect.logging import get_run_logger
+
+from requant.hashing import hash_files
+from requant.settings import SettingsError, SourceSettings
+
+METADATA_PATTERNS = [
+    "*.json",
+    "*.jinja",
+    "tokenizer*",
+    "*.model",
+    "*.tiktoken",
+    "merges.txt",
+    "vocab.txt",
+]
+WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.py"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    model_id: str
+    path: Path
+    revision: str | None  # Hub commit SHA; None for a local directory
+    files: dict[str, str] = field(default_factory=dict)  # relative name -> sha256
+    is_local: bool = True
+
+    def as_record(self) -> dict[str, object]:
+        return {
+            "model": self.model_id,
+            "revision": self.revision,
+            "local": self.is_local,
+            "files": self.files,
+        }
+
+
+def resolve_source_files(src: SourceSettings, *, with_weights: bool) -> ResolvedSource:
+    """Plain function behind the task; also used by the quantization stage to fetch weights."""
+    local = Path(src.model).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise SettingsError(
+                f"source.model: {local} exists but has no config.json. Point it at a Hugging "
+                "Face model directory (the folder save_pretrained wrote)."
+            )
+        if src.revision:
+            raise SettingsError(
+                f"source.revision: {src.revision!r} was given for the local directory {local}. "
+                "Revisions apply to Hub ids only; unset source.revision."
+            )
+        names = _local_files(local, with_weights)
+        return ResolvedSource(
+            model_id=str(local), path=local.resolve(), revision=None,
+            files=hash_files(local, names),
+        )
+    if not _HUB_ID.match(src.model):
+        raise SettingsError(
+            f"source.model: {src.model!r} is neither an existing local directory nor a Hugging "
+            "Face Hub id of the form owner/name. Fix the path, or use the Hub id."
+        )
+    return _resolve_hub(src, with_weights)
+
+
+def _local_files(root: Path, with_weights: bool) -> list[str]:
+    import fnmatch
+
+    patterns = METADATA_PATTERNS + (WEIGHT_PATTERNS if with_weights else [])
+    return sorted(
+        p.name for p in root.iterdir()
+        if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in patterns)
+    )
+
+
+def _resolve_hub(src: SourceSettings, with_weights: bool) -> ResolvedSource:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    patterns = METADATA_PATTERNS + (WEIGHT_PATTERNS if with_weights else [])
+    try:
+        info = HfApi().model_info(src.model, revision=src.revision)
+        commit = info.sha
+        path = Path(
+            snapshot_download(src.model, revision=commit, allow_patterns=patterns)
+        )
+    except GatedRepoError as exc:
+        raise SettingsError(
+            f"source.model: {src.model} is gated. Accept its licence on the Hub and provide a "
+            "token with access (HF_TOKEN)."
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise SettingsError(
+            f"source.model: no Hub model {src.model!r} (or no access to it). Check the id, or "
+            "set HF_TOKEN for a private repo."
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise SettingsError(
+            f"source.revision: {src.model} has no revision {src.revision!r}. Use an existing "
+            "branch, tag or commit SHA."
+        ) from exc
+    except LocalEntryNotFoundError as exc:
+        raise SettingsError(
+            f"source.model: {src.model} is not in the local Hub cache and the Hub cannot be "
+            "reached (offline?). Pre-download it, or point source.model at a local directory."
+        ) from exc
+    except OSError as exc:  # requests' ConnectionError is an OSError
+        raise SettingsError(
+            f"source.model: cannot reach the Hub for {src.model} ({type(exc).__name__}). Check "
+            "the network or HF_ENDPOINT, or use a local directory."
+        ) from exc
+    return ResolvedSource(
+        model_id=src.model,
+        path=path,
+        revision=commit,
+        files=hash_files(path, _local_files(path, with_weights)),
+        is_local=False,
+    )
+
+
+def fetch_weights(src: SourceSettings, resolved: ResolvedSource) -> ResolvedSource:
+    """The same source with its weights present and hashed, pinned to the already-resolved
+    commit, so the weights cannot come from a newer push than the tokenizer did."""
+    return resolve_source_files(src.model_copy(update={"revision": resolved.revision}),
+                                with_weights=True)
+
+
+@task(name="resolve-source")
+def resolve_source(src: SourceSettings) -> ResolvedSource:
+    """Metadata + tokenizer of the source, pinned to a commit, before anything heavy starts."""
+    resolved = resolve_source_files(src, with_weights=False)
+    get_run_logger().info(
+        "source %s resolved to %s (revision %s, %d files hashed)",
+        src.model, resolved.path, resolved.revision or "local", len(resolved.files),
+    )
+    return resolved

@@ -1,0 +1,114 @@
+"""The requantize flow on a real (temporary, SQLite) Prefect server, with the tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from requant.settings import PipelineSettings, SettingsError
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def settings_for(model, data, tmp_path, **calibration):
+    return PipelineSettings.model_validate({
+        "source": {"model": str(model)},
+        "calibration": {"dataset": str(data), "num_samples": 8, "max_seq_len": 128, **calibration},
+        "output_dir": str(tmp_path / "runs"),
+        "cache_dir": str(tmp_path / "cache"),
+    })
+
+
+def _task_names(flow_run_id) -> set[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0] for r in runs}
+
+
+def test_flow_writes_run_dir_checkpoint_summary_and_artifacts(tiny_model, chat_file, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.requantize import requantize
+
+    summary = requantize(settings_for(tiny_model, chat_file, tmp_path))
+    run_dir = Path(summary["run_dir"])
+    assert run_dir.parent == tmp_path / "runs"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["calibration", "checkpoint", "summary.json"]
+    assert json.loads((run_dir / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert (run_dir / "checkpoint" / "manifest.json").is_file()
+    assert summary["verification"]["ok"] is True
+    assert summary["manifest_run"]["flow_run_id"] == summary["run_id"]
+    assert _task_names(summary["run_id"]) == {"preflight", "resolve-source",
+                                               "prepare-calibration", "quantize"}
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[summary["run_id"]])))
+    keys = {a.key for a in artifacts}
+    assert {"calibration-stats", "requant-run-summary"} <= keys
+    table = next(a for a in artifacts if a.key == "calibration-stats")
+    assert "total_tokens" in str(table.data)
+
+
+def test_rerun_with_same_inputs_reuses_calibration_and_reproduces_fingerprint(
+        tiny_model, chat_file, tmp_path):
+    from flows.requantize import requantize
+
+    settings = settings_for(tiny_model, chat_file, tmp_path)
+    first = requantize(settings)
+    second = requantize(settings)
+    assert second["run_id"] != first["run_id"]
+    assert second["inputs_fingerprint"] == first["inputs_fingerprint"]
+    reused = json.loads((Path(second["run_dir"]) / "calibration" / "calibration.json").read_text())
+    assert reused["reused"] is True
+
+
+def test_bad_calibration_input_fails_before_the_model_is_loaded(tiny_model, chat_file, tmp_path):
+    from prefect import flow
+
+    from flows.requantize import requantize
+
+    holder = {}
+
+    @flow
+    def parent():
+        try:
+            requantize(settings_for(tiny_model, chat_file, tmp_path, num_samples=1000))
+        except SettingsError as exc:
+            holder["error"] = exc
+        from prefect.runtime import flow_run
+
+        holder["parent"] = flow_run.get_id()
+
+    parent()
+    assert "calibration.num_samples: 1000 asked for" in str(holder["error"])
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and not (runs[0] / "checkpoint").exists()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        (child,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[holder["parent"]])))
+    assert child.state.is_failed()
+    assert "quantize" not in _task_names(child.id)
+
+
+def test_cli_rejects_bad_settings_naming_field_without_starting_anything(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.requantize", "--set", "calibration.max_seq_len=0",
+         "--set", f"output_dir={tmp_path / 'runs'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 2
+    assert "calibration.max_seq_len" in proc.stderr and "Set a larger value" in proc.stderr
+    assert not (tmp_path / "runs").exists()

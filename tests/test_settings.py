@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from requant.settings import (
+    DEMO_CALIBRATION_FILE,
+    DEMO_MODEL_DIR,
+    PipelineSettings,
+    SettingsError,
+    load_settings,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_offline_demo():
+    s = PipelineSettings()
+    assert s.source.model == DEMO_MODEL_DIR
+    assert s.calibration.dataset == DEMO_CALIBRATION_FILE
+    assert (ROOT / DEMO_CALIBRATION_FILE).is_file()
+    assert s.quantization.preset == "w8a8-int8"
+    assert s.quantization.smoothing_strength == 0.8
+    assert s.quantization.ignore == ["lm_head"]
+    assert s.calibration.pad_to_max_length is False
+
+
+def test_yaml_file_and_dotted_overrides_merge_with_types(tmp_path):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump({"source": {"model": "org/model", "revision": "main"},
+                                   "calibration": {"num_samples": 8}}))
+    s = load_settings(cfg, ["calibration.max_seq_len=128", "quantization.ignore=[lm_head, 're:.*gate']"])
+    assert s.source.model == "org/model"
+    assert s.calibration.num_samples == 8
+    assert s.calibration.max_seq_len == 128
+    assert s.quantization.ignore == ["lm_head", "re:.*gate"]
+
+
+def test_unknown_field_is_rejected_naming_it():
+    with pytest.raises(SettingsError) as err:
+        load_settings(None, ["calibration.num_sample=3"])
+    assert "calibration.num_sample" in str(err.value)
+    assert "spelling" in str(err.value)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("calibration.max_seq_len=0", "calibration.max_seq_len"),
+    ("calibration.max_seq_len=-5", "calibration.max_seq_len"),
+    ("calibration.num_samples=0", "calibration.num_samples"),
+    ("quantization.smoothing_strength=1.5", "quantization.smoothing_strength"),
+    ("quantization.preset=int4", "quantization.preset"),
+])
+def test_out_of_range_values_name_the_field_and_the_fix(override, field):
+    with pytest.raises(SettingsError) as err:
+        load_settings(None, [override])
+    msg = str(err.value)
+    assert field in msg
+    assert any(word in msg for word in ("Set a larger value", "Set a smaller value", "one of"))
+
+
+def test_missing_config_file_says_so(tmp_path):
+    with pytest.raises(SettingsError, match="not found"):
+        load_settings(tmp_path / "nope.yaml")
+
+
+def test_override_without_equals_is_rejected():
+    with pytest.raises(SettingsError, match=r"section\.field=value"):
+        load_settings(None, ["calibration.num_samples"])
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "deployments" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_validates(config):
+    s = load_settings(config)
+    assert isinstance(s, PipelineSettings)
+
+
+def test_production_config_is_the_seed_job():
+    s = load_settings(ROOT / "deployments" / "configs" / "production-llama3-8b.yaml")
+    assert s.source.model == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert s.calibration.dataset == "HuggingFaceH4/ultrachat_200k"
+    assert (s.calibration.num_samples, s.calibration.max_seq_len) == (512, 2048)
+    assert s.quantization.preset == "w8a8-int8"
+
+
+def test_flow_parameters_expose_settings_as_a_ui_form():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.requantize import requantize
+
+    schema = parameter_schema(requantize).model_dump()
+    assert list(schema["properties"]) == ["settings"]
+    definitions = schema["definitions"]
+    assert {"PipelineSettings", "CalibrationSettings", "QuantizationSettings"} <= set(definitions)
+    calib = definitions["CalibrationSettings"]["properties"]
+    assert calib["num_samples"]["exclusiveMinimum"] == 0
+    assert "description" in calib["max_seq_len"]
