@@ -106,6 +106,11 @@ class QuantizationSettings(_Section):
         description="TF32 matmuls during calibration on NVIDIA GPUs (measured 1.33x faster on "
         "an H100; the quantized weights are still computed in fp32 by GPTQ).",
     )
+    activation_cache: Literal["auto", "gpu", "cpu"] = Field(
+        "auto",
+        description="Where layer-to-layer activations wait during calibration. auto: on the GPU "
+        "when they take at most half its free memory (saves host<->GPU copies), else host RAM.",
+    )
     verify_reload: bool = Field(
         True, description="After saving, reload the checkpoint and run a forward pass."
     )

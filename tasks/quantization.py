@@ -2,7 +2,7 @@
 
 The model is loaded on the CPU and llm-compressor's sequential pipeline moves one decoder layer at
 a time onto the GPU (when there is one), so peak GPU memory is one layer plus its activations,
-not the whole model: an 8B model calibrates on a 24 GiB card, a 70B one on an 80 GiB card.
+not the whole model. The llm-compressor call itself lives in requant/oneshot.py.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from requant.atomic import atomic_directory, write_json_atomic
 from requant.hardware import Accelerator
 from requant.manifest import MANIFEST_NAME, library_versions, render_manifest
 from requant.memory import peak_gpu_gib, peak_rss_gib, reset_gpu_peak
+from requant.oneshot import load_model, quantize_model
 from requant.recipes import ResolvedRecipe
 from requant.settings import PipelineSettings
 from tasks.calibration import CalibrationSet, load_prepared
@@ -36,47 +37,6 @@ from tasks.verification import (
 class QuantizedCheckpoint:
     path: Path
     manifest: dict[str, Any]
-
-
-def run_oneshot(
-    model_dir: Path,
-    recipe: ResolvedRecipe,
-    calib: CalibrationSet | None,
-    max_seq_len: int,
-    acc: Accelerator,
-    *,
-    allow_tf32: bool = True,
-    trust_remote_code: bool = False,
-):
-    """Load the model from ``model_dir`` and quantize it in memory; returns (model, tokenizer).
-
-    The model is loaded from a directory (not built in memory) because oneshot re-reads the
-    config from ``model.config.name_or_path``.
-    """
-    import torch
-    from llmcompressor import oneshot
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if acc.kind == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-        torch.backends.cudnn.allow_tf32 = allow_tf32
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype="auto", trust_remote_code=trust_remote_code
-    )
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    kwargs: dict[str, Any] = {}
-    if calib is not None:
-        dataset = load_prepared(calib)
-        kwargs = {
-            "dataset": dataset,
-            "num_calibration_samples": len(dataset),
-            "max_seq_length": max_seq_len,
-            # We drew and shuffled the samples ourselves with a seed; oneshot's own shuffle is
-            # unseeded and would make two runs on the same inputs calibrate in different orders.
-            "shuffle_calibration_samples": False,
-        }
-    oneshot(model=model, processor=tokenizer, recipe=recipe.text, **kwargs)
-    return model, tokenizer
 
 
 def quantize_checkpoint(
@@ -96,9 +56,11 @@ def quantize_checkpoint(
     reset_gpu_peak()
     source = fetch_weights(settings.source, source)
     t_fetch = time.perf_counter()
-    model, tokenizer = run_oneshot(
-        source.path, recipe, calib, settings.calibration.max_seq_len, acc,
-        allow_tf32=q.allow_tf32, trust_remote_code=settings.source.trust_remote_code,
+    model, tokenizer = load_model(source.path, settings.source.trust_remote_code)
+    choices = quantize_model(
+        model, tokenizer, recipe.text, load_prepared(calib) if calib is not None else None,
+        settings.calibration.max_seq_len, acc,
+        allow_tf32=q.allow_tf32, activation_cache=q.activation_cache,
     )
     t_oneshot = time.perf_counter()
     with atomic_directory(out_dir) as tmp:
@@ -122,7 +84,7 @@ def quantize_checkpoint(
             settings=settings.model_dump(mode="json"),
             hardware={"kind": acc.kind, "name": acc.name,
                       "capability": list(acc.capability) if acc.capability else None,
-                      "torch_threads": torch.get_num_threads()},
+                      "torch_threads": torch.get_num_threads(), **choices},
             timings={"fetch_weights": round(t_fetch - started, 2),
                      "oneshot": round(t_oneshot - t_fetch, 2),
                      "save": round(t_saved - t_oneshot, 2),

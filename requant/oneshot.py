@@ -1,0 +1,92 @@
+"""The one call into llm-compressor, kept free of Prefect so a bare GPU box can run and time it.
+
+Choices made here, each measured (docs/quantization.md):
+- TF32 matmuls on NVIDIA GPUs: GPTQ's Hessians are accumulated as X^T X in fp32, the biggest
+  calibration cost after the forward passes; TF32 runs them on tensor cores.
+- Intermediate activations stay on the GPU when they fit: llm-compressor's sequential pipeline
+  otherwise offloads every layer's inputs to host memory and back, twice per layer per modifier.
+- Our own seeded shuffle: oneshot's is unseeded, which would make equal inputs calibrate in a
+  different order on each run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from requant.hardware import Accelerator
+
+ActivationCache = Literal["auto", "gpu", "cpu"]
+#: Share of free GPU memory the activation cache may take when it is kept on the GPU.
+GPU_CACHE_BUDGET = 0.5
+
+
+def activation_cache_device(
+    setting: ActivationCache, acc: Accelerator, cache_bytes: int, free_gpu_bytes: int | None
+) -> str:
+    """Where the sequential pipeline keeps the activations between layers."""
+    if acc.kind != "cuda" or setting == "cpu":
+        return "cpu"
+    if setting == "gpu":
+        return "cuda:0"
+    if free_gpu_bytes is not None and cache_bytes <= GPU_CACHE_BUDGET * free_gpu_bytes:
+        return "cuda:0"
+    return "cpu"
+
+
+def estimate_cache_bytes(total_tokens: int, hidden_size: int, dtype_bytes: int = 2) -> int:
+    """One hidden-state tensor per calibration token, as cached between two decoder layers."""
+    return total_tokens * hidden_size * dtype_bytes
+
+
+def load_model(model_dir: Path, trust_remote_code: bool = False):
+    """Load on the CPU: the sequential pipeline moves one layer at a time onto the GPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype="auto", trust_remote_code=trust_remote_code
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def quantize_model(
+    model,
+    tokenizer,
+    recipe_text: str,
+    dataset,
+    max_seq_len: int,
+    acc: Accelerator,
+    *,
+    allow_tf32: bool = True,
+    activation_cache: ActivationCache = "auto",
+) -> dict[str, Any]:
+    """Run oneshot in place on ``model``; returns the choices made, for the manifest.
+
+    ``model.config.name_or_path`` must be a directory holding the config: oneshot re-reads it.
+    """
+    import torch
+    from llmcompressor import oneshot
+
+    choices: dict[str, Any] = {"allow_tf32": False, "activation_cache": "cpu"}
+    if acc.kind == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+        choices["allow_tf32"] = allow_tf32
+    kwargs: dict[str, Any] = {}
+    if dataset is not None:
+        tokens = sum(len(ids) for ids in dataset["input_ids"])
+        free = torch.cuda.mem_get_info()[0] if acc.kind == "cuda" else None
+        device = activation_cache_device(
+            activation_cache, acc, estimate_cache_bytes(tokens, model.config.hidden_size), free
+        )
+        choices["activation_cache"] = device
+        kwargs = {
+            "dataset": dataset,
+            "num_calibration_samples": len(dataset),
+            "max_seq_length": max_seq_len,
+            "shuffle_calibration_samples": False,
+            "sequential_offload_device": device,
+        }
+    oneshot(model=model, processor=tokenizer, recipe=recipe_text, **kwargs)
+    return choices
