@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import re
 import sys
@@ -120,7 +121,7 @@ def run_variant(name: str, args, config_dir: Path, tokenizer, recipe_text: str, 
     logger.remove(sink)
     passes = {}
     marks = [(start, "setup"), *clock.events, (start + wall, "end")]
-    for (t0, label), (t1, _) in zip(marks, marks[1:], strict=False):
+    for (t0, label), (t1, _) in itertools.pairwise(marks):
         passes[label[:80]] = round(t1 - t0, 1)
     result = {
         "variant": name, "samples": args.samples, "seq_len": args.seq_len,

@@ -1,8 +1,8 @@
-"""The main pipeline: source -> calibration -> quantization (+ verification).
+"""The main pipeline: source -> calibration -> quantization -> evaluation -> gate.
 
-Reads like the diagram in docs/architecture.md. Evaluation, the accuracy gate, publishing and
-rollout plug in after ``quantize`` as they land; until then a run ends with a verified checkpoint
-in its run directory and nothing leaves the machine.
+Reads like the diagram in docs/architecture.md. A gate that does not pass raises GateFailed
+after recording its decision: the run fails and nothing leaves the machine. Publishing and
+rollout plug in after the gate as they land.
 
 Run it:  python -m flows.requantize [--config deployments/configs/demo.yaml] [--set k=v ...]
 """
@@ -27,17 +27,23 @@ from requant.recipes import ResolvedRecipe, resolve_recipe
 from requant.rundir import RunDir
 from requant.settings import PipelineSettings, SettingsError, load_settings, validate_settings
 from tasks.calibration import prepare_calibration
+from tasks.evaluation import evaluate_baseline, evaluate_candidate, validate_tasks
+from tasks.gate import GateFailed, gate
 from tasks.quantization import quantize
-from tasks.source import resolve_source
+from tasks.serving import serving_python
+from tasks.source import fetch_weights, resolve_source
 
 
 @task(name="preflight")
 def preflight(settings: PipelineSettings) -> tuple[ResolvedRecipe, Accelerator]:
-    """Every cheap check first: a bad recipe or an unservable scheme fails in seconds, not after
-    an hour of calibration."""
+    """Every cheap check first: a bad recipe, an unservable scheme, an unknown lm-eval task or a
+    missing serving environment fails in seconds, not after an hour of calibration."""
     recipe = resolve_recipe(settings.quantization)
     acc = detect_accelerator(settings.quantization.device)
     check_scheme_supported(recipe.scheme, acc)
+    if settings.evaluation.enabled:
+        serving_python(settings.evaluation.server)
+        validate_tasks(settings.evaluation)
     get_run_logger().info("preflight ok: recipe %s (scheme %s, sha256 %s) on %s", recipe.origin,
                           recipe.scheme, recipe.sha256[:12], acc.name)
     return recipe, acc
@@ -66,6 +72,16 @@ def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any
         settings, source, calib, recipe, acc, run_dir.stage("checkpoint"),
         {"flow_run_id": str(run_id), "flow_run_name": flow_run.get_name()},
     )
+    decision = None
+    if settings.evaluation.enabled:
+        on_gpu = acc.kind == "cuda"
+        eval_dir = run_dir.stage("eval")
+        source_dir = fetch_weights(settings.source, source).path
+        baseline = evaluate_baseline(settings.evaluation, ckpt.manifest["source"], source_dir,
+                                     settings.cache_dir, eval_dir / "baseline", on_gpu)
+        candidate = evaluate_candidate(settings.evaluation, ckpt.path, eval_dir / "candidate",
+                                       on_gpu)
+        decision = gate(baseline, candidate, settings.gate, run_dir.stage("gate"))
 
     summary = {
         "run_id": str(run_id),
@@ -79,9 +95,12 @@ def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any
         "timings_s": ckpt.manifest["timings_s"] | {"flow": round(time.perf_counter() - started, 2)},
         "peak_memory_gib": ckpt.manifest["peak_memory_gib"],
         "manifest_run": ckpt.manifest["run"],
+        "gate": decision.as_record() if decision else None,
     }
     write_json_atomic(run_dir.root / "summary.json", summary)
     create_markdown_artifact(key="requant-run-summary", markdown=render_summary(summary))
+    if decision is not None and not decision.promote:
+        raise GateFailed(decision)
     logger.info("done: checkpoint %s (verified), summary %s", ckpt.path,
                 run_dir.root / "summary.json")
     return summary
@@ -107,7 +126,17 @@ def render_summary(summary: dict[str, Any]) -> str:
         f"{'ok' if v['reload_ok'] else v['reload_ok']}",
         f"- **time**: oneshot {t['oneshot']} s, flow {t['flow']} s; peak RSS "
         f"{summary['peak_memory_gib']['host_rss']} GiB",
+        gate_line(summary["gate"]),
     ])
+
+
+def gate_line(g: dict[str, Any] | None) -> str:
+    if g is None:
+        return "- **gate**: not run (evaluation.enabled=false)"
+    rec = f"{g['recovery']:.4f}" if g["recovery"] is not None else "n/a"
+    return (f"- **gate**: {g['status']} ({'promote' if g['promote'] else 'stop'}); "
+            f"{g['task']} {g['metric']}: baseline {g['baseline_score']:.4f}, candidate "
+            f"{g['candidate_score']:.4f}, recovery {rec}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,8 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summary = requantize(settings)
+    try:
+        summary = requantize(settings)
+    except GateFailed as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return 1
     print(f"\ncheckpoint: {summary['checkpoint']}\nrun directory: {summary['run_dir']}")
+    if summary["gate"]:
+        print(gate_line(summary["gate"]).replace("- **gate**", "gate"))
     return 0
 
 

@@ -116,13 +116,93 @@ class QuantizationSettings(_Section):
     )
 
 
-class EvaluationSettings(_Section):
-    """The accuracy gate's evaluation (consumed by the evaluate stage, issue #3)."""
+class ServerSettings(_Section):
+    """The vLLM OpenAI-compatible server that evaluation talks to (the seed's serve knobs)."""
 
-    tasks: list[str] = Field(default_factory=lambda: ["gsm8k"])
+    python: Path | None = Field(
+        None,
+        description="Python of the serving environment (with vLLM). Default: "
+        "$REQUANT_SERVING_PYTHON, else .venvs/serving/bin/python.",
+    )
+    host: str = "127.0.0.1"
+    port: int | None = Field(None, gt=0, lt=65536, description="None: a free port.")
+    max_model_len: int = Field(4096, gt=0, description="Context length the server allows.")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="GPU hosts only.")
+    max_num_seqs: int = Field(64, gt=0, description="Sequences batched at once.")
+    max_num_batched_tokens: int | None = Field(None, gt=0)
+    enforce_eager: bool | None = Field(
+        None,
+        description="Skip torch.compile / CUDA graphs. None: eager on CPU (compiling costs more "
+        "start-up than a gate evaluation saves), compiled on GPU.",
+    )
+    extra_args: list[str] = Field(default_factory=list, description="Appended to the command.")
+    env: dict[str, str] = Field(
+        default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "4"},
+        description="Extra environment for the server (VLLM_CPU_KVCACHE_SPACE is GiB of KV "
+        "cache on CPU hosts).",
+    )
+    startup_timeout_s: float = Field(900, gt=0, description="Deadline for /health + /v1/models.")
+    stop_grace_s: float = Field(30, ge=0, description="SIGTERM, then SIGKILL after this long.")
+
+
+class EvaluationSettings(_Section):
+    """lm-eval against the served model: the numbers the gate decides on."""
+
+    enabled: bool = Field(True, description="Evaluate and gate; off: stop after quantization.")
+    backend: Literal["server", "vllm"] = Field(
+        "server",
+        description="server: a vLLM server process + lm-eval's local-completions over HTTP. "
+        "vllm: lm-eval's in-process vllm backend, run inside the serving environment.",
+    )
+    tasks: list[str] = Field(
+        default_factory=lambda: ["gsm8k_local"], min_length=1,
+        description="lm-eval task names. gsm8k_local is gsm8k from the bundled files "
+        "(deployments/lm_eval_tasks); production uses gsm8k from the Hub.",
+    )
+    task_dir: Path | None = Field(
+        Path("deployments/lm_eval_tasks"),
+        description="Extra lm-eval task YAMLs (include_path); data_files are relative to it.",
+    )
     num_fewshot: int = Field(5, ge=0)
-    add_bos_token: bool = True
-    min_recovery: float = Field(0.98, gt=0.0, le=1.5)
+    limit: int | None = Field(
+        None, gt=0, description="Evaluate only the first N documents per task (None: all)."
+    )
+    num_concurrent: int = Field(8, gt=0, description="Concurrent requests to the server.")
+    max_gen_toks: int = Field(256, gt=0, description="Generation budget per answer.")
+    add_bos_token: bool = Field(True, description="Prefix prompts with BOS, as the seed did.")
+    gate_task: str | None = Field(None, description="Task the gate reads (None: the first).")
+    gate_metric: str = Field(
+        "exact_match,strict-match", description="lm-eval metric,filter the gate decides on."
+    )
+    server: ServerSettings = Field(default_factory=ServerSettings)
+
+    @field_validator("gate_metric")
+    @classmethod
+    def _metric_with_filter(cls, value: str) -> str:
+        if value.count(",") != 1:
+            raise ValueError("must be 'metric,filter', e.g. 'exact_match,strict-match'")
+        return value
+
+
+class GateSettings(_Section):
+    """When a candidate may leave the machine."""
+
+    min_recovery: float = Field(
+        0.98, gt=0.0, le=2.0, description="candidate score / baseline score must reach this."
+    )
+    min_candidate_score: float | None = Field(
+        None, ge=0.0, le=1.0, description="Optional absolute floor on the candidate's score."
+    )
+    min_baseline: float = Field(
+        0.10, ge=0.0, le=1.0,
+        description="Below this baseline score a recovery ratio is noise: the gate is "
+        "inconclusive (tiny models score ~0 on gsm8k).",
+    )
+    allow_inconclusive: bool = Field(
+        False, description="Let an inconclusive gate promote. Off: inconclusive fails closed."
+    )
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Of the paired-difference CI.")
+    bootstrap_resamples: int = Field(10_000, ge=100)
 
 
 class HubSettings(_Section):
@@ -145,6 +225,7 @@ class PipelineSettings(_Section):
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
     quantization: QuantizationSettings = Field(default_factory=QuantizationSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
     hub: HubSettings = Field(default_factory=HubSettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
     output_dir: Path = Field(Path("runs"), description="Each run writes runs/<run-id>/.")

@@ -31,7 +31,8 @@ def gsm8k_rows(n: int) -> list[dict]:
 
 
 def build_tiny_llama(
-    path: Path, *, chat_template: bool = True, vocab_size: int = 384, layers: int = 2
+    path: Path, *, chat_template: bool = True, vocab_size: int = 384, layers: int = 2,
+    hidden: int = 64, heads: int = 4, kv_heads: int = 2, intermediate: int = 128,
 ) -> Path:
     """A real LlamaForCausalLM small enough that llm-compressor's oneshot takes seconds on a CPU."""
     import torch
@@ -54,8 +55,9 @@ def build_tiny_llama(
     if chat_template:
         fast.chat_template = CHAT_TEMPLATE
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=len(fast), hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id, tie_word_embeddings=False,
     )
@@ -102,3 +104,64 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# ---- real vLLM (serving environment) ---------------------------------------------------------
+
+SERVING_PYTHON = ROOT / ".venvs" / "serving" / "bin" / "python"
+needs_vllm = pytest.mark.skipif(
+    not SERVING_PYTHON.exists() and not os.environ.get("REQUANT_SERVING_PYTHON"),
+    reason="serving environment missing: make serving-env",
+)
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny_source(tmp_path_factory) -> Path:
+    """A tiny Llama whose shapes vLLM's CPU kernels accept (head_dim 64)."""
+    path = tmp_path_factory.mktemp("models") / "tiny-vllm-bf16"
+    return build_tiny_llama(path, layers=2, hidden=256, heads=4, kv_heads=2, intermediate=512)
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny_w8a8(vllm_tiny_source, tmp_path_factory) -> Path:
+    """The tiny source quantized by the pipeline's own stage: a real compressed-tensors W8A8."""
+    from requant.hardware import Accelerator
+    from requant.recipes import resolve_recipe
+    from requant.settings import PipelineSettings
+    from tasks.calibration import build_calibration_set
+    from tasks.quantization import quantize_checkpoint
+    from tasks.source import resolve_source_files
+
+    work = tmp_path_factory.mktemp("w8a8")
+    data = work / "calib.jsonl"
+    write_jsonl(data, [{"text": r["question"]} for r in gsm8k_rows(16)])
+    settings = PipelineSettings.model_validate({
+        "source": {"model": str(vllm_tiny_source)},
+        "calibration": {"dataset": str(data), "num_samples": 16, "max_seq_len": 128},
+    })
+    source = resolve_source_files(settings.source, with_weights=False)
+    calib = build_calibration_set(settings.calibration, source, work / "cache")
+    ckpt = quantize_checkpoint(settings, source, calib, resolve_recipe(settings.quantization),
+                               Accelerator("cpu", "test"), work / "checkpoint", {})
+    return ckpt.path
+
+
+def tiny_server_settings(**overrides):
+    from requant.settings import ServerSettings
+
+    return ServerSettings(**{"max_model_len": 1024, "max_num_seqs": 8,
+                             "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+                             "startup_timeout_s": 300, "stop_grace_s": 15, **overrides})
+
+
+def processes_mentioning(text: str) -> list:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(text in part for part in (proc.info["cmdline"] or [])):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found

@@ -1,0 +1,232 @@
+"""vLLM server lifecycle: start a checkpoint in the serving environment, wait until it answers,
+and make sure it is gone afterwards, whatever happened in between.
+
+The pipeline environment never imports vLLM (its compressed-tensors pin differs); it starts the
+serving environment's OpenAI-compatible server as a process and speaks HTTP to it, as production
+does across two images. The server runs in its own process group, so stopping it stops the
+engine processes it forked too; a parent-death signal covers the case where our own process is
+killed before it can clean up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from requant.settings import ServerSettings, SettingsError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SERVING_PYTHON = PROJECT_ROOT / ".venvs" / "serving" / "bin" / "python"
+
+
+class ServerError(RuntimeError):
+    """The vLLM server could not start, died, or stopped answering; the message has its log."""
+
+
+@dataclass
+class ServerHandle:
+    base_url: str  # http://host:port
+    served_model_name: str
+    log_path: Path
+    process: subprocess.Popen
+    startup_s: float = 0.0
+    command: list[str] = field(default_factory=list)
+
+    @property
+    def completions_url(self) -> str:
+        return f"{self.base_url}/v1/completions"
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def check_alive(self) -> None:
+        if not self.alive():
+            raise ServerError(
+                f"vLLM server for {self.served_model_name} exited with code "
+                f"{self.process.returncode}.\n{log_tail(self.log_path)}"
+            )
+
+
+def serving_python(cfg: ServerSettings) -> Path:
+    python = Path(cfg.python or os.environ.get("REQUANT_SERVING_PYTHON") or DEFAULT_SERVING_PYTHON)
+    if not python.exists():
+        raise SettingsError(
+            f"evaluation.server.python: no serving environment at {python}. Create it with "
+            "`make serving-env` (scripts/setup_envs.sh serving), or point "
+            "evaluation.server.python / REQUANT_SERVING_PYTHON at a Python that has vLLM."
+        )
+    return python
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise SettingsError(
+                f"evaluation.server.port: {host}:{port} is already in use ({exc.strerror}). "
+                "Stop what holds it, choose another port, or leave the port unset to take a "
+                "free one."
+            ) from None
+
+
+def build_command(
+    python: Path, model: str, cfg: ServerSettings, served_name: str, port: int,
+    revision: str | None = None, on_gpu: bool = False,
+) -> list[str]:
+    cmd = [
+        str(python), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model, "--served-model-name", served_name,
+        "--host", cfg.host, "--port", str(port),
+        "--max-model-len", str(cfg.max_model_len),
+        "--max-num-seqs", str(cfg.max_num_seqs),
+        "--disable-uvicorn-access-log",
+    ]
+    if revision:
+        cmd += ["--revision", revision]
+    if cfg.max_num_batched_tokens:
+        cmd += ["--max-num-batched-tokens", str(cfg.max_num_batched_tokens)]
+    if on_gpu:
+        cmd += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
+    eager = cfg.enforce_eager if cfg.enforce_eager is not None else not on_gpu
+    if eager:
+        cmd.append("--enforce-eager")
+    return cmd + list(cfg.extra_args)
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return f"(no server log at {path})"
+    return f"last {min(lines, len(text))} lines of {path}:\n" + "\n".join(text[-lines:])
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def start_server(
+    model: str | Path,
+    cfg: ServerSettings,
+    log_path: Path,
+    *,
+    served_name: str,
+    revision: str | None = None,
+    on_gpu: bool = False,
+) -> ServerHandle:
+    """Launch the server and wait until it is ready; on any failure it is stopped again."""
+    python = serving_python(cfg)
+    port = cfg.port or free_port(cfg.host)
+    if cfg.port:
+        check_port_free(cfg.host, port)
+    cmd = build_command(python, str(model), cfg, served_name, port, revision, on_gpu)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **cfg.env, "PYTHONUNBUFFERED": "1"}
+    env.pop("PREFECT_API_URL", None)  # the server has no business with our orchestrator
+    log = log_path.open("ab")
+    log.write(f"$ {' '.join(cmd)}\n".encode())
+    log.flush()
+    started = time.monotonic()
+    process = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        start_new_session=True,  # its own process group: stop_server signals all of it
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+    )
+    log.close()
+    handle = ServerHandle(f"http://{cfg.host}:{port}", served_name, log_path, process,
+                          command=cmd)
+    try:
+        wait_ready(handle, cfg.startup_timeout_s)
+    except BaseException:
+        stop_server(handle, cfg.stop_grace_s)
+        raise
+    handle.startup_s = round(time.monotonic() - started, 1)
+    return handle
+
+
+def wait_ready(handle: ServerHandle, timeout_s: float) -> None:
+    """Ready means /health answers 200 and /v1/models lists the served name."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=5) as client:
+        while True:
+            handle.check_alive()
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get(f"{handle.base_url}/health").status_code == 200:
+                    models = client.get(f"{handle.base_url}/v1/models").json()
+                    names = [m.get("id") for m in models.get("data", [])]
+                    if handle.served_model_name in names:
+                        return
+            if time.monotonic() > deadline:
+                raise ServerError(
+                    f"vLLM server for {handle.served_model_name} was not ready after "
+                    f"{timeout_s:.0f} s (evaluation.server.startup_timeout_s).\n"
+                    f"{log_tail(handle.log_path)}"
+                )
+            time.sleep(1)
+
+
+def stop_server(handle: ServerHandle, grace_s: float = 30.0) -> None:
+    """SIGTERM to the whole process group, then SIGKILL after the grace period."""
+    proc = handle.process
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        pgid = None
+    if pgid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(grace_s)
+    if pgid is not None:
+        # Whatever is left of the group (engine workers) goes, even if the leader exited.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
+    if pgid is not None:
+        _wait_group_gone(pgid, 15)
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> None:
+    """Orphaned engine processes are reaped by init a moment after they die; "stopped" should
+    mean no process of the group exists any more, not that one is on its way out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def running_server(
+    model: str | Path, cfg: ServerSettings, log_path: Path, *, served_name: str,
+    revision: str | None = None, on_gpu: bool = False,
+) -> Iterator[ServerHandle]:
+    handle = start_server(model, cfg, log_path, served_name=served_name, revision=revision,
+                          on_gpu=on_gpu)
+    try:
+        yield handle
+    finally:
+        stop_server(handle, cfg.stop_grace_s)

@@ -1,0 +1,70 @@
+"""Server plumbing that needs no model: commands, ports, environments."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from requant.settings import ServerSettings, SettingsError
+from tasks.serving import ServerHandle, build_command, check_port_free, serving_python, stop_server
+
+
+def test_command_carries_the_seed_serve_knobs():
+    cfg = ServerSettings(max_model_len=2048, max_num_seqs=32, max_num_batched_tokens=4096,
+                         extra_args=["--seed", "0"])
+    cmd = build_command(Path("/py"), "/ckpt", cfg, "llama3-w8a8", 8123, revision="abc",
+                        on_gpu=True)
+    assert cmd[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
+    joined = " ".join(cmd)
+    for part in ("--model /ckpt", "--served-model-name llama3-w8a8", "--port 8123",
+                 "--max-model-len 2048", "--max-num-seqs 32", "--max-num-batched-tokens 4096",
+                 "--revision abc", "--gpu-memory-utilization 0.9"):
+        assert part in joined
+    assert "--enforce-eager" not in cmd  # compiled on GPU by default
+    assert cmd[-2:] == ["--seed", "0"]
+
+
+def test_cpu_servers_run_eager_by_default_and_never_get_gpu_flags():
+    cmd = build_command(Path("/py"), "/ckpt", ServerSettings(), "m", 1, on_gpu=False)
+    assert "--enforce-eager" in cmd
+    assert "--gpu-memory-utilization" not in cmd
+    cmd = build_command(Path("/py"), "/ckpt", ServerSettings(enforce_eager=False), "m", 1)
+    assert "--enforce-eager" not in cmd
+
+
+def test_port_in_use_is_refused_before_anything_starts():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(SettingsError, match=rf"evaluation\.server\.port: 127\.0\.0\.1:{port} is already in use"):
+            check_port_free("127.0.0.1", port)
+
+
+def test_missing_serving_environment_names_the_setting_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.delenv("REQUANT_SERVING_PYTHON", raising=False)
+    with pytest.raises(SettingsError, match=r"evaluation\.server\.python: .*make serving-env"):
+        serving_python(ServerSettings(python=tmp_path / "nope" / "python"))
+
+
+def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path):
+    """The stop path itself, on a process that ignores SIGTERM (as a hung server would)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+         " print('up', flush=True); time.sleep(600)  # requant-stubborn"],
+        start_new_session=True, stdout=subprocess.PIPE)
+    proc.stdout.readline()
+    handle = ServerHandle("http://127.0.0.1:1", "requant-stubborn", tmp_path / "log", proc)
+    started = time.monotonic()
+    stop_server(handle, grace_s=1)
+    assert proc.poll() == -signal.SIGKILL
+    assert time.monotonic() - started < 10
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)

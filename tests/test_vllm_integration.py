@@ -1,0 +1,138 @@
+"""Real vLLM servers (serving environment, CPU) on a tiny W8A8 checkpoint made by the pipeline.
+
+Each test starts at least one server (about a minute on 2 cores), so they are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from requant.settings import EvaluationSettings
+from tasks.serving import ServerError, free_port, running_server, start_server
+from tests.conftest import ROOT, needs_vllm, processes_mentioning, tiny_server_settings
+
+pytestmark = [pytest.mark.slow, needs_vllm]
+
+
+def assert_no_server_left(handle) -> None:
+    assert handle.process.poll() is not None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(handle.process.pid, 0)  # the whole process group is gone, engine included
+    assert processes_mentioning(handle.served_model_name) == []
+
+
+def test_w8a8_checkpoint_is_served_with_int8_kernels_then_fully_stopped(vllm_tiny_w8a8, tmp_path):
+    log = tmp_path / "server.log"
+    with running_server(vllm_tiny_w8a8, tiny_server_settings(), log,
+                        served_name="tiny-w8a8") as server:
+        models = httpx.get(f"{server.base_url}/v1/models").json()
+        assert [m["id"] for m in models["data"]] == ["tiny-w8a8"]
+        reply = httpx.post(server.completions_url, timeout=60, json={
+            "model": "tiny-w8a8", "prompt": "Question: 1+1?\nAnswer:", "max_tokens": 8,
+            "temperature": 0}).json()
+        assert reply["choices"][0]["finish_reason"] in {"length", "stop"}
+        assert reply["usage"]["completion_tokens"] >= 1
+        handle = server
+    text = log.read_text()
+    assert "compressed-tensors" in text.lower() or "compressed_tensors" in text
+    assert "Int8" in text  # vLLM picked an INT8 scaled-mm kernel for the W8A8 layers
+    assert_no_server_left(handle)
+
+
+def test_checkpoint_vllm_cannot_load_fails_with_the_log_and_leaves_nothing(vllm_tiny_w8a8,
+                                                                           tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(vllm_tiny_w8a8, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["architectures"] = ["NoSuchModelForCausalLM"]
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ServerError) as err:
+        start_server(broken, tiny_server_settings(), tmp_path / "server.log",
+                     served_name="tiny-broken")
+    msg = str(err.value)
+    assert "exited with code" in msg and "last" in msg and "server.log" in msg
+    assert "NoSuchModelForCausalLM" in msg
+    assert processes_mentioning("tiny-broken") == []
+
+
+def test_server_killed_mid_evaluation_is_reported_as_a_server_failure(vllm_tiny_w8a8, tmp_path):
+    """lm-eval must not turn a dead server into a score of zero."""
+    from tasks.evaluation import evaluate_model
+
+    port = free_port()
+    cfg = EvaluationSettings(limit=40, num_fewshot=5, max_gen_toks=64, num_concurrent=2,
+                             server=tiny_server_settings(port=port))
+
+    def kill_when_busy() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        time.sleep(3)  # evaluation requests are in flight by now
+        for proc in processes_mentioning(f"{port}"):
+            if "vllm.entrypoints.openai.api_server" in " ".join(proc.cmdline()):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_busy, daemon=True)
+    killer.start()
+    out = tmp_path / "eval" / "candidate"
+    with pytest.raises(ServerError, match="exited with code"):
+        evaluate_model("candidate", vllm_tiny_w8a8, cfg, out, on_gpu=False)
+    killer.join(5)
+    assert not out.exists()  # no result directory that could be mistaken for a finished one
+    assert processes_mentioning("requant-candidate") == []
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_short_gsm8k_slice_against_served_models_and_cached_baseline(
+        vllm_tiny_source, vllm_tiny_w8a8, tmp_path, monkeypatch):
+    from tasks.evaluation import evaluate_baseline, evaluate_candidate
+
+    monkeypatch.chdir(ROOT)
+    cfg = EvaluationSettings(limit=8, num_fewshot=2, max_gen_toks=32, num_concurrent=4,
+                             # Room for the whole prompt: lm-eval truncates long prompts from
+                             # the left, which would cut the BOS off with the oldest tokens.
+                             server=tiny_server_settings(
+                                 max_model_len=2048,
+                                 extra_args=["--enable-log-requests", "--max-log-len", "8"],
+                                 env={"VLLM_CPU_KVCACHE_SPACE": "1",
+                                      "VLLM_LOGGING_LEVEL": "DEBUG"}))
+    record = {"model": str(vllm_tiny_source), "revision": None, "files": {"m": "1"}}
+    base = evaluate_baseline(cfg, record, vllm_tiny_source, tmp_path / "cache",
+                             tmp_path / "run1" / "baseline", False)
+    cand = evaluate_candidate(cfg, vllm_tiny_w8a8, tmp_path / "run1" / "candidate", False)
+    for result in (base, cand):
+        assert result.task == "gsm8k_local" and result.metric == "exact_match,strict-match"
+        assert sorted(result.per_doc) == list(range(8))
+        assert 0.0 <= result.score <= 1.0
+        assert "server_startup" in result.timings_s
+        files = {p.name for p in result.result_dir.iterdir()}
+        assert {"results.json", "samples_gsm8k_local.jsonl", "server.log", "summary.json",
+                "tasks"} <= files
+        samples = [json.loads(line) for line in
+                   (result.result_dir / "samples_gsm8k_local.jsonl").read_text().splitlines()]
+        assert {(s["doc_id"], s["filter"]) for s in samples} == {
+            (d, f) for d in range(8) for f in ("strict-match", "flexible-extract")}
+        # add_bos_token reached the server: every logged prompt starts with BOS (<s> = 1).
+        log = (result.result_dir / "server.log").read_text()
+        prompts = re.findall(r"prompt_token_ids: \[(\d+)", log)
+        assert len(prompts) >= 8 and set(prompts) == {"1"}, log[-2000:]
+    started = time.monotonic()
+    again = evaluate_baseline(cfg, record, vllm_tiny_source, tmp_path / "cache",
+                              tmp_path / "run2" / "baseline", False)
+    assert again.cached and time.monotonic() - started < 30  # no server was started
+    assert again.per_doc == base.per_doc and again.score == base.score
+    assert (tmp_path / "run2" / "baseline" / "cache.json").is_file()
