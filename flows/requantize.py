@@ -1,8 +1,8 @@
-"""The main pipeline: source -> calibration -> quantization -> evaluation -> gate.
+"""The main pipeline: source -> calibration -> quantization -> evaluation -> gate -> publish.
 
 Reads like the diagram in docs/architecture.md. A gate that does not pass raises GateFailed
-after recording its decision: the run fails and nothing leaves the machine. Publishing and
-rollout plug in after the gate as they land.
+after recording its decision: the run fails and nothing leaves the machine. Rollout plugs in
+after publishing.
 
 Run it:  python -m flows.requantize [--config deployments/configs/demo.yaml] [--set k=v ...]
 """
@@ -29,6 +29,7 @@ from requant.settings import PipelineSettings, SettingsError, load_settings, val
 from tasks.calibration import prepare_calibration
 from tasks.evaluation import evaluate_baseline, evaluate_candidate, validate_tasks
 from tasks.gate import GateFailed, gate
+from tasks.publish import check_publish_settings, publish
 from tasks.quantization import quantize
 from tasks.serving import serving_python
 from tasks.source import fetch_weights, resolve_source
@@ -44,6 +45,7 @@ def preflight(settings: PipelineSettings) -> tuple[ResolvedRecipe, Accelerator]:
     if settings.evaluation.enabled:
         serving_python(settings.evaluation.server)
         validate_tasks(settings.evaluation)
+    check_publish_settings(settings.hub)
     get_run_logger().info("preflight ok: recipe %s (scheme %s, sha256 %s) on %s", recipe.origin,
                           recipe.scheme, recipe.sha256[:12], acc.name)
     return recipe, acc
@@ -96,14 +98,30 @@ def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any
         "peak_memory_gib": ckpt.manifest["peak_memory_gib"],
         "manifest_run": ckpt.manifest["run"],
         "gate": decision.as_record() if decision else None,
+        "publish": None,
     }
-    write_json_atomic(run_dir.root / "summary.json", summary)
-    create_markdown_artifact(key="requant-run-summary", markdown=render_summary(summary))
-    if decision is not None and not decision.promote:
-        raise GateFailed(decision)
+    if decision is None:
+        logger.warning("evaluation.enabled=false: no gate decision, so nothing is published")
+        finish(run_dir, summary)
+        return summary
+    if not decision.promote:
+        finish(run_dir, summary)
+        raise GateFailed(decision)  # nothing was published: the stage below never ran
+
+    published = publish.with_options(
+        retries=settings.hub.retries, retry_delay_seconds=settings.hub.retry_delay_s,
+    )(settings.hub, ckpt.path, run_dir.stage("eval"), run_dir.stage("gate"), ckpt.manifest,
+      decision.as_record(), run_dir.stage("publish"))
+    summary["publish"] = published.as_record()
+    finish(run_dir, summary)
     logger.info("done: checkpoint %s (verified), summary %s", ckpt.path,
                 run_dir.root / "summary.json")
     return summary
+
+
+def finish(run_dir: RunDir, summary: dict[str, Any]) -> None:
+    write_json_atomic(run_dir.root / "summary.json", summary)
+    create_markdown_artifact(key="requant-run-summary", markdown=render_summary(summary))
 
 
 def render_summary(summary: dict[str, Any]) -> str:
@@ -127,7 +145,17 @@ def render_summary(summary: dict[str, Any]) -> str:
         f"- **time**: oneshot {t['oneshot']} s, flow {t['flow']} s; peak RSS "
         f"{summary['peak_memory_gib']['host_rss']} GiB",
         gate_line(summary["gate"]),
+        publish_line(summary["publish"]),
     ])
+
+
+def publish_line(p: dict[str, Any] | None) -> str:
+    if p is None:
+        return "- **publish**: nothing published"
+    if p["dry_run"]:
+        return f"- **publish**: DRY RUN, nothing was published (record: `{p['folder']}`)"
+    state = "already published, no new commit" if p["no_op"] else "committed"
+    return f"- **publish**: {state}: `{p['repo_id']}` @ `{p['commit_sha']}`, tag `{p['tag']}`"
 
 
 def gate_line(g: dict[str, Any] | None) -> str:
@@ -158,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ncheckpoint: {summary['checkpoint']}\nrun directory: {summary['run_dir']}")
     if summary["gate"]:
         print(gate_line(summary["gate"]).replace("- **gate**", "gate"))
+    print(publish_line(summary["publish"]).replace("- **publish**", "publish"))
     return 0
 
 

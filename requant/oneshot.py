@@ -90,3 +90,11 @@ def quantize_model(
         }
     oneshot(model=model, processor=tokenizer, recipe=recipe_text, **kwargs)
     return choices
+
+
+def release_session() -> None:
+    """Drop llm-compressor's session, which holds the model: call after saving (the save writes
+    the session's recipe), so the model's memory can actually be freed."""
+    from llmcompressor.core import reset_session
+
+    reset_session()

@@ -206,10 +206,31 @@ class GateSettings(_Section):
 
 
 class HubSettings(_Section):
-    """Where a passing checkpoint is published (consumed by the publish stage, issue #4)."""
+    """Where a checkpoint that passed the gate is published."""
 
-    repo_id: str | None = Field(None, description="Target repo (owner/name); None: dry run.")
-    private: bool = True
+    repo_id: str | None = Field(
+        None,
+        description="Target model repo (owner/name). None: a dry run that writes what would be "
+        "committed under the run's publish/ folder and publishes nothing.",
+        pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$",
+    )
+    private: bool = Field(True, description="Create the repo private (when it does not exist).")
+    endpoint: str | None = Field(
+        None, description="Hub URL; None: $HF_ENDPOINT, else https://huggingface.co."
+    )
+    token_secret: str | None = Field(
+        None,
+        description="Name of a Prefect Secret block holding the token; None: $HF_TOKEN. The "
+        "token itself is never a setting.",
+    )
+    branch: str = Field("main", description="Branch the candidate is committed to.")
+    production_ref: str = Field(
+        "production",
+        description="Branch that marks the promoted revision; moved only after a verified "
+        "rollout.",
+    )
+    retries: int = Field(2, ge=0, description="Retries of a failed upload (network, 5xx only).")
+    retry_delay_s: float = Field(10, ge=0)
 
 
 class RolloutSettings(_Section):

@@ -14,6 +14,9 @@ DEMO_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 GSM8K_TRAIN = ROOT / "data" / "gsm8k" / "train.jsonl"
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The fake Hub (tests/fakehub.py) speaks the classic LFS upload protocol, not Xet; this is the
+# client's own switch, read when huggingface_hub is imported.
+os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CHAT_TEMPLATE = (

@@ -26,7 +26,8 @@ def test_demo_config_quantizes_smollm2_to_verified_w8a8_through_the_flow(tmp_pat
 
     monkeypatch.chdir(ROOT)  # the demo config's paths are relative to the project root
     settings = load_settings(ROOT / "deployments" / "configs" / "demo.yaml",
-                             [f"output_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}"])
+                             [f"output_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}",
+                              "evaluation.limit=20"])
     summary = requantize(settings)
 
     ckpt = Path(summary["checkpoint"])
@@ -46,3 +47,24 @@ def test_demo_config_quantizes_smollm2_to_verified_w8a8_through_the_flow(tmp_pat
     assert manifest["source"]["files"]["model.safetensors"]
     assert manifest["settings"]["quantization"]["smoothing_strength"] == 0.8
     assert (ckpt / "chat_template.jinja").is_file()  # served with the same template it was calibrated on
+
+    # quantize -> evaluate (both served by real vLLM) -> gate. SmolLM2-135M scores ~0 on gsm8k,
+    # so the gate is inconclusive, which the demo config lets through, saying so.
+    run_dir = Path(summary["run_dir"])
+    gate = json.loads((run_dir / "gate" / "decision.json").read_text())
+    assert gate["status"] == "inconclusive" and gate["promote"] is True
+    assert any("below gate.min_baseline" in r for r in gate["reasons"])
+    assert any("allow_inconclusive=true" in r for r in gate["reasons"])
+    assert gate["paired"]["n"] == 20
+    for label in ("baseline", "candidate"):
+        result = gate[label]
+        assert result["documents"] == 20 and result["task"] == "gsm8k_local"
+        assert (run_dir / "eval" / label / "results.json").is_file()
+        assert "Int8" in (run_dir / "eval" / label / "server.log").read_text() or label == "baseline"
+    assert summary["gate"]["status"] == "inconclusive"
+
+    # The demo has no hub.repo_id: a loud dry run that writes what would have been committed.
+    publish_dir = run_dir / "publish"
+    assert summary["publish"]["dry_run"] is True and summary["publish"]["commit_sha"] is None
+    assert "nothing was published" in (publish_dir / "DRY_RUN.md").read_text()
+    assert "base_model_relation: quantized" in (publish_dir / "README.md").read_text()

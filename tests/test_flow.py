@@ -21,6 +21,7 @@ def settings_for(model, data, tmp_path, **calibration):
         "calibration": {"dataset": str(data), "num_samples": 8, "max_seq_len": 128, **calibration},
         "output_dir": str(tmp_path / "runs"),
         "cache_dir": str(tmp_path / "cache"),
+        "evaluation": {"enabled": False},  # the gate path is tested in test_flow_gate.py
     })
 
 

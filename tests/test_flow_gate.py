@@ -1,0 +1,68 @@
+"""The whole flow with evaluation and gate, on a tiny model served by real vLLM (slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from requant.settings import PipelineSettings
+from tasks.gate import GateFailed
+from tests.conftest import ROOT, gsm8k_rows, needs_vllm, processes_mentioning, write_jsonl
+
+pytestmark = [pytest.mark.slow, needs_vllm, pytest.mark.usefixtures("prefect_server")]
+
+
+def test_inconclusive_gate_fails_closed_and_nothing_leaves_the_run(vllm_tiny_source, tmp_path,
+                                                                   monkeypatch):
+    from flows.requantize import requantize
+    from tests.fakehub import FakeHub
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("HF_TOKEN", "hf_gatetest")
+    hub = FakeHub("hf_gatetest", tmp_path / "hub").__enter__()
+    data = write_jsonl(tmp_path / "calib.jsonl", [{"text": r["question"]} for r in gsm8k_rows(8)])
+    settings = PipelineSettings.model_validate({
+        "source": {"model": str(vllm_tiny_source)},
+        "calibration": {"dataset": str(data), "num_samples": 8, "max_seq_len": 128},
+        "evaluation": {"limit": 4, "num_fewshot": 0, "max_gen_toks": 16,
+                       "server": {"max_model_len": 1024, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}},
+        "hub": {"repo_id": "acme/never", "endpoint": hub.endpoint},
+        "output_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
+    })
+    try:
+        with pytest.raises(GateFailed) as err:
+            requantize(settings)
+    finally:
+        hub.__exit__(None, None, None)
+    assert hub.state.calls == []  # the Hub never heard from us
+    assert err.value.decision.status == "inconclusive"
+    assert "nothing leaves the machine" in str(err.value)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "calibration", "checkpoint", "eval", "gate", "summary.json"]
+    decision = json.loads((run_dir / "gate" / "decision.json").read_text())
+    assert decision["status"] == "inconclusive" and decision["promote"] is False
+    assert decision["baseline"]["documents"] == decision["candidate"]["documents"] == 4
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["gate"]["promote"] is False
+    assert processes_mentioning("requant-baseline") == processes_mentioning("requant-candidate") == []
+
+
+def test_bad_task_name_fails_in_preflight_before_any_quantization(vllm_tiny_source, tmp_path,
+                                                                 monkeypatch):
+    from flows.requantize import requantize
+    from requant.settings import SettingsError
+
+    monkeypatch.chdir(ROOT)
+    settings = PipelineSettings.model_validate({
+        "source": {"model": str(vllm_tiny_source)},
+        "evaluation": {"tasks": ["gsm8k_locall"]},
+        "output_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
+    })
+    with pytest.raises(SettingsError, match="gsm8k_local"):
+        requantize(settings)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert list(run_dir.iterdir()) == []
+    assert not Path(tmp_path / "cache").exists()
