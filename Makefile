@@ -6,7 +6,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 PREFECT_PORT ?= 4200
 
-.PHONY: envs pipeline-env serving-env demo-model demo test test-fast lint prefect-up prefect-down bench-cpu
+.PHONY: envs pipeline-env serving-env demo-model demo test test-fast lint prefect-up prefect-down \
+	bench-quantization-cpu bench-serving bench-eval-speed bench-publish
 
 envs: pipeline-env serving-env
 
@@ -29,7 +30,8 @@ prefect-down:
 
 ## Command 1: set everything up and run the pipeline on the embedded default (offline demo).
 demo: envs demo-model prefect-up
-	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(PY) -m flows.requantize $(ARGS)
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(PY) -m flows.requantize \
+		--config deployments/configs/demo.yaml $(ARGS)
 	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)  (stop it with: make prefect-down)"
 
 ## Command 2: the whole test suite, slow end-to-end tests included (what CI runs).
@@ -42,5 +44,15 @@ test-fast: pipeline-env
 lint: pipeline-env
 	.venvs/pipeline/bin/ruff check .
 
-bench-cpu: pipeline-env demo-model
-	$(PY) benchmarks/bench_quantization_cpu.py
+# Benchmarks behind the figures in docs/ (CPU; the GPU one runs on a GPU box, see docs/quantization.md)
+bench-quantization-cpu: pipeline-env demo-model
+	$(PY) benchmarks/bench_quantization_cpu.py --repeat 2
+
+bench-serving: envs demo-model   # W8A8=runs/<id>/checkpoint
+	$(PY) benchmarks/bench_serving.py --w8a8 $(W8A8)
+
+bench-eval-speed: envs demo-model
+	$(PY) benchmarks/bench_eval_speed.py
+
+bench-publish: pipeline-env demo-model
+	$(PY) benchmarks/bench_publish.py

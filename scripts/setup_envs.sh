@@ -57,6 +57,8 @@ setup_serving() {
     # vLLM's import ("operator torchvision::nms does not exist"); vLLM runs text models without them.
     "$dir/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
   fi
+  # lm-eval beside vLLM: evaluation.backend=vllm runs the seed's `lm_eval --model vllm` here.
+  "$dir/bin/pip" install -q -c constraints/serving-cpu.txt "lm-eval==0.4.13"
   "$dir/bin/python" -c "import vllm; print('vllm', vllm.__version__)"
   echo "$want" > "$dir/.requant-stamp"
 }

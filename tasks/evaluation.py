@@ -215,7 +215,7 @@ def run_lm_eval_in_vllm(
     cmd = [str(serving_python(cfg.server)), "-m", "lm_eval", "--model", "vllm",
            "--model_args", ",".join(f"{k}={v}" for k, v in args.items()),
            "--tasks", ",".join(cfg.tasks), "--num_fewshot", str(cfg.num_fewshot),
-           "--log_samples", "--output_path", str(out)]
+           "--batch_size", "auto", "--log_samples", "--output_path", str(out)]
     if cfg.limit:
         cmd += ["--limit", str(cfg.limit)]
     if include_path:

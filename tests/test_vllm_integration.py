@@ -136,3 +136,19 @@ def test_short_gsm8k_slice_against_served_models_and_cached_baseline(
     assert again.cached and time.monotonic() - started < 30  # no server was started
     assert again.per_doc == base.per_doc and again.score == base.score
     assert (tmp_path / "run2" / "baseline" / "cache.json").is_file()
+
+
+def test_in_process_vllm_backend_runs_the_seed_command_in_the_serving_env(vllm_tiny_w8a8,
+                                                                          tmp_path, monkeypatch):
+    """evaluation.backend=vllm: `lm_eval --model vllm ... add_bos_token=True` as the seed ran it."""
+    from tasks.evaluation import evaluate_model
+
+    monkeypatch.chdir(ROOT)
+    cfg = EvaluationSettings(backend="vllm", limit=4, num_fewshot=1, max_gen_toks=16,
+                             server=tiny_server_settings(max_model_len=2048))
+    result = evaluate_model("candidate", vllm_tiny_w8a8, cfg, tmp_path / "candidate",
+                            on_gpu=False)
+    assert result.task == "gsm8k_local" and sorted(result.per_doc) == [0, 1, 2, 3]
+    log = (tmp_path / "candidate" / "lm_eval.log").read_text()
+    assert "add_bos_token=True" in log or "'add_bos_token': True" in log
+    assert (tmp_path / "candidate" / "results.json").is_file()
