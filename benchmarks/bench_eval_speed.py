@@ -53,7 +53,8 @@ def main() -> None:
     started = time.perf_counter()
     hf = lm_eval.simple_evaluate(
         model="hf",
-        model_args={"pretrained": str(args.model), "add_bos_token": True, "dtype": "bfloat16"},
+        model_args={"pretrained": str(args.model), "add_bos_token": True, "dtype": "bfloat16",
+                    "device": "cpu"},
         tasks=list(cfg.tasks), num_fewshot=args.fewshot, limit=args.limit,
         batch_size=args.hf_batch_size, gen_kwargs="max_gen_toks=256",
         task_manager=TaskManager(include_path=str(tasks)),

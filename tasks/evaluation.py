@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -28,7 +29,7 @@ from requant.atomic import atomic_directory, write_json_atomic
 from requant.gate import Scores
 from requant.hashing import fingerprint, hash_files
 from requant.settings import EvaluationSettings, SettingsError
-from tasks.serving import ServerError, running_server, serving_python
+from tasks.serving import ServerError, log_tail, running_server, serving_python
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,10 +223,8 @@ def run_lm_eval_in_vllm(
         cmd += ["--include_path", str(include_path)]
     with log.open("ab") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=False,
-                              env={**__import__("os").environ, **cfg.server.env})
+                              env={**os.environ, **cfg.server.env})
     if proc.returncode != 0:
-        from tasks.serving import log_tail
-
         raise ServerError(f"lm-eval (vllm backend) failed with code {proc.returncode}.\n"
                           f"{log_tail(log)}")
     (results_file,) = sorted(out.rglob("results_*.json"))[-1:]
