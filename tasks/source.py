@@ -86,6 +86,7 @@ def _local_files(root: Path, with_weights: bool) -> list[str]:
 
 
 def _resolve_hub(src: SourceSettings, with_weights: bool) -> ResolvedSource:
+    import httpx
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -121,7 +122,7 @@ def _resolve_hub(src: SourceSettings, with_weights: bool) -> ResolvedSource:
             f"source.model: {src.model} is not in the local Hub cache and the Hub cannot be "
             "reached (offline?). Pre-download it, or point source.model at a local directory."
         ) from exc
-    except OSError as exc:  # requests' ConnectionError is an OSError
+    except (OSError, httpx.TransportError) as exc:  # no route, refused, timed out
         raise SettingsError(
             f"source.model: cannot reach the Hub for {src.model} ({type(exc).__name__}). Check "
             "the network or HF_ENDPOINT, or use a local directory."

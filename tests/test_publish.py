@@ -248,3 +248,23 @@ def test_bad_repo_id_is_rejected_by_settings():
         load_settings(None, ["hub.repo_id=not a repo"])
 
 
+
+
+def test_token_from_a_prefect_secret_block_and_endpoint_from_hf_endpoint(hub, candidate, tmp_path,
+                                                                         prefect_server,
+                                                                         monkeypatch):
+    from prefect.blocks.system import Secret
+
+    from tasks.publish import resolve_token
+
+    Secret(value=TOKEN).save("requant-hf-token", overwrite=True)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)  # the client's own variable, no hub.endpoint
+    settings = HubSettings(repo_id=REPO, token_secret="requant-hf-token")
+    assert resolve_token(settings) == TOKEN
+    result = publish(settings, candidate["checkpoint"], candidate["eval_dir"],
+                     candidate["gate_dir"], candidate["manifest"], candidate["gate"],
+                     tmp_path / "publish")
+    assert result.commit_sha in hub.state.repos[REPO].commits
+    with pytest.raises(SettingsError, match=r"hub\.token_secret: no Prefect Secret block"):
+        resolve_token(HubSettings(repo_id=REPO, token_secret="no-such-block"))
