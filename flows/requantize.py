@@ -32,7 +32,7 @@ from tasks.gate import GateFailed, gate
 from tasks.publish import check_publish_settings, publish
 from tasks.quantization import quantize
 from tasks.serving import serving_python
-from tasks.source import fetch_weights, resolve_source
+from tasks.source import resolve_source
 
 
 @task(name="preflight")
@@ -53,7 +53,8 @@ def preflight(settings: PipelineSettings) -> tuple[ResolvedRecipe, Accelerator]:
 
 @flow(name="requantize", log_prints=True)
 def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any]:
-    """Quantize a Hugging Face causal LM to a verified W8A8 compressed-tensors checkpoint."""
+    """Quantize a Hugging Face causal LM to a verified W8A8 checkpoint, evaluate it as vLLM serves
+    it against its source, gate it, and publish it to the Hub (or a dry run)."""
     logger = get_run_logger()
     started = time.perf_counter()
     settings = validate_settings(settings)
@@ -78,9 +79,9 @@ def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any
     if settings.evaluation.enabled:
         on_gpu = acc.kind == "cuda"
         eval_dir = run_dir.stage("eval")
-        source_dir = fetch_weights(settings.source, source).path
-        baseline = evaluate_baseline(settings.evaluation, ckpt.manifest["source"], source_dir,
-                                     settings.cache_dir, eval_dir / "baseline", on_gpu)
+        baseline = evaluate_baseline(settings.evaluation, ckpt.manifest["source"],
+                                     ckpt.source.path, settings.cache_dir,
+                                     eval_dir / "baseline", on_gpu)
         candidate = evaluate_candidate(settings.evaluation, ckpt.path, eval_dir / "candidate",
                                        on_gpu)
         decision = gate(baseline, candidate, settings.gate, run_dir.stage("gate"))

@@ -38,6 +38,7 @@ from tasks.verification import (
 class QuantizedCheckpoint:
     path: Path
     manifest: dict[str, Any]
+    source: ResolvedSource  # with weights fetched and hashed: the baseline is served from it
 
 
 def quantize_checkpoint(
@@ -102,7 +103,7 @@ def quantize_checkpoint(
         )
         manifest["verification"] = report.as_record()
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
-    return QuantizedCheckpoint(Path(out_dir), manifest)
+    return QuantizedCheckpoint(Path(out_dir), manifest, source)
 
 
 def _reject(tmp: Path, out_dir: Path, report: VerificationReport) -> None:
