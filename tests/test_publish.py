@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -155,6 +156,7 @@ def test_token_never_reaches_logs_artifacts_files_or_the_card(hub, candidate, tm
         LogFilter,
         LogFilterFlowRunId,
     )
+    from prefect.logging.handlers import APILogHandler
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     settings = HubSettings(repo_id=REPO, endpoint=hub.endpoint)
@@ -170,8 +172,12 @@ def test_token_never_reaches_logs_artifacts_files_or_the_card(hub, candidate, tm
     caplog.set_level("DEBUG")
     run_id = publish_only()
     assert f"Bearer {TOKEN}" in hub.state.seen_auth  # it was used ...
+    APILogHandler().flush()  # logs reach the API in background batches: wait for this run's
     with get_client(sync_client=True) as client:  # ... and recorded nowhere
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))
+        deadline = time.monotonic() + 30
+        while not (logs := client.read_logs(log_filter=log_filter)) and time.monotonic() < deadline:
+            time.sleep(0.5)
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
         flow_run = client.read_flow_run(run_id)
