@@ -27,7 +27,7 @@ from prefect.logging import get_run_logger
 
 from requant.atomic import atomic_directory, write_json_atomic
 from requant.gate import Scores
-from requant.hashing import fingerprint, hash_files
+from requant.hashing import fingerprint, hash_files, sha256_file
 from requant.settings import EvaluationSettings, SettingsError
 from tasks.serving import ServerError, log_tail, running_server, serving_python
 
@@ -73,19 +73,24 @@ def task_dir(cfg: EvaluationSettings) -> Path | None:
     return path if path.is_absolute() else (Path.cwd() / path)
 
 
+def resolved_data_files(path: Path, doc: dict[str, Any]) -> dict[str, str] | str | None:
+    """A task YAML's ``data_files`` made absolute: they are written relative to the YAML itself,
+    so the project can move."""
+    files = (doc.get("dataset_kwargs") or {}).get("data_files")
+    if isinstance(files, dict):
+        return {split: str((path.parent / f).resolve()) for split, f in files.items()}
+    if isinstance(files, str):
+        return str((path.parent / files).resolve())
+    return None
+
+
 def render_task_dir(src: Path, dst: Path) -> Path:
-    """Copy task YAMLs, making their local ``data_files`` absolute (they are written relative
-    to the YAML so the project can move), so lm-eval reads them from any working directory."""
+    """Copy task YAMLs with absolute ``data_files``, so lm-eval reads them from any cwd."""
     dst.mkdir(parents=True, exist_ok=True)
     for path in sorted(src.glob("*.yaml")):
         doc = yaml.safe_load(path.read_text())
-        files = (doc.get("dataset_kwargs") or {}).get("data_files")
-        if isinstance(files, dict):
-            doc["dataset_kwargs"]["data_files"] = {
-                split: str((path.parent / f).resolve()) for split, f in files.items()
-            }
-        elif isinstance(files, str):
-            doc["dataset_kwargs"]["data_files"] = str((path.parent / files).resolve())
+        if (files := resolved_data_files(path, doc)) is not None:
+            doc["dataset_kwargs"]["data_files"] = files
         (dst / path.name).write_text(yaml.safe_dump(doc, sort_keys=False))
     return dst
 
@@ -96,13 +101,10 @@ def task_data_hashes(src: Path | None) -> dict[str, str]:
         return {}
     hashes = hash_files(src, [p.name for p in sorted(src.glob("*.yaml"))])
     for path in sorted(src.glob("*.yaml")):
-        files = (yaml.safe_load(path.read_text()).get("dataset_kwargs") or {}).get("data_files")
-        values = files.values() if isinstance(files, dict) else [files] if files else []
-        for f in values:
-            local = (path.parent / f).resolve()
-            if local.is_file():
-                hashes.update({f"data:{local.name}": hash_files(local.parent, [local.name])[
-                    local.name]})
+        files = resolved_data_files(path, yaml.safe_load(path.read_text()))
+        for f in (files.values() if isinstance(files, dict) else [files] if files else []):
+            if Path(f).is_file():
+                hashes[f"data:{Path(f).name}"] = sha256_file(Path(f))
     return hashes
 
 

@@ -130,14 +130,13 @@ def endpoint(hub: HubSettings) -> str:
     return hub.endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
 
 
-def write_record(out: Path, card: str, files: list[tuple[str, Path]], summary: str,
-                 description: str, result: PublishResult, note: str | None = None) -> None:
+def write_record(out: Path, card: str, summary: str, description: str, result: PublishResult,
+                 note: str | None = None) -> None:
     with atomic_directory(out) as tmp:
         (tmp / "README.md").write_text(card)
         (tmp / "commit_message.txt").write_text(summary + "\n\n" + description + "\n")
-        write_json_atomic(tmp / "files.json", [
-            {"path": name, "size": path.stat().st_size} for name, path in files
-        ] + [{"path": "README.md", "size": len(card.encode())}])
+        write_json_atomic(tmp / "files.json",
+                          [*result.files, {"path": "README.md", "size": len(card.encode())}])
         write_json_atomic(tmp / "publish.json", result.as_record())
         if note:
             (tmp / "DRY_RUN.md").write_text(note)
@@ -162,7 +161,7 @@ def publish_checkpoint(
 
     if hub.repo_id is None:
         result = PublishResult(True, None, None, tag, None, False, digest, listing, str(out))
-        write_record(out, card, files, summary, description, result, note=(
+        write_record(out, card, summary, description, result, note=(
             "# DRY RUN: nothing was published\n\nhub.repo_id is not set, so this folder holds "
             "exactly what would have been committed: files.json (the file list), README.md (the "
             "model card) and commit_message.txt. Set hub.repo_id and HF_TOKEN to publish.\n"))
@@ -178,7 +177,7 @@ def publish_checkpoint(
         result = PublishResult(False, hub.repo_id, existing.target_commit, existing.name,
                                f"{endpoint(hub)}/{hub.repo_id}/tree/{existing.name}", True,
                                digest, listing, str(out))
-        write_record(out, card, files, summary, description, result)
+        write_record(out, card, summary, description, result)
         return result
 
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
@@ -192,7 +191,7 @@ def publish_checkpoint(
     result = PublishResult(False, hub.repo_id, info.oid, tag,
                            f"{endpoint(hub)}/{hub.repo_id}/tree/{tag}", False, digest, listing,
                            str(out))
-    write_record(out, card, files, summary, description, result)
+    write_record(out, card, summary, description, result)
     return result
 
 
