@@ -233,10 +233,98 @@ class HubSettings(_Section):
     retry_delay_s: float = Field(10, ge=0)
 
 
-class RolloutSettings(_Section):
-    """Where a published checkpoint is served (consumed by the rollout stage, issue #5)."""
+class SLOSettings(_Section):
+    """What a new deployment must sustain before traffic moves to it (the seed's load test)."""
 
-    target: Literal["none", "local", "kubernetes"] = "none"
+    requests: int = Field(64, gt=0, description="Chat completions sent.")
+    concurrency: int = Field(64, gt=0, description="In flight at once.")
+    max_tokens: int = Field(64, gt=0, description="Tokens generated per request.")
+    max_error_rate: float = Field(0.0, ge=0.0, le=1.0, description="Failed / sent.")
+    max_p95_latency_s: float | None = Field(
+        120.0, gt=0, description="Ceiling on the p95 request latency (None: not checked)."
+    )
+    min_tokens_per_s: float | None = Field(
+        None, gt=0, description="Floor on generated tokens per second (None: not checked)."
+    )
+    timeout_s: float = Field(300, gt=0, description="Per-request timeout of the load test.")
+
+
+class LocalTargetSettings(_Section):
+    """Blue/green on this host: vLLM servers behind one stable router endpoint."""
+
+    host: str = Field("127.0.0.1", description="Where the router (the stable endpoint) listens.")
+    port: int = Field(8000, gt=0, lt=65536, description="The stable endpoint clients use.")
+    server: ServerSettings = Field(
+        default_factory=ServerSettings, description="The vLLM servers behind the router."
+    )
+    drain_timeout_s: float = Field(
+        300, ge=0, description="How long in-flight requests may finish on the old server."
+    )
+
+
+class KubernetesTargetSettings(_Section):
+    """A Deployment of the vllm/vllm-openai image, pinned to the published commit."""
+
+    namespace: str = Field("requant", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    deployment: str = Field("vllm", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                            description="Deployment and Service name.")
+    image: str = Field("vllm/vllm-openai:v0.32.0", description="The serving image.")
+    replicas: int = Field(1, ge=1)
+    gpus: int = Field(1, ge=0, description="nvidia.com/gpu per pod (0: CPU pods).")
+    max_surge: int | str = Field(
+        0, description="Extra pods during a rollout. 0 suits scarce GPUs (replace in place); "
+        "1 keeps full capacity if a spare GPU exists."
+    )
+    max_unavailable: int | str = Field(1, description="Pods that may be down during a rollout.")
+    max_model_len: int = Field(8192, gt=0)
+    extra_args: list[str] = Field(default_factory=list, description="Appended to vLLM's args.")
+    hf_token_secret: str | None = Field(
+        "hf-token", description="Kubernetes Secret (key 'token') mounted as HF_TOKEN; None: none."
+    )
+    model_cache_pvc: str | None = Field(
+        None, description="PersistentVolumeClaim for the Hugging Face cache (None: emptyDir)."
+    )
+    startup_timeout_s: int = Field(
+        1800, gt=0, description="Startup probe budget: model download + load + compile."
+    )
+    rollout_timeout_s: float = Field(2700, gt=0, description="Deadline for the whole rollout.")
+    poll_interval_s: float = Field(5, gt=0)
+    service_url: str | None = Field(
+        None,
+        description="URL of the Service as the worker reaches it, for the smoke and load test "
+        "(None: in-cluster DNS, http://<deployment>.<namespace>.svc:8000).",
+    )
+    kubeconfig: Path | None = Field(
+        None, description="None: in-cluster config if present, else ~/.kube/config."
+    )
+    context: str | None = None
+
+
+class RolloutSettings(_Section):
+    """Where a checkpoint that passed the gate is served, and what it must prove first."""
+
+    target: Literal["none", "local", "kubernetes"] = Field(
+        "none", description="none: publish only. local: blue/green on this host. kubernetes: a "
+        "Deployment of vllm/vllm-openai."
+    )
+    trigger: Literal["inline", "automation"] = Field(
+        "inline",
+        description="inline: the requantize flow runs the promote flow itself after publishing. "
+        "automation: it only emits requant.gate.passed; a Prefect automation runs the promote "
+        "deployment (prefect.yaml).",
+    )
+    served_model_name: str = Field(
+        "requant-w8a8", pattern=r"^[\w.-]+$",
+        description="The model name clients send; the same across revisions.",
+    )
+    state_dir: Path = Field(
+        Path(".cache/requant/rollout"),
+        description="Deployed-state records (revision, when, which run, previous) per target.",
+    )
+    smoke_prompt: str = "What is 12 + 30? Answer with a number."
+    slo: SLOSettings = Field(default_factory=SLOSettings)
+    local: LocalTargetSettings = Field(default_factory=LocalTargetSettings)
+    kubernetes: KubernetesTargetSettings = Field(default_factory=KubernetesTargetSettings)
 
 
 class PipelineSettings(_Section):
@@ -249,6 +337,12 @@ class PipelineSettings(_Section):
     gate: GateSettings = Field(default_factory=GateSettings)
     hub: HubSettings = Field(default_factory=HubSettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    force: bool = Field(
+        False,
+        description="Re-run every stage even when this exact candidate (same source, recipe, "
+        "calibration, settings, library versions) was already published. Off: such a run "
+        "finishes at once and says so (the nightly no-op).",
+    )
     output_dir: Path = Field(Path("runs"), description="Each run writes runs/<run-id>/.")
     cache_dir: Path = Field(
         Path(".cache/requant"), description="Prepared calibration sets, keyed by their inputs."

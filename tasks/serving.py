@@ -133,8 +133,13 @@ def start_server(
     served_name: str,
     revision: str | None = None,
     on_gpu: bool = False,
+    die_with_parent: bool = True,
 ) -> ServerHandle:
-    """Launch the server and wait until it is ready; on any failure it is stopped again."""
+    """Launch the server and wait until it is ready; on any failure it is stopped again.
+
+    ``die_with_parent=False`` is for servers that must outlive this process (a rollout's new
+    revision); the rollout records their pid instead, so a crashed rollout's server is reaped by
+    the next one."""
     python = serving_python(cfg)
     port = cfg.port or free_port(cfg.host)
     if cfg.port:
@@ -150,7 +155,8 @@ def start_server(
     process = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         start_new_session=True,  # its own process group: stop_server signals all of it
-        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        preexec_fn=_die_with_parent if die_with_parent and sys.platform.startswith("linux")
+        else None,
     )
     log.close()
     handle = ServerHandle(f"http://{cfg.host}:{port}", served_name, log_path, process,
@@ -205,6 +211,38 @@ def stop_server(handle: ServerHandle, grace_s: float = 30.0) -> None:
         proc.wait(10)
     if pgid is not None:
         _wait_group_gone(pgid, 15)
+
+
+def stop_process_group(pid: int, grace_s: float = 30.0) -> None:
+    """Stop a server this process did not start (known by its pid from a deploy record): its
+    session leader's process group gets SIGTERM, then SIGKILL after the grace period."""
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return
+    if pgid != pid:  # the pid was reused by an unrelated process: not ours to kill
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and pid_running(pid):
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):  # our own child (same process started it)
+        os.waitpid(pid, 0)
+    _wait_group_gone(pgid, 15)
+
+
+def pid_running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie still answers kill(pid, 0))."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
 
 
 def _wait_group_gone(pgid: int, timeout_s: float) -> None:

@@ -65,6 +65,7 @@ class HubState:
         self.objects: dict[str, int] = {}  # sha256 -> size, complete uploads only
         self.bytes_received = 0
         self.lfs_bytes_received = 0  # bytes of LFS object uploads (PUT), partial ones included
+        self.download_bytes = 0  # bytes served by /resolve (file downloads)
         self.faults: dict[str, list[int | str]] = {}  # endpoint -> queue of faults
         self.calls: list[tuple[str, str]] = []  # (method, path): what the client asked
         self.seen_auth: list[str] = []  # Authorization headers (to prove the token is *sent*)
@@ -101,7 +102,8 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def _error(self, status: int, message: str) -> None:
         self._send(status, {"error": message}, {"X-Error-Message": message})
@@ -176,6 +178,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_DELETE(self) -> None:
         self._route("DELETE")
+
+    def do_HEAD(self) -> None:
+        self._route("HEAD")
 
     # ---- endpoints ----------------------------------------------------------------------
 
@@ -279,6 +284,49 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"commitUrl": f"http://{host}/{repo}/commit/{sha}", "commitOid": sha,
                          "success": True})
 
+    def h_tree(self, repo: str, rev: str) -> None:
+        """Recursive listing (what snapshot_download asks for), one page."""
+        r = self._repo(repo)
+        if r is None:
+            return
+        head = r.head(rev)
+        if head is None:
+            self._error(404, "Revision not found")
+            return
+        out = []
+        for path, entry in sorted(head.files.items()):
+            item: dict[str, Any] = {"type": "file", "path": path, "size": entry.size,
+                                    "oid": entry.oid}
+            if entry.lfs:
+                item["lfs"] = {"oid": entry.oid, "size": entry.size, "pointerSize": 134}
+            out.append(item)
+        self._send(200, out)
+
+    def h_resolve(self, repo: str, rev: str, path: str) -> None:
+        """File download as the client does it: HEAD for metadata, then GET for the bytes."""
+        r = self._repo(repo)
+        if r is None:
+            return
+        head = r.head(rev)
+        entry = head.files.get(path) if head else None
+        if entry is None:
+            self._error(404, f"{path} not found at {rev}")
+            return
+        data = (self.state.storage / entry.oid).read_bytes() if entry.lfs else entry.content
+        headers = {"X-Repo-Commit": head.sha, "ETag": f'"{entry.oid}"'}
+        if entry.lfs:
+            headers |= {"X-Linked-Etag": f'"{entry.oid}"', "X-Linked-Size": str(len(data))}
+        with self.state.lock:
+            self.state.download_bytes += len(data) if self.command == "GET" else 0
+        self.send_response(200)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(data)
+
     def h_create_tag(self, repo: str, rev: str) -> None:
         body = json.loads(self._body())
         r = self._repo(repo)
@@ -351,6 +399,9 @@ ROUTES = [
     (rf"/api/models/{_REPO}/tag/(?P<rev>[^/]+)", "POST", "create-tag"),
     (rf"/api/models/{_REPO}/tag/(?P<tag>[^/]+)", "DELETE", "delete-tag"),
     (rf"/api/models/{_REPO}/refs", "GET", "refs"),
+    (rf"/api/models/{_REPO}/tree/(?P<rev>[^/]+)", "GET", "tree"),
+    (rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "GET", "resolve"),
+    (rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "HEAD", "resolve"),
     (rf"/api/models/{_REPO}/branch/(?P<branch>[^/]+)", "POST", "create-branch"),
     (rf"/api/models/{_REPO}/branch/(?P<branch>[^/]+)", "DELETE", "delete-branch"),
 ]

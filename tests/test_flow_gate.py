@@ -66,3 +66,65 @@ def test_bad_task_name_fails_in_preflight_before_any_quantization(vllm_tiny_sour
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert list(run_dir.iterdir()) == []
     assert not Path(tmp_path / "cache").exists()
+
+
+def test_passing_run_publishes_emits_event_rolls_out_inline_and_a_rerun_is_a_quick_no_op(
+        vllm_tiny_source, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    from flows.requantize import requantize
+    from requant.deploy_state import load_state
+    from tasks.rollout_local import router_status, shutdown_local
+    from tasks.serving import free_port
+    from tests.conftest import tiny_server_settings
+    from tests.fakehub import FakeHub
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("HF_TOKEN", "hf_inlinetest")
+    data = write_jsonl(tmp_path / "calib.jsonl", [{"text": r["question"]} for r in gsm8k_rows(8)])
+    port = free_port()
+    with FakeHub("hf_inlinetest", tmp_path / "hub") as hub:
+        settings = PipelineSettings.model_validate({
+            "source": {"model": str(vllm_tiny_source)},
+            "calibration": {"dataset": str(data), "num_samples": 8, "max_seq_len": 128},
+            "evaluation": {"limit": 4, "num_fewshot": 0, "max_gen_toks": 16,
+                           "server": tiny_server_settings().model_dump()},
+            "gate": {"allow_inconclusive": True},  # a random tiny model scores ~0
+            "hub": {"repo_id": "acme/inline", "endpoint": hub.endpoint},
+            "rollout": {"target": "local", "served_model_name": "tiny-chat",
+                        "state_dir": str(tmp_path / "state"),
+                        "local": {"port": port, "server": tiny_server_settings().model_dump()},
+                        "slo": {"requests": 16, "concurrency": 8, "max_tokens": 16}},
+            "output_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
+        })
+        try:
+            first = requantize(settings)
+            sha = first["publish"]["commit_sha"]
+            assert first["rollout"]["deployed"]["release"]["revision"] == sha
+            assert router_status(f"http://127.0.0.1:{port}")["revision"] == sha
+            refs = HfApi(endpoint=hub.endpoint, token="hf_inlinetest").list_repo_refs(
+                "acme/inline")
+            assert {b.name: b.target_commit for b in refs.branches}["production"] == sha
+            assert load_state(tmp_path / "state", "local").active.release.revision == sha
+
+            calls_before = len(hub.state.calls)
+            second = requantize(settings)
+            assert second["no_op"] is True and second["already_published"]["commit_sha"] == sha
+            assert second["timings_s"]["flow"] < 60
+            assert len(hub.state.calls) == calls_before  # not even a Hub call
+            (second_dir,) = [p for p in (tmp_path / "runs").iterdir()
+                             if p.name == second["run_id"]]
+            assert sorted(p.name for p in second_dir.iterdir()) == ["calibration", "summary.json"]
+        finally:
+            shutdown_local(settings)
+
+    with get_client(sync_client=True) as client:
+        events = client.request("POST", "/events/filter", json={"filter": EventFilter(
+            event=EventNameFilter(prefix=["requant.gate."])).model_dump(mode="json")}).json()
+    passed = [e for e in events["events"] if e["event"] == "requant.gate.passed"
+              and e["payload"]["run_id"] == first["run_id"]]
+    assert passed and passed[0]["payload"]["revision"] == sha
+    assert passed[0]["resource"]["prefect.resource.id"] == "requant.model.acme/inline"
+    assert "hf_inlinetest" not in json.dumps(events)

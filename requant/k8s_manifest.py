@@ -1,0 +1,124 @@
+"""Kubernetes manifests for serving a published revision with vllm/vllm-openai.
+
+Why a plain Deployment + Service rather than KServe or vLLM's production-stack: the rollout
+needs exactly three things from Kubernetes — pin a revision, roll pods with probes that tolerate
+a 10-30 minute model load, and undo — and a Deployment does all three with no extra controller
+in the cluster (KServe brings Knative/Istio; production-stack's Helm chart renders this same
+Deployment behind its own router). Teams that run either can point them at the same image,
+arguments and probes rendered here.
+
+Pure functions: the same dicts are validated offline (``validate``) in tests and applied by
+``tasks/rollout_kubernetes.py``. Secrets are referenced (secretKeyRef), never embedded.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from requant.deploy_state import Release
+from requant.settings import KubernetesTargetSettings, SettingsError
+
+PORT = 8000
+ANNOTATION = "requant.dev"
+SCHEMA_VERSION = "1.33.0"  # oldest Kubernetes we promise to render for (kubernetes-validate)
+
+
+def labels(k: KubernetesTargetSettings) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "vllm", "app.kubernetes.io/instance": k.deployment,
+            "app.kubernetes.io/managed-by": "requant"}
+
+
+def vllm_args(k: KubernetesTargetSettings, release: Release, served_name: str) -> list[str]:
+    if not release.repo_id:
+        raise SettingsError(
+            f"release {release.label()}: the kubernetes target serves published revisions only "
+            "(hub.repo_id + a commit SHA); a local checkpoint cannot be pulled by a pod."
+        )
+    return [release.repo_id, "--revision", release.revision,
+            "--served-model-name", served_name, "--host", "0.0.0.0", "--port", str(PORT),
+            "--max-model-len", str(k.max_model_len), *k.extra_args]
+
+
+def render_deployment(k: KubernetesTargetSettings, release: Release, served_name: str,
+                      record: dict[str, str]) -> dict[str, Any]:
+    """``record``: the deployed-state annotations (revision, previous, flow run, time)."""
+    period = 10
+    container: dict[str, Any] = {
+        "name": "vllm",
+        "image": k.image,
+        "args": vllm_args(k, release, served_name),
+        "ports": [{"name": "http", "containerPort": PORT}],
+        "env": [{"name": "HF_HOME", "value": "/models-cache"}],
+        "volumeMounts": [{"name": "models-cache", "mountPath": "/models-cache"},
+                         {"name": "dshm", "mountPath": "/dev/shm"}],
+        # Model download + load + compile can take many minutes: the startup probe carries that
+        # budget, so liveness never kills a pod that is merely still loading.
+        "startupProbe": {"httpGet": {"path": "/health", "port": PORT},
+                         "periodSeconds": period,
+                         "failureThreshold": max(1, math.ceil(k.startup_timeout_s / period))},
+        "readinessProbe": {"httpGet": {"path": "/health", "port": PORT},
+                           "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": {"path": "/health", "port": PORT},
+                          "periodSeconds": 15, "failureThreshold": 4, "timeoutSeconds": 5},
+    }
+    if k.gpus:
+        container["resources"] = {"limits": {"nvidia.com/gpu": str(k.gpus)},
+                                  "requests": {"nvidia.com/gpu": str(k.gpus)}}
+    if k.hf_token_secret:
+        container["env"].append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": k.hf_token_secret, "key": "token"}}})
+    cache = ({"persistentVolumeClaim": {"claimName": k.model_cache_pvc}} if k.model_cache_pvc
+             else {"emptyDir": {}})
+    annotations = {f"{ANNOTATION}/{key}": value for key, value in record.items()}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": k.deployment, "namespace": k.namespace, "labels": labels(k),
+                     "annotations": annotations},
+        "spec": {
+            "replicas": k.replicas,
+            "revisionHistoryLimit": 5,
+            "progressDeadlineSeconds": int(k.startup_timeout_s) + 600,
+            "selector": {"matchLabels": labels(k)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {
+                "maxSurge": k.max_surge, "maxUnavailable": k.max_unavailable}},
+            "template": {
+                "metadata": {"labels": labels(k), "annotations": {
+                    f"{ANNOTATION}/revision": release.revision}},
+                "spec": {
+                    "containers": [container],
+                    "terminationGracePeriodSeconds": 60,
+                    "volumes": [{"name": "models-cache", **cache},
+                                {"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+                },
+            },
+        },
+    }
+
+
+def render_service(k: KubernetesTargetSettings) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": k.deployment, "namespace": k.namespace, "labels": labels(k)},
+        "spec": {"type": "ClusterIP", "selector": labels(k),
+                 "ports": [{"name": "http", "port": PORT, "targetPort": "http"}]},
+    }
+
+
+def validate(manifest: dict[str, Any], version: str = SCHEMA_VERSION) -> None:
+    """Schema-check a manifest offline (strict: unknown fields are errors, as with kubectl's
+    server-side field validation). Raises kubernetes_validate.ValidationError."""
+    import kubernetes_validate
+
+    kubernetes_validate.validate(manifest, version, strict=True)
+
+
+def check_strategy(k: KubernetesTargetSettings) -> None:
+    """A rolling update with neither surge nor unavailability can never make progress."""
+    if str(k.max_surge) in {"0", "0%"} and str(k.max_unavailable) in {"0", "0%"}:
+        raise SettingsError(
+            "rollout.kubernetes.max_surge and max_unavailable are both 0: the rollout could "
+            "never replace a pod. Set max_surge: 1 (needs a spare GPU) or max_unavailable: 1."
+        )

@@ -1,0 +1,62 @@
+"""The candidate ledger: which exact candidates were already published, so the nightly run can
+finish in seconds when nothing that determines the result changed.
+
+A candidate's key covers everything that decides what would be published and whether: the
+source (Hub commit, or every file's hash for a local folder), the recipe's bytes, the calibration
+set's fingerprint, the quantization/evaluation/gate settings, the target repo, and the versions
+of the libraries that compute the weights. Equal key, equal candidate: re-quantizing and
+re-evaluating would only reproduce it. One small JSON file per key under ``cache_dir/ledger``
+(on a cluster, the same shared volume as the model cache), written only after a successful
+publish, so a failed run never makes the next one skip.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from requant.atomic import write_json_atomic
+from requant.hashing import fingerprint
+from requant.manifest import library_versions
+from requant.settings import PipelineSettings
+
+LEDGER_DIR = "ledger"
+
+
+def candidate_key(settings: PipelineSettings, source_files: dict[str, str],
+                  source_revision: str | None, recipe_sha256: str,
+                  calibration_fingerprint: str | None) -> str:
+    return fingerprint({
+        "source": {"revision": source_revision} if source_revision else {"files": source_files},
+        "recipe_sha256": recipe_sha256,
+        "calibration": calibration_fingerprint,
+        "quantization": settings.quantization.model_dump(mode="json", exclude={"device"}),
+        "evaluation": settings.evaluation.model_dump(mode="json", exclude={"server"}),
+        "gate": settings.gate.model_dump(mode="json"),
+        "hub": {"repo_id": settings.hub.repo_id, "branch": settings.hub.branch},
+        "versions": {k: v for k, v in library_versions().items() if k != "requant"},
+    })
+
+
+def _path(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / LEDGER_DIR / f"{key}.json"
+
+
+def find_published(cache_dir: Path, key: str) -> dict[str, Any] | None:
+    path = _path(cache_dir, key)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def record_published(cache_dir: Path, key: str, run_id: str, publish: dict[str, Any],
+                     gate: dict[str, Any] | None) -> Path:
+    path = _path(cache_dir, key)
+    write_json_atomic(path, {
+        "candidate_key": key, "run_id": run_id,
+        "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "repo_id": publish.get("repo_id"), "commit_sha": publish.get("commit_sha"),
+        "tag": publish.get("tag"), "dry_run": publish.get("dry_run"),
+        "checkpoint": publish.get("checkpoint"), "gate": gate,
+    })
+    return path

@@ -1,0 +1,198 @@
+"""Kubernetes rollout: apply the rendered Deployment, wait for it with a deadline, verify the
+Service, and undo on any failure.
+
+Applied with the official ``kubernetes`` client. The Deployment is *replaced* (not merged) so
+what runs is exactly what ``requant/k8s_manifest.py`` rendered and validated. Undo re-applies the
+pod template that served before, which is what ``kubectl rollout undo`` does (it copies the
+previous ReplicaSet's template back into the Deployment); on a first deployment there is nothing
+to go back to, so the failed Deployment is deleted.
+
+The deployed state lives on the Deployment itself (``requant.dev/*`` annotations: revision,
+previous revision, flow run, time), where ``kubectl describe`` shows it and the next rollout
+reads it, with a copy in the local deployed-state record.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from requant.deploy_state import Deployed, Release, load_state, save_state
+from requant.deployment_checks import VerificationFailed, verify_deployment
+from requant.k8s_manifest import (
+    ANNOTATION,
+    PORT,
+    check_strategy,
+    render_deployment,
+    render_service,
+    validate,
+)
+from requant.settings import KubernetesTargetSettings, PipelineSettings
+from tasks.rollout_local import RolloutFailed
+
+TARGET = "kubernetes"
+Log = Callable[[str], None]
+
+
+def api_client(k: KubernetesTargetSettings) -> Any:
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    if k.kubeconfig is None:
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+            return client.ApiClient(configuration)
+        except config.ConfigException:
+            pass
+    config.load_kube_config(config_file=str(k.kubeconfig) if k.kubeconfig else None,
+                            context=k.context, client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+def _not_found(exc: Exception) -> bool:
+    return getattr(exc, "status", None) == 404
+
+
+def read_deployment(apps: Any, k: KubernetesTargetSettings) -> dict[str, Any] | None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        obj = apps.read_namespaced_deployment(k.deployment, k.namespace)
+    except ApiException as exc:
+        if _not_found(exc):
+            return None
+        raise
+    return apps.api_client.sanitize_for_serialization(obj)
+
+
+def rollout_status(dep: dict[str, Any], replicas: int) -> tuple[bool, str | None]:
+    """(complete, failure reason) from a Deployment's status, as `kubectl rollout status`
+    reads it: the controller saw the new generation, every replica is updated and available,
+    and no old replica is left."""
+    meta, status = dep.get("metadata", {}), dep.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+            return False, f"ProgressDeadlineExceeded: {cond.get('message', '')}"
+    if (status.get("observedGeneration") or 0) < (meta.get("generation") or 0):
+        return False, None
+    done = (status.get("updatedReplicas") or 0) >= replicas \
+        and (status.get("replicas") or 0) <= replicas \
+        and (status.get("availableReplicas") or 0) >= replicas
+    return done, None
+
+
+def wait_rollout(apps: Any, k: KubernetesTargetSettings, deadline_s: float) -> None:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        dep = read_deployment(apps, k)
+        if dep is None:
+            raise VerificationFailed("rollout", "the Deployment disappeared")
+        done, failure = rollout_status(dep, k.replicas)
+        if failure:
+            raise VerificationFailed("rollout", failure)
+        if done:
+            return
+        if time.monotonic() > deadline:
+            raise VerificationFailed(
+                "rollout", f"not complete after {deadline_s:.0f} s "
+                f"(rollout.kubernetes.rollout_timeout_s); status: {dep.get('status')}")
+        time.sleep(k.poll_interval_s)
+
+
+def _apply_service(core: Any, k: KubernetesTargetSettings) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    svc = render_service(k)
+    validate(svc)
+    try:
+        core.read_namespaced_service(k.deployment, k.namespace)
+    except ApiException as exc:
+        if not _not_found(exc):
+            raise
+        core.create_namespaced_service(k.namespace, svc)
+
+
+def _replace(apps: Any, k: KubernetesTargetSettings, body: dict[str, Any],
+             current: dict[str, Any] | None) -> None:
+    if current is None:
+        apps.create_namespaced_deployment(k.namespace, body)
+        return
+    body = copy.deepcopy(body)
+    body["metadata"]["resourceVersion"] = current["metadata"].get("resourceVersion")
+    apps.replace_namespaced_deployment(k.deployment, k.namespace, body)
+
+
+def undo(apps: Any, k: KubernetesTargetSettings, previous: dict[str, Any] | None,
+         log: Log) -> None:
+    """Back to the pod template that served before (kubectl rollout undo), or delete the
+    Deployment if there was none."""
+    current = read_deployment(apps, k)
+    if previous is None:
+        if current is not None:
+            apps.delete_namespaced_deployment(k.deployment, k.namespace)
+            log("first deployment failed: deleted it (nothing served before)")
+        return
+    body = {key: copy.deepcopy(previous[key]) for key in ("apiVersion", "kind", "metadata",
+                                                          "spec")}
+    for key in ("resourceVersion", "generation", "uid", "creationTimestamp", "managedFields"):
+        body["metadata"].pop(key, None)
+    _replace(apps, k, body, current)
+    log(f"undone: back to revision "
+        f"{previous['metadata'].get('annotations', {}).get(f'{ANNOTATION}/revision')}")
+    try:  # bounded: the old pods were healthy minutes ago
+        wait_rollout(apps, k, min(k.rollout_timeout_s, k.startup_timeout_s + 300))
+    except VerificationFailed as exc:
+        log(f"WARNING: the undo has not completed either: {exc}")
+
+
+def rollout_kubernetes(settings: PipelineSettings, release: Release, flow_run_id: str | None,
+                       log: Log = print) -> tuple[Deployed, bool]:
+    from kubernetes import client
+
+    rcfg = settings.rollout
+    k = rcfg.kubernetes
+    check_strategy(k)
+    api = api_client(k)
+    apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+    current = read_deployment(apps, k)
+    annotations = (current or {}).get("metadata", {}).get("annotations") or {}
+    serving = annotations.get(f"{ANNOTATION}/revision")
+    if current is not None and serving == release.revision \
+            and rollout_status(current, k.replicas) == (True, None):
+        log(f"{release.label()} is already deployed to {k.namespace}/{k.deployment}")
+        state = load_state(rcfg.state_dir, TARGET)
+        return (state.active or Deployed(release, annotations.get(f"{ANNOTATION}/deployed-at",
+                                                                  ""), flow_run_id)), False
+
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    record = {"revision": release.revision, "repo": release.repo_id or "",
+              "previous-revision": serving or "", "flow-run": flow_run_id or "",
+              "deployed-at": now}
+    deployment = render_deployment(k, release, rcfg.served_model_name, record)
+    validate(deployment)
+    _apply_service(core, k)
+    started = time.monotonic()
+    _replace(apps, k, deployment, current)
+    log(f"applied {k.namespace}/{k.deployment} at {release.label()}; waiting for the rollout")
+    url = k.service_url or f"http://{k.deployment}.{k.namespace}.svc:{PORT}"
+    state = load_state(rcfg.state_dir, TARGET)
+    try:
+        wait_rollout(apps, k, k.rollout_timeout_s)
+        report = verify_deployment(url, rcfg.served_model_name, rcfg.slo, rcfg.smoke_prompt,
+                                   ready_timeout_s=120)
+    except VerificationFailed as exc:
+        undo(apps, k, current, log)
+        state.record_event("rolled-back", release, flow_run_id, now, f"{exc.check}: {exc.reason}")
+        save_state(rcfg.state_dir, state)
+        raise RolloutFailed(release, exc.check, exc.reason, exc.report) from None
+    deployed = Deployed(release, now, flow_run_id, url,
+                        {"namespace": k.namespace, "deployment": k.deployment},
+                        report.as_record() | {
+                            "rollout_to_shift_s": round(time.monotonic() - started, 2)})
+    state.previous, state.active = state.active, deployed
+    state.record_event("deployed", release, flow_run_id, now)
+    save_state(rcfg.state_dir, state)
+    return deployed, True

@@ -1,0 +1,253 @@
+"""Local blue/green: vLLM servers on this host behind the stable router endpoint.
+
+A rollout starts the new revision (green) beside the serving one (blue), verifies green directly
+(readiness, smoke, load test against the SLOs), and only then switches the router. Blue finishes
+the requests it already has (drain), then stops. Any failure before the switch stops green and
+leaves the router, the deployed-state record and the Hub's production marker untouched: blue
+never stopped serving, so a failed rollout costs clients nothing.
+
+Servers and the router outlive the flow run that started them (they *are* the deployment), so
+they are started detached and recorded by pid in the deployed state; a rollout that crashed
+mid-way leaves a ``pending`` record that the next rollout reaps.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from requant.deploy_state import Deployed, DeployState, Release, load_state, save_state
+from requant.deployment_checks import VerificationFailed, verify_deployment
+from requant.settings import PipelineSettings, SettingsError
+from tasks.serving import (
+    ServerError,
+    log_tail,
+    pid_running,
+    start_server,
+    stop_process_group,
+    stop_server,
+)
+
+TARGET = "local"
+Log = Callable[[str], None]
+
+
+class RolloutFailed(RuntimeError):
+    """The new revision was not put into service; what served before still does."""
+
+    def __init__(self, release: Release, check: str, reason: str,
+                 report: dict[str, Any] | None = None) -> None:
+        super().__init__(f"rollout of {release.label()} rolled back ({check}): {reason}")
+        self.release, self.check, self.reason, self.report = release, check, reason, report or {}
+
+
+def check_local_settings(settings: PipelineSettings) -> None:
+    if settings.rollout.local.server.port is not None:
+        raise SettingsError(
+            "rollout.local.server.port: must be unset. Blue/green runs the old and the new "
+            "server side by side on free ports; clients use rollout.local.port (the router)."
+        )
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# ---- the router (stable endpoint) -------------------------------------------------------------
+
+
+def router_url(settings: PipelineSettings) -> str:
+    cfg = settings.rollout.local
+    return f"http://{cfg.host}:{cfg.port}"
+
+
+def router_status(url: str, timeout_s: float = 5) -> dict[str, Any] | None:
+    try:
+        response = httpx.get(f"{url}/-/status", timeout=timeout_s)
+    except httpx.HTTPError:
+        return None
+    return response.json() if response.status_code == 200 else None
+
+
+def ensure_router(settings: PipelineSettings, log: Log) -> str:
+    """The router answering on the stable endpoint: reuse the running one, or start it."""
+    cfg = settings.rollout.local
+    url = router_url(settings)
+    if router_status(url) is not None:
+        return url
+    with socket.socket() as s:
+        if s.connect_ex((cfg.host, cfg.port)) == 0:
+            raise SettingsError(
+                f"rollout.local.port: {cfg.host}:{cfg.port} is taken by something that is not a "
+                "requant router. Stop it or choose another port."
+            )
+    folder = Path(settings.rollout.state_dir) / TARGET
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path = folder / "router.log"
+    with log_path.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "requant.router", "--host", cfg.host, "--port", str(cfg.port),
+             "--state-file", str(folder / "router.json")],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    (folder / "router.pid").write_text(str(proc.pid))
+    deadline = time.monotonic() + 60
+    while router_status(url) is None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the router did not start on {url}.\n{log_tail(log_path)}")
+        time.sleep(0.2)
+    log(f"router started on {url} (pid {proc.pid})")
+    return url
+
+
+def switch_router(url: str, backend: str, revision: str) -> dict[str, Any]:
+    last: Exception | None = None
+    for attempt in range(5):  # the admin call is local; a retry covers a momentary hiccup
+        try:
+            response = httpx.put(f"{url}/-/backend", json={"url": backend, "revision": revision},
+                                 timeout=10)
+            response.raise_for_status()
+            return response.json()
+        except httpx.HTTPError as exc:
+            last = exc
+            time.sleep(0.5 * 2 ** attempt)
+    raise RuntimeError(f"could not switch the router at {url}: {last}")
+
+
+def drain(url: str, backend: str, timeout_s: float) -> int:
+    """Wait until the router has no request in flight to ``backend``; returns what was left."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = router_status(url) or {}
+        left = int(status.get("inflight", {}).get(backend, 0))
+        if left <= 0 or time.monotonic() > deadline:
+            return max(left, 0)
+        time.sleep(0.2)
+
+
+def stop_router(settings: PipelineSettings) -> None:
+    folder = Path(settings.rollout.state_dir) / TARGET
+    pid_file = folder / "router.pid"
+    if pid_file.is_file():
+        stop_process_group(int(pid_file.read_text()), grace_s=10)
+        pid_file.unlink()
+
+
+# ---- the rollout ------------------------------------------------------------------------------
+
+
+def _stop_deployed(d: Deployed | None, grace_s: float) -> None:
+    if d is not None and d.server.get("pid"):
+        stop_process_group(int(d.server["pid"]), grace_s)
+
+
+def _server_alive(d: Deployed | None) -> bool:
+    return bool(d and d.server.get("pid") and pid_running(int(d.server["pid"])))
+
+
+def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str | None,
+                  log: Log = print) -> tuple[Deployed, bool]:
+    """Blue/green to ``release``; returns (what now serves, whether anything changed)."""
+    check_local_settings(settings)
+    rcfg = settings.rollout
+    cfg = rcfg.local
+    state = load_state(rcfg.state_dir, TARGET)
+    if state.pending is not None:  # a crashed rollout's server: not serving, not wanted
+        log(f"reaping the unfinished rollout of {state.pending.release.label()}")
+        _stop_deployed(state.pending, cfg.server.stop_grace_s)
+        state.record_event("reaped", state.pending.release, flow_run_id, _now(),
+                           "left pending by an earlier rollout that did not finish")
+        state.pending = None
+        save_state(rcfg.state_dir, state)
+
+    url = ensure_router(settings, log)
+    current = router_status(url) or {}
+    if (state.active and state.active.release.revision == release.revision
+            and _server_alive(state.active)
+            and current.get("backend") == state.active.server.get("url")):
+        log(f"{release.label()} is already serving at {url}; nothing to do")
+        return state.active, False
+
+    if not release.checkpoint or not Path(release.checkpoint).is_dir():
+        raise SettingsError(f"release {release.label()}: checkpoint folder "
+                            f"{release.checkpoint!r} does not exist.")
+    folder = Path(rcfg.state_dir) / TARGET / "servers"
+    log_path = folder / f"{release.revision[:16]}-{datetime.now(UTC):%Y%m%dT%H%M%S}.log"
+    started = time.monotonic()
+    log(f"starting {release.label()} beside the serving revision")
+    # Two CPU servers side by side: vLLM's default pins each one's OpenMP threads to the same
+    # cores with spin-waiting, and the busy old server then starves the new one's start-up
+    # (measured: not ready after 300 s under client load). Unpinned + passive waiting shares
+    # the cores; settings in rollout.local.server.env still win.
+    server_cfg = cfg.server.model_copy(update={"env": {
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_WAIT_POLICY": "PASSIVE", **cfg.server.env}})
+    try:
+        green = start_server(release.checkpoint, server_cfg, log_path,
+                             served_name=rcfg.served_model_name, die_with_parent=False)
+    except ServerError as exc:
+        _record_failure(settings, state, release, flow_run_id, "readiness", str(exc))
+        raise RolloutFailed(release, "readiness", str(exc)) from None
+    pending = Deployed(release, _now(), flow_run_id, url,
+                       {"pid": green.process.pid, "url": green.base_url,
+                        "log": str(log_path), "startup_s": green.startup_s})
+    state.pending = pending
+    save_state(rcfg.state_dir, state)
+
+    try:
+        report = verify_deployment(green.base_url, rcfg.served_model_name, rcfg.slo,
+                                   rcfg.smoke_prompt, cfg.server.startup_timeout_s, green.alive)
+    except VerificationFailed as exc:
+        stop_server(green, cfg.server.stop_grace_s)
+        state.pending = None
+        _record_failure(settings, state, release, flow_run_id, exc.check, exc.reason)
+        raise RolloutFailed(release, exc.check, exc.reason, exc.report) from None
+    except BaseException:
+        stop_server(green, cfg.server.stop_grace_s)
+        state.pending = None
+        save_state(rcfg.state_dir, state)
+        raise
+
+    blue = state.active
+    switched = switch_router(url, green.base_url, release.revision)
+    shifted_s = round(time.monotonic() - started, 2)
+    log(f"traffic shifted to {release.label()} after {shifted_s} s")
+    pending.verification = report.as_record() | {"rollout_to_shift_s": shifted_s}
+    pending.deployed_at = _now()
+    state.previous, state.active, state.pending = blue, pending, None
+    state.record_event("deployed", release, flow_run_id, pending.deployed_at)
+    save_state(rcfg.state_dir, state)
+
+    old_backend = switched.get("previous")
+    if old_backend:
+        left = drain(url, old_backend, cfg.drain_timeout_s)
+        if left:
+            log(f"{left} request(s) still on the old server after {cfg.drain_timeout_s} s "
+                "(rollout.local.drain_timeout_s); stopping it anyway")
+    if blue is not None:
+        _stop_deployed(blue, cfg.server.stop_grace_s)
+        log(f"stopped the previous revision {blue.release.label()}")
+    return pending, True
+
+
+def _record_failure(settings: PipelineSettings, state: DeployState, release: Release,
+                    flow_run_id: str | None, check: str, reason: str) -> None:
+    state.record_event("rolled-back", release, flow_run_id, _now(), f"{check}: {reason[:500]}")
+    save_state(settings.rollout.state_dir, state)
+
+
+def shutdown_local(settings: PipelineSettings) -> None:
+    """Stop everything the local target runs (servers and router); the record stays."""
+    state = load_state(settings.rollout.state_dir, TARGET)
+    for d in (state.pending, state.active):
+        _stop_deployed(d, settings.rollout.local.server.stop_grace_s)
+    stop_router(settings)

@@ -1,0 +1,231 @@
+"""A Kubernetes API server on 127.0.0.1, just enough of it for the rollout: Deployments
+(create/read/replace/delete/status) and Services, with a deployment controller simulated on
+reads, plus the pods' OpenAI endpoint behind the Service URL (``/svc/...``).
+
+No cluster exists here; this is the network boundary the official client talks across.
+Behaviour per revision (the ``requant.dev/revision`` pod-template annotation):
+- ``ready_after`` status reads until a new generation is fully rolled out;
+- revisions in ``stuck`` never become available and report ProgressDeadlineExceeded;
+- revisions in ``slow_answers`` are served but answer after ``slow_s`` seconds (SLO test).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+REV = "requant.dev/revision"
+
+
+class ClusterState:
+    def __init__(self) -> None:
+        self.deployments: dict[tuple[str, str], dict[str, Any]] = {}
+        self.services: dict[tuple[str, str], dict[str, Any]] = {}
+        self.requests: list[tuple[str, str, Any]] = []  # (method, path, body)
+        self.reads_since_change: dict[tuple[str, str], int] = {}
+        self.ready_after = 2
+        self.stuck: set[str] = set()
+        self.slow_answers: set[str] = set()
+        self.slow_s = 0.5
+        self.lock = threading.Lock()
+
+    def serving_revision(self, ns: str, name: str) -> str | None:
+        dep = self.deployments.get((ns, name))
+        if not dep or not (dep["status"].get("availableReplicas") or 0):
+            return None
+        return dep["status"].get("_servingRevision")
+
+    def _tick(self, key: tuple[str, str]) -> None:
+        """The deployment controller: progress a rollout a step per status read."""
+        dep = self.deployments[key]
+        n = self.reads_since_change[key] = self.reads_since_change.get(key, 0) + 1
+        rev = dep["spec"]["template"]["metadata"].get("annotations", {}).get(REV)
+        replicas = dep["spec"].get("replicas", 1)
+        status = dep["status"]
+        status["observedGeneration"] = dep["metadata"]["generation"]
+        if rev in self.stuck:
+            if n >= self.ready_after:
+                status["conditions"] = [{"type": "Progressing", "status": "False",
+                                         "reason": "ProgressDeadlineExceeded",
+                                         "message": f'ReplicaSet for {rev} has timed out '
+                                                    'progressing.'}]
+            # maxSurge 0: the old pod is gone, the new one never gets ready
+            status.update({"updatedReplicas": replicas, "availableReplicas": 0,
+                           "readyReplicas": 0, "_servingRevision": None})
+            return
+        if n >= self.ready_after:
+            status.update({"replicas": replicas, "updatedReplicas": replicas,
+                           "availableReplicas": replicas, "readyReplicas": replicas,
+                           "_servingRevision": rev,
+                           "conditions": [{"type": "Available", "status": "True"},
+                                          {"type": "Progressing", "status": "True",
+                                           "reason": "NewReplicaSetAvailable"}]})
+
+
+class _Handler(BaseHTTPRequestHandler):
+    state: ClusterState
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _send(self, status: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _status(self, code: int, reason: str, message: str) -> None:
+        self._send(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                          "message": message, "reason": reason, "code": code})
+
+    def _body(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        return json.loads(raw) if raw else None
+
+    def _handle(self, method: str) -> None:
+        path = self.path.split("?", 1)[0]
+        body = self._body()
+        with self.state.lock:
+            self.state.requests.append((method, path, copy.deepcopy(body)))
+        if m := re.fullmatch(r"/svc/(?P<ns>[^/]+)/(?P<name>[^/]+)(?P<rest>/.*)", path):
+            return self._pod(method, m["ns"], m["name"], m["rest"], body)
+        if m := re.fullmatch(r"/apis/apps/v1/namespaces/(?P<ns>[^/]+)/deployments"
+                             r"(?:/(?P<name>[^/]+))?(?P<status>/status)?", path):
+            return self._deployment(method, m["ns"], m["name"], body)
+        if m := re.fullmatch(r"/api/v1/namespaces/(?P<ns>[^/]+)/services(?:/(?P<name>[^/]+))?",
+                             path):
+            return self._service(method, m["ns"], m["name"], body)
+        self._status(404, "NotFound", f"no fake endpoint for {method} {path}")
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
+    def _deployment(self, method: str, ns: str, name: str | None, body: Any) -> None:
+        st = self.state
+        with st.lock:
+            if method == "POST":
+                key = (ns, body["metadata"]["name"])
+                if key in st.deployments:
+                    return self._status(409, "AlreadyExists", "deployment exists")
+                dep = copy.deepcopy(body)
+                dep["metadata"].update({"generation": 1, "resourceVersion": "1",
+                                        "uid": str(uuid.uuid4())})
+                dep["status"] = {}
+                st.deployments[key] = dep
+                st.reads_since_change[key] = 0
+                return self._send(201, dep)
+            key = (ns, name)
+            dep = st.deployments.get(key)
+            if dep is None:
+                return self._status(404, "NotFound", f'deployments.apps "{name}" not found')
+            if method == "GET":
+                st._tick(key)
+                return self._send(200, dep)
+            if method == "PUT":
+                if body["metadata"].get("resourceVersion") != dep["metadata"]["resourceVersion"]:
+                    return self._status(409, "Conflict", "the object has been modified")
+                new = copy.deepcopy(body)
+                changed = new["spec"] != dep["spec"]
+                new["metadata"].update({
+                    "generation": dep["metadata"]["generation"] + (1 if changed else 0),
+                    "resourceVersion": str(int(dep["metadata"]["resourceVersion"]) + 1),
+                    "uid": dep["metadata"]["uid"]})
+                new["status"] = {k: v for k, v in dep["status"].items() if k != "conditions"}
+                if changed:
+                    new["status"]["updatedReplicas"] = 0
+                    st.reads_since_change[key] = 0
+                st.deployments[key] = new
+                return self._send(200, new)
+            if method == "DELETE":
+                del st.deployments[key]
+                return self._send(200, {"kind": "Status", "status": "Success"})
+        self._status(405, "MethodNotAllowed", method)
+
+    def _service(self, method: str, ns: str, name: str | None, body: Any) -> None:
+        st = self.state
+        with st.lock:
+            if method == "POST":
+                st.services[(ns, body["metadata"]["name"])] = body
+                return self._send(201, body)
+            svc = st.services.get((ns, name))
+            if svc is None:
+                return self._status(404, "NotFound", f'services "{name}" not found')
+            return self._send(200, svc)
+
+    def _pod(self, method: str, ns: str, name: str, rest: str, body: Any) -> None:
+        """What the Service's pods answer: vLLM's OpenAI API for the available revision."""
+        with self.state.lock:
+            rev = self.state.serving_revision(ns, name)
+            dep = self.state.deployments.get((ns, name))
+        if rev is None or dep is None:
+            return self._status(503, "ServiceUnavailable", "no ready endpoints")
+        args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+        served = args[args.index("--served-model-name") + 1]
+        if rev in self.state.slow_answers:
+            time.sleep(self.state.slow_s)
+        if rest == "/health":
+            return self._send(200, {})
+        if rest == "/v1/models":
+            return self._send(200, {"object": "list", "data": [
+                {"id": served, "object": "model", "root": f"{args[0]}@{rev}"}]})
+        if rest == "/v1/chat/completions" and method == "POST":
+            n = int(body.get("max_tokens", 16))
+            return self._send(200, {
+                "id": "chatcmpl-fake", "object": "chat.completion", "model": served,
+                "choices": [{"index": 0, "finish_reason": "length",
+                             "message": {"role": "assistant", "content": "42 " * n}}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": n, "total_tokens": 10 + n}})
+        self._status(404, "NotFound", rest)
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the load test opens 64 connections at once
+    daemon_threads = True
+
+
+class FakeCluster:
+    def __init__(self) -> None:
+        self.state = ClusterState()
+        handler = type("Handler", (_Handler,), {"state": self.state})
+        self.server = _Server(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def kubeconfig(self, path) -> str:
+        path.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "fake", "user": {"token": "fake-cluster-token"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+        }))
+        return str(path)
+
+    def service_url(self, ns: str, name: str) -> str:
+        return f"{self.url}/svc/{ns}/{name}"
+
+    def __enter__(self) -> FakeCluster:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,84 @@
+"""The promote flow end to end: published revisions fetched from a Hub-compatible server with
+the real client, rolled out locally on real vLLM servers, the production marker moved only after
+verification, and a manual rollback through the same path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from huggingface_hub import HfApi
+
+from flows.promote import promote
+from requant.deploy_state import load_state
+from requant.settings import PipelineSettings, SettingsError
+from tasks.rollout import RolloutFailed
+from tasks.rollout_local import router_status, shutdown_local
+from tasks.serving import free_port
+from tests.conftest import needs_vllm, processes_mentioning, tiny_server_settings
+from tests.fakehub import FakeHub
+
+pytestmark = [pytest.mark.slow, needs_vllm]
+
+TOKEN = "hf_promoteTESTsecret0123456789"
+REPO = "acme/tiny-chat"
+
+
+def production_sha(api: HfApi) -> str | None:
+    refs = {b.name: b.target_commit for b in api.list_repo_refs(REPO).branches}
+    return refs.get("production")
+
+
+def test_promote_moves_the_marker_only_after_a_verified_rollout_and_rolls_back_on_request(
+        prefect_server, vllm_tiny_source, vllm_tiny_w8a8, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with FakeHub(TOKEN, tmp_path / "hub") as hub:
+        api = HfApi(endpoint=hub.endpoint, token=TOKEN)
+        api.create_repo(REPO)
+        sha_a = api.upload_folder(repo_id=REPO, folder_path=vllm_tiny_source).oid
+        sha_b = api.upload_folder(repo_id=REPO, folder_path=vllm_tiny_w8a8).oid
+        broken = tmp_path / "broken"
+        shutil.copytree(vllm_tiny_w8a8, broken)
+        config = json.loads((broken / "config.json").read_text())
+        config["architectures"] = ["NoSuchModelForCausalLM"]
+        (broken / "config.json").write_text(json.dumps(config))
+        sha_broken = api.upload_folder(repo_id=REPO, folder_path=broken).oid
+
+        port = free_port()
+        settings = PipelineSettings.model_validate({
+            "hub": {"repo_id": REPO, "endpoint": hub.endpoint},
+            "cache_dir": str(tmp_path / "cache"),
+            "rollout": {"target": "local", "served_model_name": "tiny-chat",
+                        "state_dir": str(tmp_path / "state"),
+                        "local": {"port": port, "server": tiny_server_settings().model_dump()},
+                        "slo": {"requests": 16, "concurrency": 8, "max_tokens": 16}},
+        })
+        try:
+            with pytest.raises(SettingsError, match="not a 40-character commit SHA"):
+                promote(settings, revision="main")
+            first = promote(settings, revision=sha_a)
+            assert first["production_marker_moved"] and production_sha(api) == sha_a
+            promote(settings, revision=sha_b)
+            assert production_sha(api) == sha_b
+            assert router_status(f"http://127.0.0.1:{port}")["revision"] == sha_b
+
+            with pytest.raises(RolloutFailed, match="NoSuchModelForCausalLM"):
+                promote(settings, revision=sha_broken)
+            assert production_sha(api) == sha_b  # the marker did not move
+            assert router_status(f"http://127.0.0.1:{port}")["revision"] == sha_b
+
+            back = promote(settings, rollback=True)
+            assert back["release"]["revision"] == sha_a
+            assert production_sha(api) == sha_a
+            state = load_state(settings.rollout.state_dir, "local")
+            assert state.active.release.revision == sha_a
+            assert state.previous.release.revision == sha_b
+            assert [h["event"] for h in state.history] == [
+                "deployed", "deployed", "rolled-back", "deployed"]
+            # the files served were fetched by the real client, pinned to the commit
+            served = state.active.release.checkpoint
+            assert served.endswith(sha_a) and not (tmp_path / "cache").joinpath(".tmp").exists()
+        finally:
+            shutdown_local(settings)
+        assert processes_mentioning(str(tmp_path)) == []

@@ -1,0 +1,137 @@
+"""Kubernetes target: manifests validated against offline schemas; the official client's calls
+against a Kubernetes API server on 127.0.0.1 (tests/fakek8s.py), including undo on failure."""
+
+from __future__ import annotations
+
+import json
+
+import kubernetes_validate
+import pytest
+
+from requant.deploy_state import Release, load_state
+from requant.k8s_manifest import check_strategy, render_deployment, render_service, validate
+from requant.settings import KubernetesTargetSettings, PipelineSettings, SettingsError
+from tasks.rollout_kubernetes import rollout_kubernetes
+from tasks.rollout_local import RolloutFailed
+from tests.fakek8s import REV, FakeCluster
+
+SHA_A = "a" * 40
+SHA_B = "b" * 40
+SHA_C = "c" * 40
+
+
+def test_rendered_deployment_and_service_pass_strict_offline_schema_validation():
+    k = KubernetesTargetSettings(model_cache_pvc="hf-cache", max_surge=1, max_unavailable=0)
+    dep = render_deployment(k, Release(SHA_A, "org/llama3-w8a8"), "llama3-w8a8",
+                            {"revision": SHA_A})
+    validate(dep)
+    validate(render_service(k))
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[0] == "org/llama3-w8a8" and args[args.index("--revision") + 1] == SHA_A
+    assert args[args.index("--served-model-name") + 1] == "llama3-w8a8"
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= k.startup_timeout_s
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    assert dep["spec"]["template"]["metadata"]["annotations"][REV] == SHA_A
+    token_env = next(e for e in container["env"] if e["name"] == "HF_TOKEN")
+    assert token_env["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["models-cache"]["persistentVolumeClaim"]["claimName"] == "hf-cache"
+
+
+def test_schema_validation_rejects_a_manifest_kubernetes_would_reject():
+    k = KubernetesTargetSettings()
+    dep = render_deployment(k, Release(SHA_A, "org/m"), "m", {})
+    dep["spec"]["template"]["spec"]["containers"][0]["startupprobe"] = {}  # misspelt field
+    with pytest.raises(kubernetes_validate.ValidationError, match="startupprobe"):
+        validate(dep)
+
+
+def test_rolling_update_that_can_never_progress_is_refused_with_the_fix():
+    with pytest.raises(SettingsError, match="max_surge and max_unavailable are both 0"):
+        check_strategy(KubernetesTargetSettings(max_surge=0, max_unavailable=0))
+
+
+def test_a_local_checkpoint_cannot_be_deployed_to_kubernetes():
+    with pytest.raises(SettingsError, match="published revisions only"):
+        render_deployment(KubernetesTargetSettings(), Release("local-x", None, "/tmp/x"), "m", {})
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with FakeCluster() as c:
+        c.settings = PipelineSettings.model_validate({"rollout": {
+            "target": "kubernetes", "served_model_name": "llama3-w8a8",
+            "state_dir": str(tmp_path / "state"),
+            "slo": {"requests": 64, "concurrency": 64, "max_tokens": 64},
+            "kubernetes": {"namespace": "serving", "deployment": "llama3",
+                           "kubeconfig": c.kubeconfig(tmp_path / "kubeconfig"),
+                           "poll_interval_s": 0.01, "rollout_timeout_s": 30,
+                           "service_url": c.service_url("serving", "llama3")},
+        }})
+        yield c
+
+
+def deployed_revision(c: FakeCluster) -> str:
+    dep = c.state.deployments[("serving", "llama3")]
+    return dep["spec"]["template"]["metadata"]["annotations"][REV]
+
+
+def test_rollout_applies_waits_verifies_and_records_state_on_the_deployment(cluster):
+    a = Release(SHA_A, "org/llama3-w8a8")
+    deployed, changed = rollout_kubernetes(cluster.settings, a, "run-1")
+    assert changed and deployed.release == a
+    assert deployed.verification["load"]["requests"] == 64
+    assert deployed.verification["smoke"]["root"] == f"org/llama3-w8a8@{SHA_A}"
+    b = Release(SHA_B, "org/llama3-w8a8")
+    rollout_kubernetes(cluster.settings, b, "run-2")
+    dep = cluster.state.deployments[("serving", "llama3")]
+    notes = dep["metadata"]["annotations"]
+    assert notes["requant.dev/revision"] == SHA_B
+    assert notes["requant.dev/previous-revision"] == SHA_A
+    assert notes["requant.dev/flow-run"] == "run-2"
+    methods = [(m, p) for m, p, _ in cluster.state.requests if "/apis/apps" in p]
+    assert ("POST", "/apis/apps/v1/namespaces/serving/deployments") in methods
+    assert ("PUT", "/apis/apps/v1/namespaces/serving/deployments/llama3") in methods
+    assert ("serving", "llama3") in cluster.state.services
+    state = load_state(cluster.settings.rollout.state_dir, "kubernetes")
+    assert state.active.release == b and state.previous.release == a
+    # the token is referenced, never sent
+    assert "fake-cluster-token" not in json.dumps([b for _, _, b in cluster.state.requests])
+    _, again = rollout_kubernetes(cluster.settings, b, "run-3")
+    assert again is False  # already serving that revision: nothing applied
+
+
+def test_rollout_that_never_becomes_available_is_undone_to_the_previous_template(cluster):
+    rollout_kubernetes(cluster.settings, Release(SHA_A, "org/m"), "run-1")
+    cluster.state.stuck.add(SHA_B)
+    with pytest.raises(RolloutFailed) as err:
+        rollout_kubernetes(cluster.settings, Release(SHA_B, "org/m"), "run-2")
+    assert err.value.check == "rollout" and "ProgressDeadlineExceeded" in err.value.reason
+    assert deployed_revision(cluster) == SHA_A  # rollout undo
+    state = load_state(cluster.settings.rollout.state_dir, "kubernetes")
+    assert state.active.release.revision == SHA_A
+    assert state.history[-1]["event"] == "rolled-back"
+
+
+def test_rollout_missing_the_latency_slo_is_undone(cluster):
+    rollout_kubernetes(cluster.settings, Release(SHA_A, "org/m"), "run-1")
+    cluster.state.slow_answers.add(SHA_C)
+    cluster.state.slow_s = 0.3
+    strict = cluster.settings.model_copy(deep=True)
+    strict.rollout.slo.max_p95_latency_s = 0.1
+    with pytest.raises(RolloutFailed) as err:
+        rollout_kubernetes(strict, Release(SHA_C, "org/m"), "run-2")
+    assert err.value.check == "load" and "max_p95_latency_s" in err.value.reason
+    assert deployed_revision(cluster) == SHA_A
+
+
+def test_rollout_past_its_deadline_is_undone_and_a_failed_first_deploy_is_deleted(cluster):
+    cluster.state.ready_after = 10_000
+    slow = cluster.settings.model_copy(deep=True)
+    slow.rollout.kubernetes.rollout_timeout_s = 0.5
+    with pytest.raises(RolloutFailed, match="rollout_timeout_s"):
+        rollout_kubernetes(slow, Release(SHA_A, "org/m"), "run-1")
+    assert ("serving", "llama3") not in cluster.state.deployments  # nothing served before

@@ -1,0 +1,198 @@
+"""Local blue/green with real vLLM servers (serving env, CPU) behind the real router process.
+
+One module-scoped deployment: revision A is deployed first, then every test rolls out under a
+constant client load through the stable endpoint and checks that no client request failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from requant.deploy_state import load_state
+from requant.router import REVISION_HEADER
+from requant.settings import PipelineSettings
+from tasks.rollout import resolve_release
+from tasks.rollout_local import RolloutFailed, rollout_local, shutdown_local
+from tasks.serving import free_port, pid_running
+from tests.conftest import needs_vllm, processes_mentioning, tiny_server_settings
+
+pytestmark = [pytest.mark.slow, needs_vllm]
+
+
+def local_settings(state_dir: Path, port: int, **slo) -> PipelineSettings:
+    return PipelineSettings.model_validate({
+        "rollout": {
+            "target": "local", "served_model_name": "tiny-chat", "state_dir": str(state_dir),
+            "local": {"port": port, "server": tiny_server_settings().model_dump(),
+                      "drain_timeout_s": 60},
+            "slo": {"requests": 64, "concurrency": 64, "max_tokens": 64,
+                    "max_p95_latency_s": 120, **slo},
+        },
+    })
+
+
+class ClientLoad:
+    """A bounded loop of chat completions through the stable endpoint, on a thread."""
+
+    def __init__(self, url: str, max_requests: int = 20_000, pause_s: float = 0.05) -> None:
+        self.url, self.max_requests, self.pause_s = url, max_requests, pause_s
+        self.ok = 0
+        self.failures: list[str] = []
+        self.revisions: list[str] = []
+        self.latencies: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=60) as client:
+            for _ in range(self.max_requests):
+                if self._stop.is_set():
+                    return
+                started = time.perf_counter()
+                try:
+                    r = client.post(f"{self.url}/v1/chat/completions", json={
+                        "model": "tiny-chat", "max_tokens": 4, "temperature": 0,
+                        "messages": [{"role": "user", "content": "Hi"}]})
+                    if r.status_code == 200 and r.json()["choices"]:
+                        self.ok += 1
+                        self.revisions.append(r.headers[REVISION_HEADER])
+                        self.latencies.append(time.perf_counter() - started)
+                    else:
+                        self.failures.append(f"HTTP {r.status_code}: {r.text[:200]}")
+                except (httpx.HTTPError, ValueError, KeyError) as exc:
+                    self.failures.append(repr(exc))
+                self._stop.wait(self.pause_s)
+
+    def __enter__(self) -> ClientLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(120)
+
+
+def served_root(url: str) -> str:
+    return httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["root"]
+
+
+@pytest.fixture(scope="module")
+def deployment(vllm_tiny_source, vllm_tiny_w8a8, tmp_path_factory):
+    """Revision A (the bf16 tiny model) deployed; torn down (servers and router) at the end."""
+    state_dir = tmp_path_factory.mktemp("rollout-state")
+    settings = local_settings(state_dir, free_port())
+    a = resolve_release(settings, checkpoint=vllm_tiny_source)
+    rollout_local(settings, a, "test-run-a")
+    yield settings, a
+    shutdown_local(settings)
+    assert processes_mentioning(str(state_dir)) == []
+
+
+def test_rollout_a_to_b_under_client_load_fails_no_request_and_ends_served_by_b(
+        deployment, vllm_tiny_w8a8):
+    settings, a = deployment
+    url = f"http://127.0.0.1:{settings.rollout.local.port}"
+    assert served_root(url) == a.checkpoint
+    b = resolve_release(settings, checkpoint=vllm_tiny_w8a8)
+    old_pid = load_state(settings.rollout.state_dir, "local").active.server["pid"]
+    with ClientLoad(url) as load:
+        time.sleep(2)
+        deployed, changed = rollout_local(settings, b, "test-run-b")
+        time.sleep(2)
+    assert changed and deployed.release == b
+    assert load.failures == []
+    assert load.ok > 20 and load.revisions[0] == a.revision and load.revisions[-1] == b.revision
+    assert served_root(url) == b.checkpoint  # the weights answering now are B's
+    assert not pid_running(old_pid)  # A was drained and stopped
+    state = load_state(settings.rollout.state_dir, "local")
+    assert state.active.release == b and state.previous.release == a
+    assert state.active.flow_run_id == "test-run-b" and state.pending is None
+    assert state.active.verification["load"]["errors"] == 0
+    assert state.active.verification["load"]["requests"] == 64
+
+
+def test_rollout_of_a_broken_checkpoint_rolls_back_with_no_failed_request(
+        deployment, vllm_tiny_source, tmp_path):
+    settings, _ = deployment
+    url = f"http://127.0.0.1:{settings.rollout.local.port}"
+    before = load_state(settings.rollout.state_dir, "local").active
+    broken = tmp_path / "broken"
+    shutil.copytree(vllm_tiny_source, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["architectures"] = ["NoSuchModelForCausalLM"]
+    (broken / "config.json").write_text(json.dumps(config))
+    with ClientLoad(url) as load, pytest.raises(RolloutFailed) as err:
+        rollout_local(settings, resolve_release(settings, checkpoint=broken), "test-broken")
+    assert err.value.check == "readiness" and "NoSuchModelForCausalLM" in str(err.value)
+    assert load.failures == [] and load.ok > 0
+    assert set(load.revisions) == {before.release.revision}
+    assert served_root(url) == before.release.checkpoint
+    after = load_state(settings.rollout.state_dir, "local")
+    assert after.active.release == before.release and after.pending is None
+    assert after.history[-1]["event"] == "rolled-back"
+    assert processes_mentioning(str(broken)) == []
+
+
+def test_rollout_missing_its_latency_slo_rolls_back_and_keeps_the_old_revision(
+        deployment, vllm_tiny_source):
+    settings, _ = deployment
+    url = f"http://127.0.0.1:{settings.rollout.local.port}"
+    before = load_state(settings.rollout.state_dir, "local").active
+    strict = local_settings(settings.rollout.state_dir, settings.rollout.local.port,
+                            max_p95_latency_s=0.001)
+    release = resolve_release(strict, checkpoint=vllm_tiny_source)
+    with ClientLoad(url) as load, pytest.raises(RolloutFailed) as err:
+        rollout_local(strict, release, "test-slo")
+    assert err.value.check == "load"
+    assert "rollout.slo.max_p95_latency_s" in err.value.reason
+    assert err.value.report["load"]["requests"] == 64  # the load test ran and was judged
+    assert load.failures == [] and set(load.revisions) == {before.release.revision}
+    assert served_root(url) == before.release.checkpoint
+    assert load_state(settings.rollout.state_dir, "local").active.release == before.release
+
+
+def test_new_server_killed_during_verification_rolls_back_and_leaves_no_process(
+        deployment, vllm_tiny_source):
+    settings, _ = deployment
+    url = f"http://127.0.0.1:{settings.rollout.local.port}"
+    before = load_state(settings.rollout.state_dir, "local").active
+    release = resolve_release(settings, checkpoint=vllm_tiny_source)
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            rollout_local(settings, release, "test-kill")
+        except BaseException as exc:  # handed to the test thread
+            outcome["error"] = exc
+
+    with ClientLoad(url) as load:
+        worker = threading.Thread(target=run)
+        worker.start()
+        deadline = time.monotonic() + 300
+        killed = None
+        while killed is None and time.monotonic() < deadline:
+            pending = load_state(settings.rollout.state_dir, "local").pending
+            if pending is not None:  # ready and under verification
+                killed = pending.server["pid"]
+                os.killpg(killed, signal.SIGKILL)
+            time.sleep(0.2)
+        worker.join(300)
+    assert killed is not None, "the rollout never reached verification"
+    assert isinstance(outcome.get("error"), RolloutFailed)
+    assert load.failures == [] and set(load.revisions) == {before.release.revision}
+    assert served_root(url) == before.release.checkpoint
+    assert not pid_running(killed)
+    after = load_state(settings.rollout.state_dir, "local")
+    assert after.pending is None and after.active.release == before.release
+    servers = [p for p in processes_mentioning(release.checkpoint)
+               if p.pid != after.active.server["pid"]]
+    assert servers == []
