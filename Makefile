@@ -6,8 +6,9 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 PREFECT_PORT ?= 4200
 
-.PHONY: envs pipeline-env serving-env demo-model demo test test-fast lint prefect-up prefect-down \
-	bench-quantization-cpu bench-serving bench-eval-speed bench-publish
+.PHONY: envs pipeline-env serving-env system-deps demo-model demo test test-fast lint prefect-up \
+	prefect-down prefect-apply workers promote rollout-down bench-quantization-cpu bench-serving \
+	bench-eval-speed bench-publish bench-rollout bench-orchestration
 
 envs: pipeline-env serving-env
 
@@ -16,6 +17,9 @@ pipeline-env:
 
 serving-env:
 	scripts/setup_envs.sh serving
+
+system-deps:
+	scripts/setup_system.sh
 
 $(DEMO_MODEL)/config.json: | pipeline-env
 	$(PY) scripts/prepare_demo_model.py --out $(DEMO_MODEL)
@@ -28,6 +32,28 @@ prefect-up: pipeline-env
 prefect-down:
 	scripts/prefect_server.sh stop
 
+## Pools, concurrency limit, deployments and the promote automation (prefect.yaml), in one go.
+prefect-apply: prefect-up
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api REQUANT_PROJECT_DIR=$(CURDIR) \
+		scripts/prefect_apply.sh
+
+## Process workers for both pools on this machine (Ctrl-C stops them).
+workers: prefect-apply
+	export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api REQUANT_PROJECT_DIR=$(CURDIR); \
+	.venvs/pipeline/bin/prefect worker start --pool requant-serving --type process & \
+	.venvs/pipeline/bin/prefect worker start --pool requant-gpu --type process; kill %1
+
+## Roll a checkpoint out to the local blue/green target: make promote CHECKPOINT=runs/<id>/checkpoint
+promote: envs
+	$(PY) -m flows.promote --config deployments/configs/demo.yaml --set rollout.target=local \
+		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(REVISION),--revision $(REVISION)) \
+		$(if $(ROLLBACK),--rollback) $(ARGS)
+
+## Stop the local deployment (router + vLLM servers); its deployed-state record stays.
+rollout-down: pipeline-env
+	$(PY) -c "from requant.settings import load_settings; from tasks.rollout_local import \
+	shutdown_local; shutdown_local(load_settings('deployments/configs/demo.yaml'))"
+
 ## Command 1: set everything up and run the pipeline on the embedded default (offline demo).
 demo: envs demo-model prefect-up
 	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(PY) -m flows.requantize \
@@ -35,7 +61,7 @@ demo: envs demo-model prefect-up
 	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)  (stop it with: make prefect-down)"
 
 ## Command 2: the whole test suite, slow end-to-end tests included (what CI runs).
-test: envs demo-model lint
+test: envs system-deps demo-model lint
 	$(PY) -m pytest -v $(PYTEST_ARGS)
 
 test-fast: pipeline-env
@@ -56,3 +82,9 @@ bench-eval-speed: envs demo-model
 
 bench-publish: pipeline-env demo-model
 	$(PY) benchmarks/bench_publish.py
+
+bench-rollout: envs demo-model
+	$(PY) benchmarks/bench_rollout.py
+
+bench-orchestration: envs demo-model
+	$(PY) benchmarks/bench_orchestration.py

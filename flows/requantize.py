@@ -151,11 +151,9 @@ def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any
     record_published(settings.cache_dir, key, str(run_id),
                      summary["publish"] | {"checkpoint": str(ckpt.path)}, summary["gate"])
     emit_gate_event(settings, summary, passed=True)
-    if settings.rollout.target != "none" and settings.rollout.trigger == "inline":
-        from flows.promote import promote
-
+    if settings.rollout.target != "none" and settings.rollout.trigger != "automation":
         try:
-            summary["rollout"] = promote(settings, **promote_args(summary))
+            summary["rollout"] = run_promote(settings, promote_args(summary))
         except RolloutFailed as exc:
             summary["rollout"] = {"failed": str(exc)}
             finish(run_dir, summary)
@@ -167,6 +165,28 @@ def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any
     logger.info("done: checkpoint %s (verified), summary %s", ckpt.path,
                 run_dir.root / "summary.json")
     return summary
+
+
+def run_promote(settings: PipelineSettings, args: dict[str, str]) -> dict[str, Any]:
+    """inline: the promote flow as a subflow. deployment: the promote deployment on its own
+    (serving) pool, where the vLLM environment lives; this run waits for its outcome."""
+    if settings.rollout.trigger == "inline":
+        from flows.promote import promote
+
+        return promote(settings, **args)
+    from prefect.deployments import run_deployment
+
+    child = run_deployment(settings.rollout.promote_deployment,
+                           parameters={"settings": settings.model_dump(mode="json"), **args},
+                           timeout=None, as_subflow=True)
+    if not child.state or not child.state.is_completed():
+        from requant.deploy_state import Release
+
+        raise RolloutFailed(Release(args.get("revision") or args.get("checkpoint", "")),
+                            "promote", f"promote flow run {child.id} ended "
+                            f"{child.state.type.value if child.state else 'without a state'}")
+    return {"trigger": "deployment", "promote_flow_run": str(child.id),
+            "state": child.state.type.value}
 
 
 def _source_files_for_key(settings: PipelineSettings, source) -> dict[str, str]:
@@ -194,7 +214,11 @@ def emit_gate_event(settings: PipelineSettings, summary: dict[str, Any], passed:
     emit_event(
         event=f"requant.gate.{'passed' if passed else 'failed'}",
         resource={"prefect.resource.id": f"requant.model.{model}",
-                  "prefect.resource.name": model},
+                  "prefect.resource.name": model,
+                  # what the promote automation matches on (prefect.yaml): only runs that
+                  # leave promotion to it
+                  "requant.promote": settings.rollout.trigger
+                  if settings.rollout.target != "none" else "none"},
         related=[{"prefect.resource.id": f"prefect.flow-run.{summary['run_id']}",
                   "prefect.resource.role": "flow-run"}],
         payload={
@@ -203,6 +227,9 @@ def emit_gate_event(settings: PipelineSettings, summary: dict[str, Any], passed:
             "dry_run": str(bool(p.get("dry_run", True))).lower(),
             "status": gate.get("status", ""), "recovery": str(gate.get("recovery")),
             "run_id": summary["run_id"], "source": summary["source"]["model"],
+            # the run's own settings (no secret is ever a setting), so the promote run uses
+            # the same hub and rollout settings as the run that passed the gate
+            "settings": settings.model_dump(mode="json"),
         },
     )
 
@@ -270,6 +297,8 @@ def rollout_line(r: dict[str, Any] | None) -> str:
         return f"- **rollout**: ROLLED BACK, the previous revision keeps serving: {r['failed']}"
     if r.get("trigger") == "automation":
         return "- **rollout**: left to the automation on `requant.gate.passed` (promote)"
+    if r.get("trigger") == "deployment":
+        return f"- **rollout**: promote flow run `{r['promote_flow_run']}`: {r['state']}"
     d = r["deployed"]
     return (f"- **rollout**: {r['target']}: serving `{d['release']['revision']}` at "
             f"`{d['endpoint']}`{'' if r['changed'] else ' (already serving)'}; production "

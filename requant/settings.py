@@ -307,11 +307,15 @@ class RolloutSettings(_Section):
         "none", description="none: publish only. local: blue/green on this host. kubernetes: a "
         "Deployment of vllm/vllm-openai."
     )
-    trigger: Literal["inline", "automation"] = Field(
+    trigger: Literal["inline", "deployment", "automation"] = Field(
         "inline",
-        description="inline: the requantize flow runs the promote flow itself after publishing. "
-        "automation: it only emits requant.gate.passed; a Prefect automation runs the promote "
-        "deployment (prefect.yaml).",
+        description="inline: the requantize flow runs the promote flow itself (a subflow, same "
+        "process). deployment: it runs the promote deployment on the serving pool and waits "
+        "(run_deployment). automation: it only emits requant.gate.passed and a Prefect "
+        "automation runs the promote deployment (prefect.yaml).",
+    )
+    promote_deployment: str = Field(
+        "promote/promote", description="flow/deployment name used by trigger=deployment."
     )
     served_model_name: str = Field(
         "requant-w8a8", pattern=r"^[\w.-]+$",

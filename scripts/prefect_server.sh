@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 PORT=${PREFECT_PORT:-4200}
 export PREFECT_HOME=${PREFECT_HOME:-$PWD/.cache/prefect}
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
+# The UI asks the API at these (not at the CLI's --host/--port): keep them equal.
+export PREFECT_SERVER_API_HOST=127.0.0.1 PREFECT_SERVER_API_PORT=$PORT
 PIDFILE=$PREFECT_HOME/server.pid
 LOG=$PREFECT_HOME/server.log
 URL=http://127.0.0.1:$PORT
@@ -16,7 +18,7 @@ healthy() { curl -sf "$URL/api/health" >/dev/null 2>&1; }
 case "${1:-}" in
   start)
     if healthy; then echo "Prefect server already up: $URL"; exit 0; fi
-    setsid .venvs/pipeline/bin/prefect server start --host 127.0.0.1 --port "$PORT" >"$LOG" 2>&1 &
+    setsid .venvs/pipeline/bin/prefect server start >"$LOG" 2>&1 &
     echo $! >"$PIDFILE"
     for _ in $(seq 1 120); do
       if healthy; then echo "Prefect server up: $URL (UI), log $LOG"; exit 0; fi

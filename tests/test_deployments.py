@@ -1,0 +1,86 @@
+"""prefect.yaml and the work-pool templates, checked without a server: the parameters are valid
+settings, the nightly runs the production config, the automation listens for the right event,
+and the Kubernetes job templates render to manifests that pass schema validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.utilities.templating import apply_values
+
+from requant.k8s_manifest import validate
+from requant.settings import load_settings, validate_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+DEPLOYMENTS = {d["name"]: d for d in PROJECT["deployments"]}
+
+
+def test_project_declares_nightly_on_demand_and_promote_deployments_on_two_pools():
+    assert set(DEPLOYMENTS) == {"requantize-nightly", "requantize", "promote"}
+    assert DEPLOYMENTS["requantize-nightly"]["work_pool"]["name"] == "requant-gpu"
+    assert DEPLOYMENTS["requantize"]["work_pool"]["name"] == "requant-gpu"
+    assert DEPLOYMENTS["promote"]["work_pool"]["name"] == "requant-serving"
+    for d in DEPLOYMENTS.values():
+        module, func = d["entrypoint"].split(":")
+        assert func in (ROOT / module).read_text()
+
+
+def test_nightly_is_scheduled_at_two_with_an_explicit_timezone():
+    (schedule,) = DEPLOYMENTS["requantize-nightly"]["schedules"]
+    assert schedule["cron"] == "0 2 * * *" and schedule["timezone"] == "Europe/Berlin"
+
+
+def test_nightly_parameters_are_exactly_the_production_config():
+    nightly = validate_settings(DEPLOYMENTS["requantize-nightly"]["parameters"]["settings"])
+    production = load_settings(ROOT / "deployments/configs/production-llama3-8b.yaml")
+    assert nightly == production
+    assert nightly.rollout.trigger == "automation" and nightly.hub.token_secret == "hf-token"
+
+
+def test_on_demand_parameters_are_valid_settings_that_leave_promotion_to_the_automation():
+    settings = validate_settings(DEPLOYMENTS["requantize"]["parameters"]["settings"])
+    assert settings.rollout.target == "local" and settings.rollout.trigger == "automation"
+
+
+def test_promote_automation_fires_on_gate_passed_from_runs_that_delegate_promotion():
+    (trigger,) = DEPLOYMENTS["promote"]["triggers"]
+    assert trigger["expect"] == ["requant.gate.passed"]
+    assert trigger["match"] == {"prefect.resource.id": "requant.model.*",
+                                "requant.promote": "automation"}
+    assert set(trigger["parameters"]) == {"settings", "revision", "checkpoint"}
+    assert "requant.gate.failed" not in json.dumps(PROJECT)  # a failed gate starts nothing
+
+
+@pytest.mark.parametrize("pool", ["gpu", "serving"])
+def test_kubernetes_work_pool_job_template_renders_to_a_valid_job(pool):
+    template = json.loads((ROOT / f"deployments/work-pools/kubernetes-{pool}.json").read_text())
+    props = template["variables"]["properties"]
+    values = {k: v["default"] for k, v in props.items() if "default" in v}
+    values |= {"name": "requant-run", "command": "prefect flow-run execute",
+               "labels": {"prefect.io/flow-run-id": "x"}}
+    job = apply_values(template["job_configuration"]["job_manifest"], values)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    container["env"] = [{"name": k, "value": v} for k, v in container["env"].items()]
+    container["args"] = container["args"].split()  # what the worker does with both
+    validate(job)
+    resources = container["resources"]
+    if pool == "gpu":
+        assert resources["limits"]["nvidia.com/gpu"] == 1
+    else:
+        assert "limits" not in resources
+    claim = job["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]
+    assert claim["claimName"] == "hf-model-cache"
+
+
+@pytest.mark.parametrize("pool", ["gpu", "serving"])
+def test_docker_work_pool_template_fills_every_placeholder_from_its_variables(pool):
+    template = json.loads((ROOT / f"deployments/work-pools/docker-{pool}.json").read_text())
+    props = template["variables"]["properties"]
+    for key, value in template["job_configuration"].items():
+        assert value == "{{ " + key + " }}" and key in props
+    assert props["env"]["default"]["REQUANT_PROJECT_DIR"] == "/opt/requant"
+    assert any(v.endswith(":/data") for v in props["volumes"]["default"])

@@ -1,0 +1,262 @@
+"""The platform as a team runs it: a real Prefect server (`prefect server start`, SQLite), the
+project applied by its one command (pools, concurrency limit, deployments, automation from
+prefect.yaml), real process workers on both pools, and the UI driven by headless Chromium.
+
+Slow: a server, two workers, and flow runs that start real vLLM servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from requant.settings import PipelineSettings
+from tasks.rollout_local import router_status, shutdown_local
+from tasks.serving import free_port
+from tests.conftest import (
+    ROOT,
+    gsm8k_rows,
+    needs_vllm,
+    processes_mentioning,
+    tiny_server_settings,
+    write_jsonl,
+)
+from tests.fakehub import FakeHub
+
+pytestmark = [pytest.mark.slow, needs_vllm]
+
+PREFECT = str(Path(sys.executable).parent / "prefect")
+TOKEN = "hf_platformTESTsecret0123456789"
+ARTIFACTS = Path(os.environ.get("REQUANT_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@dataclass
+class Platform:
+    url: str
+    env: dict[str, str]
+    home: Path
+
+    def client_settings(self):
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        return temporary_settings(updates={PREFECT_API_URL: f"{self.url}/api"})
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"{url}/api",
+           "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "REQUANT_PROJECT_DIR": str(ROOT),
+           "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1"}
+    procs = []
+    server_log = (home / "server.log").open("wb")
+    procs.append(subprocess.Popen([PREFECT, "server", "start"], env=env, cwd=home,
+                                  stdout=server_log, stderr=subprocess.STDOUT,
+                                  start_new_session=True))
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
+        time.sleep(0.5)
+    try:
+        applied = subprocess.run(["bash", "scripts/prefect_apply.sh"], env=env, cwd=ROOT,
+                                 capture_output=True, text=True, timeout=300)
+        assert applied.returncode == 0, applied.stdout[-3000:] + applied.stderr[-3000:]
+        for pool in ("requant-gpu", "requant-serving"):
+            log = (home / f"worker-{pool}.log").open("wb")
+            procs.append(subprocess.Popen(
+                [PREFECT, "worker", "start", "--pool", pool, "--type", "process"],
+                env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True))
+        yield Platform(url, env, home)
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+def wait_final(flow_run_id, timeout_s: float):
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if run.state and run.state.is_final():
+                return run
+            assert time.monotonic() < deadline, f"flow run {flow_run_id}: {run.state}"
+            time.sleep(2)
+
+
+def tiny_settings(tmp_path: Path, model: Path, **sections) -> dict:
+    data = write_jsonl(tmp_path / "calib.jsonl", [{"text": r["question"]} for r in gsm8k_rows(8)])
+    base = {
+        "source": {"model": str(model)},
+        "calibration": {"dataset": str(data), "num_samples": 8, "max_seq_len": 128},
+        "evaluation": {"limit": 4, "num_fewshot": 0, "max_gen_toks": 16,
+                       "server": tiny_server_settings().model_dump(mode="json")},
+        "gate": {"allow_inconclusive": True},
+        "output_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
+    }
+    return base | sections
+
+
+def test_apply_registers_the_nightly_schedule_with_its_cron_and_timezone(platform):
+    from prefect.client.orchestration import get_client
+
+    with platform.client_settings(), get_client(sync_client=True) as client:
+        nightly = client.read_deployment_by_name("requantize/requantize-nightly")
+        (schedule,) = nightly.schedules
+        assert schedule.schedule.cron == "0 2 * * *"
+        assert schedule.schedule.timezone == "Europe/Berlin"
+        assert schedule.active is True
+        assert nightly.work_pool_name == "requant-gpu"
+        pool = client.read_work_pool("requant-gpu")
+        assert pool.concurrency_limit == 1
+        limit = client.read_global_concurrency_limit_by_name("requant-gpu")
+        assert limit.limit == 1
+        automations = client.read_automations_by_name("promote__automation_1")
+        assert len(automations) == 1 and automations[0].enabled
+
+
+def test_on_demand_run_via_worker_passes_gate_and_the_automation_promotes_it(
+        platform, vllm_tiny_source, tmp_path):
+    from huggingface_hub import HfApi
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.deployments import run_deployment
+
+    port = free_port()
+    rollout = {"target": "local", "trigger": "automation", "served_model_name": "tiny-chat",
+               "state_dir": str(tmp_path / "state"),
+               "local": {"port": port, "server": tiny_server_settings().model_dump(mode="json")},
+               "slo": {"requests": 16, "concurrency": 8, "max_tokens": 16}}
+    with FakeHub(TOKEN, tmp_path / "hub") as hub, platform.client_settings():
+        params = tiny_settings(tmp_path, vllm_tiny_source, rollout=rollout,
+                               hub={"repo_id": "acme/platform", "endpoint": hub.endpoint})
+        settings = PipelineSettings.model_validate(params)
+        try:
+            started = run_deployment("requantize/requantize", parameters={"settings": params},
+                                     timeout=0)
+            run = wait_final(started.id, 900)
+            assert run.state.is_completed(), run.state
+            summary = json.loads((tmp_path / "runs" / str(run.id) / "summary.json").read_text())
+            sha = summary["publish"]["commit_sha"]
+            assert summary["rollout"] == {"trigger": "automation",
+                                          "event": "requant.gate.passed"}
+
+            deadline = time.monotonic() + 600
+            promote_run = None
+            with get_client(sync_client=True) as client:
+                while promote_run is None:
+                    runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
+                        name=DeploymentFilterName(any_=["promote"])))
+                    promote_run = next((r for r in runs
+                                        if r.parameters.get("revision") == sha), None)
+                    assert time.monotonic() < deadline, "the automation never ran promote"
+                    time.sleep(2)
+            promote_run = wait_final(promote_run.id, 600)
+            assert promote_run.state.is_completed(), promote_run.state
+            assert promote_run.parameters["settings"]["hub"]["repo_id"] == "acme/platform"
+            assert router_status(f"http://127.0.0.1:{port}")["revision"] == sha
+            refs = HfApi(endpoint=hub.endpoint, token=TOKEN).list_repo_refs("acme/platform")
+            assert {b.name: b.target_commit for b in refs.branches}["production"] == sha
+            assert TOKEN not in json.dumps(promote_run.parameters)
+        finally:
+            shutdown_local(settings)
+    assert processes_mentioning(str(tmp_path / "state")) == []
+
+
+def deployment_runs(deployment_id) -> set:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with get_client(sync_client=True) as client:
+        return {r.id for r in client.read_flow_runs(deployment_filter=DeploymentFilter(
+            id=DeploymentFilterId(any_=[deployment_id])))}
+
+
+def ui_created_run(deployment_id, before: set, timeout_s: float = 60):
+    """The flow run the form submitted (the UI returns to the deployment page)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        new = deployment_runs(deployment_id) - before
+        if new:
+            (run_id,) = new
+            return run_id
+            assert time.monotonic() < deadline, "the UI created no flow run"
+            time.sleep(1)
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
+def test_ui_custom_run_with_a_changed_parameter_completes(platform, tiny_model, tmp_path):
+    from playwright.sync_api import sync_playwright
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    params = tiny_settings(tmp_path, tiny_model, evaluation={"enabled": False})
+    with platform.client_settings(), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("requantize/requantize")
+        # a platform team's test environment: the on-demand form defaults to a tiny model
+        client.update_deployment(deployment.id, DeploymentUpdate(
+            parameters={"settings": params}))
+        before = deployment_runs(deployment.id)
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{platform.url}/deployments", wait_until="networkidle")
+            page.locator("a.deployment-list__name", has_text="requantize") \
+                .filter(has_not_text="nightly").first.click()
+            page.wait_for_url("**/deployments/deployment/*")
+            page.goto(page.url + "/run", wait_until="networkidle")
+            field = page.locator("div.schema-form-property", has=page.locator(
+                "span.schema-form-property__label", has_text="Num Samples")).last
+            field.locator("input[type=number]").fill("6")
+            page.get_by_role("button", name="Submit").click()
+            page.wait_for_url(f"**/deployments/deployment/{deployment.id}*", timeout=60_000)
+            with platform.client_settings():
+                run = wait_final(ui_created_run(deployment.id, before), 600)
+            page.goto(f"{platform.url}/runs/flow-run/{run.id}", wait_until="networkidle")
+            page.get_by_text("Completed").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "ui-custom-run-completed.png"), full_page=True)
+        finally:
+            browser.close()
+    assert run.state.is_completed(), run.state
+    assert run.parameters["settings"]["calibration"]["num_samples"] == 6  # the changed field
+    assert run.deployment_id == deployment.id
+    summary = json.loads((tmp_path / "runs" / str(run.id) / "summary.json").read_text())
+    assert summary["calibration"]["stats"]["samples"] == 6
+    assert (ARTIFACTS / "ui-custom-run-completed.png").stat().st_size > 10_000
