@@ -40,8 +40,9 @@ prefect-apply: prefect-up
 ## Process workers for both pools on this machine (Ctrl-C stops them).
 workers: prefect-apply
 	export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api REQUANT_PROJECT_DIR=$(CURDIR); \
-	.venvs/pipeline/bin/prefect worker start --pool requant-serving --type process & \
-	.venvs/pipeline/bin/prefect worker start --pool requant-gpu --type process; kill %1
+	.venvs/pipeline/bin/prefect worker start --pool requant-serving --type process & pid=$$!; \
+	trap 'kill $$pid' EXIT INT TERM; \
+	.venvs/pipeline/bin/prefect worker start --pool requant-gpu --type process
 
 ## Roll a checkpoint out to the local blue/green target: make promote CHECKPOINT=runs/<id>/checkpoint
 promote: envs

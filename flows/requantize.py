@@ -26,6 +26,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.events import emit_event
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
 
 from requant.atomic import write_json_atomic
 from requant.hardware import Accelerator, check_scheme_supported, detect_accelerator
@@ -142,7 +143,9 @@ def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any
         raise GateFailed(decision)  # nothing was published: the stage below never ran
 
     published = publish.with_options(
-        retries=settings.hub.retries, retry_delay_seconds=settings.hub.retry_delay_s,
+        retries=settings.hub.retries,  # transient errors only (publish's retry condition)
+        retry_delay_seconds=exponential_backoff(backoff_factor=settings.hub.retry_delay_s)
+        if settings.hub.retry_delay_s else 0,
     )(settings.hub, ckpt.path, run_dir.stage("eval"), run_dir.stage("gate"), ckpt.manifest,
       decision.as_record(), run_dir.stage("publish"))
     summary["publish"] = published.as_record()

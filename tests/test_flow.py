@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -113,3 +114,33 @@ def test_cli_rejects_bad_settings_naming_field_without_starting_anything(tmp_pat
     assert proc.returncode == 2
     assert "calibration.max_seq_len" in proc.stderr and "Set a larger value" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_waits_for_the_gpu_slot_held_by_another_run_then_proceeds(
+        tiny_model, chat_file, tmp_path):
+    import threading
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    from flows.requantize import GPU_LIMIT, requantize
+
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_global_concurrency_limit(  # unless an earlier test made it
+            GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=1))
+    outcome = {}
+    settings = settings_for(tiny_model, chat_file, tmp_path)
+    with concurrency(GPU_LIMIT, occupy=1):  # "the nightly run" holds the GPU
+        worker = threading.Thread(target=lambda: outcome.setdefault("summary",
+                                                                    requantize(settings)))
+        worker.start()
+        time.sleep(20)
+        assert worker.is_alive()
+        (run_dir,) = (tmp_path / "runs").iterdir()
+        assert (run_dir / "calibration").exists()  # the cheap stages ran...
+        assert not (run_dir / "checkpoint").exists()  # ...the GPU stage waits for the slot
+    worker.join(300)
+    assert outcome["summary"]["verification"]["ok"] is True  # then it proceeded

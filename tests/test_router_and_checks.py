@@ -1,0 +1,254 @@
+"""The router's switch/drain semantics, the verification checks, release resolution and the
+candidate ledger: fast, no vLLM (the router is tested against plain HTTP upstreams)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from requant.deploy_state import Deployed, DeployState, Release, save_state
+from requant.deployment_checks import slo_violations, well_formed_problems
+from requant.ledger import candidate_key, find_published, record_published
+from requant.loadtest import LoadResult
+from requant.router import REVISION_HEADER, create_app
+from requant.settings import PipelineSettings, SettingsError, SLOSettings
+from tasks.rollout import resolve_release
+from tasks.rollout_local import check_local_settings
+
+
+class Upstream:
+    """An HTTP server that answers with its name after ``delay_s`` (a stand-in backend)."""
+
+    def __init__(self, name: str, delay_s: float = 0.0) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _answer(self):
+                time.sleep(outer.delay_s)
+                body = json.dumps({"backend": name, "path": self.path}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+        self.delay_s = delay_s
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def upstreams():
+    a, b = Upstream("A", delay_s=1.0), Upstream("B")
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_router_without_a_backend_answers_503_not_a_hang(tmp_path):
+    with TestClient(create_app(tmp_path / "router.json")) as client:
+        r = client.get("/v1/models")
+        assert r.status_code == 503 and "no backend" in r.json()["error"]
+
+
+def test_switch_lets_in_flight_requests_finish_on_the_old_backend_and_sends_new_ones_to_new(
+        upstreams, tmp_path):
+    a, b = upstreams
+    with TestClient(create_app(tmp_path / "router.json")) as client:
+        assert client.put("/-/backend", json={"url": a.url, "revision": "rev-a"}).status_code \
+            == 200
+        results = {}
+
+        def slow_call():
+            results["inflight"] = client.post("/v1/chat/completions", json={})
+
+        t = threading.Thread(target=slow_call)
+        t.start()
+        time.sleep(0.3)  # the request is now in flight on A
+        assert client.get("/-/status").json()["inflight"][a.url] == 1
+        switched = client.put("/-/backend", json={"url": b.url, "revision": "rev-b"}).json()
+        assert switched["previous"] == a.url
+        after = client.get("/v1/models")
+        assert after.json()["backend"] == "B" and after.headers[REVISION_HEADER] == "rev-b"
+        t.join(10)
+        assert results["inflight"].json()["backend"] == "A"  # finished where it started
+        assert results["inflight"].headers[REVISION_HEADER] == "rev-a"
+        status = client.get("/-/status").json()
+        assert status["inflight"][a.url] == 0 and status["backend"] == b.url
+
+
+def test_router_resumes_its_last_backend_after_a_restart(upstreams, tmp_path):
+    _, b = upstreams
+    state = tmp_path / "router.json"
+    with TestClient(create_app(state)) as client:
+        client.put("/-/backend", json={"url": b.url, "revision": "rev-b"})
+    with TestClient(create_app(state)) as client:
+        r = client.get("/v1/models")
+        assert r.json()["backend"] == "B" and r.headers[REVISION_HEADER] == "rev-b"
+
+
+def test_router_refuses_a_backend_that_is_not_a_url(tmp_path):
+    with TestClient(create_app(tmp_path / "router.json")) as client:
+        r = client.put("/-/backend", json={"url": "localhost:8000"})
+        assert r.status_code == 400 and "body.url" in r.json()["error"]
+
+
+def test_router_reports_a_dead_backend_as_502(tmp_path):
+    with TestClient(create_app(tmp_path / "router.json")) as client:
+        client.put("/-/backend", json={"url": "http://127.0.0.1:9", "revision": "x"})
+        r = client.get("/v1/models")
+        assert r.status_code == 502 and client.get("/-/status").json()["inflight"] == {
+            "http://127.0.0.1:9": 0}
+
+
+GOOD = {"object": "chat.completion", "model": "m",
+        "choices": [{"message": {"role": "assistant", "content": "42"}, "finish_reason": "stop"}],
+        "usage": {"completion_tokens": 2}}
+
+
+def test_smoke_check_accepts_a_well_formed_answer_and_names_each_defect():
+    assert well_formed_problems(GOOD, "m") == []
+    bad = json.loads(json.dumps(GOOD))
+    bad["model"] = "other"
+    bad["choices"][0]["message"]["content"] = "  "
+    bad["choices"][0]["finish_reason"] = None
+    bad["usage"] = {}
+    problems = well_formed_problems(bad, "m")
+    assert any("model is 'other'" in p for p in problems)
+    assert "the answer is empty" in problems
+    assert any("finish_reason" in p for p in problems)
+    assert any("completion_tokens" in p for p in problems)
+    assert well_formed_problems({"object": "chat.completion", "model": "m", "choices": []},
+                                "m") == ["no choices"]
+
+
+def load(errors=0, p95=1.0, tps=100.0) -> LoadResult:
+    return LoadResult(64, 64, errors, 10.0, 0.5, p95, p95, 4096, tps, 6.4,
+                      ("HTTP 500: boom",) if errors else ())
+
+
+def test_slo_check_names_the_setting_each_violation_breaks():
+    slo = SLOSettings(max_error_rate=0.0, max_p95_latency_s=2.0, min_tokens_per_s=50)
+    assert slo_violations(load(), slo) == []
+    found = slo_violations(load(errors=1, p95=3.0, tps=10.0), slo)
+    assert len(found) == 3
+    assert "rollout.slo.max_error_rate" in found[0] and "HTTP 500" in found[0]
+    assert "rollout.slo.max_p95_latency_s" in found[1]
+    assert "rollout.slo.min_tokens_per_s" in found[2]
+    nothing_ok = LoadResult(64, 64, 64, 1.0, None, None, None, 0, 0.0, 0.0)
+    assert any("p95 latency is undefined" in v for v in slo_violations(nothing_ok, slo))
+
+
+def local(tmp_path: Path, **rollout) -> PipelineSettings:
+    return PipelineSettings.model_validate({
+        "hub": {"repo_id": "acme/m"},
+        "rollout": {"target": "local", "state_dir": str(tmp_path / "state"), **rollout}})
+
+
+def test_release_needs_exactly_one_of_revision_checkpoint_or_rollback(tmp_path):
+    s = local(tmp_path)
+    with pytest.raises(SettingsError, match="exactly one"):
+        resolve_release(s)
+    with pytest.raises(SettingsError, match="exactly one"):
+        resolve_release(s, revision="a" * 40, rollback=True)
+    with pytest.raises(SettingsError, match="40-character commit SHA"):
+        resolve_release(s, revision="main")
+    with pytest.raises(SettingsError, match="no previous revision"):
+        resolve_release(s, rollback=True)
+    with pytest.raises(SettingsError, match=r"rollout\.target"):
+        resolve_release(PipelineSettings(), revision="a" * 40)
+    with pytest.raises(SettingsError, match="not a model folder"):
+        resolve_release(s, checkpoint=tmp_path)
+    assert resolve_release(s, revision="a" * 40) == Release("a" * 40, "acme/m")
+
+
+def test_rollback_resolves_to_the_previous_revision_on_record(tmp_path):
+    s = local(tmp_path)
+    prev = Release("b" * 40, "acme/m")
+    save_state(s.rollout.state_dir, DeployState(
+        "local", active=Deployed(Release("c" * 40, "acme/m"), "t2", "run-2"),
+        previous=Deployed(prev, "t1", "run-1")))
+    assert resolve_release(s, rollback=True) == prev
+
+
+def test_local_release_identity_follows_the_checkpoint_bytes(tiny_model, tmp_path):
+    import shutil
+
+    s = local(tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model, copy)
+    assert resolve_release(s, checkpoint=copy).revision == \
+        resolve_release(s, checkpoint=tiny_model).revision
+    (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+    assert resolve_release(s, checkpoint=copy).revision != \
+        resolve_release(s, checkpoint=tiny_model).revision
+
+
+def test_blue_green_refuses_a_fixed_server_port_with_the_fix(tmp_path):
+    with pytest.raises(SettingsError, match=r"rollout\.local\.server\.port: must be unset"):
+        check_local_settings(local(tmp_path, local={"server": {"port": 8001}}))
+
+
+def test_candidate_key_changes_with_anything_that_changes_the_candidate(tmp_path):
+    base = PipelineSettings()
+    key = candidate_key(base, {"model.safetensors": "x"}, None, "r", "c")
+    assert key == candidate_key(PipelineSettings(), {"model.safetensors": "x"}, None, "r", "c")
+    changed = [
+        candidate_key(base, {"model.safetensors": "y"}, None, "r", "c"),
+        candidate_key(base, {"model.safetensors": "x"}, None, "r2", "c"),
+        candidate_key(base, {"model.safetensors": "x"}, None, "r", "c2"),
+        candidate_key(PipelineSettings.model_validate({"gate": {"min_recovery": 0.99}}),
+                      {"model.safetensors": "x"}, None, "r", "c"),
+        candidate_key(PipelineSettings.model_validate({"hub": {"repo_id": "a/b"}}),
+                      {"model.safetensors": "x"}, None, "r", "c"),
+    ]
+    assert key not in changed and len(set(changed)) == len(changed)
+    # where a run writes, and how fast, does not change what it would publish
+    moved = PipelineSettings.model_validate({"output_dir": "elsewhere", "cache_dir": "c2",
+                                             "evaluation": {"server": {"max_num_seqs": 8}}})
+    assert candidate_key(moved, {"model.safetensors": "x"}, None, "r", "c") == key
+    assert find_published(tmp_path, key) is None
+    record_published(tmp_path, key, "run-1", {"repo_id": "a/b", "commit_sha": "s",
+                                              "tag": "t", "dry_run": False}, None)
+    assert find_published(tmp_path, key)["commit_sha"] == "s"
+
+
+def test_router_module_runs_as_a_process_and_answers_its_status(tmp_path):
+    import subprocess
+    import sys
+
+    from tasks.serving import free_port, stop_process_group
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "requant.router", "--port", str(port),
+                             "--state-file", str(tmp_path / "r.json")], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                status = httpx.get(f"http://127.0.0.1:{port}/-/status", timeout=1).json()
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert status["backend"] is None
+    finally:
+        stop_process_group(proc.pid, 5)
+    assert proc.poll() is not None
