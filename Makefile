@@ -39,7 +39,8 @@ prefect-apply: prefect-up
 
 ## Process workers for both pools on this machine (Ctrl-C stops them).
 workers: prefect-apply
-	export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api REQUANT_PROJECT_DIR=$(CURDIR); \
+	export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api REQUANT_PROJECT_DIR=$(CURDIR) \
+		PREFECT_WORKER_QUERY_SECONDS=2; \
 	.venvs/pipeline/bin/prefect worker start --pool requant-serving --type process & pid=$$!; \
 	trap 'kill $$pid' EXIT INT TERM; \
 	.venvs/pipeline/bin/prefect worker start --pool requant-gpu --type process
@@ -88,4 +89,5 @@ bench-rollout: envs demo-model
 	$(PY) benchmarks/bench_rollout.py
 
 bench-orchestration: envs demo-model
-	$(PY) benchmarks/bench_orchestration.py
+	$(PY) benchmarks/bench_orchestration.py --worker-poll-s 10
+	$(PY) benchmarks/bench_orchestration.py --worker-poll-s 2
