@@ -61,6 +61,7 @@ demo: envs demo-model prefect-up
 	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(PY) -m flows.requantize \
 		--config deployments/configs/demo.yaml $(ARGS)
 	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)  (stop it with: make prefect-down)"
+	@echo "Serving:    http://127.0.0.1:8000/v1 (model requant-w8a8; stop it with: make rollout-down)"
 
 ## Command 2: the whole test suite, slow end-to-end tests included (what CI runs).
 test: envs system-deps demo-model lint

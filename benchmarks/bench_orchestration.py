@@ -36,7 +36,8 @@ CONFIG = ROOT / "deployments" / "configs" / "demo.yaml"
 def settings_dict(work: Path, label: str) -> dict:
     from requant.settings import load_settings
 
-    s = load_settings(CONFIG, ["evaluation.limit=16", f"output_dir={work / label / 'runs'}",
+    s = load_settings(CONFIG, ["evaluation.limit=16", "rollout.target=none",
+                               f"output_dir={work / label / 'runs'}",
                                f"cache_dir={work / label / 'cache'}"])
     return s.model_dump(mode="json")
 

@@ -350,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     if summary["gate"]:
         print(gate_line(summary["gate"]).replace("- **gate**", "gate"))
     print(publish_line(summary["publish"]).replace("- **publish**", "publish"))
+    print(rollout_line(summary["rollout"]).replace("- **rollout**", "rollout"))
+    if summary["rollout"] and summary["rollout"].get("target") == "local":
+        print("  stop the local deployment with: make rollout-down")
     return 0
 
 

@@ -304,8 +304,9 @@ class RolloutSettings(_Section):
     """Where a checkpoint that passed the gate is served, and what it must prove first."""
 
     target: Literal["none", "local", "kubernetes"] = Field(
-        "none", description="none: publish only. local: blue/green on this host. kubernetes: a "
-        "Deployment of vllm/vllm-openai."
+        "local", description="local (the embedded default): blue/green on this host behind "
+        "http://127.0.0.1:8000. kubernetes: a Deployment of vllm/vllm-openai. none: publish "
+        "only."
     )
     trigger: Literal["inline", "deployment", "automation"] = Field(
         "inline",

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from requant.settings import load_settings
+from tasks.rollout_local import shutdown_local
+from tasks.serving import free_port
 from tasks.verification import saved_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,10 +28,19 @@ def test_demo_config_quantizes_smollm2_to_verified_w8a8_through_the_flow(tmp_pat
     from flows.requantize import requantize
 
     monkeypatch.chdir(ROOT)  # the demo config's paths are relative to the project root
+    port = free_port()
     settings = load_settings(ROOT / "deployments" / "configs" / "demo.yaml",
                              [f"output_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}",
-                              "evaluation.limit=20"])
-    summary = requantize(settings)
+                              "evaluation.limit=20", f"rollout.state_dir={tmp_path / 'state'}",
+                              f"rollout.local.port={port}"])
+    try:
+        summary = requantize(settings)
+        served = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"][0]
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60, json={
+            "model": "requant-w8a8", "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": "What is 2 + 2?"}]}).json()
+    finally:
+        shutdown_local(settings)
 
     ckpt = Path(summary["checkpoint"])
     config = json.loads((ckpt / "config.json").read_text())
@@ -68,3 +80,12 @@ def test_demo_config_quantizes_smollm2_to_verified_w8a8_through_the_flow(tmp_pat
     assert summary["publish"]["dry_run"] is True and summary["publish"]["commit_sha"] is None
     assert "nothing was published" in (publish_dir / "DRY_RUN.md").read_text()
     assert "base_model_relation: quantized" in (publish_dir / "README.md").read_text()
+
+    # ...and the embedded default rolls the verified W8A8 checkpoint out locally: the stable
+    # endpoint serves it under the demo's model name, after the 64 x 64 load test passed.
+    rollout = summary["rollout"]
+    assert rollout["deployed"]["release"]["checkpoint"] == str(ckpt.resolve())
+    assert served["id"] == "requant-w8a8" and served["root"] == str(ckpt.resolve())
+    assert answer["choices"][0]["message"]["content"]
+    assert rollout["deployed"]["verification"]["load"]["errors"] == 0
+    assert rollout["production_marker_moved"] is False  # a dry run has no Hub marker

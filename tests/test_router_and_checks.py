@@ -173,7 +173,8 @@ def test_release_needs_exactly_one_of_revision_checkpoint_or_rollback(tmp_path):
     with pytest.raises(SettingsError, match="no previous revision"):
         resolve_release(s, rollback=True)
     with pytest.raises(SettingsError, match=r"rollout\.target"):
-        resolve_release(PipelineSettings(), revision="a" * 40)
+        resolve_release(PipelineSettings.model_validate({"rollout": {"target": "none"}}),
+                        revision="a" * 40)
     with pytest.raises(SettingsError, match="not a model folder"):
         resolve_release(s, checkpoint=tmp_path)
     assert resolve_release(s, revision="a" * 40) == Release("a" * 40, "acme/m")
