@@ -41,7 +41,7 @@ from tasks.publish import check_publish_settings, publish
 from tasks.quantization import quantize
 from tasks.rollout import RolloutFailed
 from tasks.serving import serving_python
-from tasks.source import resolve_source, resolve_source_files
+from tasks.source import fetch_weights, resolve_source
 
 #: Global concurrency limit held while a run uses the GPU (quantization + evaluation). Created
 #: with limit 1 by scripts/prefect_apply.sh: a nightly and an on-demand run never share a GPU;
@@ -89,9 +89,13 @@ def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any
         if recipe.needs_calibration_data
         else None
     )
-    key = candidate_key(
-        settings, _source_files_for_key(settings, source), source.revision, recipe.sha256,
-        calib.fingerprint if calib else None)
+    if source.revision is None:
+        # A local folder is identified by every file's bytes, weights included; hashed here
+        # once, quantization reuses it. (A Hub commit pins its weights: fetched later, only
+        # when the run is not a no-op.)
+        source = fetch_weights(settings.source, source)
+    key = candidate_key(settings, source.files, source.revision, recipe.sha256,
+                        calib.fingerprint if calib else None)
     if not settings.force and (hit := find_published(settings.cache_dir, key)):
         return finish_no_op(run_dir, str(run_id), key, hit, started)
 
@@ -190,13 +194,6 @@ def run_promote(settings: PipelineSettings, args: dict[str, str]) -> dict[str, A
                             f"{child.state.type.value if child.state else 'without a state'}")
     return {"trigger": "deployment", "promote_flow_run": str(child.id),
             "state": child.state.type.value}
-
-
-def _source_files_for_key(settings: PipelineSettings, source) -> dict[str, str]:
-    """A Hub commit pins the weights; a local folder is identified by every file's hash."""
-    if source.revision:
-        return source.files
-    return resolve_source_files(settings.source, with_weights=True).files
 
 
 def promote_args(summary: dict[str, Any]) -> dict[str, str]:

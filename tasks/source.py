@@ -38,6 +38,7 @@ class ResolvedSource:
     revision: str | None  # Hub commit SHA; None for a local directory
     files: dict[str, str] = field(default_factory=dict)  # relative name -> sha256
     is_local: bool = True
+    with_weights: bool = False  # whether ``files`` covers the weights (fetched and hashed)
 
     def as_record(self) -> dict[str, object]:
         return {
@@ -65,7 +66,7 @@ def resolve_source_files(src: SourceSettings, *, with_weights: bool) -> Resolved
         names = _local_files(local, with_weights)
         return ResolvedSource(
             model_id=str(local), path=local.resolve(), revision=None,
-            files=hash_files(local, names),
+            files=hash_files(local, names), with_weights=with_weights,
         )
     if not _HUB_ID.match(src.model):
         raise SettingsError(
@@ -133,12 +134,16 @@ def _resolve_hub(src: SourceSettings, with_weights: bool) -> ResolvedSource:
         revision=commit,
         files=hash_files(path, _local_files(path, with_weights)),
         is_local=False,
+        with_weights=with_weights,
     )
 
 
 def fetch_weights(src: SourceSettings, resolved: ResolvedSource) -> ResolvedSource:
     """The same source with its weights present and hashed, pinned to the already-resolved
-    commit, so the weights cannot come from a newer push than the tokenizer did."""
+    commit, so the weights cannot come from a newer push than the tokenizer did. Already
+    fetched (the flow hashes a local source's weights for its candidate key): nothing to do."""
+    if resolved.with_weights:
+        return resolved
     return resolve_source_files(src.model_copy(update={"revision": resolved.revision}),
                                 with_weights=True)
 
