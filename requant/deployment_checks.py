@@ -37,29 +37,33 @@ class VerificationReport:
         return asdict(self)
 
 
+def not_ready_reason(client: httpx.Client, base_url: str, served_name: str) -> str | None:
+    """None when the server is ready (``/health`` is 200 and ``/v1/models`` lists the served
+    name); otherwise why not. The one readiness rule for evaluation servers and rollouts."""
+    try:
+        health = client.get(f"{base_url}/health")
+        if health.status_code != 200:
+            return f"/health answered {health.status_code}"
+        names = [m.get("id") for m in client.get(f"{base_url}/v1/models").json().get("data", [])]
+    except (httpx.HTTPError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None if served_name in names else f"/v1/models lists {names}, not {served_name!r}"
+
+
 def wait_until_ready(base_url: str, served_name: str, timeout_s: float,
                      alive: Any = None, interval_s: float = 1.0) -> float:
-    """Poll /health then /v1/models; ``alive()`` (optional) aborts early when the server died."""
+    """Poll until ready; ``alive()`` (optional) aborts early when the server died."""
     started = time.monotonic()
-    last = "no answer yet"
     with httpx.Client(timeout=5) as client:
         while True:
             if alive is not None and not alive():
                 raise VerificationFailed("readiness", "the server process exited")
-            try:
-                health = client.get(f"{base_url}/health")
-                if health.status_code == 200:
-                    names = [m.get("id") for m in client.get(f"{base_url}/v1/models")
-                             .json().get("data", [])]
-                    if served_name in names:
-                        return round(time.monotonic() - started, 2)
-                    last = f"/v1/models lists {names}, not {served_name!r}"
-                else:
-                    last = f"/health answered {health.status_code}"
-            except (httpx.HTTPError, ValueError) as exc:
-                last = f"{type(exc).__name__}: {exc}"
+            reason = not_ready_reason(client, base_url, served_name)
+            if reason is None:
+                return round(time.monotonic() - started, 2)
             if time.monotonic() - started > timeout_s:
-                raise VerificationFailed("readiness", f"not ready after {timeout_s:.0f} s ({last})")
+                raise VerificationFailed("readiness",
+                                         f"not ready after {timeout_s:.0f} s ({reason})")
             time.sleep(interval_s)
 
 

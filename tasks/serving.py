@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from requant.deployment_checks import not_ready_reason
 from requant.settings import ServerSettings, SettingsError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -176,12 +177,8 @@ def wait_ready(handle: ServerHandle, timeout_s: float) -> None:
     with httpx.Client(timeout=5) as client:
         while True:
             handle.check_alive()
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get(f"{handle.base_url}/health").status_code == 200:
-                    models = client.get(f"{handle.base_url}/v1/models").json()
-                    names = [m.get("id") for m in models.get("data", [])]
-                    if handle.served_model_name in names:
-                        return
+            if not_ready_reason(client, handle.base_url, handle.served_model_name) is None:
+                return
             if time.monotonic() > deadline:
                 raise ServerError(
                     f"vLLM server for {handle.served_model_name} was not ready after "
