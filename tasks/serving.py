@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,23 +191,17 @@ def wait_ready(handle: ServerHandle, timeout_s: float) -> None:
 def stop_server(handle: ServerHandle, grace_s: float = 30.0) -> None:
     """SIGTERM to the whole process group, then SIGKILL after the grace period."""
     proc = handle.process
+
+    def wait_leader(timeout_s: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout_s)
+
     try:
         pgid = os.getpgid(proc.pid)
-    except ProcessLookupError:
-        pgid = None
-    if pgid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(grace_s)
-    if pgid is not None:
-        # Whatever is left of the group (engine workers) goes, even if the leader exited.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(10)
-    if pgid is not None:
-        _wait_group_gone(pgid, 15)
+    except ProcessLookupError:  # already exited and reaped: no group left to signal
+        wait_leader(grace_s)
+        return
+    _terminate_group(pgid, grace_s, wait_leader)
 
 
 def stop_process_group(pid: int, grace_s: float = 30.0) -> None:
@@ -219,15 +213,27 @@ def stop_process_group(pid: int, grace_s: float = 30.0) -> None:
         return
     if pgid != pid:  # the pid was reused by an unrelated process: not ours to kill
         return
+
+    def wait_leader(timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and pid_running(pid):
+            time.sleep(0.2)
+        with contextlib.suppress(ChildProcessError):  # reap it if this process started it
+            os.waitpid(pid, os.WNOHANG)
+
+    _terminate_group(pgid, grace_s, wait_leader)
+
+
+def _terminate_group(pgid: int, grace_s: float, wait_leader: Callable[[float], None]) -> None:
+    """The one stop sequence: SIGTERM to the group, the leader gets ``grace_s`` to exit, then
+    SIGKILL to whatever is left (engine workers too, even if the leader exited), and return
+    only once no process of the group exists."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and pid_running(pid):
-        time.sleep(0.2)
+    wait_leader(grace_s)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):  # our own child (same process started it)
-        os.waitpid(pid, 0)
+    wait_leader(10)
     _wait_group_gone(pgid, 15)
 
 
