@@ -230,7 +230,7 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, httpx.TransportError | ConnectionError | TimeoutError)
 
 
-def _retry_transient(task, task_run, state) -> bool:
+def retry_transient(task, task_run, state) -> bool:
     try:
         state.result()
     except BaseException as exc:
@@ -238,7 +238,7 @@ def _retry_transient(task, task_run, state) -> bool:
     return False
 
 
-@task(name="publish", retry_condition_fn=_retry_transient)
+@task(name="publish", retry_condition_fn=retry_transient)
 def publish(
     hub: HubSettings, checkpoint: Path, eval_dir: Path | None, gate_dir: Path | None,
     manifest: dict[str, Any], gate: dict[str, Any] | None, out_dir: Path,

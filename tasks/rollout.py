@@ -16,7 +16,7 @@ from requant.atomic import atomic_directory
 from requant.deploy_state import Deployed, Release, load_state
 from requant.hashing import fingerprint, hash_files
 from requant.settings import HubSettings, PipelineSettings, SettingsError
-from tasks.publish import _retry_transient, endpoint, move_production_marker, resolve_token
+from tasks.publish import endpoint, move_production_marker, resolve_token, retry_transient
 from tasks.rollout_kubernetes import rollout_kubernetes
 from tasks.rollout_local import RolloutFailed, rollout_local
 
@@ -75,7 +75,7 @@ def fetch_release(hub: HubSettings, release: Release, cache_dir: Path) -> Releas
 
 
 @task(name="fetch-release", retries=3, retry_delay_seconds=[5, 20, 60],
-      retry_condition_fn=_retry_transient)
+      retry_condition_fn=retry_transient)
 def fetch_release_task(hub: HubSettings, release: Release, cache_dir: Path) -> Release:
     return fetch_release(hub, release, cache_dir)
 
@@ -98,7 +98,7 @@ def rollout(settings: PipelineSettings, release: Release, flow_run_id: str | Non
 
 
 @task(name="move-production-marker", retries=3, retry_delay_seconds=[5, 20, 60],
-      retry_condition_fn=_retry_transient)
+      retry_condition_fn=retry_transient)
 def move_marker(hub: HubSettings, sha: str) -> None:
     move_production_marker(hub, sha, resolve_token(hub))
     get_run_logger().info("moved %s's %s branch to %s", hub.repo_id, hub.production_ref, sha)
