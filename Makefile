@@ -1,6 +1,7 @@
 # requant: the two commands a newcomer needs are `make demo` and `make test` (see README.md).
 SHELL := /bin/bash
 PY := .venvs/pipeline/bin/python
+REQUANT := .venvs/pipeline/bin/requant
 DEMO_MODEL := models/SmolLM2-135M-Instruct
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
@@ -47,18 +48,17 @@ workers: prefect-apply
 
 ## Roll a checkpoint out to the local blue/green target: make promote CHECKPOINT=runs/<id>/checkpoint
 promote: envs
-	$(PY) -m flows.promote --config deployments/configs/demo.yaml --set rollout.target=local \
+	$(REQUANT) promote --config deployments/configs/demo.yaml --set rollout.target=local \
 		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(REVISION),--revision $(REVISION)) \
 		$(if $(ROLLBACK),--rollback) $(ARGS)
 
 ## Stop the local deployment (router + vLLM servers); its deployed-state record stays.
 rollout-down: pipeline-env
-	$(PY) -c "from requant.settings import load_settings; from tasks.rollout_local import \
-	shutdown_local; shutdown_local(load_settings('deployments/configs/demo.yaml'))"
+	$(REQUANT) down --config deployments/configs/demo.yaml
 
 ## Command 1: set everything up and run the pipeline on the embedded default (offline demo).
 demo: envs demo-model prefect-up
-	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(PY) -m flows.requantize \
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(REQUANT) run \
 		--config deployments/configs/demo.yaml $(ARGS)
 	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)  (stop it with: make prefect-down)"
 	@echo "Serving:    http://127.0.0.1:8000/v1 (model requant-w8a8; stop it with: make rollout-down)"

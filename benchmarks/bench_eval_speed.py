@@ -19,13 +19,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from requant.settings import EvaluationSettings, ServerSettings  # noqa: E402
-from tasks.evaluation import (  # noqa: E402
+from requant.evaluation.lmeval import (  # noqa: E402
     evaluate_model,
     extract_scores,
     render_task_dir,
     task_dir,
 )
+from requant.settings import EvaluationSettings, ServerSettings  # noqa: E402
 
 
 def main() -> None:

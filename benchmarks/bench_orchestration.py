@@ -44,15 +44,15 @@ def settings_dict(work: Path, label: str) -> dict:
 
 def plain(settings_json: str) -> None:
     """The stages without Prefect (each module's plain functions)."""
-    from requant.gate import decide
-    from requant.hardware import detect_accelerator
-    from requant.recipes import resolve_recipe
+    from requant.calibration import build_calibration_set
+    from requant.evaluation.gate import decide
+    from requant.evaluation.lmeval import evaluate_model
+    from requant.hub.publish import publish_checkpoint
+    from requant.quantization.checkpoint import quantize_checkpoint
+    from requant.quantization.hardware import detect_accelerator
+    from requant.quantization.recipes import resolve_recipe
     from requant.settings import validate_settings
-    from tasks.calibration import build_calibration_set
-    from tasks.evaluation import evaluate_model
-    from tasks.publish import publish_checkpoint
-    from tasks.quantization import quantize_checkpoint
-    from tasks.source import resolve_source_files
+    from requant.source import resolve_source_files
 
     s = validate_settings(json.loads(settings_json))
     run = Path(s.output_dir) / "plain"
@@ -85,7 +85,7 @@ def main() -> None:
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.serving import free_port
+    from requant.serving.server import free_port
 
     work = Path(tempfile.mkdtemp(prefix="requant-orch-bench-"))
     port = free_port()

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from requant.hashing import fingerprint  # noqa: E402
+from requant.hub.publish import publish_checkpoint  # noqa: E402
 from requant.settings import HubSettings  # noqa: E402
-from tasks.publish import publish_checkpoint  # noqa: E402
 from tests.fakehub import FakeHub  # noqa: E402
 
 TOKEN = "hf_benchmark"

@@ -3,7 +3,7 @@
 Variants, each a separate process (so peak RSS is its own), run in alternation `--repeat` times:
   bare-padded    benchmarks/seed_oneshot.py as the seed wrote it (pads to max_seq_len)
   bare-unpadded  the same script without padding
-  flow           python -m flows.requantize on the demo settings with evaluation off (same work
+  flow           `requant run` on the demo settings with evaluation off (same work
                  as the bare script, plus what the flow adds: checks, hashing, verification,
                  manifest, artifacts), against a running Prefect server, fresh cache each time
 
@@ -81,7 +81,7 @@ def main() -> None:
                                         "--samples", str(args.samples),
                                         "--max-seq-len", str(args.max_seq_len),
                                         "--out", str(work / f"bare-unpadded-{i}")],
-            "flow": lambda i: [py, "-m", "flows.requantize",
+            "flow": lambda i: [py, "-m", "requant", "run",
                                "--config", "deployments/configs/demo.yaml",
                                "--set", "evaluation.enabled=false",  # quantization only
                                "--set", f"calibration.num_samples={args.samples}",

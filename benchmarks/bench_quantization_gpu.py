@@ -4,7 +4,8 @@ The model is built from Llama-3-8B's config with random weights (no Hub here) an
 random tokens, which costs exactly what real ones do. Variants, each on a fresh copy of the same
 weights (same seed):
   seed      plain ``oneshot(...)`` as the seed tutorial calls it (llm-compressor defaults)
-  requant   ``requant.oneshot.quantize_model``, the pipeline's call (TF32, activations on GPU)
+  requant   ``requant.quantization.oneshot.quantize_model``, the pipeline's call (TF32,
+            activations on GPU)
   requant-notf32 / requant-cpucache: one choice at a time, to attribute the gain
 
 Per run: wall time, peak GPU memory, the time of each modifier's calibration pass and GPTQ's
@@ -93,8 +94,8 @@ def run_variant(name: str, args, config_dir: Path, tokenizer, recipe_text: str, 
     import torch
     from loguru import logger
 
-    from requant.hardware import detect_accelerator
-    from requant.oneshot import quantize_model
+    from requant.quantization.hardware import detect_accelerator
+    from requant.quantization.oneshot import quantize_model
 
     model = build_model(TINY if args.tiny else LLAMA3_8B, config_dir, device)
     dataset = random_dataset(args.samples, args.seq_len, model.config.vocab_size)
@@ -184,7 +185,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from requant.recipes import resolve_recipe
+    from requant.quantization.recipes import resolve_recipe
     from requant.settings import QuantizationSettings
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -27,12 +27,12 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from requant.loadtest import percentile  # noqa: E402
-from requant.router import REVISION_HEADER  # noqa: E402
+from requant.rollout.local import rollout_local, shutdown_local  # noqa: E402
+from requant.rollout.release import resolve_release  # noqa: E402
+from requant.serving.loadtest import percentile  # noqa: E402
+from requant.serving.router import REVISION_HEADER  # noqa: E402
+from requant.serving.server import free_port  # noqa: E402
 from requant.settings import load_settings  # noqa: E402
-from tasks.rollout import resolve_release  # noqa: E402
-from tasks.rollout_local import rollout_local, shutdown_local  # noqa: E402
-from tasks.serving import free_port  # noqa: E402
 
 
 class Clients:

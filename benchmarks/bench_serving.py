@@ -5,7 +5,7 @@ Runs, one server at a time (same host, same settings apart from the checkpoint):
   w8a8 warm   the same again with the cache the cold start filled: start-up time
   w8a8 eager  --enforce-eager (what evaluation uses on CPU): start-up time
   bf16 cold   the unquantized source, compiled: start-up time, load test
-Load test: 64 concurrent chat completions of exactly 64 tokens (requant.loadtest).
+Load test: 64 concurrent chat completions of exactly 64 tokens (requant.serving.loadtest).
 
 Usage: .venvs/pipeline/bin/python benchmarks/bench_serving.py --w8a8 runs/<id>/checkpoint \
            [--bf16 models/SmolLM2-135M-Instruct] [--out docs/measurements/cpu-serving.json]
@@ -23,9 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from requant.loadtest import run_load  # noqa: E402
+from requant.serving.loadtest import run_load  # noqa: E402
+from requant.serving.server import running_server  # noqa: E402
 from requant.settings import ServerSettings  # noqa: E402
-from tasks.serving import running_server  # noqa: E402
 
 
 def measure(label: str, model: Path, cache_root: Path, *, eager: bool, load: bool,

@@ -21,4 +21,4 @@ RUN bash scripts/setup_envs.sh all \
     && useradd --create-home --uid 10001 requant && chown -R requant /opt/requant
 USER 10001
 ENV PATH=/opt/venvs/pipeline/bin:$PATH
-CMD ["python", "-m", "flows.requantize", "--config", "deployments/configs/demo.yaml"]
+CMD ["requant", "run", "--config", "deployments/configs/demo.yaml"]

@@ -17,11 +17,12 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /opt/requant
 
-# vLLM for the evaluation servers; its own CUDA torch comes with it.
-RUN python -m venv /opt/venvs/serving \
-    && /opt/venvs/serving/bin/pip install --no-cache-dir "vllm==0.32.0" "lm-eval==0.4.13"
-
 COPY constraints/ constraints/
+
+# vLLM for the evaluation servers, with its CUDA torch, pinned by the GPU serving lock.
+RUN python -m venv /opt/venvs/serving \
+    && /opt/venvs/serving/bin/pip install --no-cache-dir -c constraints/serving-cuda.txt \
+        "vllm==0.32.0" "lm-eval==0.4.13"
 COPY pyproject.toml README.md ./
 COPY requant/ requant/
 COPY flows/ flows/

@@ -8,31 +8,23 @@ the same verified path).
 Any failed check rolls back inside the rollout stage: the old revision keeps serving, the marker
 does not move, and the flow fails with the reason.
 
-Run it:  python -m flows.promote --config deployments/configs/demo.yaml --set rollout.target=local
+Run it:  requant promote --config deployments/configs/demo.yaml --set rollout.target=local
              (--revision <sha> | --checkpoint runs/<id>/checkpoint | --rollback)
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
-from requant.settings import PipelineSettings, SettingsError, load_settings, validate_settings
-from tasks.rollout import (
-    RolloutFailed,
-    fetch_release_task,
-    move_marker,
-    resolve_release,
-    rollout,
-)
-from tasks.rollout_local import check_local_settings
+from requant.rollout.local import check_local_settings
+from requant.rollout.release import resolve_release
+from requant.settings import PipelineSettings, validate_settings
+from requant.tasks.rollout import fetch_release_task, move_marker, rollout
 
 
 @flow(name="promote", log_prints=True)
@@ -60,34 +52,3 @@ def promote(
         marker_moved = True
     return {"release": asdict(release), "deployed": asdict(deployed), "changed": changed,
             "production_marker_moved": marker_moved, "target": settings.rollout.target}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.promote", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, help="settings YAML (default: the embedded demo)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.FIELD=VALUE", help="override one setting (repeatable)")
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--revision", help="published commit SHA on hub.repo_id")
-    what.add_argument("--checkpoint", help="a local checkpoint folder (dry-run demo)")
-    what.add_argument("--rollback", action="store_true", help="back to the previous revision")
-    args = parser.parse_args(argv)
-    try:
-        settings = load_settings(args.config, args.overrides)
-        result = promote(settings, args.revision, args.checkpoint, args.rollback)
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RolloutFailed as exc:
-        print(f"\n{exc}", file=sys.stderr)
-        return 1
-    d = result["deployed"]
-    print(f"\nserving {d['release']['revision']} at {d['endpoint']} "
-          f"(model {settings.rollout.served_model_name}); "
-          f"{'changed' if result['changed'] else 'already serving, nothing changed'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

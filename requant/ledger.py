@@ -19,7 +19,7 @@ from typing import Any
 
 from requant.atomic import write_json_atomic
 from requant.hashing import fingerprint
-from requant.manifest import library_versions
+from requant.quantization.manifest import library_versions
 from requant.settings import PipelineSettings
 
 LEDGER_DIR = "ledger"

@@ -14,16 +14,19 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from requant.errors import SettingsError
+
 QuantPreset = Literal["w8a8-int8", "fp8-dynamic"]
+
+#: The checkout requant runs from (an editable install, as ``make envs`` makes it). Relative
+#: paths in settings resolve against the working directory; only tool defaults (the serving
+#: environment, the bundled lm-eval tasks) use this.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 #: Where ``scripts/prepare_demo_model.py`` builds the demo model (relative to the project root).
 DEMO_MODEL_DIR = "models/SmolLM2-135M-Instruct"
 #: Chat-format calibration rows made from GSM8K train (MIT), shipped with the project.
 DEMO_CALIBRATION_FILE = "data/calibration/gsm8k-chat-1k.jsonl"
-
-
-class SettingsError(ValueError):
-    """Raised for settings a run cannot start with; the message names each field and its fix."""
 
 
 class _Section(BaseModel):

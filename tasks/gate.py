@@ -9,26 +9,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
 from requant.atomic import atomic_directory, write_json_atomic
-from requant.gate import GateDecision, decide, render_decision
+from requant.evaluation.gate import GateDecision, decide, render_decision
+from requant.evaluation.lmeval import ModelEvaluation
 from requant.settings import GateSettings
-from tasks.evaluation import EvalResult
-
-
-class GateFailed(RuntimeError):
-    """The candidate did not pass the gate; nothing was published or promoted."""
-
-    def __init__(self, decision: GateDecision) -> None:
-        self.decision = decision
-        super().__init__(
-            f"gate {decision.status}: nothing leaves the machine.\n  - "
-            + "\n  - ".join(decision.reasons)
-        )
 
 
 @task(name="gate")
 def gate(
-    baseline: EvalResult, candidate: EvalResult, cfg: GateSettings, out_dir: Path
+    baseline: ModelEvaluation, candidate: ModelEvaluation, cfg: GateSettings, out_dir: Path
 ) -> GateDecision:
+    """Records the decision whatever it is: a refusal is as much evidence as a pass."""
     decision = decide(baseline.scores(), candidate.scores(), cfg, task=candidate.task,
                       metric=candidate.metric)
     with atomic_directory(out_dir) as tmp:

@@ -128,12 +128,12 @@ def vllm_tiny_source(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def vllm_tiny_w8a8(vllm_tiny_source, tmp_path_factory) -> Path:
     """The tiny source quantized by the pipeline's own stage: a real compressed-tensors W8A8."""
-    from requant.hardware import Accelerator
-    from requant.recipes import resolve_recipe
+    from requant.calibration import build_calibration_set
+    from requant.quantization.checkpoint import quantize_checkpoint
+    from requant.quantization.hardware import Accelerator
+    from requant.quantization.recipes import resolve_recipe
     from requant.settings import PipelineSettings
-    from tasks.calibration import build_calibration_set
-    from tasks.quantization import quantize_checkpoint
-    from tasks.source import resolve_source_files
+    from requant.source import resolve_source_files
 
     work = tmp_path_factory.mktemp("w8a8")
     data = work / "calib.jsonl"

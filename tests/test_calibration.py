@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from requant.settings import CalibrationSettings, SettingsError, SourceSettings
-from tasks.calibration import build_calibration_set, load_prepared
-from tasks.source import resolve_source_files
+from requant.calibration import build_calibration_set, load_prepared
+from requant.errors import SettingsError
+from requant.settings import CalibrationSettings, SourceSettings
+from requant.source import resolve_source_files
 from tests.conftest import write_jsonl
 
 

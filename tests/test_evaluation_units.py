@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from requant.settings import EvaluationSettings, SettingsError, load_settings
-from tasks.evaluation import (
+from requant.errors import SettingsError
+from requant.evaluation.lmeval import (
     baseline_cache_key,
     extract_scores,
     per_doc_scores,
     render_task_dir,
     validate_tasks,
 )
+from requant.settings import EvaluationSettings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "deployments" / "lm_eval_tasks"

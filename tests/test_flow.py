@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from requant.settings import PipelineSettings, SettingsError
+from requant.errors import SettingsError
+from requant.settings import PipelineSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -40,7 +41,7 @@ def test_flow_writes_run_dir_checkpoint_summary_and_artifacts(tiny_model, chat_f
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    from flows.requantize import requantize
+    from requant.flows.requantize import requantize
 
     summary = requantize(settings_for(tiny_model, chat_file, tmp_path))
     run_dir = Path(summary["run_dir"])
@@ -63,7 +64,7 @@ def test_flow_writes_run_dir_checkpoint_summary_and_artifacts(tiny_model, chat_f
 
 def test_rerun_with_same_inputs_reuses_calibration_and_reproduces_fingerprint(
         tiny_model, chat_file, tmp_path):
-    from flows.requantize import requantize
+    from requant.flows.requantize import requantize
 
     settings = settings_for(tiny_model, chat_file, tmp_path)
     first = requantize(settings)
@@ -77,7 +78,7 @@ def test_rerun_with_same_inputs_reuses_calibration_and_reproduces_fingerprint(
 def test_bad_calibration_input_fails_before_the_model_is_loaded(tiny_model, chat_file, tmp_path):
     from prefect import flow
 
-    from flows.requantize import requantize
+    from requant.flows.requantize import requantize
 
     holder = {}
 
@@ -107,7 +108,7 @@ def test_bad_calibration_input_fails_before_the_model_is_loaded(tiny_model, chat
 
 def test_cli_rejects_bad_settings_naming_field_without_starting_anything(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.requantize", "--set", "calibration.max_seq_len=0",
+        [sys.executable, "-m", "requant", "run", "--set", "calibration.max_seq_len=0",
          "--set", f"output_dir={tmp_path / 'runs'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )
@@ -126,7 +127,7 @@ def test_a_run_waits_for_the_gpu_slot_held_by_another_run_then_proceeds(
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists
 
-    from flows.requantize import GPU_LIMIT, requantize
+    from requant.flows.requantize import GPU_LIMIT, requantize
 
     with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
         client.create_global_concurrency_limit(  # unless an earlier test made it

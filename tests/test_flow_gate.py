@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from requant.errors import GateFailed
 from requant.settings import PipelineSettings
-from tasks.gate import GateFailed
 from tests.conftest import ROOT, gsm8k_rows, needs_vllm, processes_mentioning, write_jsonl
 
 pytestmark = [pytest.mark.slow, needs_vllm, pytest.mark.usefixtures("prefect_server")]
@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow, needs_vllm, pytest.mark.usefixtures("prefect_ser
 
 def test_inconclusive_gate_fails_closed_and_nothing_leaves_the_run(vllm_tiny_source, tmp_path,
                                                                    monkeypatch):
-    from flows.requantize import requantize
+    from requant.flows.requantize import requantize
     from tests.fakehub import FakeHub
 
     monkeypatch.chdir(ROOT)
@@ -52,8 +52,8 @@ def test_inconclusive_gate_fails_closed_and_nothing_leaves_the_run(vllm_tiny_sou
 
 def test_bad_task_name_fails_in_preflight_before_any_quantization(vllm_tiny_source, tmp_path,
                                                                  monkeypatch):
-    from flows.requantize import requantize
-    from requant.settings import SettingsError
+    from requant.errors import SettingsError
+    from requant.flows.requantize import requantize
 
     monkeypatch.chdir(ROOT)
     settings = PipelineSettings.model_validate({
@@ -74,10 +74,10 @@ def test_passing_run_publishes_emits_event_rolls_out_inline_and_a_rerun_is_a_qui
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter
 
-    from flows.requantize import requantize
-    from requant.deploy_state import load_state
-    from tasks.rollout_local import router_status, shutdown_local
-    from tasks.serving import free_port
+    from requant.flows.requantize import requantize
+    from requant.rollout.local import router_status, shutdown_local
+    from requant.rollout.state import load_state
+    from requant.serving.server import free_port
     from tests.conftest import tiny_server_settings
     from tests.fakehub import FakeHub
 

@@ -2,7 +2,13 @@ from __future__ import annotations
 
 import pytest
 
-from requant.gate import Scores, decide, mcnemar_exact_p, paired_comparison, render_decision
+from requant.evaluation.gate import (
+    Scores,
+    decide,
+    mcnemar_exact_p,
+    paired_comparison,
+    render_decision,
+)
 from requant.settings import GateSettings
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from requant.rollout.local import router_status, shutdown_local
+from requant.serving.server import free_port
 from requant.settings import PipelineSettings
-from tasks.rollout_local import router_status, shutdown_local
-from tasks.serving import free_port
 from tests.conftest import (
     ROOT,
     gsm8k_rows,
@@ -212,8 +212,8 @@ def ui_created_run(deployment_id, before: set, timeout_s: float = 60):
         if new:
             (run_id,) = new
             return run_id
-            assert time.monotonic() < deadline, "the UI created no flow run"
-            time.sleep(1)
+        assert time.monotonic() < deadline, "the UI created no flow run"
+        time.sleep(1)
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from huggingface_hub import HfApi
 
-from flows.promote import promote
-from requant.deploy_state import load_state
-from requant.settings import PipelineSettings, SettingsError
-from tasks.rollout import RolloutFailed
-from tasks.rollout_local import router_status, shutdown_local
-from tasks.serving import free_port
+from requant.atomic import TMP_PREFIX
+from requant.errors import RolloutFailed, SettingsError
+from requant.flows.promote import promote
+from requant.rollout.local import router_status, shutdown_local
+from requant.rollout.state import load_state
+from requant.serving.server import free_port
+from requant.settings import PipelineSettings
 from tests.conftest import needs_vllm, processes_mentioning, tiny_server_settings
 from tests.fakehub import FakeHub
 
@@ -78,7 +80,9 @@ def test_promote_moves_the_marker_only_after_a_verified_rollout_and_rolls_back_o
                 "deployed", "deployed", "rolled-back", "deployed"]
             # the files served were fetched by the real client, pinned to the commit
             served = state.active.release.checkpoint
-            assert served.endswith(sha_a) and not (tmp_path / "cache").joinpath(".tmp").exists()
+            assert served.endswith(sha_a)
+            assert (Path(served) / "config.json").is_file()
+            assert not list((tmp_path / "cache").rglob(f"{TMP_PREFIX}*"))  # no half download
         finally:
             shutdown_local(settings)
         assert processes_mentioning(str(tmp_path)) == []

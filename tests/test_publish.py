@@ -10,15 +10,11 @@ from datetime import UTC, datetime
 import pytest
 
 from requant.atomic import write_json_atomic
-from requant.gate import Scores, decide
-from requant.settings import GateSettings, HubSettings, SettingsError
-from tasks.publish import (
-    check_publish_settings,
-    is_transient,
-    move_production_marker,
-    publish,
-    publish_checkpoint,
-)
+from requant.errors import SettingsError, is_transient
+from requant.evaluation.gate import Scores, decide
+from requant.hub.publish import check_publish_settings, move_production_marker, publish_checkpoint
+from requant.settings import GateSettings, HubSettings
+from requant.tasks.publish import publish
 from tests.fakehub import FakeHub
 
 TOKEN = "hf_requantTESTsecret0123456789"
@@ -261,7 +257,7 @@ def test_token_from_a_prefect_secret_block_and_endpoint_from_hf_endpoint(hub, ca
                                                                          monkeypatch):
     from prefect.blocks.system import Secret
 
-    from tasks.publish import resolve_token
+    from requant.hub.publish import resolve_token
 
     Secret(value=TOKEN).save("requant-hf-token", overwrite=True)
     monkeypatch.delenv("HF_TOKEN", raising=False)

@@ -6,13 +6,14 @@ import json
 
 import pytest
 
-from requant.hardware import Accelerator
-from requant.recipes import resolve_recipe
+from requant.calibration import build_calibration_set
+from requant.errors import CheckpointVerificationError
+from requant.quantization.checkpoint import quantize_checkpoint
+from requant.quantization.hardware import Accelerator
+from requant.quantization.recipes import resolve_recipe
+from requant.quantization.verification import saved_tensors
 from requant.settings import PipelineSettings
-from tasks.calibration import build_calibration_set
-from tasks.quantization import quantize_checkpoint
-from tasks.source import resolve_source_files
-from tasks.verification import CheckpointVerificationError, saved_tensors
+from requant.source import resolve_source_files
 
 CPU = Accelerator("cpu", "test-cpu")
 

@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from requant.hardware import Accelerator, check_scheme_supported
-from requant.recipes import preset_recipe, resolve_recipe
-from requant.settings import QuantizationSettings, SettingsError
+from requant.errors import SettingsError
+from requant.quantization.hardware import Accelerator, check_scheme_supported
+from requant.quantization.recipes import preset_recipe, resolve_recipe
+from requant.settings import QuantizationSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = Accelerator("cpu", "x86")

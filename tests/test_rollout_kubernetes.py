@@ -8,11 +8,16 @@ import json
 import kubernetes_validate
 import pytest
 
-from requant.deploy_state import Release, load_state
-from requant.k8s_manifest import check_strategy, render_deployment, render_service, validate
-from requant.settings import KubernetesTargetSettings, PipelineSettings, SettingsError
-from tasks.rollout_kubernetes import rollout_kubernetes
-from tasks.rollout_local import RolloutFailed
+from requant.errors import RolloutFailed, SettingsError
+from requant.rollout.k8s_manifest import (
+    check_strategy,
+    render_deployment,
+    render_service,
+    validate,
+)
+from requant.rollout.kubernetes import rollout_kubernetes
+from requant.rollout.state import Release, load_state
+from requant.settings import KubernetesTargetSettings, PipelineSettings
 from tests.fakek8s import REV, FakeCluster
 
 SHA_A = "a" * 40

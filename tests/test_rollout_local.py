@@ -17,12 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from requant.deploy_state import load_state
-from requant.router import REVISION_HEADER
+from requant.errors import RolloutFailed
+from requant.rollout.local import rollout_local, shutdown_local
+from requant.rollout.release import resolve_release
+from requant.rollout.state import load_state
+from requant.serving.router import REVISION_HEADER
+from requant.serving.server import free_port, pid_running
 from requant.settings import PipelineSettings
-from tasks.rollout import resolve_release
-from tasks.rollout_local import RolloutFailed, rollout_local, shutdown_local
-from tasks.serving import free_port, pid_running
 from tests.conftest import needs_vllm, processes_mentioning, tiny_server_settings
 
 pytestmark = [pytest.mark.slow, needs_vllm]

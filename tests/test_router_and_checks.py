@@ -13,14 +13,15 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from requant.deploy_state import Deployed, DeployState, Release, save_state
-from requant.deployment_checks import slo_violations, well_formed_problems
+from requant.errors import SettingsError
 from requant.ledger import candidate_key, find_published, record_published
-from requant.loadtest import LoadResult
-from requant.router import REVISION_HEADER, create_app
-from requant.settings import PipelineSettings, SettingsError, SLOSettings
-from tasks.rollout import resolve_release
-from tasks.rollout_local import check_local_settings
+from requant.rollout.local import check_local_settings
+from requant.rollout.release import resolve_release
+from requant.rollout.state import Deployed, DeployState, Release, save_state
+from requant.serving.checks import slo_violations, well_formed_problems
+from requant.serving.loadtest import LoadResult
+from requant.serving.router import REVISION_HEADER, create_app
+from requant.settings import PipelineSettings, SLOSettings
 
 
 class Upstream:
@@ -235,10 +236,10 @@ def test_router_module_runs_as_a_process_and_answers_its_status(tmp_path):
     import subprocess
     import sys
 
-    from tasks.serving import free_port, stop_process_group
+    from requant.serving.server import free_port, stop_process_group
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "requant.router", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "requant.serving.router", "--port", str(port),
                              "--state-file", str(tmp_path / "r.json")], start_new_session=True)
     try:
         deadline = time.monotonic() + 30

@@ -12,8 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from requant.settings import ServerSettings, SettingsError
-from tasks.serving import ServerHandle, build_command, check_port_free, serving_python, stop_server
+from requant.errors import SettingsError
+from requant.serving.server import (
+    ServerHandle,
+    build_command,
+    check_port_free,
+    serving_python,
+    stop_server,
+)
+from requant.settings import ServerSettings
 
 
 def test_command_carries_the_seed_serve_knobs():

@@ -5,13 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from requant.settings import (
-    DEMO_CALIBRATION_FILE,
-    DEMO_MODEL_DIR,
-    PipelineSettings,
-    SettingsError,
-    load_settings,
-)
+from requant.errors import SettingsError
+from requant.settings import DEMO_CALIBRATION_FILE, DEMO_MODEL_DIR, PipelineSettings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +83,7 @@ def test_production_config_is_the_seed_job():
 def test_flow_parameters_expose_settings_as_a_ui_form():
     from prefect.utilities.callables import parameter_schema
 
-    from flows.requantize import requantize
+    from requant.flows.requantize import requantize
 
     schema = parameter_schema(requantize).model_dump()
     assert list(schema["properties"]) == ["settings"]

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from requant.settings import SettingsError, SourceSettings
-from tasks.source import resolve_source_files
+from requant.errors import SettingsError
+from requant.settings import SourceSettings
+from requant.source import resolve_source_files
 
 
 def test_local_model_is_hashed_and_has_no_revision(tiny_model):

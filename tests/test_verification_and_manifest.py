@@ -3,8 +3,8 @@ from __future__ import annotations
 import copy
 from datetime import UTC, datetime
 
-from requant.manifest import render_manifest
-from tasks.verification import (
+from requant.quantization.manifest import render_manifest
+from requant.quantization.verification import (
     ExpectedScheme,
     check_coverage,
     check_quantization_config,

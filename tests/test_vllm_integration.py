@@ -16,8 +16,9 @@ import time
 import httpx
 import pytest
 
+from requant.errors import ServerError
+from requant.serving.server import free_port, running_server, start_server
 from requant.settings import EvaluationSettings
-from tasks.serving import ServerError, free_port, running_server, start_server
 from tests.conftest import ROOT, needs_vllm, processes_mentioning, tiny_server_settings
 
 pytestmark = [pytest.mark.slow, needs_vllm]
@@ -66,7 +67,7 @@ def test_checkpoint_vllm_cannot_load_fails_with_the_log_and_leaves_nothing(vllm_
 
 def test_server_killed_mid_evaluation_is_reported_as_a_server_failure(vllm_tiny_w8a8, tmp_path):
     """lm-eval must not turn a dead server into a score of zero."""
-    from tasks.evaluation import evaluate_model
+    from requant.evaluation.lmeval import evaluate_model
 
     port = free_port()
     cfg = EvaluationSettings(limit=40, num_fewshot=5, max_gen_toks=64, num_concurrent=2,
@@ -99,7 +100,7 @@ def test_server_killed_mid_evaluation_is_reported_as_a_server_failure(vllm_tiny_
 @pytest.mark.usefixtures("prefect_server")
 def test_short_gsm8k_slice_against_served_models_and_cached_baseline(
         vllm_tiny_source, vllm_tiny_w8a8, tmp_path, monkeypatch):
-    from tasks.evaluation import evaluate_baseline, evaluate_candidate
+    from requant.tasks.evaluation import evaluate_baseline, evaluate_candidate
 
     monkeypatch.chdir(ROOT)
     cfg = EvaluationSettings(limit=8, num_fewshot=2, max_gen_toks=32, num_concurrent=4,
@@ -141,7 +142,7 @@ def test_short_gsm8k_slice_against_served_models_and_cached_baseline(
 def test_in_process_vllm_backend_runs_the_seed_command_in_the_serving_env(vllm_tiny_w8a8,
                                                                           tmp_path, monkeypatch):
     """evaluation.backend=vllm: `lm_eval --model vllm ... add_bos_token=True` as the seed ran it."""
-    from tasks.evaluation import evaluate_model
+    from requant.evaluation.lmeval import evaluate_model
 
     monkeypatch.chdir(ROOT)
     cfg = EvaluationSettings(backend="vllm", limit=4, num_fewshot=1, max_gen_toks=16,

@@ -25,29 +25,20 @@ from typing import Any
 
 import httpx
 
-from requant.deploy_state import Deployed, DeployState, Release, load_state, save_state
-from requant.deployment_checks import VerificationFailed, verify_deployment
-from requant.settings import PipelineSettings, SettingsError
-from tasks.serving import (
-    ServerError,
+from requant.errors import DeploymentCheckFailed, RolloutFailed, ServerError, SettingsError
+from requant.rollout.state import Deployed, DeployState, Release, load_state, save_state
+from requant.serving.checks import verify_deployment
+from requant.serving.server import (
     log_tail,
     pid_running,
     start_server,
     stop_process_group,
     stop_server,
 )
+from requant.settings import PipelineSettings
 
 TARGET = "local"
 Log = Callable[[str], None]
-
-
-class RolloutFailed(RuntimeError):
-    """The new revision was not put into service; what served before still does."""
-
-    def __init__(self, release: Release, check: str, reason: str,
-                 report: dict[str, Any] | None = None) -> None:
-        super().__init__(f"rollout of {release.label()} rolled back ({check}): {reason}")
-        self.release, self.check, self.reason, self.report = release, check, reason, report or {}
 
 
 def check_local_settings(settings: PipelineSettings) -> None:
@@ -95,8 +86,8 @@ def ensure_router(settings: PipelineSettings, log: Log) -> str:
     log_path = folder / "router.log"
     with log_path.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "requant.router", "--host", cfg.host, "--port", str(cfg.port),
-             "--state-file", str(folder / "router.json")],
+            [sys.executable, "-m", "requant.serving.router", "--host", cfg.host,
+             "--port", str(cfg.port), "--state-file", str(folder / "router.json")],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
@@ -206,7 +197,7 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
     try:
         report = verify_deployment(green.base_url, rcfg.served_model_name, rcfg.slo,
                                    rcfg.smoke_prompt, cfg.server.startup_timeout_s, green.alive)
-    except VerificationFailed as exc:
+    except DeploymentCheckFailed as exc:
         stop_server(green, cfg.server.stop_grace_s)
         state.pending = None
         _record_failure(settings, state, release, flow_run_id, exc.check, exc.reason)

@@ -21,14 +21,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.artifacts import create_markdown_artifact
-from prefect.logging import get_run_logger
-
 from requant.atomic import atomic_directory, write_json_atomic
+from requant.errors import SettingsError
 from requant.hashing import fingerprint, sha256_file
-from requant.modelcard import render_card
-from requant.settings import HubSettings, SettingsError
+from requant.hub.modelcard import render_card
+from requant.settings import HubSettings
 
 #: Files that carry the run's story rather than the model; they do not change its identity.
 NON_MODEL_FILES = {"manifest.json", "README.md"}
@@ -212,55 +209,3 @@ def move_production_marker(hub: HubSettings, sha: str, token: str | None) -> Non
     if hub.production_ref in branches:
         api.delete_branch(hub.repo_id, branch=hub.production_ref)
     api.create_branch(hub.repo_id, branch=hub.production_ref, revision=sha)
-
-
-# ---------------------------------------------------------------------------------------------
-# Prefect task
-# ---------------------------------------------------------------------------------------------
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Network faults and 5xx/429 are worth a retry; 4xx (bad token, no access) are not."""
-    import httpx
-    from huggingface_hub.errors import HfHubHTTPError
-
-    if isinstance(exc, HfHubHTTPError):
-        status = exc.response.status_code if exc.response is not None else None
-        return status is None or status >= 500 or status == 429
-    return isinstance(exc, httpx.TransportError | ConnectionError | TimeoutError)
-
-
-def retry_transient(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except BaseException as exc:
-        return is_transient(exc)
-    return False
-
-
-@task(name="publish", retry_condition_fn=retry_transient)
-def publish(
-    hub: HubSettings, checkpoint: Path, eval_dir: Path | None, gate_dir: Path | None,
-    manifest: dict[str, Any], gate: dict[str, Any] | None, out_dir: Path,
-) -> PublishResult:
-    log = get_run_logger()
-    result = publish_checkpoint(hub, checkpoint, eval_dir, gate_dir, manifest, gate, out_dir,
-                                resolve_token(hub))
-    if result.dry_run:
-        log.warning("DRY RUN: nothing was published (hub.repo_id unset). What would have been "
-                    "committed is in %s", out_dir)
-        headline = "Publish: DRY RUN, nothing was published"
-    elif result.no_op:
-        log.info("already published: %s@%s (tag %s); no new commit", result.repo_id,
-                 result.commit_sha, result.tag)
-        headline = f"Publish: already on the Hub as `{result.tag}`, no new commit"
-    else:
-        log.info("published %s@%s, tag %s", result.repo_id, result.commit_sha, result.tag)
-        headline = f"Publish: committed `{result.commit_sha}`, tag `{result.tag}`"
-    create_markdown_artifact(key="publish", markdown="\n".join([
-        f"# {headline}", "",
-        f"- repo: `{result.repo_id or '(dry run)'}`", f"- commit: `{result.commit_sha}`",
-        f"- tag: `{result.tag}`", f"- files: {len(result.files) + 1}",
-        f"- content digest: `{result.content_digest[:16]}`", f"- record: `{out_dir}`",
-    ]))
-    return result

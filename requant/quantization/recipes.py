@@ -12,8 +12,9 @@ from typing import Any
 
 import yaml
 
+from requant.errors import SettingsError
 from requant.hashing import fingerprint
-from requant.settings import QuantizationSettings, SettingsError
+from requant.settings import QuantizationSettings
 
 
 @dataclass(frozen=True)

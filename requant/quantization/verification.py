@@ -15,10 +15,6 @@ from pathlib import Path
 from typing import Any
 
 
-class CheckpointVerificationError(RuntimeError):
-    """The saved checkpoint is not what the recipe promised; it was moved aside, not published."""
-
-
 @dataclass(frozen=True)
 class ExpectedScheme:
     """What the config must declare. ``None`` fields are not checked (custom recipes)."""
@@ -41,7 +37,7 @@ class ExpectedScheme:
 
 
 @dataclass
-class VerificationReport:
+class CheckpointReport:
     ok: bool
     problems: list[str] = field(default_factory=list)
     quantized_linear: int = 0
@@ -166,7 +162,7 @@ def verify_checkpoint(
     *,
     reload: bool = True,
     trust_remote_code: bool = False,
-) -> VerificationReport:
+) -> CheckpointReport:
     checkpoint = Path(checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
     problems = check_quantization_config(config, expected)
@@ -181,4 +177,4 @@ def verify_checkpoint(
         reload_problems = reload_and_forward(checkpoint, trust_remote_code)
         reload_ok = not reload_problems
         problems += reload_problems
-    return VerificationReport(not problems, problems, quantized, ignored, reload_ok)
+    return CheckpointReport(not problems, problems, quantized, ignored, reload_ok)

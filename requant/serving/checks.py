@@ -14,20 +14,13 @@ from typing import Any
 
 import httpx
 
-from requant.loadtest import LoadResult, run_load
+from requant.errors import DeploymentCheckFailed
+from requant.serving.loadtest import LoadResult, run_load
 from requant.settings import SLOSettings
 
 
-class VerificationFailed(RuntimeError):
-    """The new deployment is not fit for traffic; the message says which check and why."""
-
-    def __init__(self, check: str, reason: str, report: dict[str, Any] | None = None) -> None:
-        super().__init__(f"{check} check failed: {reason}")
-        self.check, self.reason, self.report = check, reason, report or {}
-
-
 @dataclass
-class VerificationReport:
+class DeploymentCheckReport:
     readiness_s: float | None = None
     smoke: dict[str, Any] = field(default_factory=dict)
     load: dict[str, Any] = field(default_factory=dict)
@@ -57,12 +50,12 @@ def wait_until_ready(base_url: str, served_name: str, timeout_s: float,
     with httpx.Client(timeout=5) as client:
         while True:
             if alive is not None and not alive():
-                raise VerificationFailed("readiness", "the server process exited")
+                raise DeploymentCheckFailed("readiness", "the server process exited")
             reason = not_ready_reason(client, base_url, served_name)
             if reason is None:
                 return round(time.monotonic() - started, 2)
             if time.monotonic() - started > timeout_s:
-                raise VerificationFailed("readiness",
+                raise DeploymentCheckFailed("readiness",
                                          f"not ready after {timeout_s:.0f} s ({reason})")
             time.sleep(interval_s)
 
@@ -75,20 +68,21 @@ def smoke_test(base_url: str, served_name: str, prompt: str, timeout_s: float = 
             models = client.get(f"{base_url}/v1/models").json()
             names = [m.get("id") for m in models.get("data", [])]
             if served_name not in names:
-                raise VerificationFailed("smoke", f"/v1/models lists {names}, not {served_name!r}")
+                raise DeploymentCheckFailed("smoke",
+                                            f"/v1/models lists {names}, not {served_name!r}")
             response = client.post(f"{base_url}/v1/chat/completions", json={
                 "model": served_name, "temperature": 0.0, "max_tokens": 16,
                 "messages": [{"role": "user", "content": prompt}],
             })
     except httpx.HTTPError as exc:
-        raise VerificationFailed("smoke", f"{type(exc).__name__}: {exc}") from exc
+        raise DeploymentCheckFailed("smoke", f"{type(exc).__name__}: {exc}") from exc
     if response.status_code != 200:
-        raise VerificationFailed("smoke", f"chat completion answered HTTP {response.status_code}: "
-                                 f"{response.text[:300]}")
+        raise DeploymentCheckFailed("smoke", f"chat completion answered HTTP "
+                                    f"{response.status_code}: {response.text[:300]}")
     body = response.json()
     problems = well_formed_problems(body, served_name)
     if problems:
-        raise VerificationFailed("smoke", "; ".join(problems), {"response": body})
+        raise DeploymentCheckFailed("smoke", "; ".join(problems), {"response": body})
     choice = body["choices"][0]
     return {"model": body["model"], "answer": choice["message"]["content"],
             "finish_reason": choice["finish_reason"], "usage": body["usage"],
@@ -147,19 +141,19 @@ def load_test(base_url: str, served_name: str, slo: SLOSettings) -> tuple[LoadRe
 
 
 def verify_deployment(base_url: str, served_name: str, slo: SLOSettings, smoke_prompt: str,
-                      ready_timeout_s: float, alive: Any = None) -> VerificationReport:
-    """Readiness -> smoke -> load test against the SLOs; raises VerificationFailed on the first
+                      ready_timeout_s: float, alive: Any = None) -> DeploymentCheckReport:
+    """Readiness -> smoke -> load test against the SLOs; raises DeploymentCheckFailed on the first
     check that fails, with what was measured so far attached."""
-    report = VerificationReport()
+    report = DeploymentCheckReport()
     report.readiness_s = wait_until_ready(base_url, served_name, ready_timeout_s, alive)
     report.smoke = smoke_test(base_url, served_name, smoke_prompt)
     if alive is not None and not alive():
-        raise VerificationFailed("smoke", "the server process exited", report.as_record())
+        raise DeploymentCheckFailed("smoke", "the server process exited", report.as_record())
     load, violations = load_test(base_url, served_name, slo)
     report.load, report.slo_violations = load.as_record(), violations
     if alive is not None and not alive():
-        raise VerificationFailed("load", "the server process exited during the load test",
+        raise DeploymentCheckFailed("load", "the server process exited during the load test",
                                  report.as_record())
     if violations:
-        raise VerificationFailed("load", "; ".join(violations), report.as_record())
+        raise DeploymentCheckFailed("load", "; ".join(violations), report.as_record())
     return report

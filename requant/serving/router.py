@@ -16,7 +16,8 @@ The backend is persisted (``--state-file``), so a restarted router resumes servi
 verified revision instead of answering 503. The admin API (``/-/status``, ``/-/backend``) only
 answers loopback clients.
 
-Run: python -m requant.router --port 8000 --state-file .cache/requant/rollout/local/router.json
+Run: python -m requant.serving.router --port 8000 \
+         --state-file .cache/requant/rollout/local/router.json
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def create_app(state_file: Path | None = None, timeout_s: float = 600) -> Starle
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    parser = argparse.ArgumentParser(prog="python -m requant.router", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m requant.serving.router", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--state-file", type=Path)

@@ -21,21 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prefect import task
-from prefect.artifacts import create_table_artifact
-from prefect.logging import get_run_logger
 
 from requant.atomic import atomic_directory, write_json_atomic
-from requant.gate import Scores
+from requant.errors import ServerError, SettingsError
+from requant.evaluation.gate import Scores
+from requant.evaluation.progress import RequestCounter, counting_completions_model
 from requant.hashing import fingerprint, hash_files, sha256_file
-from requant.settings import EvaluationSettings, SettingsError
-from tasks.serving import ServerError, log_tail, running_server, serving_python
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from requant.progress import Report, no_progress, polling
+from requant.serving.server import log_tail, running_server, serving_python
+from requant.settings import EvaluationSettings
 
 
 @dataclass(frozen=True)
-class EvalResult:
+class ModelEvaluation:
     label: str  # "baseline" | "candidate"
     model: str
     task: str  # the gating task
@@ -180,32 +178,37 @@ def baseline_cache_key(source_record: dict[str, Any], cfg: EvaluationSettings) -
 
 def run_lm_eval_on_server(
     tokenizer_dir: Path, base_url: str, served_name: str, cfg: EvaluationSettings,
-    include_path: Path | None,
+    include_path: Path | None, label: str = "model", report: Report = no_progress,
 ) -> dict[str, Any]:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    return lm_eval.simple_evaluate(
-        model="local-completions",
-        model_args={
-            "model": served_name,
-            "base_url": f"{base_url}/v1/completions",
-            "tokenizer": str(tokenizer_dir),
-            "tokenizer_backend": "huggingface",
-            "tokenized_requests": True,  # needed for add_bos_token to reach the server
-            "add_bos_token": cfg.add_bos_token,
-            "num_concurrent": cfg.num_concurrent,
-            "max_retries": 3,
-            "max_gen_toks": cfg.max_gen_toks,
-            "max_length": cfg.server.max_model_len,
-            "timeout": 600,
-        },
-        tasks=list(cfg.tasks),
-        num_fewshot=cfg.num_fewshot,
-        limit=cfg.limit,
-        log_samples=True,
-        task_manager=TaskManager(include_path=str(include_path) if include_path else None),
+    counter = RequestCounter(base_url, label, report)
+    model = counting_completions_model(
+        counter,
+        model=served_name,
+        base_url=f"{base_url}/v1/completions",
+        tokenizer=str(tokenizer_dir),
+        tokenizer_backend="huggingface",
+        tokenized_requests=True,  # needed for add_bos_token to reach the server
+        add_bos_token=cfg.add_bos_token,
+        num_concurrent=cfg.num_concurrent,
+        max_retries=3,
+        max_gen_toks=cfg.max_gen_toks,
+        max_length=cfg.server.max_model_len,
+        timeout=600,
     )
+    with polling(counter.poll):
+        results = lm_eval.simple_evaluate(
+            model=model,
+            tasks=list(cfg.tasks),
+            num_fewshot=cfg.num_fewshot,
+            limit=cfg.limit,
+            log_samples=True,
+            task_manager=TaskManager(include_path=str(include_path) if include_path else None),
+        )
+    counter.poll()
+    return results
 
 
 def run_lm_eval_in_vllm(
@@ -241,7 +244,8 @@ def run_lm_eval_in_vllm(
 
 def evaluate_model(
     label: str, model_dir: Path, cfg: EvaluationSettings, out_dir: Path, *, on_gpu: bool,
-) -> EvalResult:
+    report: Report = no_progress,
+) -> ModelEvaluation:
     """Serve ``model_dir``, run lm-eval against it, and write ``out_dir`` atomically."""
     include = task_dir(cfg)
     started = time.monotonic()
@@ -254,7 +258,8 @@ def evaluate_model(
                 timings["server_startup"] = server.startup_s
                 try:
                     results = run_lm_eval_on_server(model_dir, server.base_url,
-                                                    server.served_model_name, cfg, rendered)
+                                                    server.served_model_name, cfg, rendered,
+                                                    label, report)
                 except Exception:
                     server.check_alive()  # a dead server is the cause: say so, with its log
                     raise
@@ -279,7 +284,7 @@ def evaluate_model(
 
 
 def summarize(label: str, model: str, results: dict[str, Any], cfg: EvaluationSettings,
-              out_dir: Path, timings: dict[str, float]) -> EvalResult:
+              out_dir: Path, timings: dict[str, float]) -> ModelEvaluation:
     name = gate_task(cfg)
     scores = extract_scores(results)
     if cfg.gate_metric not in scores.get(name, {}):
@@ -288,43 +293,22 @@ def summarize(label: str, model: str, results: dict[str, Any], cfg: EvaluationSe
             f"{cfg.gate_metric!r}. Pick one of those."
         )
     per_doc = per_doc_scores((results.get("samples") or {}).get(name, []), cfg.gate_metric)
-    return EvalResult(label, model, name, cfg.gate_metric, scores[name][cfg.gate_metric],
+    return ModelEvaluation(label, model, name, cfg.gate_metric, scores[name][cfg.gate_metric],
                       per_doc, scores, out_dir, False, timings)
 
 
-def load_result(label: str, result_dir: Path, *, cached: bool) -> EvalResult:
+def load_result(label: str, result_dir: Path, *, cached: bool) -> ModelEvaluation:
     summary = json.loads((result_dir / "summary.json").read_text())
     per_doc = {int(k): v for k, v in json.loads((result_dir / "per_doc.json").read_text()).items()}
-    return EvalResult(label, summary["model"], summary["task"], summary["metric"],
+    return ModelEvaluation(label, summary["model"], summary["task"], summary["metric"],
                       summary["score"], per_doc, summary["all_scores"], result_dir, cached,
                       summary.get("timings_s", {}))
 
 
-# ---------------------------------------------------------------------------------------------
-# Prefect tasks
-# ---------------------------------------------------------------------------------------------
-
-
-def _report(result: EvalResult) -> None:
-    get_run_logger().info(
-        "%s: %s %s = %.4f over %d documents%s (%s)", result.label, result.task, result.metric,
-        result.score, len(result.per_doc), " (cached)" if result.cached else "",
-        result.result_dir,
-    )
-    create_table_artifact(
-        key=f"eval-{result.label}",
-        table=[{"task": t, "metric": m, "value": round(v, 4)}
-               for t, ms in result.all_scores.items() for m, v in ms.items()],
-        description=f"lm-eval results for the {result.label} ({result.model})"
-        + (", reused from the baseline cache" if result.cached else ""),
-    )
-
-
-@task(name="evaluate-baseline")
-def evaluate_baseline(
+def evaluate_baseline_cached(
     cfg: EvaluationSettings, source_record: dict[str, Any], model_dir: Path, cache_dir: Path,
-    out_dir: Path, on_gpu: bool,
-) -> EvalResult:
+    out_dir: Path, on_gpu: bool, report: Report = no_progress,
+) -> ModelEvaluation:
     """The unquantized source, from the cache when nothing that determines it has changed."""
     key = baseline_cache_key(source_record, cfg)
     cached = Path(cache_dir) / "baseline-eval" / key
@@ -332,19 +316,8 @@ def evaluate_baseline(
         with atomic_directory(out_dir) as tmp:
             shutil.copytree(cached, tmp, dirs_exist_ok=True)
             write_json_atomic(tmp / "cache.json", {"key": key, "from": str(cached)})
-        result = load_result("baseline", out_dir, cached=True)
-    else:
-        result = evaluate_model("baseline", model_dir, cfg, out_dir, on_gpu=on_gpu)
-        with atomic_directory(cached) as tmp:
-            shutil.copytree(out_dir, tmp, dirs_exist_ok=True)
-    _report(result)
-    return result
-
-
-@task(name="evaluate-candidate")
-def evaluate_candidate(
-    cfg: EvaluationSettings, checkpoint: Path, out_dir: Path, on_gpu: bool
-) -> EvalResult:
-    result = evaluate_model("candidate", checkpoint, cfg, out_dir, on_gpu=on_gpu)
-    _report(result)
+        return load_result("baseline", out_dir, cached=True)
+    result = evaluate_model("baseline", model_dir, cfg, out_dir, on_gpu=on_gpu, report=report)
+    with atomic_directory(cached) as tmp:
+        shutil.copytree(out_dir, tmp, dirs_exist_ok=True)
     return result

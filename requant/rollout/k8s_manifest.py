@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from requant.deploy_state import Release
-from requant.settings import KubernetesTargetSettings, SettingsError
+from requant.errors import SettingsError
+from requant.rollout.state import Release
+from requant.settings import KubernetesTargetSettings
 
 PORT = 8000
 ANNOTATION = "requant.dev"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from requant.settings import SettingsError
+from requant.errors import SettingsError
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from requant.hardware import Accelerator
+from requant.progress import Report, no_progress
+from requant.quantization.hardware import Accelerator
+from requant.quantization.progress import calibration_passes, layer_progress
 
 ActivationCache = Literal["auto", "gpu", "cpu"]
 #: Share of free GPU memory the activation cache may take when it is kept on the GPU.
@@ -60,6 +62,7 @@ def quantize_model(
     *,
     allow_tf32: bool = True,
     activation_cache: ActivationCache = "auto",
+    report: Report = no_progress,
 ) -> dict[str, Any]:
     """Run oneshot in place on ``model``; returns the choices made, for the manifest.
 
@@ -88,7 +91,9 @@ def quantize_model(
             "shuffle_calibration_samples": False,
             "sequential_offload_device": device,
         }
-    oneshot(model=model, processor=tokenizer, recipe=recipe_text, **kwargs)
+    samples = len(dataset) if dataset is not None else 0
+    with layer_progress(model, samples, calibration_passes(recipe_text), report):
+        oneshot(model=model, processor=tokenizer, recipe=recipe_text, **kwargs)
     return choices
 
 

@@ -20,9 +20,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from requant.deploy_state import Deployed, Release, load_state, save_state
-from requant.deployment_checks import VerificationFailed, verify_deployment
-from requant.k8s_manifest import (
+from requant.errors import DeploymentCheckFailed, RolloutFailed
+from requant.rollout.k8s_manifest import (
     ANNOTATION,
     PORT,
     check_strategy,
@@ -30,8 +29,9 @@ from requant.k8s_manifest import (
     render_service,
     validate,
 )
+from requant.rollout.state import Deployed, Release, load_state, save_state
+from requant.serving.checks import verify_deployment
 from requant.settings import KubernetesTargetSettings, PipelineSettings
-from tasks.rollout_local import RolloutFailed
 
 TARGET = "kubernetes"
 Log = Callable[[str], None]
@@ -89,14 +89,14 @@ def wait_rollout(apps: Any, k: KubernetesTargetSettings, deadline_s: float) -> N
     while True:
         dep = read_deployment(apps, k)
         if dep is None:
-            raise VerificationFailed("rollout", "the Deployment disappeared")
+            raise DeploymentCheckFailed("rollout", "the Deployment disappeared")
         done, failure = rollout_status(dep, k.replicas)
         if failure:
-            raise VerificationFailed("rollout", failure)
+            raise DeploymentCheckFailed("rollout", failure)
         if done:
             return
         if time.monotonic() > deadline:
-            raise VerificationFailed(
+            raise DeploymentCheckFailed(
                 "rollout", f"not complete after {deadline_s:.0f} s "
                 f"(rollout.kubernetes.rollout_timeout_s); status: {dep.get('status')}")
         time.sleep(k.poll_interval_s)
@@ -144,7 +144,7 @@ def undo(apps: Any, k: KubernetesTargetSettings, previous: dict[str, Any] | None
         f"{previous['metadata'].get('annotations', {}).get(f'{ANNOTATION}/revision')}")
     try:  # bounded: the old pods were healthy minutes ago
         wait_rollout(apps, k, min(k.rollout_timeout_s, k.startup_timeout_s + 300))
-    except VerificationFailed as exc:
+    except DeploymentCheckFailed as exc:
         log(f"WARNING: the undo has not completed either: {exc}")
 
 
@@ -183,7 +183,7 @@ def rollout_kubernetes(settings: PipelineSettings, release: Release, flow_run_id
         wait_rollout(apps, k, k.rollout_timeout_s)
         report = verify_deployment(url, rcfg.served_model_name, rcfg.slo, rcfg.smoke_prompt,
                                    ready_timeout_s=120)
-    except VerificationFailed as exc:
+    except DeploymentCheckFailed as exc:
         undo(apps, k, current, log)
         state.record_event("rolled-back", release, flow_run_id, now, f"{exc.check}: {exc.reason}")
         save_state(rcfg.state_dir, state)

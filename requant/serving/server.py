@@ -24,15 +24,11 @@ from pathlib import Path
 
 import httpx
 
-from requant.deployment_checks import not_ready_reason
-from requant.settings import ServerSettings, SettingsError
+from requant.errors import ServerError, SettingsError
+from requant.serving.checks import not_ready_reason
+from requant.settings import PROJECT_ROOT, ServerSettings
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SERVING_PYTHON = PROJECT_ROOT / ".venvs" / "serving" / "bin" / "python"
-
-
-class ServerError(RuntimeError):
-    """The vLLM server could not start, died, or stopped answering; the message has its log."""
 
 
 @dataclass

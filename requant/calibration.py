@@ -16,14 +16,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.artifacts import create_table_artifact
-from prefect.logging import get_run_logger
-
 from requant.atomic import atomic_directory, write_json_atomic
+from requant.errors import SettingsError
 from requant.hashing import fingerprint, sha256_file
-from requant.settings import CalibrationSettings, SettingsError
-from tasks.source import ResolvedSource
+from requant.settings import CalibrationSettings
+from requant.source import ResolvedSource
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 CACHE_FORMAT_VERSION = 1  # bump when the prepared set's layout or tokenization changes
@@ -80,13 +77,21 @@ def load_rows(cfg: CalibrationSettings):
                 f"calibration.dataset: {path.name} has an unsupported extension. Use .json, "
                 ".jsonl or .parquet."
             )
+        if path.stat().st_size == 0:
+            raise SettingsError(
+                f"calibration.dataset: {path} is empty. Give a file with one row per sample "
+                f"(a '{cfg.messages_column}' column of chat turns or a '{cfg.text_column}' "
+                "column of text)."
+            )
         try:
             return datasets.load_dataset(
                 LOCAL_FORMATS[path.suffix], data_files=str(path), split="train"
             )
         except Exception as exc:
+            reason = str(exc).strip() or type(exc).__name__
             raise SettingsError(
-                f"calibration.dataset: cannot read {path}: {exc}. Check the file's format."
+                f"calibration.dataset: cannot read {path} as {LOCAL_FORMATS[path.suffix]} "
+                f"({reason}). Check the file's format: one JSON object per line for .jsonl."
             ) from exc
     try:
         return datasets.load_dataset(cfg.dataset, cfg.subset, split=cfg.split)
@@ -243,36 +248,3 @@ def load_prepared(calib: CalibrationSet):
     from datasets import load_from_disk
 
     return load_from_disk(str(calib.path / "data"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Prefect task
-# ---------------------------------------------------------------------------------------------
-
-
-@task(name="prepare-calibration")
-def prepare_calibration(
-    cfg: CalibrationSettings, source: ResolvedSource, cache_dir: Path, out_dir: Path
-) -> CalibrationSet:
-    """Build (or reuse) the calibration set and record it in the run's calibration/ folder."""
-    logger = get_run_logger()
-    calib = build_calibration_set(cfg, source, cache_dir)
-    s = calib.stats
-    logger.info(
-        "calibration set %s (%s rows, %s): %d samples, %d tokens, p50 %d / max %d, %d truncated",
-        calib.fingerprint[:12], calib.row_format, "reused from cache" if calib.reused else "built",
-        s.samples, s.total_tokens, s.p50_len, s.max_len, s.truncated,
-    )
-    with atomic_directory(out_dir) as tmp:
-        write_json_atomic(tmp / "calibration.json", {**calib.as_record(),
-                                                      "cache_path": str(calib.path),
-                                                      "reused": calib.reused})
-    create_table_artifact(
-        key="calibration-stats",
-        table=[{"statistic": k, "value": v} for k, v in asdict(s).items()]
-        + [{"statistic": "fingerprint", "value": calib.fingerprint[:16]},
-           {"statistic": "reused from cache", "value": calib.reused}],
-        description=f"Calibration set from {cfg.dataset} ({calib.row_format} rows), "
-        f"max_seq_len {cfg.max_seq_len}, seed {cfg.seed}.",
-    )
-    return calib

@@ -12,11 +12,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefect import task
-from prefect.logging import get_run_logger
-
+from requant.errors import SettingsError
 from requant.hashing import hash_files
-from requant.settings import SettingsError, SourceSettings
+from requant.model_files import check_model_folder
+from requant.settings import SourceSettings
 
 METADATA_PATTERNS = [
     "*.json",
@@ -63,6 +62,7 @@ def resolve_source_files(src: SourceSettings, *, with_weights: bool) -> Resolved
                 f"source.revision: {src.revision!r} was given for the local directory {local}. "
                 "Revisions apply to Hub ids only; unset source.revision."
             )
+        check_model_folder(local)
         names = _local_files(local, with_weights)
         return ResolvedSource(
             model_id=str(local), path=local.resolve(), revision=None,
@@ -146,14 +146,3 @@ def fetch_weights(src: SourceSettings, resolved: ResolvedSource) -> ResolvedSour
         return resolved
     return resolve_source_files(src.model_copy(update={"revision": resolved.revision}),
                                 with_weights=True)
-
-
-@task(name="resolve-source")
-def resolve_source(src: SourceSettings) -> ResolvedSource:
-    """Metadata + tokenizer of the source, pinned to a commit, before anything heavy starts."""
-    resolved = resolve_source_files(src, with_weights=False)
-    get_run_logger().info(
-        "source %s resolved to %s (revision %s, %d files hashed)",
-        src.model, resolved.path, resolved.revision or "local", len(resolved.files),
-    )
-    return resolved

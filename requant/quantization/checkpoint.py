@@ -14,24 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.logging import get_run_logger
-
 from requant.atomic import atomic_directory, write_json_atomic
-from requant.hardware import Accelerator
-from requant.manifest import MANIFEST_NAME, library_versions, render_manifest
+from requant.calibration import CalibrationSet, load_prepared
+from requant.errors import CheckpointVerificationError
 from requant.memory import peak_gpu_gib, peak_rss_gib, reset_gpu_peak
-from requant.oneshot import load_model, quantize_model, release_session
-from requant.recipes import ResolvedRecipe
+from requant.progress import Report, no_progress
+from requant.quantization.hardware import Accelerator
+from requant.quantization.manifest import MANIFEST_NAME, library_versions, render_manifest
+from requant.quantization.oneshot import load_model, quantize_model, release_session
+from requant.quantization.recipes import ResolvedRecipe
+from requant.quantization.verification import CheckpointReport, ExpectedScheme, verify_checkpoint
 from requant.settings import PipelineSettings
-from tasks.calibration import CalibrationSet, load_prepared
-from tasks.source import ResolvedSource, fetch_weights
-from tasks.verification import (
-    CheckpointVerificationError,
-    ExpectedScheme,
-    VerificationReport,
-    verify_checkpoint,
-)
+from requant.source import ResolvedSource, fetch_weights
 
 
 @dataclass(frozen=True)
@@ -49,6 +43,7 @@ def quantize_checkpoint(
     acc: Accelerator,
     out_dir: Path,
     run: dict[str, Any],
+    report: Report = no_progress,
 ) -> QuantizedCheckpoint:
     """Quantize and write ``out_dir`` atomically; the manifest is the last file written."""
     import torch
@@ -62,8 +57,9 @@ def quantize_checkpoint(
     choices = quantize_model(
         model, tokenizer, recipe.text, load_prepared(calib) if calib is not None else None,
         settings.calibration.max_seq_len, acc,
-        allow_tf32=q.allow_tf32, activation_cache=q.activation_cache,
+        allow_tf32=q.allow_tf32, activation_cache=q.activation_cache, report=report,
     )
+    report(0.99, "calibration done; saving and verifying the checkpoint")
     t_oneshot = time.perf_counter()
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp, save_compressed=True)
@@ -107,7 +103,7 @@ def quantize_checkpoint(
     return QuantizedCheckpoint(Path(out_dir), manifest, source)
 
 
-def _reject(tmp: Path, out_dir: Path, report: VerificationReport) -> None:
+def _reject(tmp: Path, out_dir: Path, report: CheckpointReport) -> None:
     """Keep the failed output for inspection under a name no consumer takes for a checkpoint."""
     rejected = out_dir.with_name(out_dir.name + ".rejected")
     shutil.rmtree(rejected, ignore_errors=True)
@@ -117,24 +113,3 @@ def _reject(tmp: Path, out_dir: Path, report: VerificationReport) -> None:
         "the quantized checkpoint failed verification, so it was not kept as "
         f"{out_dir.name}/ (inspect {rejected}):\n  - " + "\n  - ".join(report.problems)
     )
-
-
-@task(name="quantize")
-def quantize(
-    settings: PipelineSettings,
-    source: ResolvedSource,
-    calib: CalibrationSet | None,
-    recipe: ResolvedRecipe,
-    acc: Accelerator,
-    out_dir: Path,
-    run: dict[str, Any],
-) -> QuantizedCheckpoint:
-    """oneshot on the GPU worker (or the CPU), writing the run's checkpoint/ folder."""
-    logger = get_run_logger()
-    logger.info("quantizing %s with %s (%s) on %s", source.model_id, recipe.origin,
-                recipe.scheme, acc.name)
-    ckpt = quantize_checkpoint(settings, source, calib, recipe, acc, out_dir, run)
-    t = ckpt.manifest["timings_s"]
-    logger.info("checkpoint written to %s: oneshot %.1f s, total %.1f s, peak RSS %.2f GiB",
-                ckpt.path, t["oneshot"], t["total"], ckpt.manifest["peak_memory_gib"]["host_rss"])
-    return ckpt

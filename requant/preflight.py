@@ -1,0 +1,27 @@
+"""Every cheap check, before anything expensive: a bad recipe, an unservable scheme, an
+unknown lm-eval task, a missing serving environment or an unusable publish or rollout setting
+fails in seconds, not after an hour of calibration."""
+
+from __future__ import annotations
+
+from requant.evaluation.lmeval import validate_tasks
+from requant.hub.publish import check_publish_settings
+from requant.quantization.hardware import Accelerator, check_scheme_supported, detect_accelerator
+from requant.quantization.recipes import ResolvedRecipe, resolve_recipe
+from requant.serving.server import serving_python
+from requant.settings import PipelineSettings
+
+
+def run_preflight(settings: PipelineSettings) -> tuple[ResolvedRecipe, Accelerator]:
+    recipe = resolve_recipe(settings.quantization)
+    acc = detect_accelerator(settings.quantization.device)
+    check_scheme_supported(recipe.scheme, acc)
+    if settings.evaluation.enabled:
+        serving_python(settings.evaluation.server)
+        validate_tasks(settings.evaluation)
+    check_publish_settings(settings.hub)
+    if settings.rollout.target == "local":
+        from requant.rollout.local import check_local_settings
+
+        check_local_settings(settings)
+    return recipe, acc

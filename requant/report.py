@@ -1,0 +1,146 @@
+"""What a person reads about a run: the summary artifact, the rollout artifact, the CLI lines.
+
+Kept apart from the flows so the flows read like the pipeline diagram, and so the CLI and the
+Prefect artifacts say the same thing in the same words.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from requant.errors import RolloutFailed
+from requant.rollout.state import Deployed, Release
+from requant.settings import PipelineSettings
+
+if TYPE_CHECKING:
+    from requant.calibration import CalibrationSet
+    from requant.evaluation.gate import GateDecision
+    from requant.quantization.checkpoint import QuantizedCheckpoint
+    from requant.quantization.recipes import ResolvedRecipe
+    from requant.source import ResolvedSource
+
+
+def build_summary(run_id: str, run_dir: Path, ckpt: QuantizedCheckpoint, source: ResolvedSource,
+                  recipe: ResolvedRecipe, calib: CalibrationSet | None, key: str,
+                  decision: GateDecision | None, stages: dict[str, float]) -> dict[str, Any]:
+    """summary.json: where everything a run made is, and what it decided."""
+    return {
+        "run_id": run_id,
+        "run_dir": str(run_dir),
+        "checkpoint": str(ckpt.path),
+        "source": source.as_record() | {"files": len(ckpt.manifest["source"]["files"])},
+        "recipe": {"origin": recipe.origin, "scheme": recipe.scheme, "sha256": recipe.sha256},
+        "calibration": calib.as_record() if calib else None,
+        "inputs_fingerprint": ckpt.manifest["inputs_fingerprint"],
+        "verification": ckpt.manifest["verification"],
+        "timings_s": ckpt.manifest["timings_s"] | stages,
+        "peak_memory_gib": ckpt.manifest["peak_memory_gib"],
+        "manifest_run": ckpt.manifest["run"],
+        "candidate_key": key,
+        "gate": decision.as_record() if decision else None,
+        "publish": None,
+        "rollout": None,
+    }
+
+
+def render_no_op(summary: dict[str, Any], where: str) -> str:
+    hit = summary["already_published"]
+    return "\n".join([
+        "# requant run: nothing to do",
+        f"- this exact candidate (key `{summary['candidate_key'][:16]}`) was already published "
+        f"as {where} by run `{hit['run_id']}` at {hit['published_at']}",
+        "- same source revision, recipe, calibration set, settings and library versions: "
+        "quantizing and evaluating again would only reproduce it",
+        "- set `force: true` to run every stage anyway",
+        f"- time: {summary['timings_s']['flow']} s",
+    ])
+
+
+def render_summary(summary: dict[str, Any]) -> str:
+    t = summary["timings_s"]
+    v = summary["verification"]
+    calib = summary["calibration"]
+    calib_line = (
+        f"{calib['stats']['samples']} samples, {calib['stats']['total_tokens']} tokens "
+        f"(fingerprint `{calib['fingerprint'][:12]}`)" if calib else "none (data-free recipe)"
+    )
+    return "\n".join([
+        "# requant run",
+        f"- **source**: `{summary['source']['model']}` @ "
+        f"`{summary['source']['revision'] or 'local'}`",
+        f"- **recipe**: {summary['recipe']['origin']} ({summary['recipe']['scheme']})",
+        f"- **calibration**: {calib_line}",
+        f"- **checkpoint**: `{summary['checkpoint']}`",
+        f"- **verification**: {'passed' if v['ok'] else 'FAILED'}; {v['quantized_linear']} Linear "
+        f"layers quantized, ignored {v['ignored_linear']}, reload "
+        f"{'ok' if v['reload_ok'] else v['reload_ok']}",
+        f"- **time**: oneshot {t['oneshot']} s, flow {t['flow']} s; peak RSS "
+        f"{summary['peak_memory_gib']['host_rss']} GiB",
+        "- **stages (s)**: " + ", ".join(
+            f"{k} {t[k]}" for k in ("prepare", "quantize", "evaluate_and_gate", "publish")
+            if k in t),
+        gate_line(summary["gate"]),
+        publish_line(summary["publish"]),
+        rollout_line(summary.get("rollout")),
+    ])
+
+
+def rollout_line(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return "- **rollout**: none (rollout.target=none, or nothing was published)"
+    if "failed" in r:
+        return f"- **rollout**: ROLLED BACK, the previous revision keeps serving: {r['failed']}"
+    if r.get("trigger") == "automation":
+        return "- **rollout**: left to the automation on `requant.gate.passed` (promote)"
+    if r.get("trigger") == "deployment":
+        return f"- **rollout**: promote flow run `{r['promote_flow_run']}`: {r['state']}"
+    d = r["deployed"]
+    return (f"- **rollout**: {r['target']}: serving `{d['release']['revision']}` at "
+            f"`{d['endpoint']}`{'' if r['changed'] else ' (already serving)'}; production "
+            f"marker {'moved' if r['production_marker_moved'] else 'n/a (dry run)'}")
+
+
+def publish_line(p: dict[str, Any] | None) -> str:
+    if p is None:
+        return "- **publish**: nothing published"
+    if p["dry_run"]:
+        return f"- **publish**: DRY RUN, nothing was published (record: `{p['folder']}`)"
+    state = "already published, no new commit" if p["no_op"] else "committed"
+    return f"- **publish**: {state}: `{p['repo_id']}` @ `{p['commit_sha']}`, tag `{p['tag']}`"
+
+
+def gate_line(g: dict[str, Any] | None) -> str:
+    if g is None:
+        return "- **gate**: not run (evaluation.enabled=false)"
+    rec = f"{g['recovery']:.4f}" if g["recovery"] is not None else "n/a"
+    return (f"- **gate**: {g['status']} ({'promote' if g['promote'] else 'stop'}); "
+            f"{g['task']} {g['metric']}: baseline {g['baseline_score']:.4f}, candidate "
+            f"{g['candidate_score']:.4f}, recovery {rec}")
+
+
+def render_rollout(settings: PipelineSettings, release: Release, deployed: Deployed | None,
+                   changed: bool, failure: RolloutFailed | None = None) -> str:
+    target = settings.rollout.target
+    if failure is not None:
+        lines = [f"# Rollout ROLLED BACK: {release.label()}", "",
+                 f"- target: {target}", f"- failed check: **{failure.check}**",
+                 f"- reason: {failure.reason}",
+                 "- the previous revision keeps serving; the production marker did not move"]
+        load = failure.report.get("load") or {}
+    else:
+        assert deployed is not None  # no failure: the target returned what it deployed
+        lines = [f"# Rollout {'done' if changed else 'no-op (already serving)'}: "
+                 f"{release.label()}", "", f"- target: {target}",
+                 f"- endpoint: `{deployed.endpoint}` "
+                 f"(model `{settings.rollout.served_model_name}`)",
+                 f"- deployed at: {deployed.deployed_at}"]
+        load = deployed.verification.get("load") or {}
+        if "rollout_to_shift_s" in deployed.verification:
+            shift = deployed.verification["rollout_to_shift_s"]
+            lines.append(f"- start to traffic shifted: {shift} s")
+    if load:
+        lines += ["", "| load test | value |", "|---|---|",
+                  *[f"| {key} | {load.get(key)} |" for key in
+                    ("requests", "concurrency", "errors", "p50_s", "p95_s", "tokens_per_s")]]
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""``requant status``: what serves where, whether it is alive, and what the last runs decided.
+
+Read-only and quick: every probe has a short timeout, and a probe that cannot answer says so
+("unreachable") rather than guessing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from requant.rollout.state import Deployed, load_state
+from requant.runs import last_published, list_runs
+from requant.settings import PipelineSettings
+
+
+def collect_status(settings: PipelineSettings, recent: int = 5) -> dict[str, Any]:
+    target = settings.rollout.target
+    serving: dict[str, Any] = {"target": target}
+    if target == "local":
+        serving |= local_status(settings)
+    elif target == "kubernetes":
+        serving |= kubernetes_status(settings)
+    return {"serving": serving, "last_published": last_published(settings.cache_dir),
+            "runs": [run_line(r.run_id, r.path, r.summary)
+                     for r in list_runs(settings.output_dir)[:recent]]}
+
+
+def _deployed(d: Deployed | None) -> dict[str, Any] | None:
+    if d is None:
+        return None
+    return {"revision": d.release.revision, "repo_id": d.release.repo_id,
+            "since": d.deployed_at, "flow_run_id": d.flow_run_id, "endpoint": d.endpoint}
+
+
+def local_status(settings: PipelineSettings) -> dict[str, Any]:
+    from requant.rollout.local import router_status, router_url
+    from requant.serving.server import pid_running
+
+    state = load_state(settings.rollout.state_dir, "local")
+    url = router_url(settings)
+    router = router_status(url, timeout_s=2)
+    active = state.active
+    pid = int(active.server["pid"]) if active and active.server.get("pid") else None
+    return {"endpoint": f"{url}/v1", "active": _deployed(active),
+            "previous": _deployed(state.previous), "pending": _deployed(state.pending),
+            "router": {"alive": router is not None, "url": url, "status": router},
+            "server": {"pid": pid, "alive": bool(pid and pid_running(pid))}}
+
+
+def kubernetes_status(settings: PipelineSettings) -> dict[str, Any]:
+    """The Deployment's annotations are the truth; the local record is an audit copy."""
+    from requant.rollout.k8s_manifest import ANNOTATION
+    from requant.rollout.kubernetes import api_client, read_deployment
+
+    k = settings.rollout.kubernetes
+    local = load_state(settings.rollout.state_dir, "kubernetes")
+    out: dict[str, Any] = {"namespace": k.namespace, "deployment": k.deployment,
+                           "recorded": _deployed(local.active)}
+    try:
+        from kubernetes import client
+
+        dep = read_deployment(client.AppsV1Api(api_client(k)), k)
+    except Exception as exc:  # a status command reports an unreachable cluster, never crashes
+        out["cluster"] = {"reachable": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        return out
+    if dep is None:
+        out["cluster"] = {"reachable": True, "deployment": None}
+        return out
+    notes = (dep.get("metadata") or {}).get("annotations") or {}
+    st = dep.get("status") or {}
+    out["cluster"] = {"reachable": True,
+                      "annotations": {key.split("/", 1)[1]: v for key, v in notes.items()
+                                      if key.startswith(f"{ANNOTATION}/")},
+                      "replicas": st.get("replicas"), "ready": st.get("readyReplicas")}
+    return out
+
+
+def run_line(run_id: str, path: Path, summary: dict[str, Any] | None) -> dict[str, Any]:
+    if summary is None:
+        return {"run_id": run_id, "path": str(path), "state": "no summary (failed or running)"}
+    if summary.get("no_op"):
+        return {"run_id": run_id, "path": str(path), "state": "no-op (already published)"}
+    gate = summary.get("gate") or {}
+    publish = summary.get("publish") or {}
+    return {"run_id": run_id, "path": str(path), "state": "finished",
+            "gate": gate.get("status"), "promote": gate.get("promote"),
+            "publish": ("dry run" if publish.get("dry_run") else publish.get("commit_sha"))
+            if publish else None}
+
+
+def render_status(status: dict[str, Any]) -> str:
+    s = status["serving"]
+    lines = [f"target: {s['target']}"]
+    if s["target"] == "local":
+        a = s["active"]
+        lines.append(f"endpoint: {s['endpoint']} (router "
+                     f"{'up' if s['router']['alive'] else 'DOWN'})")
+        lines.append("serving: " + (f"{a['revision']} since {a['since']} (server pid "
+                                    f"{s['server']['pid']}, "
+                                    f"{'alive' if s['server']['alive'] else 'NOT RUNNING'})"
+                                    if a else "nothing"))
+        if s["previous"]:
+            lines.append(f"previous (rollback target): {s['previous']['revision']}")
+        if s["pending"]:
+            lines.append(f"unfinished rollout on record: {s['pending']['revision']}")
+    elif s["target"] == "kubernetes":
+        lines.append(f"deployment: {s['namespace']}/{s['deployment']}; cluster: {s['cluster']}")
+    last = status["last_published"]
+    lines.append("last published: " + (f"{last.get('repo_id') or 'dry run'} @ "
+                                       f"{last.get('commit_sha') or last.get('checkpoint')} "
+                                       f"({last['published_at']}, run {last['run_id']})"
+                                       if last else "nothing yet"))
+    lines.append("recent runs:" if status["runs"] else "recent runs: none")
+    for r in status["runs"]:
+        extra = (f" gate {r['gate']}, publish {r['publish']}" if r.get("gate") else "")
+        lines.append(f"  {r['run_id']}: {r['state']}{extra}")
+    return "\n".join(lines)

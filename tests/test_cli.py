@@ -1,0 +1,148 @@
+"""The `requant` console script: every subcommand, its exit codes, and what it refuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from requant.cli import EXIT_BAD_INPUT, main
+from requant.rollout.state import Deployed, DeployState, Release, save_state
+from requant.runs import prune_candidates
+from requant.settings import PipelineSettings
+from requant.status import collect_status
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUANT = shutil.which("requant") or str(Path(os.sys.executable).parent / "requant")
+
+
+def settings_for(tmp_path: Path) -> list[str]:
+    return ["--set", f"output_dir={tmp_path / 'runs'}", "--set", f"cache_dir={tmp_path / 'cache'}",
+            "--set", f"rollout.state_dir={tmp_path / 'state'}", "--set", "rollout.local.port=1"]
+
+
+def test_console_script_help_lists_every_operator_command():
+    out = subprocess.run([REQUANT, "--help"], capture_output=True, text=True, check=True,
+                         timeout=60).stdout
+    for command in ("run", "promote", "status", "down", "runs", "settings-schema"):
+        assert f"    {command}" in out
+    assert "2  bad input" in out and "1  refused" in out
+
+
+def test_settings_schema_is_the_json_schema_the_error_hint_points_to(capsys):
+    assert main(["settings-schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert {"source", "calibration", "quantization", "gate", "rollout"} <= set(schema["properties"])
+    assert schema["$defs"]["CalibrationSettings"]["properties"]["num_samples"]["exclusiveMinimum"] == 0
+
+
+def test_bad_settings_exit_2_naming_the_field_for_every_command_that_reads_them(tmp_path, capsys):
+    for argv in (["run"], ["status"], ["down"], ["runs", "prune", "--keep", "1"],
+                 ["promote", "--rollback"]):  # each refuses before Prefect or a model loads
+        assert main([*argv, "--set", "calibration.max_seq_len=0"]) == EXIT_BAD_INPUT
+        assert "calibration.max_seq_len" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_prune_without_a_rule_is_bad_input(tmp_path, capsys):
+    assert main(["runs", "prune", *settings_for(tmp_path)]) == EXIT_BAD_INPUT
+    assert "--keep N or --older-than" in capsys.readouterr().err
+
+
+def test_promote_rollback_with_no_previous_revision_is_bad_input_not_a_crash(tmp_path):
+    # a subprocess: the promote flow starts Prefect, whose log handlers keep the stream they
+    # found (pytest's capture would be closed under them)
+    proc = subprocess.run([REQUANT, "promote", "--rollback", *settings_for(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-2000:]
+    assert "no previous revision" in proc.stderr
+
+
+def make_run(root: Path, run_id: str, age_s: float, gate: str = "pass") -> Path:
+    run = root / run_id
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "config.json").write_text("{}")
+    (run / "summary.json").write_text(json.dumps({
+        "run_id": run_id, "gate": {"status": gate, "promote": gate == "pass"},
+        "publish": {"dry_run": True}}))
+    then = time.time() - age_s
+    os.utime(run, (then, then))
+    return run
+
+
+def deploy(settings: PipelineSettings, active: Path, previous: Path | None) -> None:
+    def d(path: Path) -> Deployed:
+        return Deployed(Release(f"local-{path.parent.name}", checkpoint=str(path)), "2026-11-25",
+                        None, "http://127.0.0.1:1", {"pid": 999_999_999})
+    save_state(settings.rollout.state_dir, DeployState(
+        "local", active=d(active), previous=d(previous) if previous else None))
+
+
+def test_prune_keeps_the_newest_and_never_what_serves_or_its_rollback_target(tmp_path):
+    s = PipelineSettings(output_dir=tmp_path / "runs", cache_dir=tmp_path / "cache")
+    s.rollout.state_dir = tmp_path / "state"
+    runs = [make_run(s.output_dir, f"run-{i}", age_s=86400 * (10 - i)) for i in range(6)]
+    deploy(s, runs[0] / "checkpoint", runs[1] / "checkpoint")  # the two oldest serve
+    doomed = prune_candidates(s, keep_last=2, older_than_s=None)
+    assert sorted(p.name for p in doomed) == ["run-2", "run-3"]
+    assert main(["runs", "prune", "--keep", "2", "--set", f"output_dir={s.output_dir}",
+                 "--set", f"cache_dir={s.cache_dir}",
+                 "--set", f"rollout.state_dir={s.rollout.state_dir}"]) == 0
+    assert sorted(p.name for p in s.output_dir.iterdir()) == ["run-0", "run-1", "run-4", "run-5"]
+
+
+def test_prune_by_age_spares_the_last_published_run_and_cleans_old_caches(tmp_path):
+    s = PipelineSettings(output_dir=tmp_path / "runs", cache_dir=tmp_path / "cache")
+    s.rollout.state_dir = tmp_path / "state"
+    old = make_run(s.output_dir, "old", age_s=30 * 86400)
+    published = make_run(s.output_dir, "published", age_s=40 * 86400)
+    new = make_run(s.output_dir, "new", age_s=60)
+    ledger = s.cache_dir / "ledger"
+    ledger.mkdir(parents=True)
+    (ledger / "k.json").write_text(json.dumps({
+        "published_at": "2026-11-01T00:00:00+00:00", "run_id": "published",
+        "checkpoint": str(published / "checkpoint")}))
+    stale = s.cache_dir / "calibration" / "abc"
+    stale.mkdir(parents=True)
+    then = time.time() - 30 * 86400
+    os.utime(stale, (then, then))
+    doomed = prune_candidates(s, keep_last=None, older_than_s=14 * 86400)
+    assert set(doomed) == {old.resolve(), stale.resolve()}
+    assert new.exists() and published.exists()
+
+
+def test_status_reports_target_serving_record_dead_router_and_recent_runs(tmp_path, capsys):
+    s = PipelineSettings(output_dir=tmp_path / "runs", cache_dir=tmp_path / "cache")
+    s.rollout.state_dir = tmp_path / "state"
+    s.rollout.local.port = 1  # nothing listens there: the router is reported down, not guessed
+    run = make_run(s.output_dir, "run-a", age_s=10, gate="fail")
+    deploy(s, run / "checkpoint", None)
+    status = collect_status(s)
+    assert status["serving"]["target"] == "local"
+    assert status["serving"]["active"]["revision"] == "local-run-a"
+    assert status["serving"]["router"]["alive"] is False
+    assert status["serving"]["server"]["alive"] is False
+    assert status["runs"][0] | {"path": None} == {
+        "run_id": "run-a", "path": None, "state": "finished", "gate": "fail",
+        "promote": False, "publish": "dry run"}
+    assert main(["status", "--json", "--set", f"output_dir={s.output_dir}",
+                 "--set", f"cache_dir={s.cache_dir}", "--set", "rollout.local.port=1",
+                 "--set", f"rollout.state_dir={s.rollout.state_dir}"]) == 0
+    assert json.loads(capsys.readouterr().out)["serving"]["active"]["revision"] == "local-run-a"
+
+
+def test_down_on_a_target_with_nothing_running_succeeds(tmp_path, capsys):
+    assert main(["down", *settings_for(tmp_path)]) == 0
+    assert "stopped the local deployment" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text,seconds", [("14d", 14 * 86400), ("12h", 43200), ("90", 90.0)])
+def test_prune_ages_accept_days_hours_and_seconds(text, seconds):
+    from requant.runs import parse_age
+
+    assert parse_age(text) == seconds
