@@ -1,0 +1,41 @@
+"""Quantization stage: oneshot on the GPU worker (or the CPU), then verification."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.logging import get_run_logger
+
+from requant.calibration import CalibrationSet
+from requant.progress import StageProgress
+from requant.quantization.checkpoint import QuantizedCheckpoint, quantize_checkpoint
+from requant.quantization.hardware import Accelerator
+from requant.quantization.recipes import ResolvedRecipe
+from requant.settings import PipelineSettings
+from requant.source import ResolvedSource
+
+
+@task(name="quantize")
+def quantize(
+    settings: PipelineSettings,
+    source: ResolvedSource,
+    calib: CalibrationSet | None,
+    recipe: ResolvedRecipe,
+    acc: Accelerator,
+    out_dir: Path,
+    run: dict[str, Any],
+) -> QuantizedCheckpoint:
+    """Not retried: a failure here is a property of the inputs, and it costs GPU hours."""
+    logger = get_run_logger()
+    logger.info("quantizing %s with %s (%s) on %s", source.model_id, recipe.origin,
+                recipe.scheme, acc.name)
+    progress = StageProgress("quantization", f"quantizing {source.model_id}")
+    ckpt = quantize_checkpoint(settings, source, calib, recipe, acc, out_dir, run,
+                               report=progress)
+    progress.done(f"checkpoint verified: {out_dir}")
+    t = ckpt.manifest["timings_s"]
+    logger.info("checkpoint written to %s: oneshot %.1f s, total %.1f s, peak RSS %.2f GiB",
+                ckpt.path, t["oneshot"], t["total"], ckpt.manifest["peak_memory_gib"]["host_rss"])
+    return ckpt
