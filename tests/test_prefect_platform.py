@@ -7,18 +7,12 @@ Slow: a server, two workers, and flow runs that start real vLLM servers.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from requant.rollout.local import router_status, shutdown_local
@@ -26,107 +20,23 @@ from requant.serving.server import free_port
 from requant.settings import PipelineSettings
 from tests.conftest import (
     ROOT,
-    gsm8k_rows,
     needs_vllm,
     processes_mentioning,
     tiny_server_settings,
-    write_jsonl,
 )
 from tests.fakehub import FakeHub
+from tests.platformkit import TOKEN, running_platform, tiny_settings, wait_final
 
 pytestmark = [pytest.mark.slow, needs_vllm]
 
-PREFECT = str(Path(sys.executable).parent / "prefect")
-TOKEN = "hf_platformTESTsecret0123456789"
 ARTIFACTS = Path(os.environ.get("REQUANT_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
-@dataclass
-class Platform:
-    url: str
-    env: dict[str, str]
-    home: Path
-
-    def client_settings(self):
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        return temporary_settings(updates={PREFECT_API_URL: f"{self.url}/api"})
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"{url}/api",
-           "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "REQUANT_PROJECT_DIR": str(ROOT),
-           "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1"}
-    procs = []
-    server_log = (home / "server.log").open("wb")
-    procs.append(subprocess.Popen([PREFECT, "server", "start"], env=env, cwd=home,
-                                  stdout=server_log, stderr=subprocess.STDOUT,
-                                  start_new_session=True))
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
-        time.sleep(0.5)
-    try:
-        applied = subprocess.run(["bash", "scripts/prefect_apply.sh"], env=env, cwd=ROOT,
-                                 capture_output=True, text=True, timeout=300)
-        assert applied.returncode == 0, applied.stdout[-3000:] + applied.stderr[-3000:]
-        for pool in ("requant-gpu", "requant-serving"):
-            log = (home / f"worker-{pool}.log").open("wb")
-            procs.append(subprocess.Popen(
-                [PREFECT, "worker", "start", "--pool", pool, "--type", "process"],
-                env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True))
-        yield Platform(url, env, home)
-    finally:
-        for proc in reversed(procs):
-            _stop(proc)
-
-
-def wait_final(flow_run_id, timeout_s: float):
-    from prefect.client.orchestration import get_client
-
-    deadline = time.monotonic() + timeout_s
-    with get_client(sync_client=True) as client:
-        while True:
-            run = client.read_flow_run(flow_run_id)
-            if run.state and run.state.is_final():
-                return run
-            assert time.monotonic() < deadline, f"flow run {flow_run_id}: {run.state}"
-            time.sleep(2)
-
-
-def tiny_settings(tmp_path: Path, model: Path, **sections) -> dict:
-    data = write_jsonl(tmp_path / "calib.jsonl", [{"text": r["question"]} for r in gsm8k_rows(8)])
-    base = {
-        "source": {"model": str(model)},
-        "calibration": {"dataset": str(data), "num_samples": 8, "max_seq_len": 128},
-        "evaluation": {"limit": 4, "num_fewshot": 0, "max_gen_toks": 16,
-                       "server": tiny_server_settings().model_dump(mode="json")},
-        "gate": {"allow_inconclusive": True},
-        "output_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
-    }
-    return base | sections
+    with running_platform(tmp_path_factory.mktemp("prefect-home")) as running:
+        yield running
 
 
 def test_apply_registers_the_nightly_schedule_with_its_cron_and_timezone(platform):
@@ -217,12 +127,27 @@ def ui_created_run(deployment_id, before: set, timeout_s: float = 60):
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
-def test_ui_custom_run_with_a_changed_parameter_completes(platform, tiny_model, tmp_path):
+def running_progress(run_id) -> dict[str, float]:
+    """key -> percent of the run's progress artifacts, read while the run is not final."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        if client.read_flow_run(run_id).state.is_final():
+            return {}
+        return {a.key: float(a.data) for a in client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+            if a.type == "progress"}
+
+
+def test_ui_custom_run_with_a_changed_parameter_completes_showing_progress(
+        platform, vllm_tiny_source, tmp_path):
     from playwright.sync_api import sync_playwright
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import DeploymentUpdate
 
-    params = tiny_settings(tmp_path, tiny_model, evaluation={"enabled": False})
+    # evaluation on (two real vLLM servers): the run lasts long enough to be watched in the UI
+    params = tiny_settings(tmp_path, vllm_tiny_source, rollout={"target": "none"})
     with platform.client_settings(), get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("requantize/requantize")
         # a platform team's test environment: the on-demand form defaults to a tiny model
@@ -248,7 +173,17 @@ def test_ui_custom_run_with_a_changed_parameter_completes(platform, tiny_model, 
             page.get_by_role("button", name="Submit").click()
             page.wait_for_url(f"**/deployments/deployment/{deployment.id}*", timeout=60_000)
             with platform.client_settings():
-                run = wait_final(ui_created_run(deployment.id, before), 600)
+                run_id = ui_created_run(deployment.id, before)
+                deadline = time.monotonic() + 600
+                while "requant-progress-quantization" not in (during := running_progress(run_id)):
+                    assert time.monotonic() < deadline, "no progress artifact while running"
+                    time.sleep(0.5)
+                page.goto(f"{platform.url}/runs/flow-run/{run_id}?tab=Artifacts",
+                          wait_until="networkidle")
+                page.get_by_text("requant-progress-quantization").first.wait_for(timeout=30_000)
+                page.screenshot(path=str(ARTIFACTS / "ui-progress-during-run.png"), full_page=True)
+                still_running = running_progress(run_id)  # {} once the run is final
+                run = wait_final(run_id, 900)
             page.goto(f"{platform.url}/runs/flow-run/{run.id}", wait_until="networkidle")
             page.get_by_text("Completed").first.wait_for(timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "ui-custom-run-completed.png"), full_page=True)
@@ -260,3 +195,6 @@ def test_ui_custom_run_with_a_changed_parameter_completes(platform, tiny_model, 
     summary = json.loads((tmp_path / "runs" / str(run.id) / "summary.json").read_text())
     assert summary["calibration"]["stats"]["samples"] == 6
     assert (ARTIFACTS / "ui-custom-run-completed.png").stat().st_size > 10_000
+    # the progress bar was on screen while the run was going
+    assert during and still_running, "the run ended before the UI showed its progress"
+    assert (ARTIFACTS / "ui-progress-during-run.png").stat().st_size > 10_000

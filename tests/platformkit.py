@@ -1,0 +1,115 @@
+"""A Prefect platform as a team runs it, for the slow tests: `prefect server start` (SQLite, or
+a real PostgreSQL), the project applied by scripts/prefect_apply.sh, and a process worker per
+pool. Shared by test_prefect_platform.py and test_prefect_postgres.py."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from requant.serving.server import free_port
+from tests.conftest import ROOT, gsm8k_rows, tiny_server_settings, write_jsonl
+
+PREFECT = str(Path(sys.executable).parent / "prefect")
+TOKEN = "hf_platformTESTsecret0123456789"
+
+
+@dataclass
+class Platform:
+    url: str
+    env: dict[str, str]
+    home: Path
+
+    def client_settings(self):
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        return temporary_settings(updates={PREFECT_API_URL: f"{self.url}/api"})
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def running_platform(home: Path, extra_env: dict[str, str] | None = None) -> Iterator[Platform]:
+    """Server + applied project + two workers; everything is stopped on exit."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"{url}/api",
+           "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "REQUANT_PROJECT_DIR": str(ROOT),
+           "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1", **(extra_env or {})}
+    procs = []
+    server_log = (home / "server.log").open("wb")
+    procs.append(subprocess.Popen([PREFECT, "server", "start"], env=env, cwd=home,
+                                  stdout=server_log, stderr=subprocess.STDOUT,
+                                  start_new_session=True))
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
+        time.sleep(0.5)
+    try:
+        applied = subprocess.run(["bash", "scripts/prefect_apply.sh"], env=env, cwd=ROOT,
+                                 capture_output=True, text=True, timeout=300)
+        assert applied.returncode == 0, applied.stdout[-3000:] + applied.stderr[-3000:]
+        for pool in ("requant-gpu", "requant-serving"):
+            log = (home / f"worker-{pool}.log").open("wb")
+            procs.append(subprocess.Popen(
+                [PREFECT, "worker", "start", "--pool", pool, "--type", "process"],
+                env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True))
+        yield Platform(url, env, home)
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+def wait_final(flow_run_id, timeout_s: float):
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if run.state and run.state.is_final():
+                return run
+            assert time.monotonic() < deadline, f"flow run {flow_run_id}: {run.state}"
+            time.sleep(2)
+
+
+def tiny_settings(tmp_path: Path, model: Path, **sections) -> dict:
+    data = write_jsonl(tmp_path / "calib.jsonl", [{"text": r["question"]} for r in gsm8k_rows(8)])
+    base = {
+        "source": {"model": str(model)},
+        "calibration": {"dataset": str(data), "num_samples": 8, "max_seq_len": 128},
+        "evaluation": {"limit": 4, "num_fewshot": 0, "max_gen_toks": 16,
+                       "server": tiny_server_settings().model_dump(mode="json")},
+        # a random tiny model scores 0 on gsm8k: no loss can be shown, so the rule asks no
+        # minimum baseline and the run lets the (honest) inconclusive through
+        "gate": {"rules": [{"task": "gsm8k_local", "min_baseline": 0.0}], "looks": [1.0],
+                 "allow_inconclusive": True},
+        "output_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
+    }
+    return base | sections
+
+
