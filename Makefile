@@ -9,7 +9,7 @@ PREFECT_PORT ?= 4200
 
 .PHONY: envs pipeline-env serving-env system-deps demo-model demo test test-fast lint prefect-up \
 	prefect-down prefect-apply workers promote rollout-down bench-quantization-cpu bench-serving \
-	bench-eval-speed bench-publish bench-rollout bench-orchestration
+	bench-eval-speed bench-publish bench-rollout bench-orchestration bench-gate
 
 envs: pipeline-env serving-env
 
@@ -82,6 +82,9 @@ bench-serving: envs demo-model   # W8A8=runs/<id>/checkpoint
 
 bench-eval-speed: envs demo-model
 	$(PY) benchmarks/bench_eval_speed.py
+
+bench-gate: pipeline-env   # the gate's operating characteristics (docs/evaluation.md), seconds
+	$(PY) benchmarks/bench_gate_operating_characteristics.py
 
 bench-publish: pipeline-env demo-model
 	$(PY) benchmarks/bench_publish.py

@@ -1,7 +1,9 @@
 """The main pipeline, as in docs/architecture.md:
 
     preflight -> source -> calibration -> [candidate ledger: done already?]
-      -> quantization -> evaluation (baseline, candidate) -> gate -> publish -> rollout
+      -> baseline evaluation (cached; a source that cannot do the task ends the run here)
+      -> quantization -> candidate evaluation, staged, the gate looking after each stage
+      -> publish -> rollout
 
 A gate that does not pass raises GateFailed after recording its decision (and emitting
 ``requant.gate.failed``): the run fails and nothing leaves the machine. A gate that passes
@@ -39,7 +41,7 @@ from requant.settings import PipelineSettings, validate_settings
 from requant.source import ResolvedSource, fetch_weights
 from requant.tasks.calibration import prepare_calibration
 from requant.tasks.evaluation import evaluate_baseline, evaluate_candidate
-from requant.tasks.gate import gate
+from requant.tasks.gate import record_gate
 from requant.tasks.preflight import preflight
 from requant.tasks.publish import publish
 from requant.tasks.quantization import quantize
@@ -76,12 +78,10 @@ def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any
 
     t_gpu = time.perf_counter()
     with concurrency(GPU_LIMIT, occupy=1, strict=False):
-        ckpt, decision, t_quantized = quantize_and_gate(settings, source, calib, recipe, acc,
-                                                        run_dir, run_id)
+        ckpt, decision, timings = gpu_stages(settings, source, calib, recipe, acc, run_dir,
+                                             run_id)
     summary = build_summary(run_id, run_dir.root, ckpt, source, recipe, calib, key, decision,
-                            {"prepare": round(t_gpu - started, 2),
-                             "quantize": round(t_quantized - t_gpu, 2),
-                             "evaluate_and_gate": round(time.perf_counter() - t_quantized, 2),
+                            {"prepare": round(t_gpu - started, 2), **timings,
                              "flow": round(time.perf_counter() - started, 2)})
     if decision is None:
         get_run_logger().warning("evaluation.enabled=false: no gate decision, so nothing is "
@@ -99,23 +99,31 @@ def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any
     return summary
 
 
-def quantize_and_gate(
+def gpu_stages(
     settings: PipelineSettings, source: ResolvedSource, calib: CalibrationSet | None,
     recipe: ResolvedRecipe, acc: Accelerator, run_dir: RunDir, run_id: str,
-) -> tuple[QuantizedCheckpoint, GateDecision | None, float]:
-    """The GPU stages: quantization, then both evaluations and the gate's decision."""
+) -> tuple[QuantizedCheckpoint, GateDecision | None, dict[str, float]]:
+    """Baseline first (cached), so a source that cannot do the task costs no quantization;
+    then quantization; then the candidate, staged, until the gate's decision is clear."""
+    ev, on_gpu, eval_dir = settings.evaluation, acc.kind == "cuda", run_dir.stage("eval")
+    t0 = time.perf_counter()
+    baseline = None
+    if ev.enabled:
+        source = fetch_weights(settings.source, source)
+        baseline = evaluate_baseline(ev, settings.gate, source.as_record(), source.path,
+                                     settings.cache_dir, eval_dir / "baseline", on_gpu)
+    t1 = time.perf_counter()
     ckpt = quantize(settings, source, calib, recipe, acc, run_dir.stage("checkpoint"),
                     {"flow_run_id": run_id, "flow_run_name": flow_run.get_name()})
-    t_quantized = time.perf_counter()
-    if not settings.evaluation.enabled:
-        return ckpt, None, t_quantized
-    on_gpu = acc.kind == "cuda"
-    eval_dir = run_dir.stage("eval")
-    baseline = evaluate_baseline(settings.evaluation, ckpt.manifest["source"], ckpt.source.path,
-                                 settings.cache_dir, eval_dir / "baseline", on_gpu)
-    candidate = evaluate_candidate(settings.evaluation, ckpt.path, eval_dir / "candidate",
-                                   on_gpu)
-    return ckpt, gate(baseline, candidate, settings.gate, run_dir.stage("gate")), t_quantized
+    t2 = time.perf_counter()
+    decision = None
+    if baseline is not None:
+        candidate, decision = evaluate_candidate(ev, settings.gate, baseline, ckpt.path,
+                                                 eval_dir / "candidate", on_gpu)
+        record_gate(decision, baseline, candidate, run_dir.stage("gate"))
+    return ckpt, decision, {"evaluate_baseline": round(t1 - t0, 2),
+                            "quantize": round(t2 - t1, 2),
+                            "evaluate_candidate_and_gate": round(time.perf_counter() - t2, 2)}
 
 
 def publish_and_promote(settings: PipelineSettings, run_dir: RunDir, ckpt: QuantizedCheckpoint,
@@ -199,7 +207,8 @@ def emit_gate_event(settings: PipelineSettings, summary: dict[str, Any], passed:
             "repo_id": settings.hub.repo_id or "", "revision": args.get("revision", ""),
             "checkpoint": args.get("checkpoint", ""), "tag": p.get("tag") or "",
             "dry_run": str(bool(p.get("dry_run", True))).lower(),
-            "status": gate.get("status", ""), "recovery": str(gate.get("recovery")),
+            "status": gate.get("status", ""),
+            "recovery": ",".join(str(r.get("recovery")) for r in gate.get("rules", [])),
             "run_id": summary["run_id"], "source": summary["source"]["model"],
             # the run's own settings (no secret is ever a setting), so the promote run uses
             # the same hub and rollout settings as the run that passed the gate

@@ -113,10 +113,15 @@ def publish_line(p: dict[str, Any] | None) -> str:
 def gate_line(g: dict[str, Any] | None) -> str:
     if g is None:
         return "- **gate**: not run (evaluation.enabled=false)"
-    rec = f"{g['recovery']:.4f}" if g["recovery"] is not None else "n/a"
-    return (f"- **gate**: {g['status']} ({'promote' if g['promote'] else 'stop'}); "
-            f"{g['task']} {g['metric']}: baseline {g['baseline_score']:.4f}, candidate "
-            f"{g['candidate_score']:.4f}, recovery {rec}")
+    rules = "; ".join(
+        f"{r['task']} {r['metric']} {r['status']} (" + (
+            f"baseline {r['baseline_on_evaluated']:.4f} vs candidate "
+            f"{r['candidate_score']:.4f} on the same {r['questions']} questions)"
+            if r["candidate_score"] is not None else "no candidate answers)")
+        for r in g["rules"]) or "; ".join(g["reasons"])
+    early = " (stopped early)" if g.get("stopped_early") else ""
+    return (f"- **gate**: {g['status']} ({'promote' if g['promote'] else 'stop'}) after "
+            f"{g['questions']} of {g['total']} candidate questions{early}; {rules}")
 
 
 def render_rollout(settings: PipelineSettings, release: Release, deployed: Deployed | None,

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from requant.errors import SettingsError
 
@@ -158,28 +165,57 @@ class EvaluationSettings(_Section):
         "vllm: lm-eval's in-process vllm backend, run inside the serving environment.",
     )
     tasks: list[str] = Field(
-        default_factory=lambda: ["gsm8k_local"], min_length=1,
-        description="lm-eval task names. gsm8k_local is gsm8k from the bundled files "
-        "(deployments/lm_eval_tasks); production uses gsm8k from the Hub.",
+        default_factory=lambda: ["gsm8k_local", "gsm8k_cloze_local"], min_length=1,
+        description="lm-eval task names. gsm8k_local is gsm8k from the bundled files, "
+        "gsm8k_cloze_local the demo's cloze task (deployments/lm_eval_tasks); production uses "
+        "gsm8k from the Hub.",
     )
     task_dir: Path | None = Field(
         Path("deployments/lm_eval_tasks"),
         description="Extra lm-eval task YAMLs (include_path); data_files are relative to it.",
     )
-    num_fewshot: int = Field(5, ge=0)
+    num_fewshot: int = Field(5, ge=0, description="Few-shot examples per question.")
+    task_fewshot: dict[str, int] = Field(
+        default_factory=lambda: {"gsm8k_cloze_local": 0},
+        description="Per-task override of num_fewshot, e.g. {gsm8k_cloze_local: 0}.",
+    )
     limit: int | None = Field(
         None, gt=0, description="Evaluate only the first N documents per task (None: all)."
+    )
+    task_limits: dict[str, int | None] = Field(
+        default_factory=lambda: {"gsm8k_local": 100},
+        description="Per-task override of limit, e.g. {gsm8k_local: 100} (null: all).",
     )
     num_concurrent: int = Field(8, gt=0, description="Concurrent requests to the server.")
     max_gen_toks: int = Field(256, gt=0, description="Generation budget per answer.")
     add_bos_token: bool = Field(True, description="Prefix prompts with BOS, as the seed did.")
-    gate_task: str | None = Field(None, description="Task the gate reads (None: the first).")
-    gate_metric: str = Field(
-        "exact_match,strict-match", description="lm-eval metric,filter the gate decides on."
-    )
     server: ServerSettings = Field(default_factory=ServerSettings)
 
-    @field_validator("gate_metric")
+
+class GateRule(_Section):
+    """One thing the candidate must show: no real loss on this task's metric."""
+
+    task: str = Field(min_length=1, description="An lm-eval task from evaluation.tasks.")
+    metric: str = Field(
+        "exact_match,strict-match",
+        description="lm-eval 'metric,filter' as in its results, e.g. exact_match,flexible-extract "
+        "or acc,none.",
+    )
+    min_recovery: float = Field(
+        0.957, gt=0.0, le=1.0,
+        description="Tolerated loss δ = (1 - min_recovery) x baseline score. The default is the "
+        "tightest that holds the gate's error rates on gsm8k (docs/evaluation.md).",
+    )
+    min_candidate_score: float | None = Field(
+        None, ge=0.0, le=1.0, description="Optional absolute floor on the candidate's score."
+    )
+    min_baseline: float = Field(
+        0.10, ge=0.0, le=1.0,
+        description="A source scoring below this cannot show a loss on the task: the run ends "
+        "before quantization. 0 disables the check.",
+    )
+
+    @field_validator("metric")
     @classmethod
     def _metric_with_filter(cls, value: str) -> str:
         if value.count(",") != 1:
@@ -187,25 +223,45 @@ class EvaluationSettings(_Section):
         return value
 
 
-class GateSettings(_Section):
-    """When a candidate may leave the machine."""
+def _default_rules() -> list[GateRule]:
+    """The demo's rule (the embedded default is the demo): a task SmolLM2-135M can do. The
+    production rules, gsm8k strict-match and flexible-extract, are in its config."""
+    return [GateRule(task="gsm8k_cloze_local", metric="acc,none", min_baseline=0.40)]
 
-    min_recovery: float = Field(
-        0.98, gt=0.0, le=2.0, description="candidate score / baseline score must reach this."
+
+class GateSettings(_Section):
+    """When a candidate may leave the machine: every rule must pass (docs/evaluation.md)."""
+
+    rules: list[GateRule] = Field(
+        default_factory=_default_rules, min_length=1,
+        description="All must pass. Production: gsm8k 5-shot strict-match and "
+        "flexible-extract (deployments/configs/production-llama3-8b.yaml).",
     )
-    min_candidate_score: float | None = Field(
-        None, ge=0.0, le=1.0, description="Optional absolute floor on the candidate's score."
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1.0,
+        description="One-sided level of each decision: a candidate exactly δ worse passes a "
+        "rule with probability at most 1 - confidence, whatever the number of looks.",
     )
-    min_baseline: float = Field(
-        0.10, ge=0.0, le=1.0,
-        description="Below this baseline score a recovery ratio is noise: the gate is "
-        "inconclusive (tiny models score ~0 on gsm8k).",
+    looks: list[float] = Field(
+        default_factory=lambda: [0.25, 0.5, 0.75, 1.0], min_length=1,
+        description="Fractions of the questions after which the candidate's evaluation may stop "
+        "early (the last must be 1.0). [1.0]: one look, no early stop.",
+    )
+    order_seed: int = Field(
+        1234, description="Seed of the fixed question order the stages follow."
     )
     allow_inconclusive: bool = Field(
-        False, description="Let an inconclusive gate promote. Off: inconclusive fails closed."
+        False, description="Let an inconclusive result promote. Never overrides a failure."
     )
-    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Of the paired-difference CI.")
-    bootstrap_resamples: int = Field(10_000, ge=100)
+
+    @field_validator("looks")
+    @classmethod
+    def _looks_increase_to_one(cls, value: list[float]) -> list[float]:
+        if any(not 0.0 < x <= 1.0 for x in value) or value != sorted(set(value)) \
+                or value[-1] != 1.0:
+            raise ValueError("must be increasing fractions in (0, 1] ending with 1.0, e.g. "
+                             "[0.25, 0.5, 0.75, 1.0]")
+        return value
 
 
 class HubSettings(_Section):
@@ -363,6 +419,15 @@ class PipelineSettings(_Section):
             raise ValueError("must name a directory other than the working directory")
         return value
 
+    @model_validator(mode="after")
+    def _rules_name_evaluated_tasks(self) -> PipelineSettings:
+        for i, rule in enumerate(self.gate.rules):
+            if self.evaluation.enabled and rule.task not in self.evaluation.tasks:
+                raise ValueError(f"gate.rules.{i}.task: {rule.task!r} is not evaluated; add it "
+                                 f"to evaluation.tasks {self.evaluation.tasks} or gate on one of "
+                                 "those")
+        return self
+
 
 # --------------------------------------------------------------------------------------------
 # Loading: YAML file + dotted overrides -> validated settings, with errors a person can act on.
@@ -407,7 +472,10 @@ def validate_settings(data: Mapping[str, Any] | PipelineSettings) -> PipelineSet
 def format_validation_error(exc: ValidationError) -> str:
     lines = ["invalid pipeline settings:"]
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if not err["loc"]:  # a cross-field check: its message names the field and the fix
+            lines.append(f"  - {err['msg'].removeprefix('Value error, ')}.")
+            continue
+        field = ".".join(str(p) for p in err["loc"])
         fix = _FIXES.get(err["type"], "")
         got = f" (got {err['input']!r})" if err["type"] != "missing" else ""
         lines.append(f"  - {field}: {err['msg']}{got}.{(' ' + fix) if fix else ''}")

@@ -1,4 +1,5 @@
-"""Evaluation stage: the baseline (cached) and the candidate, each as vLLM serves it."""
+"""Evaluation stage: the baseline (cached, before any quantization) and the candidate, staged,
+with the gate looking after each stage."""
 
 from __future__ import annotations
 
@@ -9,25 +10,27 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.logging import get_run_logger
 
-from requant.evaluation.lmeval import (
-    ModelEvaluation,
+from requant.evaluation.gate import GateDecision
+from requant.evaluation.lmeval import ModelEvaluation
+from requant.evaluation.staged import (
+    check_baseline,
     evaluate_baseline_cached,
-    evaluate_model,
+    evaluate_candidate_gated,
 )
 from requant.progress import StageProgress
-from requant.settings import EvaluationSettings
+from requant.settings import EvaluationSettings, GateSettings
 
 
 def _report(result: ModelEvaluation) -> None:
+    scores = result.scores()
     get_run_logger().info(
-        "%s: %s %s = %.4f over %d documents%s (%s)", result.label, result.task, result.metric,
-        result.score, len(result.per_doc), " (cached)" if result.cached else "",
-        result.result_dir,
-    )
+        "%s: %s%s (%s)", result.label,
+        ", ".join(f"{k} = {v:.4f} over {len(result.per_doc[k])}" for k, v in scores.items()),
+        " (cached)" if result.cached else "", result.result_dir)
     create_table_artifact(
         key=f"eval-{result.label}",
-        table=[{"task": t, "metric": m, "value": round(v, 4)}
-               for t, ms in result.all_scores.items() for m, v in ms.items()],
+        table=[{"task": k.split("|")[0], "metric": k.split("|")[1], "value": round(v, 4),
+                "questions": len(result.per_doc[k])} for k, v in scores.items()],
         description=f"lm-eval results for the {result.label} ({result.model})"
         + (", reused from the baseline cache" if result.cached else ""),
     )
@@ -35,26 +38,30 @@ def _report(result: ModelEvaluation) -> None:
 
 @task(name="evaluate-baseline")
 def evaluate_baseline(
-    cfg: EvaluationSettings, source_record: dict[str, Any], model_dir: Path, cache_dir: Path,
-    out_dir: Path, on_gpu: bool,
+    cfg: EvaluationSettings, gate: GateSettings, source_record: dict[str, Any], model_dir: Path,
+    cache_dir: Path, out_dir: Path, on_gpu: bool,
 ) -> ModelEvaluation:
-    """Cached across runs: a nightly run does not re-evaluate an unchanged source."""
+    """Before quantization: a source that cannot do the gate's tasks ends the run here, before
+    any GPU hour is spent on it. Cached: a nightly run does not re-evaluate an unchanged one."""
     progress = StageProgress("evaluation-baseline", "evaluating the baseline")
-    result = evaluate_baseline_cached(cfg, source_record, model_dir, cache_dir, out_dir, on_gpu,
-                                      report=progress)
-    progress.done("from the cache" if result.cached else f"score {result.score:.4f}")
+    result = evaluate_baseline_cached(cfg, gate, source_record, model_dir, cache_dir, out_dir,
+                                      on_gpu, report=progress)
+    progress.done("from the cache" if result.cached else "all stages answered")
     _report(result)
+    check_baseline(result, gate)
     return result
 
 
 @task(name="evaluate-candidate")
 def evaluate_candidate(
-    cfg: EvaluationSettings, checkpoint: Path, out_dir: Path, on_gpu: bool
-) -> ModelEvaluation:
-    """Never cached: the candidate is new by definition."""
+    cfg: EvaluationSettings, gate: GateSettings, baseline: ModelEvaluation, checkpoint: Path,
+    out_dir: Path, on_gpu: bool,
+) -> tuple[ModelEvaluation, GateDecision]:
+    """Never cached: the candidate is new by definition. Stops when the gate's answer is clear."""
     progress = StageProgress("evaluation-candidate", "evaluating the candidate")
-    result = evaluate_model("candidate", checkpoint, cfg, out_dir, on_gpu=on_gpu,
-                            report=progress)
-    progress.done(f"score {result.score:.4f}")
+    result, decision = evaluate_candidate_gated(cfg, gate, baseline, checkpoint, out_dir,
+                                                on_gpu, report=progress)
+    progress.done(f"gate {decision.status} after {decision.questions} of {decision.total} "
+                  "questions")
     _report(result)
-    return result
+    return result, decision

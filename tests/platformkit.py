@@ -102,7 +102,8 @@ def tiny_settings(tmp_path: Path, model: Path, **sections) -> dict:
     base = {
         "source": {"model": str(model)},
         "calibration": {"dataset": str(data), "num_samples": 8, "max_seq_len": 128},
-        "evaluation": {"limit": 4, "num_fewshot": 0, "max_gen_toks": 16,
+        "evaluation": {"tasks": ["gsm8k_local"], "task_limits": {}, "limit": 4,
+                       "num_fewshot": 0, "max_gen_toks": 16,
                        "server": tiny_server_settings().model_dump(mode="json")},
         # a random tiny model scores 0 on gsm8k: no loss can be shown, so the rule asks no
         # minimum baseline and the run lets the (honest) inconclusive through

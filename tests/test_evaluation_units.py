@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,13 +9,14 @@ import yaml
 
 from requant.errors import SettingsError
 from requant.evaluation.lmeval import (
+    ModelEvaluation,
     baseline_cache_key,
-    extract_scores,
+    evaluated_with,
     per_doc_scores,
-    render_task_dir,
-    validate_tasks,
 )
-from requant.settings import EvaluationSettings, load_settings
+from requant.evaluation.staged import check_baseline
+from requant.evaluation.tasks import render_task_dir, stage_plan, task_sizes, validate_tasks
+from requant.settings import EvaluationSettings, GateRule, GateSettings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "deployments" / "lm_eval_tasks"
@@ -53,52 +53,92 @@ def test_unknown_task_name_is_refused_with_suggestions(monkeypatch):
         validate_tasks(EvaluationSettings(tasks=["gsm8kk"]))
 
 
-def test_gate_task_must_be_one_of_the_tasks(monkeypatch):
+def test_a_misspelt_per_task_override_is_refused_with_suggestions(monkeypatch):
     monkeypatch.chdir(ROOT)
-    with pytest.raises(SettingsError, match=r"evaluation\.gate_task"):
-        validate_tasks(EvaluationSettings(tasks=["gsm8k_local"], gate_task="gsm8k"))
+    with pytest.raises(SettingsError, match=r"task_limits / task_fewshot: .*'gsm8k_locl'.*"
+                                            r"gsm8k_local"):
+        validate_tasks(EvaluationSettings(tasks=["gsm8k_local"], task_limits={"gsm8k_locl": 5}))
 
 
 @pytest.mark.parametrize("override", ["evaluation.limit=0", "evaluation.num_fewshot=-1",
-                                      "evaluation.tasks=[]", "evaluation.gate_metric=exact_match"])
+                                      "evaluation.tasks=[]"])
 def test_bad_evaluation_settings_are_refused_naming_the_field(override):
     field = override.split("=")[0]
     with pytest.raises(SettingsError, match=field.replace(".", r"\.")):
         load_settings(None, [override])
 
 
-def test_scores_and_per_document_results_are_read_from_lm_eval_output():
-    results = {"results": {"gsm8k_local": {
-        "alias": "gsm8k_local", "exact_match,strict-match": 0.25,
-        "exact_match_stderr,strict-match": 0.1, "exact_match,flexible-extract": 0.5}}}
-    assert extract_scores(results) == {"gsm8k_local": {"exact_match,strict-match": 0.25,
-                                                       "exact_match,flexible-extract": 0.5}}
+def test_per_question_scores_are_read_for_every_metric_and_filter_lm_eval_logged():
     samples = [
-        {"doc_id": 0, "filter": "strict-match", "exact_match": 1.0},
-        {"doc_id": 0, "filter": "flexible-extract", "exact_match": 0.0},
-        {"doc_id": 1, "filter": "strict-match", "exact_match": 0.0},
+        {"doc_id": 0, "filter": "strict-match", "metrics": ["exact_match"], "exact_match": 1.0},
+        {"doc_id": 0, "filter": "flexible-extract", "metrics": ["exact_match"],
+         "exact_match": 0.0},
+        {"doc_id": 1, "filter": "strict-match", "metrics": ["exact_match"], "exact_match": 0.0},
+        {"doc_id": 2, "filter": "none", "metrics": ["acc", "acc_norm"], "acc": 1, "acc_norm": 0},
     ]
-    assert per_doc_scores(samples, "exact_match,strict-match") == {0: 1.0, 1: 0.0}
-    assert per_doc_scores(samples, "exact_match,flexible-extract") == {0: 0.0}
+    assert per_doc_scores("t", samples) == {
+        "t|exact_match,strict-match": {0: 1.0, 1: 0.0},
+        "t|exact_match,flexible-extract": {0: 0.0},
+        "t|acc,none": {2: 1.0}, "t|acc_norm,none": {2: 0.0}}
 
 
-def test_baseline_cache_key_follows_source_and_task_config(monkeypatch, tmp_path):
+def test_baseline_cache_key_covers_source_and_everything_the_scores_depend_on(monkeypatch):
     monkeypatch.chdir(ROOT)
     src = {"model": "m", "revision": None, "files": {"model.safetensors": "aa"}}
-    cfg = EvaluationSettings(limit=10)
-    key = baseline_cache_key(src, cfg)
-    assert baseline_cache_key(dict(src), EvaluationSettings(limit=10)) == key
-    assert baseline_cache_key(src | {"files": {"model.safetensors": "bb"}}, cfg) != key
-    assert baseline_cache_key(src, EvaluationSettings(limit=11)) != key
-    assert baseline_cache_key(src, EvaluationSettings(limit=10, num_fewshot=3)) != key
-    assert baseline_cache_key(src, EvaluationSettings(limit=10, add_bos_token=False)) != key
-    # Editing the task's data changes the key too.
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    data = tmp_path / "test.jsonl"
-    data.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
-    (tasks / "t.yaml").write_text(yaml.safe_dump(
-        {"task": "t", "dataset_kwargs": {"data_files": {"test": "../test.jsonl"}}}))
-    k1 = baseline_cache_key(src, EvaluationSettings(task_dir=tasks))
-    data.write_text(json.dumps({"question": "q2", "answer": "#### 2"}) + "\n")
-    assert baseline_cache_key(src, EvaluationSettings(task_dir=tasks)) != k1
+    gate = GateSettings()
+    with_ = evaluated_with(EvaluationSettings(limit=10), gate)
+    key = baseline_cache_key(src, with_)
+    assert {"task_files", "num_fewshot", "limits", "max_gen_toks", "add_bos_token", "server",
+            "lm_eval", "vllm", "looks", "order_seed", "tasks", "backend"} <= set(with_)
+    assert with_["vllm"].startswith("0.32.0")  # the serving environment's vLLM, asked there
+    assert baseline_cache_key(dict(src), evaluated_with(EvaluationSettings(limit=10), gate)) == key
+    assert baseline_cache_key(src | {"files": {"model.safetensors": "bb"}}, with_) != key
+    for changed in (EvaluationSettings(limit=11), EvaluationSettings(limit=10, num_fewshot=3),
+                    EvaluationSettings(limit=10, add_bos_token=False),
+                    EvaluationSettings.model_validate({"limit": 10,
+                                                       "server": {"max_model_len": 1024}})):
+        assert baseline_cache_key(src, evaluated_with(changed, gate)) != key, changed
+    assert baseline_cache_key(src, evaluated_with(
+        EvaluationSettings(limit=10), GateSettings(looks=[0.5, 1.0]))) != key
+
+
+def test_stage_plan_partitions_each_task_in_its_seeded_order():
+    plan = stage_plan({"a": 10, "b": 3}, [0.25, 0.5, 0.75, 1.0], seed=7)
+    assert len(plan) == 4
+    for task, total in (("a", 10), ("b", 3)):
+        chunks = [stage[task] for stage in plan]
+        assert sorted(q for c in chunks for q in c) == list(range(total))
+        assert all(c == sorted(c) for c in chunks)  # lm-eval maps doc ids in ascending order
+    assert [len(s["a"]) for s in plan] == [3, 2, 3, 2]
+    assert plan == stage_plan({"a": 10, "b": 3}, [0.25, 0.5, 0.75, 1.0], seed=7)
+
+
+def test_task_sizes_apply_the_per_task_limit(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    cfg = EvaluationSettings(tasks=["gsm8k_local", "gsm8k_cloze_local"],
+                             task_limits={"gsm8k_local": 100})
+    rendered = render_task_dir(TASKS, tmp_path / "tasks")
+    assert task_sizes(cfg, rendered) == {"gsm8k_local": 100, "gsm8k_cloze_local": 1302}
+
+
+def evaluation(per_doc: dict) -> ModelEvaluation:
+    return ModelEvaluation("baseline", "m", per_doc, {"t": 10}, {}, Path("."))
+
+
+def test_a_baseline_below_min_baseline_ends_the_run_naming_the_rule_and_the_fix():
+    gate = GateSettings(rules=[GateRule(task="t", metric="exact_match,strict-match",
+                                        min_baseline=0.1)])
+    with pytest.raises(SettingsError) as err:
+        check_baseline(evaluation({"t|exact_match,strict-match": {0: 0.0, 1: 0.0}}), gate)
+    assert "gate.rules.0" in str(err.value) and "before quantization" in str(err.value)
+    check_baseline(evaluation({"t|exact_match,strict-match": {0: 1.0, 1: 0.0}}), gate)
+    zero = GateSettings(rules=[GateRule(task="t", metric="exact_match,strict-match",
+                                        min_baseline=0.0)])
+    check_baseline(evaluation({"t|exact_match,strict-match": {0: 0.0}}), zero)
+
+
+def test_a_rule_metric_the_task_does_not_report_is_named_with_what_it_does_report():
+    gate = GateSettings(rules=[GateRule(task="t", metric="exact_match,flexible-extract")])
+    with pytest.raises(SettingsError, match=r"gate\.rules\.0\.metric: t reports "
+                                            r"\['exact_match,strict-match'\]"):
+        check_baseline(evaluation({"t|exact_match,strict-match": {0: 1.0}}), gate)

@@ -14,8 +14,9 @@ from tests.conftest import ROOT, gsm8k_rows, needs_vllm, processes_mentioning, w
 pytestmark = [pytest.mark.slow, needs_vllm, pytest.mark.usefixtures("prefect_server")]
 
 
-def test_inconclusive_gate_fails_closed_and_nothing_leaves_the_run(vllm_tiny_source, tmp_path,
-                                                                   monkeypatch):
+def test_a_source_that_cannot_do_the_task_ends_before_quantization_and_inconclusive_fails_closed(
+        vllm_tiny_source, tmp_path, monkeypatch):
+    from requant.errors import SettingsError
     from requant.flows.requantize import requantize
     from tests.fakehub import FakeHub
 
@@ -23,28 +24,43 @@ def test_inconclusive_gate_fails_closed_and_nothing_leaves_the_run(vllm_tiny_sou
     monkeypatch.setenv("HF_TOKEN", "hf_gatetest")
     hub = FakeHub("hf_gatetest", tmp_path / "hub").__enter__()
     data = write_jsonl(tmp_path / "calib.jsonl", [{"text": r["question"]} for r in gsm8k_rows(8)])
-    settings = PipelineSettings.model_validate({
+    base = {
         "source": {"model": str(vllm_tiny_source)},
         "calibration": {"dataset": str(data), "num_samples": 8, "max_seq_len": 128},
-        "evaluation": {"limit": 4, "num_fewshot": 0, "max_gen_toks": 16,
+        "evaluation": {"tasks": ["gsm8k_local"], "task_limits": {}, "limit": 4,
+                       "num_fewshot": 0, "max_gen_toks": 16,
                        "server": {"max_model_len": 1024, "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}},
         "hub": {"repo_id": "acme/never", "endpoint": hub.endpoint},
-        "output_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
-    })
+        "gate": {"rules": [{"task": "gsm8k_local"}], "looks": [0.5, 1.0]},
+        "cache_dir": str(tmp_path / "cache"),
+    }
     try:
+        # the default rules ask a baseline of at least 0.10; a random model scores 0
+        with pytest.raises(SettingsError, match=r"gate\.rules\.0: the source scores 0\.0000"):
+            requantize(PipelineSettings.model_validate(
+                base | {"output_dir": str(tmp_path / "runs1")}))
+        (run1,) = (tmp_path / "runs1").iterdir()
+        assert not (run1 / "checkpoint").exists()  # no quantization was spent on it
+        assert (run1 / "eval" / "baseline" / "summary.json").is_file()
+
+        # with no minimum, the same zero scores decide nothing: inconclusive fails closed
         with pytest.raises(GateFailed) as err:
-            requantize(settings)
+            requantize(PipelineSettings.model_validate(base | {
+                "output_dir": str(tmp_path / "runs2"),
+                "gate": {"rules": [{"task": "gsm8k_local", "min_baseline": 0.0}],
+                         "looks": [0.5, 1.0]}}))
     finally:
         hub.__exit__(None, None, None)
     assert hub.state.calls == []  # the Hub never heard from us
     assert err.value.decision.status == "inconclusive"
     assert "nothing leaves the machine" in str(err.value)
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    (run_dir,) = (tmp_path / "runs2").iterdir()
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "calibration", "checkpoint", "eval", "gate", "summary.json"]
     decision = json.loads((run_dir / "gate" / "decision.json").read_text())
     assert decision["status"] == "inconclusive" and decision["promote"] is False
-    assert decision["baseline"]["documents"] == decision["candidate"]["documents"] == 4
+    assert decision["baseline"]["cached"] is True  # evaluated once, by the first run
+    assert decision["questions"] == decision["total"] == 4 and decision["look"] == 2
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["gate"]["promote"] is False
     assert processes_mentioning("requant-baseline") == processes_mentioning("requant-candidate") == []
@@ -59,12 +75,12 @@ def test_bad_task_name_fails_in_preflight_before_any_quantization(vllm_tiny_sour
     settings = PipelineSettings.model_validate({
         "source": {"model": str(vllm_tiny_source)},
         "evaluation": {"tasks": ["gsm8k_locall"]},
+        "gate": {"rules": [{"task": "gsm8k_locall"}]},
         "output_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
     })
     with pytest.raises(SettingsError, match="gsm8k_local"):
         requantize(settings)
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    assert list(run_dir.iterdir()) == []
+    assert not (tmp_path / "runs").exists()  # a failed preflight leaves no run folder
     assert not Path(tmp_path / "cache").exists()
 
 
@@ -89,9 +105,13 @@ def test_passing_run_publishes_emits_event_rolls_out_inline_and_a_rerun_is_a_qui
         settings = PipelineSettings.model_validate({
             "source": {"model": str(vllm_tiny_source)},
             "calibration": {"dataset": str(data), "num_samples": 8, "max_seq_len": 128},
-            "evaluation": {"limit": 4, "num_fewshot": 0, "max_gen_toks": 16,
+            "evaluation": {"tasks": ["gsm8k_local"], "task_limits": {}, "limit": 4,
+                           "num_fewshot": 0, "max_gen_toks": 16,
                            "server": tiny_server_settings().model_dump()},
-            "gate": {"allow_inconclusive": True},  # a random tiny model scores ~0
+            # a random tiny model scores 0: no minimum baseline, and the inconclusive result
+            # is let through to exercise publish and rollout
+            "gate": {"rules": [{"task": "gsm8k_local", "min_baseline": 0.0}], "looks": [1.0],
+                     "allow_inconclusive": True},
             "hub": {"repo_id": "acme/inline", "endpoint": hub.endpoint},
             "rollout": {"target": "local", "served_model_name": "tiny-chat",
                         "state_dir": str(tmp_path / "state"),

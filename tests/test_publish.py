@@ -11,9 +11,9 @@ import pytest
 
 from requant.atomic import write_json_atomic
 from requant.errors import SettingsError, is_transient
-from requant.evaluation.gate import Scores, decide
+from requant.evaluation.gate import EvidenceRecord, decide, rule_key
 from requant.hub.publish import check_publish_settings, move_production_marker, publish_checkpoint
-from requant.settings import GateSettings, HubSettings
+from requant.settings import GateRule, GateSettings, HubSettings
 from requant.tasks.publish import publish
 from tests.fakehub import FakeHub
 
@@ -32,18 +32,19 @@ def hub(tmp_path):
 def candidate(vllm_tiny_w8a8, tmp_path):
     """A real checkpoint (quantized by the pipeline) plus eval and gate records beside it."""
     eval_dir, gate_dir = tmp_path / "eval", tmp_path / "gate"
-    scores = {0: 1.0, 1: 1.0, 2: 0.0, 3: 1.0}
+    scores = {rule_key("gsm8k", "exact_match,strict-match"): {i: float(i % 4 != 2)
+                                                               for i in range(400)}}
     for label in ("baseline", "candidate"):
         (eval_dir / label).mkdir(parents=True)
-        write_json_atomic(eval_dir / label / "results.json", {"results": {"gsm8k": {}}})
+        write_json_atomic(eval_dir / label / "results_gsm8k_stage1.json",
+                          {"results": {"gsm8k": {}}})
         (eval_dir / label / "samples_gsm8k.jsonl").write_text('{"doc_id": 0}\n')
-    decision = decide(Scores(0.75, scores), Scores(0.75, scores), GateSettings(),
-                      task="gsm8k", metric="exact_match,strict-match")
-    record = decision.as_record() | {
-        "baseline": {"task": "gsm8k", "metric": "exact_match,strict-match", "score": 0.75,
-                     "documents": 4},
-        "candidate": {"task": "gsm8k", "metric": "exact_match,strict-match", "score": 0.75,
-                      "documents": 4}}
+    gate = GateSettings(rules=[GateRule(task="gsm8k", metric="exact_match,strict-match")])
+    evidence = EvidenceRecord(scores, {"lm_eval": "0.4.13"})
+    decision = decide(evidence, evidence, gate, look=1, looks=1, z=1.645)
+    assert decision.status == "pass"
+    record = decision.as_record() | {"baseline": {"label": "baseline"},
+                                     "candidate": {"label": "candidate"}}
     gate_dir.mkdir()
     write_json_atomic(gate_dir / "decision.json", record)
     manifest = json.loads((vllm_tiny_w8a8 / "manifest.json").read_text())
@@ -68,7 +69,8 @@ def test_everything_goes_up_in_one_commit_pinned_by_an_immutable_tag(hub, candid
     assert repo.tags[result.tag] == commit.sha
     assert result.tag.startswith("w8a8-20261123-local-")
     expected = {p.name for p in candidate["checkpoint"].iterdir()} | {
-        "README.md", "eval/baseline/results.json", "eval/candidate/results.json",
+        "README.md", "eval/baseline/results_gsm8k_stage1.json",
+        "eval/candidate/results_gsm8k_stage1.json",
         "eval/baseline/samples_gsm8k.jsonl", "eval/candidate/samples_gsm8k.jsonl",
         "eval/gate-decision.json"}
     assert set(commit.files) == expected
@@ -214,7 +216,8 @@ def test_model_card_carries_hub_metadata_scores_recipe_and_serve_command(hub, ca
     text = card.text
     assert f"vllm serve {REPO} --revision {result.tag}" in text
     assert "SmoothQuantModifier" in text and "GPTQModifier" in text
-    assert "| recovery | 100.00% |" in text
+    assert ("| gsm8k | exact_match,strict-match | 0.7500 | 0.7500 | 100.00% |" in text
+            and "| pass | 400 of 400 |" in text)  # every rule's numbers
     assert "llmcompressor" in text and "compressed-tensors" in text
 
 

@@ -216,7 +216,7 @@ def test_candidate_key_changes_with_anything_that_changes_the_candidate(tmp_path
         candidate_key(base, {"model.safetensors": "y"}, None, "r", "c"),
         candidate_key(base, {"model.safetensors": "x"}, None, "r2", "c"),
         candidate_key(base, {"model.safetensors": "x"}, None, "r", "c2"),
-        candidate_key(PipelineSettings.model_validate({"gate": {"min_recovery": 0.99}}),
+        candidate_key(PipelineSettings.model_validate({"gate": {"confidence": 0.9}}),
                       {"model.safetensors": "x"}, None, "r", "c"),
         candidate_key(PipelineSettings.model_validate({"hub": {"repo_id": "a/b"}}),
                       {"model.safetensors": "x"}, None, "r", "c"),

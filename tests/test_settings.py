@@ -20,6 +20,11 @@ def test_defaults_are_the_offline_demo():
     assert s.quantization.smoothing_strength == 0.8
     assert s.quantization.ignore == ["lm_head"]
     assert s.calibration.pad_to_max_length is False
+    demo = load_settings(ROOT / "deployments" / "configs" / "demo.yaml")
+    assert s.evaluation.tasks == demo.evaluation.tasks
+    assert s.evaluation.task_limits == demo.evaluation.task_limits
+    assert s.evaluation.task_fewshot == demo.evaluation.task_fewshot
+    assert s.gate == demo.gate and s.gate.allow_inconclusive is False
 
 
 def test_yaml_file_and_dotted_overrides_merge_with_types(tmp_path):

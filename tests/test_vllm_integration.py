@@ -12,13 +12,14 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from requant.errors import ServerError
 from requant.serving.server import free_port, running_server, start_server
-from requant.settings import EvaluationSettings
+from requant.settings import EvaluationSettings, GateRule, GateSettings, ServerSettings
 from tests.conftest import ROOT, needs_vllm, processes_mentioning, tiny_server_settings
 
 pytestmark = [pytest.mark.slow, needs_vllm]
@@ -67,10 +68,10 @@ def test_checkpoint_vllm_cannot_load_fails_with_the_log_and_leaves_nothing(vllm_
 
 def test_server_killed_mid_evaluation_is_reported_as_a_server_failure(vllm_tiny_w8a8, tmp_path):
     """lm-eval must not turn a dead server into a score of zero."""
-    from requant.evaluation.lmeval import evaluate_model
+    from requant.evaluation.staged import evaluate_staged
 
     port = free_port()
-    cfg = EvaluationSettings(limit=40, num_fewshot=5, max_gen_toks=64, num_concurrent=2,
+    cfg = EvaluationSettings(tasks=["gsm8k_local"], task_limits={}, limit=40, num_fewshot=5, max_gen_toks=64, num_concurrent=2,
                              server=tiny_server_settings(port=port))
 
     def kill_when_busy() -> None:
@@ -91,65 +92,94 @@ def test_server_killed_mid_evaluation_is_reported_as_a_server_failure(vllm_tiny_
     killer.start()
     out = tmp_path / "eval" / "candidate"
     with pytest.raises(ServerError, match="exited with code"):
-        evaluate_model("candidate", vllm_tiny_w8a8, cfg, out, on_gpu=False)
+        evaluate_staged("candidate", vllm_tiny_w8a8, cfg, GateSettings(looks=[1.0]), out,
+                        on_gpu=False)
     killer.join(5)
     assert not out.exists()  # no result directory that could be mistaken for a finished one
     assert processes_mentioning("requant-candidate") == []
 
 
+def bos_first(result_dir: Path) -> list[str]:
+    """The first token id of every prompt vLLM logged (VLLM_LOGGING_LEVEL=DEBUG)."""
+    return re.findall(r"prompt_token_ids: \[(\d+)", (result_dir / "server.log").read_text())
+
+
+def logging_server(**kw) -> ServerSettings:
+    # Room for the whole prompt: lm-eval truncates long prompts from the left, which would cut
+    # the BOS off with the oldest tokens.
+    return tiny_server_settings(max_model_len=2048,
+                                extra_args=["--enable-log-requests", "--max-log-len", "8"],
+                                env={"VLLM_CPU_KVCACHE_SPACE": "1",
+                                     "VLLM_LOGGING_LEVEL": "DEBUG"}, **kw)
+
+
 @pytest.mark.usefixtures("prefect_server")
-def test_short_gsm8k_slice_against_served_models_and_cached_baseline(
+def test_staged_gsm8k_slice_against_served_models_gated_with_bos_and_cached_baseline(
         vllm_tiny_source, vllm_tiny_w8a8, tmp_path, monkeypatch):
     from requant.tasks.evaluation import evaluate_baseline, evaluate_candidate
 
     monkeypatch.chdir(ROOT)
-    cfg = EvaluationSettings(limit=8, num_fewshot=2, max_gen_toks=32, num_concurrent=4,
-                             # Room for the whole prompt: lm-eval truncates long prompts from
-                             # the left, which would cut the BOS off with the oldest tokens.
-                             server=tiny_server_settings(
-                                 max_model_len=2048,
-                                 extra_args=["--enable-log-requests", "--max-log-len", "8"],
-                                 env={"VLLM_CPU_KVCACHE_SPACE": "1",
-                                      "VLLM_LOGGING_LEVEL": "DEBUG"}))
+    cfg = EvaluationSettings(tasks=["gsm8k_local"], task_limits={}, limit=8, num_fewshot=2, max_gen_toks=32, num_concurrent=4,
+                             server=logging_server())
+    gate = GateSettings(rules=[GateRule(task="gsm8k_local", min_baseline=0.0)],
+                        looks=[0.5, 1.0], allow_inconclusive=True)
     record = {"model": str(vllm_tiny_source), "revision": None, "files": {"m": "1"}}
-    base = evaluate_baseline(cfg, record, vllm_tiny_source, tmp_path / "cache",
+    base = evaluate_baseline(cfg, gate, record, vllm_tiny_source, tmp_path / "cache",
                              tmp_path / "run1" / "baseline", False)
-    cand = evaluate_candidate(cfg, vllm_tiny_w8a8, tmp_path / "run1" / "candidate", False)
+    cand, decision = evaluate_candidate(cfg, gate, base, vllm_tiny_w8a8,
+                                        tmp_path / "run1" / "candidate", False)
+    key = "gsm8k_local|exact_match,strict-match"
+    assert base.stages == 2 and sorted(base.per_doc[key]) == list(range(8))
+    # a random tiny model scores 0 on both sides: undecided after look 1, inconclusive at 2
+    assert (decision.look, decision.looks, decision.status) == (2, 2, "inconclusive")
+    assert sorted(cand.per_doc[key]) == list(range(8))
     for result in (base, cand):
-        assert result.task == "gsm8k_local" and result.metric == "exact_match,strict-match"
-        assert sorted(result.per_doc) == list(range(8))
-        assert 0.0 <= result.score <= 1.0
+        assert set(result.per_doc) >= {key, "gsm8k_local|exact_match,flexible-extract"}
         assert "server_startup" in result.timings_s
         files = {p.name for p in result.result_dir.iterdir()}
-        assert {"results.json", "samples_gsm8k_local.jsonl", "server.log", "summary.json",
+        assert {"results_gsm8k_local_stage1.json", "results_gsm8k_local_stage2.json",
+                "samples_gsm8k_local.jsonl", "server.log", "summary.json", "per_doc.json",
                 "tasks"} <= files
         samples = [json.loads(line) for line in
                    (result.result_dir / "samples_gsm8k_local.jsonl").read_text().splitlines()]
         assert {(s["doc_id"], s["filter"]) for s in samples} == {
             (d, f) for d in range(8) for f in ("strict-match", "flexible-extract")}
         # add_bos_token reached the server: every logged prompt starts with BOS (<s> = 1).
-        log = (result.result_dir / "server.log").read_text()
-        prompts = re.findall(r"prompt_token_ids: \[(\d+)", log)
-        assert len(prompts) >= 8 and set(prompts) == {"1"}, log[-2000:]
+        firsts = bos_first(result.result_dir)
+        assert len(firsts) >= 8 and set(firsts) == {"1"}, firsts
     started = time.monotonic()
-    again = evaluate_baseline(cfg, record, vllm_tiny_source, tmp_path / "cache",
+    again = evaluate_baseline(cfg, gate, record, vllm_tiny_source, tmp_path / "cache",
                               tmp_path / "run2" / "baseline", False)
     assert again.cached and time.monotonic() - started < 30  # no server was started
-    assert again.per_doc == base.per_doc and again.score == base.score
+    assert again.per_doc == base.per_doc and again.evaluated_with == base.evaluated_with
     assert (tmp_path / "run2" / "baseline" / "cache.json").is_file()
+
+
+def test_add_bos_token_false_is_the_negative_control_no_prompt_starts_with_bos(
+        vllm_tiny_w8a8, tmp_path, monkeypatch):
+    from requant.evaluation.staged import evaluate_staged
+
+    monkeypatch.chdir(ROOT)
+    cfg = EvaluationSettings(tasks=["gsm8k_local"], task_limits={}, limit=4, num_fewshot=2, max_gen_toks=8, add_bos_token=False,
+                             server=logging_server())
+    result = evaluate_staged("candidate", vllm_tiny_w8a8, cfg, GateSettings(looks=[1.0]),
+                             tmp_path / "candidate", on_gpu=False)
+    firsts = bos_first(result.result_dir)
+    assert len(firsts) >= 4 and "1" not in firsts, firsts  # the same path, no BOS this time
 
 
 def test_in_process_vllm_backend_runs_the_seed_command_in_the_serving_env(vllm_tiny_w8a8,
                                                                           tmp_path, monkeypatch):
     """evaluation.backend=vllm: `lm_eval --model vllm ... add_bos_token=True` as the seed ran it."""
-    from requant.evaluation.lmeval import evaluate_model
+    from requant.evaluation.staged import evaluate_staged
 
     monkeypatch.chdir(ROOT)
-    cfg = EvaluationSettings(backend="vllm", limit=4, num_fewshot=1, max_gen_toks=16,
+    cfg = EvaluationSettings(backend="vllm", tasks=["gsm8k_local"], task_limits={}, limit=4, num_fewshot=1, max_gen_toks=16,
                              server=tiny_server_settings(max_model_len=2048))
-    result = evaluate_model("candidate", vllm_tiny_w8a8, cfg, tmp_path / "candidate",
-                            on_gpu=False)
-    assert result.task == "gsm8k_local" and sorted(result.per_doc) == [0, 1, 2, 3]
+    result = evaluate_staged("candidate", vllm_tiny_w8a8, cfg, GateSettings(), tmp_path /
+                             "candidate", on_gpu=False)
+    assert result.stages == 1  # one go: a stage would reload the model in-process
+    assert sorted(result.per_doc["gsm8k_local|exact_match,strict-match"]) == [0, 1, 2, 3]
     log = (tmp_path / "candidate" / "lm_eval.log").read_text()
     assert "add_bos_token=True" in log or "'add_bos_token': True" in log
     assert (tmp_path / "candidate" / "results.json").is_file()

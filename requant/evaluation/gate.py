@@ -1,30 +1,58 @@
 """The accuracy gate: may this candidate leave the machine?
 
-A pure function of two evaluations and the gate settings. The headline rule is the seed's
-(candidate / baseline >= min_recovery), but both models answered the same questions, so the
-decision also carries the paired view: per-question differences, a bootstrap confidence interval
-of the mean difference, and McNemar's exact test on the questions where they disagree. A ratio of
-two scores near zero is noise, so a baseline below ``min_baseline`` makes the gate inconclusive,
-and inconclusive fails closed unless the settings say otherwise.
+A pure function of two evaluation records and the gate settings, asked once per look while the
+candidate is evaluated in stages (``requant.evaluation.sequential`` has the statistics and why).
+Every rule (task, metric with filter, min_recovery, optional min score) must pass:
+
+- a rule PASSES when the paired interval for candidate - baseline lies above -δ, with
+  δ = (1 - min_recovery) x the baseline's score on the whole set;
+- it FAILS when the interval lies below -δ, or on a hard limit at any look: the candidate scores
+  0 where the baseline does not, or misses ``min_candidate_score``;
+- otherwise it needs more questions; at the last look it is INCONCLUSIVE.
+
+The gate refuses to compare records that were not evaluated alike (task files, few-shot,
+generation budget, BOS, server options, lm-eval and vLLM versions: their ``evaluated_with``)
+or whose documents do not match; that is a hard FAIL, never "inconclusive". ``allow_inconclusive``
+lets only an inconclusive result promote, never a failure.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from requant.settings import GateSettings
+from requant.evaluation.sequential import paired_interval, verdict
+from requant.settings import GateRule, GateSettings
 
-Status = Literal["pass", "fail", "inconclusive"]
+Status = Literal["pass", "fail", "inconclusive", "continue"]
+
+
+def rule_key(task: str, metric: str) -> str:
+    return f"{task}|{metric}"
 
 
 @dataclass(frozen=True)
-class Scores:
-    """One model's result on the gating task: the aggregate and the per-document scores."""
+class EvidenceRecord:
+    """What the gate reads of one model's evaluation: per rule, per document, and how."""
 
-    score: float
-    per_doc: dict[int, float]
+    per_doc: dict[str, dict[int, float]]  # rule_key -> doc id -> score
+    evaluated_with: dict[str, Any]
+
+
+@dataclass
+class RuleResult:
+    task: str
+    metric: str
+    status: Status
+    reasons: list[str]
+    questions: int
+    total: int
+    baseline_score: float  # whole set
+    candidate_score: float | None  # the questions evaluated so far
+    baseline_on_evaluated: float | None
+    recovery: float | None
+    delta: float
+    interval: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -32,141 +60,127 @@ class GateDecision:
     status: Status
     promote: bool
     reasons: list[str]
-    task: str
-    metric: str
-    baseline_score: float
-    candidate_score: float
-    recovery: float | None
-    paired: dict[str, Any] = field(default_factory=dict)
+    rules: list[RuleResult]
+    look: int  # 1-based
+    looks: int
+    questions: int  # candidate questions evaluated (largest over rules)
+    total: int
     thresholds: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def final(self) -> bool:
+        return self.status != "continue"
+
     def as_record(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"stopped_early": self.final and self.questions < self.total}
 
 
-def decide(
-    baseline: Scores, candidate: Scores, gate: GateSettings, *, task: str, metric: str
-) -> GateDecision:
-    reasons: list[str] = []
-    status: Status = "pass"
-    b, c = baseline.score, candidate.score
-    recovery = c / b if b > 0 else None
-    paired = paired_comparison(baseline.per_doc, candidate.per_doc, gate.confidence,
-                               gate.bootstrap_resamples)
+def comparability_problems(baseline: EvidenceRecord, candidate: EvidenceRecord,
+                           rules: list[GateRule]) -> list[str]:
+    problems = []
+    b_with, c_with = baseline.evaluated_with, candidate.evaluated_with
+    for key in sorted(set(b_with) | set(c_with)):
+        if b_with.get(key) != c_with.get(key):
+            problems.append(f"baseline and candidate were evaluated with different {key} "
+                            f"({b_with.get(key)!r} vs {c_with.get(key)!r}): not comparable. "
+                            "Re-evaluate the baseline (delete its cache entry) with the same "
+                            "settings.")
+    for rule in rules:
+        key = rule_key(rule.task, rule.metric)
+        if key not in baseline.per_doc or key not in candidate.per_doc:
+            problems.append(f"{rule.task} {rule.metric}: missing from the "
+                            f"{'baseline' if key not in baseline.per_doc else 'candidate'} "
+                            "record. Check the rule's task and metric,filter names.")
+        elif not set(candidate.per_doc[key]) <= set(baseline.per_doc[key]):
+            extra = len(set(candidate.per_doc[key]) - set(baseline.per_doc[key]))
+            problems.append(f"{rule.task} {rule.metric}: the candidate answered {extra} "
+                            "documents the baseline did not: not comparable.")
+    return problems
 
-    if set(baseline.per_doc) != set(candidate.per_doc):
-        status = "inconclusive"
-        reasons.append(
-            f"the evaluations scored different documents (baseline {len(baseline.per_doc)}, "
-            f"candidate {len(candidate.per_doc)}, common {paired['n']}): they are not "
-            "comparable. Rerun both with the same evaluation settings."
-        )
-    if b < gate.min_baseline:
-        status = "inconclusive"
-        reasons.append(
-            f"baseline {metric} {b:.4f} is below gate.min_baseline {gate.min_baseline:.4f}: a "
-            "recovery ratio on a near-zero score is noise. Gate a model that can do the task, "
-            "or lower gate.min_baseline deliberately."
-        )
-    if status != "inconclusive":
-        assert recovery is not None
-        if recovery >= gate.min_recovery:
-            reasons.append(f"recovery {recovery:.4f} >= gate.min_recovery {gate.min_recovery}")
-        else:
-            status = "fail"
-            reasons.append(f"recovery {recovery:.4f} < gate.min_recovery {gate.min_recovery} "
-                           f"(candidate {c:.4f} vs baseline {b:.4f})")
-        if gate.min_candidate_score is not None:
-            if c >= gate.min_candidate_score:
-                reasons.append(f"candidate {c:.4f} >= gate.min_candidate_score "
-                               f"{gate.min_candidate_score}")
-            else:
-                status = "fail"
-                reasons.append(f"candidate {c:.4f} < gate.min_candidate_score "
-                               f"{gate.min_candidate_score}")
-    if paired["n"]:
-        lo, hi = paired["ci_low"], paired["ci_high"]
-        reasons.append(
-            f"paired difference (candidate - baseline) {paired['mean_diff']:+.4f}, "
-            f"{gate.confidence:.0%} CI [{lo:+.4f}, {hi:+.4f}] over {paired['n']} documents; "
-            f"McNemar p = {paired['mcnemar_p']:.3g} ({paired['only_baseline']} only baseline "
-            f"right, {paired['only_candidate']} only candidate right)"
-        )
+
+def decide(baseline: EvidenceRecord, candidate: EvidenceRecord, gate: GateSettings, *,
+           look: int, looks: int, z: float) -> GateDecision:
+    """The decision after look ``look`` of ``looks`` (critical value ``z`` at this look)."""
+    problems = comparability_problems(baseline, candidate, gate.rules)
+    if problems:
+        return _decision("fail", problems, [], gate, look, looks, 0, 0)
+    results = [decide_rule(rule, baseline.per_doc[rule_key(rule.task, rule.metric)],
+                           candidate.per_doc[rule_key(rule.task, rule.metric)], z,
+                           last=look == looks)
+               for rule in gate.rules]
+    statuses = {r.status for r in results}
+    status: Status = ("fail" if "fail" in statuses else "pass" if statuses == {"pass"}
+                      else "continue" if look < looks else "inconclusive")
+    reasons = [f"{r.task} {r.metric}: {r.status}: {'; '.join(r.reasons)}" for r in results]
+    return _decision(status, reasons, results, gate, look, looks,
+                     max(r.questions for r in results), max(r.total for r in results))
+
+
+def _decision(status: Status, reasons: list[str], results: list[RuleResult],
+              gate: GateSettings, look: int, looks: int, questions: int,
+              total: int) -> GateDecision:
     promote = status == "pass" or (status == "inconclusive" and gate.allow_inconclusive)
     if status == "inconclusive":
-        reasons.append("inconclusive is allowed to promote (gate.allow_inconclusive=true)"
-                       if gate.allow_inconclusive else
-                       "inconclusive fails closed (gate.allow_inconclusive=false)")
-    return GateDecision(
-        status=status, promote=promote, reasons=reasons, task=task, metric=metric,
-        baseline_score=b, candidate_score=c, recovery=recovery, paired=paired,
-        thresholds=gate.model_dump(),
-    )
+        reasons = [*reasons, "inconclusive is allowed to promote (gate.allow_inconclusive=true)"
+                   if gate.allow_inconclusive else
+                   "inconclusive fails closed (gate.allow_inconclusive=false)"]
+    return GateDecision(status, promote, reasons, results, look, looks, questions, total,
+                        gate.model_dump(mode="json"))
 
 
-def paired_comparison(
-    base: dict[int, float], cand: dict[int, float], confidence: float, resamples: int,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Mean per-document difference with a seeded bootstrap CI, and McNemar's exact test."""
-    import numpy as np
-
-    docs = sorted(set(base) & set(cand))
-    n = len(docs)
-    if n == 0:
-        return {"n": 0, "mean_diff": None, "ci_low": None, "ci_high": None, "mcnemar_p": None,
-                "both_right": 0, "only_baseline": 0, "only_candidate": 0, "neither": 0,
-                "method": "paired bootstrap + McNemar exact"}
-    b = np.array([base[d] for d in docs], dtype=float)
-    c = np.array([cand[d] for d in docs], dtype=float)
-    diff = c - b
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(resamples, n))
-    means = diff[idx].mean(axis=1)
-    alpha = 1 - confidence
-    b_right, c_right = b >= 0.5, c >= 0.5
-    only_b = int((b_right & ~c_right).sum())
-    only_c = int((c_right & ~b_right).sum())
-    return {
-        "n": n,
-        "mean_diff": float(diff.mean()),
-        "ci_low": float(np.quantile(means, alpha / 2)),
-        "ci_high": float(np.quantile(means, 1 - alpha / 2)),
-        "confidence": confidence,
-        "mcnemar_p": mcnemar_exact_p(only_b, only_c),
-        "both_right": int((b_right & c_right).sum()),
-        "only_baseline": only_b,
-        "only_candidate": only_c,
-        "neither": int((~b_right & ~c_right).sum()),
-        "method": "paired bootstrap + McNemar exact",
-    }
-
-
-def mcnemar_exact_p(only_baseline: int, only_candidate: int) -> float:
-    """Two-sided exact McNemar test: a binomial test of the discordant pairs against 1/2."""
-    n = only_baseline + only_candidate
-    if n == 0:
-        return 1.0
-    k = min(only_baseline, only_candidate)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return min(1.0, 2 * tail)
+def decide_rule(rule: GateRule, base: dict[int, float], cand: dict[int, float], z: float,
+                last: bool) -> RuleResult:
+    docs = sorted(cand)
+    b_full = sum(base.values()) / len(base) if base else 0.0
+    delta = (1.0 - rule.min_recovery) * b_full
+    if not docs:
+        return RuleResult(rule.task, rule.metric, "continue" if not last else "inconclusive",
+                          ["no candidate answers yet"], 0, len(base), b_full, None, None, None,
+                          delta)
+    b_vals, c_vals = [base[d] for d in docs], [cand[d] for d in docs]
+    c_score, b_score = sum(c_vals) / len(docs), sum(b_vals) / len(docs)
+    iv = paired_interval(b_vals, c_vals, z)
+    reasons = [f"candidate {c_score:.4f} vs baseline {b_score:.4f} on {len(docs)} of "
+               f"{len(base)} questions; paired difference {iv.mean_diff:+.4f}, interval "
+               f"[{iv.low:+.4f}, {iv.high:+.4f}] at z={z:.3f}; tolerance -δ = {-delta:+.4f} "
+               f"(min_recovery {rule.min_recovery} x baseline {b_full:.4f})"]
+    status: Status = {"pass": "pass", "fail": "fail", "continue": "continue"}[verdict(iv, delta)]
+    if c_score == 0.0 and b_score > 0.0:
+        status = "fail"
+        reasons.append("hard limit: the candidate scores 0 where the baseline does not")
+    if status == "continue" and last:
+        status = "inconclusive"
+        reasons.append("the interval still straddles -δ on the whole set: more questions or "
+                       "a wider tolerance would decide it (docs/evaluation.md)")
+    if rule.min_candidate_score is not None and status in ("pass", "inconclusive") \
+            and c_score < rule.min_candidate_score:  # checked whenever the rule would stop
+        status = "fail"
+        reasons.append(f"hard limit: candidate {c_score:.4f} < min_candidate_score "
+                       f"{rule.min_candidate_score}")
+    recovery = c_score / b_score if b_score > 0 else None
+    return RuleResult(rule.task, rule.metric, status, reasons, len(docs), len(base), b_full,
+                      c_score, b_score, recovery, delta,
+                      {"low": iv.low, "high": iv.high, "z": z, "mean_diff": iv.mean_diff,
+                       "only_baseline": iv.only_baseline, "only_candidate": iv.only_candidate})
 
 
 def render_decision(d: GateDecision) -> str:
-    verdict = {"pass": "PASS", "fail": "FAIL", "inconclusive": "INCONCLUSIVE"}[d.status]
-    rec = f"{d.recovery:.4f}" if d.recovery is not None else "n/a (baseline 0)"
+    verdict_text = {"pass": "PASS", "fail": "FAIL", "inconclusive": "INCONCLUSIVE",
+                    "continue": "UNDECIDED"}[d.status]
     lines = [
-        f"# Gate: {verdict} — {'promote' if d.promote else 'nothing leaves the machine'}",
+        f"# Gate: {verdict_text} — {'promote' if d.promote else 'nothing leaves the machine'}",
         "",
-        f"Task `{d.task}`, metric `{d.metric}`.",
+        f"Look {d.look} of {d.looks}: {d.questions} of {d.total} candidate questions evaluated"
+        + (" (stopped early: the answer was clear)" if d.final and d.questions < d.total
+           else "") + ".",
         "",
-        "| | score |",
-        "| --- | --- |",
-        f"| baseline | {d.baseline_score:.4f} |",
-        f"| candidate | {d.candidate_score:.4f} |",
-        f"| recovery | {rec} |",
-        "",
-        "Reasons:",
-        *[f"- {r}" for r in d.reasons],
+        "| task | metric | baseline | candidate | interval (cand - base) | -δ | rule |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    return "\n".join(lines)
+    for r in d.rules:
+        iv = r.interval
+        cand = f"{r.candidate_score:.4f}" if r.candidate_score is not None else "n/a"
+        span = f"[{iv['low']:+.4f}, {iv['high']:+.4f}]" if iv else "n/a"
+        lines.append(f"| {r.task} | {r.metric} | {r.baseline_score:.4f} | {cand} | {span} | "
+                     f"{-r.delta:+.4f} | {r.status} |")
+    return "\n".join([*lines, "", "Reasons:", *[f"- {r}" for r in d.reasons]])

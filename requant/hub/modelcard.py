@@ -60,13 +60,12 @@ def render_card(
     source = manifest["source"]
     base_model = source["model"] if not source.get("local") else source["model"].rstrip("/") \
         .split("/")[-1]
-    eval_results = []
-    if candidate and gate:
-        eval_results.append(EvalResult(
-            task_type="text-generation", dataset_type=candidate["task"].removesuffix("_local"),
-            dataset_name=candidate["task"], metric_type=candidate["metric"].split(",")[0],
-            metric_value=round(candidate["score"], 4), metric_name=candidate["metric"],
-        ))
+    eval_results = [
+        EvalResult(task_type="text-generation", dataset_type=r["task"].removesuffix("_local"),
+                   dataset_name=r["task"], metric_type=r["metric"].split(",")[0],
+                   metric_value=round(r["candidate_score"], 4), metric_name=r["metric"])
+        for r in (gate or {}).get("rules", []) if r.get("candidate_score") is not None
+    ]
     data = ModelCardData(
         base_model=base_model, base_model_relation="quantized", pipeline_tag="text-generation",
         library_name="transformers", tags=["requant", "w8a8", "int8", "compressed-tensors", "vllm"],
@@ -96,26 +95,33 @@ def render_card(
 
 def eval_table(gate: dict[str, Any] | None, baseline: dict[str, Any] | None,
                candidate: dict[str, Any] | None) -> str:
-    if not (gate and baseline and candidate):
+    """Every gate rule's numbers: the scores on the questions the candidate answered, the
+    paired interval and the tolerance it had to clear."""
+    if not (gate and gate.get("rules")):
         return "Not evaluated."
-    rec = f"{gate['recovery']:.2%}" if gate.get("recovery") is not None else "n/a"
+    rows = []
+    for r in gate["rules"]:
+        iv = r.get("interval") or {}
+        rec = f"{r['recovery']:.2%}" if r.get("recovery") is not None else "n/a"
+        cand = f"{r['candidate_score']:.4f}" if r.get("candidate_score") is not None else "n/a"
+        base = (f"{r['baseline_on_evaluated']:.4f}" if r.get("baseline_on_evaluated")
+                is not None else f"{r['baseline_score']:.4f}")
+        span = f"[{iv['low']:+.4f}, {iv['high']:+.4f}]" if iv else "n/a"
+        rows.append(f"| {r['task']} | {r['metric']} | {base} | {cand} | {rec} | {span} | "
+                    f"{-r['delta']:+.4f} | {r['status']} | {r['questions']} of {r['total']} |")
     return "\n".join([
-        f"| model | {candidate['task']} ({candidate['metric']}) |",
-        "| --- | --- |",
-        f"| baseline (unquantized) | {baseline['score']:.4f} |",
-        f"| this model (W8A8) | {candidate['score']:.4f} |",
-        f"| recovery | {rec} |",
-        "",
-        f"{candidate['documents']} documents; lm-eval against the model served by vLLM.",
+        "| task | metric | baseline | this model | recovery | paired interval | -δ | rule | "
+        "questions |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |", *rows, "",
+        "lm-eval against the model served by vLLM; baseline and this model answered the same "
+        "questions. A rule passes when the paired interval (this model - baseline) lies above "
+        "-δ.",
     ])
 
 
 def gate_note(gate: dict[str, Any] | None) -> str:
-    if not gate:
+    if not gate or not gate.get("rules"):
         return ""
-    paired = gate.get("paired") or {}
-    if paired.get("n"):
-        return (f" (paired difference {paired['mean_diff']:+.4f}, "
-                f"{paired.get('confidence', 0.95):.0%} CI [{paired['ci_low']:+.4f}, "
-                f"{paired['ci_high']:+.4f}])")
-    return ""
+    early = ", stopped early" if gate.get("stopped_early") else ""
+    return (f" (look {gate['look']} of {gate['looks']}, {gate['questions']} of {gate['total']} "
+            f"questions{early}; one-sided {gate['thresholds']['confidence']:.0%} per rule)")

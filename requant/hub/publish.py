@@ -60,10 +60,11 @@ def collect_files(checkpoint: Path, eval_dir: Path | None, gate_dir: Path | None
     for label in ("baseline", "candidate"):
         base = eval_dir / label if eval_dir else None
         if base and base.is_dir():
-            for name in ("results.json", "summary.json"):
+            for name in ("summary.json", "per_doc.json"):
                 if (base / name).is_file():
                     files.append((f"eval/{label}/{name}", base / name))
-            files += [(f"eval/{label}/{p.name}", p) for p in sorted(base.glob("samples_*.jsonl"))]
+            files += [(f"eval/{label}/{p.name}", p) for pattern in ("results_*.json",
+                      "samples_*.jsonl") for p in sorted(base.glob(pattern))]
     if gate_dir and (gate_dir / "decision.json").is_file():
         files.append(("eval/gate-decision.json", gate_dir / "decision.json"))
     return files
@@ -86,8 +87,9 @@ def commit_message(manifest: dict[str, Any], gate: dict[str, Any] | None) -> tup
     scheme = manifest["recipe"].get("scheme") or "custom recipe"
     rev = (src.get("revision") or "local")[:12]
     if gate:
-        rec = f"{gate['recovery']:.4f}" if gate.get("recovery") is not None else "n/a"
-        gate_part = f"gate {gate['status']} (recovery {rec})"
+        recs = [f"{r['recovery']:.4f}" for r in gate.get("rules", [])
+                if r.get("recovery") is not None]
+        gate_part = f"gate {gate['status']} (recovery {', '.join(recs) or 'n/a'})"
     else:
         gate_part = "not gated"
     summary = f"requant: {scheme} of {src['model']}@{rev}, {gate_part}"

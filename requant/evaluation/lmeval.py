@@ -1,0 +1,186 @@
+"""Running lm-eval against the model as vLLM serves it, and the record of what it found.
+
+We evaluate what we will ship: the checkpoint runs in a real vLLM server (serving environment,
+a process) and lm-eval's ``local-completions`` model sends it tokenized requests over HTTP, so
+``add_bos_token`` takes effect exactly as configured. A record keeps every question's score for
+every metric (the gate's paired evidence) and ``evaluated_with``: everything that changes a
+score, so the gate can refuse to compare unlike records and the baseline cache can key on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from requant.errors import ServerError
+from requant.evaluation.gate import EvidenceRecord, rule_key
+from requant.evaluation.progress import RequestCounter, counting_completions_model
+from requant.evaluation.tasks import (
+    effective_looks,
+    task_data_hashes,
+    task_dir,
+    task_fewshot,
+    task_limit,
+)
+from requant.hashing import fingerprint
+from requant.progress import Report, no_progress, polling
+from requant.serving.server import log_tail, serving_python
+from requant.settings import EvaluationSettings, GateSettings, ServerSettings
+
+
+@dataclass(frozen=True)
+class ModelEvaluation:
+    label: str  # "baseline" | "candidate"
+    model: str
+    per_doc: dict[str, dict[int, float]]  # "task|metric,filter" -> question -> score
+    totals: dict[str, int]  # task -> questions in its (limited) set
+    evaluated_with: dict[str, Any]
+    result_dir: Path
+    cached: bool = False
+    timings_s: dict[str, float] = field(default_factory=dict)
+    stages: int = 0
+
+    def scores(self) -> dict[str, float]:
+        return {k: sum(v.values()) / len(v) for k, v in self.per_doc.items() if v}
+
+    def score(self, task: str, metric: str) -> float | None:
+        return self.scores().get(rule_key(task, metric))
+
+    def evidence(self) -> EvidenceRecord:
+        return EvidenceRecord(self.per_doc, self.evaluated_with)
+
+    def as_record(self) -> dict[str, Any]:
+        return {"label": self.label, "model": self.model, "scores": self.scores(),
+                "questions": {k: len(v) for k, v in self.per_doc.items()},
+                "totals": self.totals, "evaluated_with": self.evaluated_with,
+                "result_dir": str(self.result_dir), "cached": self.cached,
+                "timings_s": self.timings_s, "stages": self.stages}
+
+
+def save_record(folder: Path, evaluation: ModelEvaluation) -> None:
+    from requant.atomic import write_json_atomic
+
+    write_json_atomic(folder / "summary.json", evaluation.as_record())
+    write_json_atomic(folder / "per_doc.json", {k: {str(d): s for d, s in v.items()}
+                                                for k, v in evaluation.per_doc.items()})
+
+
+def load_record(label: str, folder: Path, *, cached: bool) -> ModelEvaluation:
+    summary = json.loads((folder / "summary.json").read_text())
+    per_doc = {k: {int(d): s for d, s in v.items()}
+               for k, v in json.loads((folder / "per_doc.json").read_text()).items()}
+    return ModelEvaluation(label, summary["model"], per_doc, summary["totals"],
+                           summary["evaluated_with"], folder, cached, summary["timings_s"],
+                           summary["stages"])
+
+
+@lru_cache(maxsize=8)
+def serving_vllm_version(python: str) -> str:
+    """The vLLM the evaluation servers run (the serving environment's, not ours)."""
+    out = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('vllm'))"],
+                         capture_output=True, text=True, check=False, timeout=120)
+    return out.stdout.strip() or f"unknown ({out.stderr.strip()[-200:]})"
+
+
+def evaluated_with(cfg: EvaluationSettings, gate: GateSettings) -> dict[str, Any]:
+    """Everything that changes a score or the questions asked; equal for comparable records."""
+    server: ServerSettings = cfg.server
+    return {
+        "tasks": list(cfg.tasks),
+        "task_files": fingerprint(task_data_hashes(task_dir(cfg))),
+        "num_fewshot": {t: task_fewshot(cfg, t) for t in cfg.tasks},
+        "limits": {t: task_limit(cfg, t) for t in cfg.tasks},
+        "max_gen_toks": cfg.max_gen_toks,
+        "add_bos_token": cfg.add_bos_token,
+        "backend": cfg.backend,
+        "server": server.model_dump(mode="json", include={
+            "max_model_len", "max_num_seqs", "max_num_batched_tokens", "enforce_eager",
+            "extra_args"}),
+        "lm_eval": metadata.version("lm_eval"),
+        "vllm": serving_vllm_version(str(serving_python(server))),
+        "looks": effective_looks(cfg, gate),
+        "order_seed": gate.order_seed,
+    }
+
+
+def baseline_cache_key(source_record: dict[str, Any], with_: dict[str, Any]) -> str:
+    return fingerprint({"source": {k: source_record.get(k) for k in ("model", "revision",
+                                                                    "files")},
+                        "evaluated_with": with_})
+
+
+def per_doc_scores(task: str, samples: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """rule key -> question -> score, for every metric and filter lm-eval logged."""
+    out: dict[str, dict[int, float]] = {}
+    for row in samples:
+        for metric in row.get("metrics") or []:
+            value = row.get(metric)
+            if isinstance(value, bool | int | float):
+                key = rule_key(task, f"{metric},{row.get('filter', 'none')}")
+                out.setdefault(key, {})[int(row["doc_id"])] = float(value)
+    return out
+
+
+def run_lm_eval_on_server(
+    tokenizer_dir: Path, base_url: str, served_name: str, cfg: EvaluationSettings,
+    include_path: Path | None, task: str, questions: list[int], label: str = "model",
+    report: Report = no_progress,
+) -> dict[str, Any]:
+    """One task, the given questions (lm-eval's ``samples``), through the running server."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    counter = RequestCounter(base_url, f"{label} {task}", report)
+    model = counting_completions_model(
+        counter, model=served_name, base_url=f"{base_url}/v1/completions",
+        tokenizer=str(tokenizer_dir), tokenizer_backend="huggingface",
+        tokenized_requests=True,  # needed for add_bos_token to reach the server
+        add_bos_token=cfg.add_bos_token, num_concurrent=cfg.num_concurrent, max_retries=3,
+        max_gen_toks=cfg.max_gen_toks, max_length=cfg.server.max_model_len, timeout=600,
+    )
+    with polling(counter.poll):
+        results = lm_eval.simple_evaluate(
+            model=model, tasks=[task], num_fewshot=task_fewshot(cfg, task),
+            samples={task: questions}, log_samples=True,
+            task_manager=TaskManager(include_path=str(include_path) if include_path else None),
+        )
+    counter.poll()
+    return results
+
+
+def run_lm_eval_in_vllm(
+    model: Path, cfg: EvaluationSettings, include_path: Path | None, out: Path, log: Path,
+) -> dict[str, Any]:
+    """The seed's command (lm_eval --model vllm ...) in the serving environment's process:
+    every task in one go, one look for the gate."""
+    args = {"pretrained": str(model), "add_bos_token": cfg.add_bos_token,
+            "max_model_len": cfg.server.max_model_len, "max_gen_toks": cfg.max_gen_toks,
+            "enforce_eager": cfg.server.enforce_eager is not False}
+    cmd = [str(serving_python(cfg.server)), "-m", "lm_eval", "--model", "vllm",
+           "--model_args", ",".join(f"{k}={v}" for k, v in args.items()),
+           "--tasks", ",".join(cfg.tasks), "--num_fewshot", str(cfg.num_fewshot),
+           "--batch_size", "auto", "--log_samples", "--output_path", str(out)]
+    if cfg.limit:
+        cmd += ["--limit", str(cfg.limit)]
+    if include_path:
+        cmd += ["--include_path", str(include_path)]
+    with log.open("ab") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=False,
+                              env={**os.environ, **cfg.server.env})
+    if proc.returncode != 0:
+        raise ServerError(f"lm-eval (vllm backend) failed with code {proc.returncode}.\n"
+                          f"{log_tail(log)}")
+    (results_file,) = sorted(out.rglob("results_*.json"))[-1:]
+    results = json.loads(results_file.read_text())
+    results["samples"] = {
+        name: [json.loads(line) for f in sorted(out.rglob(f"samples_{name}_*.jsonl"))
+               for line in f.read_text().splitlines() if line.strip()]
+        for name in cfg.tasks
+    }
+    return results
