@@ -178,8 +178,8 @@ def test_ui_custom_run_with_a_changed_parameter_completes_showing_progress(
                 while "requant-progress-quantization" not in (during := running_progress(run_id)):
                     assert time.monotonic() < deadline, "no progress artifact while running"
                     time.sleep(0.5)
-                page.goto(f"{platform.url}/runs/flow-run/{run_id}?tab=Artifacts",
-                          wait_until="networkidle")
+                page.goto(f"{platform.url}/runs/flow-run/{run_id}", wait_until="networkidle")
+                page.get_by_text("Artifacts", exact=True).first.click()  # the run's tab
                 page.get_by_text("requant-progress-quantization").first.wait_for(timeout=30_000)
                 page.screenshot(path=str(ARTIFACTS / "ui-progress-during-run.png"), full_page=True)
                 still_running = running_progress(run_id)  # {} once the run is final
