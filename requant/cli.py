@@ -90,8 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"({summary['already_published']['run_id']}); --set force=true to redo it")
         return EXIT_OK
     print(f"\ncheckpoint: {summary['checkpoint']}\nrun directory: {summary['run_dir']}")
-    if summary["gate"]:
-        print(gate_line(summary["gate"]).replace("- **gate**", "gate"))
+    print(gate_line(summary["gate"]).replace("- **gate**", "gate"))
     print(publish_line(summary["publish"]).replace("- **publish**", "publish"))
     print(rollout_line(summary["rollout"]).replace("- **rollout**", "rollout"))
     if summary["rollout"] and summary["rollout"].get("target") == "local":

@@ -146,3 +146,23 @@ def test_prune_ages_accept_days_hours_and_seconds(text, seconds):
     from requant.runs import parse_age
 
     assert parse_age(text) == seconds
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_run_quantizes_through_the_flow_and_exits_0_printing_where_things_are(
+        tiny_model, chat_file, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # the test's server
+    proc = subprocess.run(
+        [REQUANT, "run", "--set", f"source.model={tiny_model}",
+         "--set", f"calibration.dataset={chat_file}", "--set", "calibration.num_samples=8",
+         "--set", "calibration.max_seq_len=128", "--set", "evaluation.enabled=false",
+         "--set", "rollout.target=none", *settings_for(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert f"run directory: {run_dir}" in proc.stdout
+    assert f"checkpoint: {run_dir / 'checkpoint'}" in proc.stdout
+    assert "gate: not run" in proc.stdout  # evaluation off: said, and nothing published
+    assert "[quantization] 100.0%" in proc.stderr  # the terminal progress line
