@@ -39,9 +39,10 @@ def postgres_server(root: Path, database: str = "prefect") -> Iterator[str]:
         shutil.chown(root, "postgres")
         shutil.chown(sock, "postgres")
     user = "prefect"
-    subprocess.run(_as_owner([str(bindir / "initdb"), "-D", str(data), "-U", user,
-                              "--auth=trust", "--no-sync"]),
-                   check=True, capture_output=True, timeout=120)
+    made = subprocess.run(_as_owner([str(bindir / "initdb"), "-D", str(data), "-U", user,
+                                     "--auth=trust", "--no-sync"]),
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, f"initdb failed: {made.stdout[-1500:]}{made.stderr[-1500:]}"
     port = free_port()
     log = root / "postgres.log"
     opts = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"

@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.slow, needs_vllm,
 def pg_platform(tmp_path_factory):
     # PostgreSQL runs as its own user: its folder must not sit under pytest's root-only tmp.
     root = Path(tempfile.mkdtemp(prefix="requant-pg-"))
+    root.chmod(0o755)  # mkdtemp makes it root-only; the cluster's own folder is the private one
     try:
         with postgres_server(root / "cluster") as url, running_platform(
                 tmp_path_factory.mktemp("prefect-pg-home"),

@@ -182,4 +182,5 @@ def test_in_process_vllm_backend_runs_the_seed_command_in_the_serving_env(vllm_t
     assert sorted(result.per_doc["gsm8k_local|exact_match,strict-match"]) == [0, 1, 2, 3]
     log = (tmp_path / "candidate" / "lm_eval.log").read_text()
     assert "add_bos_token=True" in log or "'add_bos_token': True" in log
-    assert (tmp_path / "candidate" / "results.json").is_file()
+    assert (tmp_path / "candidate" / "results_stage1.json").is_file()
+    assert (tmp_path / "candidate" / "per_doc.json").is_file()

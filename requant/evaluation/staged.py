@@ -59,7 +59,9 @@ def evaluate_staged(
         if cfg.backend == "vllm":
             results = run_lm_eval_in_vllm(model_dir, cfg, rendered, tmp / "lm_eval_output",
                                           tmp / "lm_eval.log")
-            per_doc = _merge({}, {t: results["samples"].get(t, []) for t in cfg.tasks}, tmp, 0)
+            samples = results.pop("samples", {})
+            write_json_atomic(tmp / "results_stage1.json", results)
+            per_doc = _merge({}, {t: samples.get(t, []) for t in cfg.tasks}, tmp, 0)
             evaluation = ModelEvaluation(label, str(model_dir), per_doc, sizes, with_, out_dir,
                                          timings_s={}, stages=1)
             if stop:
