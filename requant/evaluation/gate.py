@@ -144,7 +144,7 @@ def decide_rule(rule: GateRule, base: dict[int, float], cand: dict[int, float], 
                f"{len(base)} questions; paired difference {iv.mean_diff:+.4f}, interval "
                f"[{iv.low:+.4f}, {iv.high:+.4f}] at z={z:.3f}; tolerance -δ = {-delta:+.4f} "
                f"(min_recovery {rule.min_recovery} x baseline {b_full:.4f})"]
-    status: Status = {"pass": "pass", "fail": "fail", "continue": "continue"}[verdict(iv, delta)]
+    status: Status = verdict(iv.low, iv.high, delta)
     if c_score == 0.0 and b_score > 0.0:
         status = "fail"
         reasons.append("hard limit: the candidate scores 0 where the baseline does not")

@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from requant.atomic import write_json_atomic
 from requant.errors import ServerError
 from requant.evaluation.gate import EvidenceRecord, rule_key
 from requant.evaluation.progress import RequestCounter, counting_completions_model
@@ -64,8 +65,6 @@ class ModelEvaluation:
 
 
 def save_record(folder: Path, evaluation: ModelEvaluation) -> None:
-    from requant.atomic import write_json_atomic
-
     write_json_atomic(folder / "summary.json", evaluation.as_record())
     write_json_atomic(folder / "per_doc.json", {k: {str(d): s for d, s in v.items()}
                                                 for k, v in evaluation.per_doc.items()})

@@ -55,7 +55,7 @@ def simulate(*, recovery: float, discordance: float, min_recovery: float, questi
         result = "inconclusive"
         for n, z in zip(sizes, zs, strict=True):
             low, high = binary_interval(n, int(cum_b[r, n - 1]), int(cum_c[r, n - 1]), z)
-            v = verdict_from(low, high, float(deltas[r]))
+            v = verdict(low, high, float(deltas[r]))
             if v != "continue":
                 result = v
                 break
@@ -64,9 +64,3 @@ def simulate(*, recovery: float, discordance: float, min_recovery: float, questi
     return Characteristics(recovery, discordance, runs, outcome.count("pass") / runs,
                            outcome.count("fail") / runs, outcome.count("inconclusive") / runs,
                            float(np.median(used)), float(np.mean(used)))
-
-
-def verdict_from(low: float, high: float, delta: float) -> str:
-    from requant.evaluation.sequential import PairedInterval
-
-    return verdict(PairedInterval(0, 0.0, low, high, 0.0, 0, 0), delta)

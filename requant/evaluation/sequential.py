@@ -104,10 +104,11 @@ def paired_interval(base: list[float], cand: list[float], z: float) -> PairedInt
     return PairedInterval(n, mean, low, high, z, only_b, only_c)
 
 
-def verdict(interval: PairedInterval, delta: float) -> Verdict:
-    if interval.low > -delta:
+def verdict(low: float, high: float, delta: float) -> Verdict:
+    """Where an interval (low, high) for candidate - baseline lies against -δ."""
+    if low > -delta:
         return "pass"
-    if interval.high < -delta:
+    if high < -delta:
         return "fail"
     return "continue"
 

@@ -47,11 +47,12 @@ StopRule = Callable[[ModelEvaluation, int, int], bool]
 def evaluate_staged(
     label: str, model_dir: Path, cfg: EvaluationSettings, gate: GateSettings, out_dir: Path,
     *, on_gpu: bool, report: Report = no_progress, stop: StopRule | None = None,
+    with_: dict[str, Any] | None = None,
 ) -> ModelEvaluation:
     """Serve ``model_dir`` and answer the stages until ``stop`` says so; writes ``out_dir``
     atomically (per-question scores, lm-eval's samples and results, the summary)."""
     started = time.monotonic()
-    with_ = evaluated_with(cfg, gate)
+    with_ = with_ if with_ is not None else evaluated_with(cfg, gate)
     with atomic_directory(out_dir) as tmp:
         include = task_dir(cfg)
         rendered = render_task_dir(include, tmp / "tasks") if include else None
@@ -134,7 +135,8 @@ def evaluate_baseline_cached(
 ) -> ModelEvaluation:
     """The unquantized source on every stage, from the cache when nothing that determines it
     changed (source identity + everything in ``evaluated_with``)."""
-    key = baseline_cache_key(source_record, evaluated_with(cfg, gate))
+    with_ = evaluated_with(cfg, gate)
+    key = baseline_cache_key(source_record, with_)
     cached = Path(cache_dir) / "baseline-eval" / key
     if (cached / "summary.json").is_file():
         with atomic_directory(out_dir) as tmp:
@@ -142,7 +144,7 @@ def evaluate_baseline_cached(
             write_json_atomic(tmp / "cache.json", {"key": key, "from": str(cached)})
         return load_record("baseline", out_dir, cached=True)
     result = evaluate_staged("baseline", model_dir, cfg, gate, out_dir, on_gpu=on_gpu,
-                             report=report)
+                             report=report, with_=with_)
     with atomic_directory(cached) as tmp:
         shutil.copytree(out_dir, tmp, dirs_exist_ok=True)
     return result
