@@ -97,6 +97,21 @@ def wait_final(flow_run_id, timeout_s: float):
             time.sleep(2)
 
 
+def wait_events(client, prefix: str, match, timeout_s: float = 60) -> list[dict]:
+    """Events the server stores a few seconds after a run emits them (its event persister
+    flushes in batches): poll until one matches, and fail at the deadline."""
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    body = {"filter": EventFilter(event=EventNameFilter(prefix=[prefix])).model_dump(mode="json")}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        events = client.request("POST", "/events/filter", json=body).json()["events"]
+        if [e for e in events if match(e)]:
+            return events
+        assert time.monotonic() < deadline, f"no {prefix}* event matched in {timeout_s} s"
+        time.sleep(1)
+
+
 def tiny_settings(tmp_path: Path, model: Path, **sections) -> dict:
     data = write_jsonl(tmp_path / "calib.jsonl", [{"text": r["question"]} for r in gsm8k_rows(8)])
     base = {

@@ -88,7 +88,6 @@ def test_passing_run_publishes_emits_event_rolls_out_inline_and_a_rerun_is_a_qui
         vllm_tiny_source, tmp_path, monkeypatch):
     from huggingface_hub import HfApi
     from prefect.client.orchestration import get_client
-    from prefect.events.filters import EventFilter, EventNameFilter
 
     from requant.flows.requantize import requantize
     from requant.rollout.local import router_status, shutdown_local
@@ -96,6 +95,7 @@ def test_passing_run_publishes_emits_event_rolls_out_inline_and_a_rerun_is_a_qui
     from requant.serving.server import free_port
     from tests.conftest import tiny_server_settings
     from tests.fakehub import FakeHub
+    from tests.platformkit import wait_events
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_TOKEN", "hf_inlinetest")
@@ -141,9 +141,9 @@ def test_passing_run_publishes_emits_event_rolls_out_inline_and_a_rerun_is_a_qui
             shutdown_local(settings)
 
     with get_client(sync_client=True) as client:
-        events = client.request("POST", "/events/filter", json={"filter": EventFilter(
-            event=EventNameFilter(prefix=["requant.gate."])).model_dump(mode="json")}).json()
-    passed = [e for e in events["events"] if e["event"] == "requant.gate.passed"
+        events = wait_events(client, "requant.gate.",
+                             lambda e: e["payload"].get("run_id") == first["run_id"])
+    passed = [e for e in events if e["event"] == "requant.gate.passed"
               and e["payload"]["run_id"] == first["run_id"]]
     assert passed and passed[0]["payload"]["revision"] == sha
     assert passed[0]["resource"]["prefect.resource.id"] == "requant.model.acme/inline"

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import needs_vllm
 from tests.pgserver import pg_bin, postgres_server
-from tests.platformkit import TOKEN, running_platform, tiny_settings, wait_final
+from tests.platformkit import TOKEN, running_platform, tiny_settings, wait_events, wait_final
 
 pytestmark = [pytest.mark.slow, needs_vllm,
               pytest.mark.skipif(pg_bin() is None, reason="scripts/setup_system.sh installs "
@@ -51,7 +51,6 @@ def test_deployment_run_by_workers_is_stored_in_postgresql_with_artifacts_and_ga
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
     from prefect.deployments import run_deployment
-    from prefect.events.filters import EventFilter, EventNameFilter
 
     platform, url = pg_platform
     params = tiny_settings(tmp_path, vllm_tiny_source, rollout={"target": "none"})
@@ -63,15 +62,15 @@ def test_deployment_run_by_workers_is_stored_in_postgresql_with_artifacts_and_ga
         assert run.state.is_completed(), run.state
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
-        events = client.request("POST", "/events/filter", json={"filter": EventFilter(
-            event=EventNameFilter(prefix=["requant.gate."])).model_dump(mode="json")}).json()
+        events = wait_events(client, "requant.gate.",
+                             lambda e: e["payload"].get("run_id") == str(run.id))
 
     keys = {a.key for a in artifacts}
     assert {"requant-run-summary", "gate-decision", "calibration-stats",
             "requant-progress-quantization", "requant-progress-evaluation-candidate"} <= keys
     progress = next(a for a in artifacts if a.key == "requant-progress-quantization")
     assert progress.type == "progress" and progress.data == 100
-    (passed,) = [e for e in events["events"] if e["payload"].get("run_id") == str(run.id)]
+    (passed,) = [e for e in events if e["payload"].get("run_id") == str(run.id)]
     assert passed["event"] == "requant.gate.passed"
     assert TOKEN not in json.dumps(events)
     # the rows really are in PostgreSQL, not in a SQLite file next to the server
