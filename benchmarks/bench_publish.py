@@ -26,7 +26,7 @@ os.environ["HF_HUB_DISABLE_XET"] = "1"  # the local server speaks LFS, not Xet
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from requant.hashing import fingerprint  # noqa: E402
+from requant.hashing import fingerprint, sha256_file  # noqa: E402
 from requant.hub.publish import publish_checkpoint  # noqa: E402
 from requant.settings import HubSettings  # noqa: E402
 from tests.fakehub import FakeHub  # noqa: E402
@@ -81,7 +81,8 @@ def main() -> None:
         report["commit-500"] = {"first_attempt": first, "retry": retry,
                                 "bytes_resent_on_retry": retry["bytes"]}
     with FakeHub(TOKEN, work / "s3") as hub:
-        hub.state.inject("lfs-put", f"drop:{weights // 2}")
+        oid = sha256_file(ckpt / "model.safetensors")  # the weights' PUT, not whichever is first
+        hub.state.inject(f"lfs-put:{oid}", f"drop:{weights // 2}")
         dropped = attempt(hub, ckpt, manifest, work / "o5")
         report["drop-mid-upload"] = dropped | {
             "bytes_over_checkpoint": dropped["bytes"] - size,

@@ -59,6 +59,15 @@ class RolloutFailed(RequantError, RuntimeError):
         self.release, self.check, self.reason, self.report = release, check, reason, report or {}
 
 
+class PublishError(RequantError, RuntimeError):
+    """The Hub refused a publish or a marker move; the message names the setting to fix.
+    Nothing was promoted; a commit may exist, and a re-run finds it (publishing is idempotent)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def is_transient(exc: BaseException) -> bool:
     """Network faults and 5xx/429 are worth a retry; 4xx (bad token, no access) are not."""
     import httpx

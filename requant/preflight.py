@@ -5,7 +5,7 @@ fails in seconds, not after an hour of calibration."""
 from __future__ import annotations
 
 from requant.evaluation.tasks import validate_tasks
-from requant.hub.publish import check_publish_settings
+from requant.hub.client import check_publish_settings
 from requant.quantization.hardware import Accelerator, check_scheme_supported, detect_accelerator
 from requant.quantization.recipes import ResolvedRecipe, resolve_recipe
 from requant.serving.server import serving_python

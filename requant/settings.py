@@ -55,6 +55,13 @@ class SourceSettings(_Section):
         description="Hub branch, tag or commit. The manifest records the commit it resolved to.",
     )
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the repo.")
+    hub_id: str | None = Field(
+        None,
+        description="For a local directory: the Hub model id it was downloaded from, so the "
+        "published card can name its base_model (the Hub accepts only Hub ids there). None: the "
+        "card leaves base_model out and says why. A Hub id in `model` is used as is.",
+        pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$",
+    )
 
 
 class CalibrationSettings(_Section):
@@ -418,6 +425,14 @@ class PipelineSettings(_Section):
         if str(value).strip() in {"", "."}:
             raise ValueError("must name a directory other than the working directory")
         return value
+
+    @model_validator(mode="after")
+    def _no_secrets(self) -> PipelineSettings:
+        from requant.secret_scan import refusal, secret_like_fields
+
+        if found := secret_like_fields(self):
+            raise ValueError(refusal(found))
+        return self
 
     @model_validator(mode="after")
     def _rules_name_evaluated_tasks(self) -> PipelineSettings:

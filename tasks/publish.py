@@ -10,7 +10,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
 from requant.errors import retry_transient
-from requant.hub.publish import PublishResult, publish_checkpoint, resolve_token
+from requant.hub.client import resolve_token
+from requant.hub.publish import PublishResult, publish_checkpoint
 from requant.settings import HubSettings
 
 

@@ -13,7 +13,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
 from requant.errors import RolloutFailed, retry_transient
-from requant.hub.publish import move_production_marker, resolve_token
+from requant.hub.client import resolve_token
+from requant.hub.marker import move_production_marker
 from requant.progress import StageProgress
 from requant.report import render_rollout
 from requant.rollout.kubernetes import rollout_kubernetes

@@ -28,8 +28,11 @@ REPO = "acme/tiny-chat"
 
 
 def production_sha(api: HfApi) -> str | None:
-    refs = {b.name: b.target_commit for b in api.list_repo_refs(REPO).branches}
-    return refs.get("production")
+    """The commit the production branch mirrors (it moves by commits, never deleted)."""
+    from requant.hub.marker import production_revision
+    from requant.settings import HubSettings
+
+    return production_revision(HubSettings(repo_id=REPO, endpoint=api.endpoint), TOKEN)
 
 
 def test_promote_moves_the_marker_only_after_a_verified_rollout_and_rolls_back_on_request(

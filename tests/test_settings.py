@@ -97,3 +97,29 @@ def test_flow_parameters_expose_settings_as_a_ui_form():
     calib = definitions["CalibrationSettings"]["properties"]
     assert calib["num_samples"]["exclusiveMinimum"] == 0
     assert "description" in calib["max_seq_len"]
+
+
+@pytest.mark.parametrize(("override", "field"), [
+    ("evaluation.server.env={HF_TOKEN: abc123}", "evaluation.server.env.HF_TOKEN"),
+    ("evaluation.server.env={MY_API_KEY: abc123}", "evaluation.server.env.MY_API_KEY"),
+    ("evaluation.server.env={AWS_SECRET_ACCESS_KEY: abc}", "evaluation.server.env."
+     "AWS_SECRET_ACCESS_KEY"),
+    ("evaluation.server.extra_args=[--api-key, abc123]", "evaluation.server.extra_args.1"),
+    ("hub.endpoint='Bearer abcdefghijkl'", "hub.endpoint"),
+    ("source.revision=hf_abcdefghijklmnopqrstuvwxyz0123", "source.revision"),
+])
+def test_settings_that_look_like_secrets_are_refused_naming_the_field_never_the_value(
+        override, field):
+    with pytest.raises(SettingsError) as err:
+        load_settings(None, [override])
+    message = str(err.value)
+    assert f"{field}: looks like a secret" in message
+    assert "$HF_TOKEN or a Prefect Secret block" in message
+    assert "abc123" not in message and "abcdefghijkl" not in message
+
+
+def test_secret_block_names_and_ordinary_env_are_not_secrets():
+    s = load_settings(None, ["hub.token_secret=requant-hf-token",
+                             "evaluation.server.env={VLLM_CPU_KVCACHE_SPACE: '4', "
+                             "HF_TOKEN: ''}"])
+    assert s.hub.token_secret == "requant-hf-token"

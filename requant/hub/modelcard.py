@@ -7,7 +7,10 @@ person reads: scores, recipe, calibration, versions, and how to serve it with vL
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 TEMPLATE = """---
 {{ card_data }}
@@ -15,9 +18,9 @@ TEMPLATE = """---
 
 # {{ title }}
 
-W8A8 quantization of [{{ base_model }}]({{ base_link }}){{ base_revision_note }}: INT8 weights
-(per-channel) and dynamic per-token INT8 activations, in the compressed-tensors format, made by
-requant with llm-compressor {{ versions.llmcompressor }}. `lm_head` is left unquantized.
+{{ scheme_title }} quantization of {{ base_line }}{{ base_revision_note }}: {{ scheme_text }},
+in the compressed-tensors format, made by requant with llm-compressor {{ versions.llmcompressor }}
+({{ algorithms }}). {{ ignored_text }}
 
 ## Evaluation
 
@@ -51,15 +54,26 @@ fingerprint, the hardware and timings; `eval/` holds lm-eval's results and the g
 """
 
 
+def base_model_id(manifest: dict[str, Any]) -> str | None:
+    """The Hub id of the source: the id itself, or what a local directory declared it came
+    from (source.hub_id). A folder name is not a Hub id, and the Hub refuses it."""
+    source = manifest["source"]
+    if not source.get("local"):
+        return source["model"]
+    return (manifest.get("settings", {}).get("source") or {}).get("hub_id")
+
+
 def render_card(
     *, repo_id: str, tag: str, manifest: dict[str, Any], gate: dict[str, Any] | None,
     baseline: dict[str, Any] | None, candidate: dict[str, Any] | None,
+    quant_config: dict[str, Any] | None,
 ) -> str:
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     source = manifest["source"]
-    base_model = source["model"] if not source.get("local") else source["model"].rstrip("/") \
-        .split("/")[-1]
+    base_model = base_model_id(manifest)
+    scheme = describe_scheme(quant_config or {})
+    recipe = describe_recipe(manifest["recipe"].get("text") or "")
     eval_results = [
         EvalResult(task_type="text-generation", dataset_type=r["task"].removesuffix("_local"),
                    dataset_name=r["task"], metric_type=r["metric"].split(",")[0],
@@ -67,8 +81,9 @@ def render_card(
         for r in (gate or {}).get("rules", []) if r.get("candidate_score") is not None
     ]
     data = ModelCardData(
-        base_model=base_model, base_model_relation="quantized", pipeline_tag="text-generation",
-        library_name="transformers", tags=["requant", "w8a8", "int8", "compressed-tensors", "vllm"],
+        base_model=base_model, base_model_relation="quantized" if base_model else None,
+        pipeline_tag="text-generation", library_name="transformers",
+        tags=["requant", *scheme["tags"], *recipe["tags"], "compressed-tensors", "vllm"],
         model_name=repo_id.split("/")[-1], eval_results=eval_results or None,
     )
     calib = manifest.get("calibration") or {}
@@ -82,8 +97,11 @@ def render_card(
     )
     card = ModelCard.from_template(
         data, template_str=TEMPLATE, title=f"{repo_id.split('/')[-1]}", repo_id=repo_id, tag=tag,
-        base_model=base_model,
-        base_link=f"https://huggingface.co/{base_model}" if not source.get("local") else "#",
+        base_line=f"[{base_model}](https://huggingface.co/{base_model})" if base_model else
+        f"a local model (`{Path(source['model']).name}`; it declared no Hub id in source.hub_id, "
+        "so this card names no base_model)",
+        scheme_title=scheme["title"], scheme_text=scheme["text"],
+        algorithms=recipe["text"], ignored_text=ignored_text(quant_config or {}),
         base_revision_note=f" (revision `{source['revision'][:12]}`)" if source.get("revision")
         else "",
         eval_table=eval_table(gate, baseline, candidate), gate=gate or {"status": "not run"},
@@ -125,3 +143,69 @@ def gate_note(gate: dict[str, Any] | None) -> str:
     early = ", stopped early" if gate.get("stopped_early") else ""
     return (f" (look {gate['look']} of {gate['looks']}, {gate['questions']} of {gate['total']} "
             f"questions{early}; one-sided {gate['thresholds']['confidence']:.0%} per rule)")
+
+
+def describe_scheme(quant_config: dict[str, Any]) -> dict[str, Any]:
+    """Title, sentence and tags from the checkpoint's own quantization_config: what was applied,
+    whatever the recipe's name said."""
+    groups = list((quant_config.get("config_groups") or {}).values())
+    if not groups:
+        return {"title": "Custom", "text": "see the recipe below", "tags": []}
+    weights, acts = groups[0].get("weights") or {}, groups[0].get("input_activations") or {}
+    w_kind = _kind(weights)
+    a_kind = _kind(acts) if acts else None
+    granularity = {"channel": "per-channel", "group": f"group size {weights.get('group_size')}",
+                   "tensor": "per-tensor", "block": "per-block"}.get(weights.get("strategy"), "")
+    text = f"{w_kind} weights ({granularity})" if granularity else f"{w_kind} weights"
+    if a_kind:
+        dyn = "dynamic " if acts.get("dynamic") else "static "
+        per = {"token": "per-token ", "tensor": "per-tensor "}.get(acts.get("strategy"), "")
+        text += f" and {dyn}{per}{a_kind} activations"
+    else:
+        text += " and 16-bit activations"
+    short = f"W{weights.get('num_bits')}A{acts.get('num_bits') if acts else 16}"
+    tags = sorted({short.lower(), w_kind.lower(), *([a_kind.lower()] if a_kind else [])})
+    return {"title": short, "text": text, "tags": tags}
+
+
+def _kind(args: dict[str, Any]) -> str:
+    return f"{'FP' if args.get('type') == 'float' else 'INT'}{args.get('num_bits')}"
+
+
+def describe_recipe(recipe_text: str) -> dict[str, Any]:
+    """Which algorithms ran, from the recipe that was applied (SmoothQuant or not)."""
+    try:
+        recipe = yaml.safe_load(recipe_text) or {}
+    except yaml.YAMLError:
+        recipe = {}
+    found: dict[str, dict[str, Any]] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(key, str) and key.endswith("Modifier"):
+                    found[key] = value if isinstance(value, dict) else {}
+                else:
+                    walk(value)
+
+    walk(recipe)
+    parts, tags = [], []
+    if "SmoothQuantModifier" in found:
+        parts.append("SmoothQuant, smoothing strength "
+                     f"{found['SmoothQuantModifier'].get('smoothing_strength', 0.5)}")
+        tags.append("smoothquant")
+    if "GPTQModifier" in found:
+        parts.append("GPTQ")
+        tags.append("gptq")
+    parts += [name.removesuffix("Modifier") for name in found
+              if name not in ("SmoothQuantModifier", "GPTQModifier")]
+    return {"text": " + ".join(parts) or "recipe below", "tags": tags}
+
+
+def ignored_text(quant_config: dict[str, Any]) -> str:
+    ignored = list(quant_config.get("ignore") or [])
+    if not ignored:
+        return "Every Linear layer is quantized."
+    shown = ", ".join(f"`{name}`" for name in ignored[:8])
+    more = f" and {len(ignored) - 8} more" if len(ignored) > 8 else ""
+    return f"Left unquantized: {shown}{more}."

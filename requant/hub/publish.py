@@ -4,9 +4,11 @@
   card go up in a single commit. LFS objects are uploaded first, content-addressed; if anything
   fails before the commit, the repo's branches are untouched, and a retry re-sends only the
   objects the Hub does not have yet.
-- Idempotent: the tag ends in a digest of the model's own files; if a tag with that digest
-  exists, the content is already published and nothing is committed. (huggingface_hub also drops
-  unchanged files from a commit, which covers a crash between commit and tag.)
+- Idempotent and safe under concurrency (requant.hub.commits): the tag ends in a digest of the
+  model's own files and the commit carries the digest in a trailer; a publish that finds either
+  commits nothing, and the commit is made with ``parent_commit`` so two publishes of the same
+  candidate at once make one commit. A kill -9 between commit and tag is finished by the re-run.
+- The card's metadata is checked offline and by the Hub's validation before any upload.
 - Downstream pins the returned commit SHA, never a branch.
 - The token comes from $HF_TOKEN or a Prefect Secret block, is resolved inside the task (never a
   parameter, so never recorded by Prefect), and is never logged or written anywhere.
@@ -15,15 +17,16 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from requant.atomic import atomic_directory, write_json_atomic
-from requant.errors import SettingsError
 from requant.hashing import fingerprint, sha256_file
+from requant.hub.cardcheck import check_card_locally, check_card_on_hub
+from requant.hub.client import endpoint, hub_api, hub_errors
+from requant.hub.commits import commit_once, ensure_tag
 from requant.hub.modelcard import render_card
 from requant.settings import HubSettings
 
@@ -102,33 +105,6 @@ def commit_message(manifest: dict[str, Any], gate: dict[str, Any] | None) -> tup
     return summary, description
 
 
-def resolve_token(hub: HubSettings) -> str | None:
-    if hub.token_secret:
-        from prefect.blocks.system import Secret
-
-        try:
-            return Secret.load(hub.token_secret).get()
-        except ValueError as exc:
-            raise SettingsError(
-                f"hub.token_secret: no Prefect Secret block named {hub.token_secret!r}. Create "
-                "it (prefect block create secret) or unset hub.token_secret to use $HF_TOKEN."
-            ) from exc
-    return os.environ.get("HF_TOKEN") or None
-
-
-def check_publish_settings(hub: HubSettings) -> None:
-    """Preflight: a real publish without credentials must fail before hours of work."""
-    if hub.repo_id and not resolve_token(hub):
-        raise SettingsError(
-            f"hub.repo_id: {hub.repo_id} is set but there is no token. Export HF_TOKEN, set "
-            "hub.token_secret to a Prefect Secret block, or unset hub.repo_id for a dry run."
-        )
-
-
-def endpoint(hub: HubSettings) -> str:
-    return hub.endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-
-
 def write_record(out: Path, card: str, summary: str, description: str, result: PublishResult,
                  note: str | None = None) -> None:
     with atomic_directory(out) as tmp:
@@ -153,61 +129,41 @@ def publish_checkpoint(
     tag = tag_name(manifest["recipe"].get("scheme"), now or datetime.now(UTC),
                    manifest["source"].get("revision"), digest)
     repo_id = hub.repo_id or "<hub.repo_id>/<unset>"
+    config = json.loads((checkpoint / "config.json").read_text())
     card = render_card(repo_id=repo_id, tag=tag, manifest=manifest, gate=gate,
-                       baseline=decision.get("baseline"), candidate=decision.get("candidate"))
+                       baseline=decision.get("baseline"), candidate=decision.get("candidate"),
+                       quant_config=config.get("quantization_config"))
+    check_card_locally(card)
     summary, description = commit_message(manifest, gate)
     listing = [{"path": n, "size": p.stat().st_size} for n, p in files]
 
     if hub.repo_id is None:
         result = PublishResult(True, None, None, tag, None, False, digest, listing, str(out))
-        write_record(out, card, summary, description, result, note=(
-            "# DRY RUN: nothing was published\n\nhub.repo_id is not set, so this folder holds "
-            "exactly what would have been committed: files.json (the file list), README.md (the "
-            "model card) and commit_message.txt. Set hub.repo_id and HF_TOKEN to publish.\n"))
+        write_record(out, card, summary, description, result, note=DRY_RUN_NOTE)
         return result
 
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd
 
-    api = HfApi(endpoint=endpoint(hub), token=token)
-    api.create_repo(hub.repo_id, private=hub.private, exist_ok=True, repo_type="model")
-    refs = api.list_repo_refs(hub.repo_id)
-    existing = next((t for t in refs.tags if t.name.endswith(f"-{digest[:12]}")), None)
-    if existing is not None:
-        result = PublishResult(False, hub.repo_id, existing.target_commit, existing.name,
-                               f"{endpoint(hub)}/{hub.repo_id}/tree/{existing.name}", True,
-                               digest, listing, str(out))
-        write_record(out, card, summary, description, result)
-        return result
-
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
-                  for name, path in files]
-    operations.append(CommitOperationAdd(path_in_repo="README.md",
-                                         path_or_fileobj=card.encode()))
-    info = api.create_commit(hub.repo_id, operations, commit_message=summary,
-                             commit_description=description, revision=hub.branch)
-    api.create_tag(hub.repo_id, tag=tag, revision=info.oid,
-                   tag_message=f"requant candidate {digest[:12]}")
-    result = PublishResult(False, hub.repo_id, info.oid, tag,
-                           f"{endpoint(hub)}/{hub.repo_id}/tree/{tag}", False, digest, listing,
+    api = hub_api(hub, token)
+    with hub_errors(hub, f"publish to {hub.repo_id}"):
+        api.create_repo(hub.repo_id, private=hub.private, exist_ok=True, repo_type="model")
+        check_card_on_hub(card, hub, endpoint(hub), token)
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+                      for name, path in files]
+        operations.append(CommitOperationAdd(path_in_repo="README.md",
+                                             path_or_fileobj=card.encode()))
+        landed = commit_once(api, hub, operations, summary, description, digest)
+        final_tag = landed.tag or ensure_tag(api, hub, tag, landed.sha, digest)
+    result = PublishResult(False, hub.repo_id, landed.sha, final_tag,
+                           f"{endpoint(hub)}/{hub.repo_id}/tree/{final_tag}",
+                           not landed.committed_now and landed.tag is not None, digest, listing,
                            str(out))
     write_record(out, card, summary, description, result)
     return result
 
 
-def move_production_marker(hub: HubSettings, sha: str, token: str | None) -> None:
-    """Point the production branch at ``sha``. Called only after a verified rollout.
-
-    The Hub has no atomic ref update, so the branch is re-created at the new commit; consumers
-    that must not see the brief gap pin commit SHAs (the rollout does) rather than the branch.
-    """
-    from huggingface_hub import HfApi
-
-    if hub.repo_id is None:
-        return
-    api = HfApi(endpoint=endpoint(hub), token=token)
-    branches = {b.name: b.target_commit for b in api.list_repo_refs(hub.repo_id).branches}
-    if branches.get(hub.production_ref) == sha:
-        return
-    if hub.production_ref in branches:
-        api.delete_branch(hub.repo_id, branch=hub.production_ref)
-    api.create_branch(hub.repo_id, branch=hub.production_ref, revision=sha)
+DRY_RUN_NOTE = (
+    "# DRY RUN: nothing was published\n\nhub.repo_id is not set, so this folder holds exactly "
+    "what would have been committed: files.json (the file list), README.md (the model card, its "
+    "metadata checked offline by huggingface_hub's parser; the Hub's own validation runs on a "
+    "real publish) and commit_message.txt. Set hub.repo_id and HF_TOKEN to publish.\n")

@@ -11,7 +11,7 @@ from pathlib import Path
 from requant.atomic import atomic_directory
 from requant.errors import SettingsError
 from requant.hashing import fingerprint, hash_files
-from requant.hub.publish import endpoint, resolve_token
+from requant.hub.client import endpoint, resolve_token
 from requant.rollout.state import Release, load_state
 from requant.settings import HubSettings, PipelineSettings
 
