@@ -43,6 +43,22 @@ TINY = dict(LLAMA3_8B, vocab_size=4096, hidden_size=256, intermediate_size=512,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
+def make_tokenizer():
+    """Self-contained: a byte-level BPE trained on the repository's GSM8K text in a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    lines = (ROOT / "data" / "gsm8k" / "train.jsonl").read_text().splitlines()[:500]
+    tok.train_from_iterator([json.loads(line)["question"] for line in lines], trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="</s>")
+
+
 def build_model(config_kwargs: dict, config_dir: Path, device: str):
     """Same seed, same weights every call; built on the GPU (fast init), then moved to host RAM
     where the pipeline loads models too."""
@@ -94,6 +110,7 @@ def run_variant(name: str, args, config_dir: Path, tokenizer, recipe_text: str, 
     import torch
     from loguru import logger
 
+    from requant.memory import peak_rss_gib
     from requant.quantization.hardware import detect_accelerator
     from requant.quantization.oneshot import quantize_model
 
@@ -131,6 +148,7 @@ def run_variant(name: str, args, config_dir: Path, tokenizer, recipe_text: str, 
         if device.startswith("cuda") else None,
         "gptq_solve_s": round(clock.gptq_solve_s, 1), "gptq_error_sum": round(clock.gptq_error, 2),
         "phases_s": passes, "choices": choices,
+        "peak_host_rss_gib_so_far": peak_rss_gib(),  # the process's peak: run one variant alone
         "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
     }
     print(json.dumps(result), flush=True)
@@ -178,24 +196,28 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["seed", "requant"])
     p.add_argument("--compare", nargs=2, metavar=("A", "B"))
     p.add_argument("--tiny", action="store_true", help="a 2-layer model: a CPU smoke test")
-    p.add_argument("--tokenizer", default=str(ROOT / ".carry" / "tokenizer"))
+    p.add_argument("--tokenizer", default=None,
+                   help="a tokenizer folder; default: a small BPE trained here on GSM8K text "
+                   "(calibration uses random token ids, the tokenizer only rides along)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
 
     import torch
     from transformers import AutoTokenizer
 
-    from requant.quantization.recipes import resolve_recipe
+    from requant.quantization.recipes import fit_to_model, resolve_recipe
     from requant.settings import QuantizationSettings
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer \
+        else make_tokenizer()
     recipe = resolve_recipe(QuantizationSettings())  # the seed recipe, as the pipeline builds it
+    fitted = fit_to_model(recipe, "llama")  # as the pipeline runs it: SmoothQuant mappings named
     results, codes = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.variants:
-            result, codes[name] = run_variant(name, args, Path(tmp), tokenizer, recipe.text,
-                                              device)
+            text = fitted.text if name.startswith("requant") else recipe.text
+            result, codes[name] = run_variant(name, args, Path(tmp), tokenizer, text, device)
             results.append(result)
             if args.compare and name not in args.compare:
                 codes.pop(name)

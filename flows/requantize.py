@@ -1,6 +1,6 @@
 """The main pipeline, as in docs/architecture.md:
 
-    preflight -> source -> calibration -> [candidate ledger: done already?]
+    preflight -> source -> recipe fitted to the architecture -> calibration -> [candidate ledger]
       -> baseline evaluation (cached; a source that cannot do the task ends the run here)
       -> quantization -> candidate evaluation, staged, the gate looking after each stage
       -> publish -> rollout
@@ -44,7 +44,7 @@ from requant.tasks.evaluation import evaluate_baseline, evaluate_candidate
 from requant.tasks.gate import record_gate
 from requant.tasks.preflight import preflight
 from requant.tasks.publish import publish
-from requant.tasks.quantization import quantize
+from requant.tasks.quantization import fit_recipe, quantize
 from requant.tasks.source import resolve_source
 
 #: Global concurrency limit held while a run uses the GPU (quantization + evaluation). Created
@@ -61,6 +61,7 @@ def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any
     settings = validate_settings(settings)
     recipe, acc = preflight(settings)
     source = resolve_source(settings.source)
+    recipe = fit_recipe(recipe, source)
     run_id = str(flow_run.get_id() or datetime.now(UTC).strftime("local-%Y%m%dT%H%M%SZ"))
     run_dir = RunDir.create(settings.output_dir, run_id)  # only once the inputs are sound
     get_run_logger().info("run directory: %s", run_dir.root)

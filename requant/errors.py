@@ -39,6 +39,15 @@ class DeploymentCheckFailed(RequantError, RuntimeError):
         self.check, self.reason, self.report = check, reason, report or {}
 
 
+class SmoothingNotExact(RequantError, RuntimeError):
+    """SmoothQuant changed the function the model computes: a wrong mapping for its
+    architecture. Stops the run before GPTQ; nothing is written."""
+
+    def __init__(self, message: str, record: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.record = record
+
+
 class GateFailed(RequantError, RuntimeError):
     """The candidate did not pass the gate; nothing was published or promoted."""
 

@@ -131,6 +131,13 @@ class QuantizationSettings(_Section):
     verify_reload: bool = Field(
         True, description="After saving, reload the checkpoint and run a forward pass."
     )
+    smoothing_tolerance: float | None = Field(
+        None, gt=0.0,
+        description="Largest relative change SmoothQuant may cause in any decoder layer's "
+        "update (output - input, on the inputs it saw before) or in a first-layer Linear's "
+        "output before the run stops as 'not exact'. None: from the model's dtype (bf16: "
+        "0.0625 and 0.031); a wrong mapping changes them by ~1.",
+    )
 
 
 class ServerSettings(_Section):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,19 @@ from requant.calibration import CalibrationSet
 from requant.progress import StageProgress
 from requant.quantization.checkpoint import QuantizedCheckpoint, quantize_checkpoint
 from requant.quantization.hardware import Accelerator
-from requant.quantization.recipes import ResolvedRecipe
+from requant.quantization.recipes import ResolvedRecipe, fit_to_model
 from requant.settings import PipelineSettings
 from requant.source import ResolvedSource
+
+
+@task(name="fit-recipe")
+def fit_recipe(recipe: ResolvedRecipe, source: ResolvedSource) -> ResolvedRecipe:
+    """Seconds, before calibration: an architecture SmoothQuant cannot be exact on stops here."""
+    model_type = json.loads((source.path / "config.json").read_text()).get("model_type", "")
+    fitted = fit_to_model(recipe, model_type)
+    if fitted is not recipe:
+        get_run_logger().info("SmoothQuant mappings for %s named in the recipe", model_type)
+    return fitted
 
 
 @task(name="quantize")

@@ -125,11 +125,14 @@ def test_missing_column_lists_the_columns_there_are(tiny_model, text_file, tmp_p
         build(cfg, tiny_model, tmp_path)
 
 
-def test_chat_rows_without_a_chat_template_are_refused(tiny_model_without_chat_template,
-                                                       chat_file, tmp_path):
+def test_base_model_refuses_chat_rows_naming_the_text_column_and_calibrates_on_text(
+        tiny_model_without_chat_template, chat_file, text_file, tmp_path):
     cfg = CalibrationSettings(dataset=str(chat_file), num_samples=4)
-    with pytest.raises(SettingsError, match="no chat template"):
+    with pytest.raises(SettingsError, match=r"no chat template\. Use a text column "
+                       r"\(calibration\.text_column\)"):
         build(cfg, tiny_model_without_chat_template, tmp_path)
+    text = CalibrationSettings(dataset=str(text_file), text_column="body", num_samples=4)
+    assert build(text, tiny_model_without_chat_template, tmp_path / "text").stats.samples == 4
 
 
 def test_unknown_hub_dataset_is_a_settings_error(tiny_model, tmp_path, monkeypatch):

@@ -112,15 +112,19 @@ def test_demo_config_quantizes_smollm2_passes_the_gate_for_real_and_serves_it(
 def test_a_planted_broken_candidate_fails_the_gate_and_nothing_is_published_or_served(
         tmp_path, monkeypatch, demo_cache):
     """SmoothQuant with crossed (norm -> Linears) mappings: a well-formed W8A8 checkpoint that
-    vLLM serves, whose model computes a different function. Only the gate can tell."""
-    from requant.errors import GateFailed
+    vLLM serves, whose model computes a different function. The exactness check stops it
+    first; let through on purpose (a tolerance of 10), only the gate can tell."""
+    from requant.errors import GateFailed, SmoothingNotExact
     from requant.flows.requantize import requantize
 
     monkeypatch.chdir(ROOT)
-    settings = demo_settings(tmp_path, demo_cache,
-                             "quantization.recipe=tests/data/broken-smoothing-recipe.yaml",
-                             "calibration.num_samples=16", "calibration.max_seq_len=256",
-                             "rollout.local.port=1")  # nothing may ever listen there
+    args = ["quantization.recipe=tests/data/broken-smoothing-recipe.yaml",
+            "calibration.num_samples=16", "calibration.max_seq_len=256",
+            "rollout.local.port=1"]  # nothing may ever listen there
+    with pytest.raises(SmoothingNotExact, match=r"Mapping at fault: \.\*input_layernorm"):
+        requantize(demo_settings(tmp_path / "checked", demo_cache, *args))
+    assert not list((tmp_path / "checked" / "runs").glob("*/checkpoint"))
+    settings = demo_settings(tmp_path, demo_cache, *args, "quantization.smoothing_tolerance=10")
     with pytest.raises(GateFailed) as err:
         requantize(settings)
     decision = err.value.decision

@@ -51,8 +51,13 @@ def test_flow_writes_run_dir_checkpoint_summary_and_artifacts(tiny_model, chat_f
     assert (run_dir / "checkpoint" / "manifest.json").is_file()
     assert summary["verification"]["ok"] is True
     assert summary["manifest_run"]["flow_run_id"] == summary["run_id"]
-    assert _task_names(summary["run_id"]) == {"preflight", "resolve-source",
+    assert _task_names(summary["run_id"]) == {"preflight", "resolve-source", "fit-recipe",
                                                "prepare-calibration", "quantize"}
+    manifest = json.loads((run_dir / "checkpoint" / "manifest.json").read_text())
+    check = manifest["smoothing_check"]  # SmoothQuant proven exact before GPTQ, on every run
+    assert check["max_layer_update_rel_change"] < check["layer_tolerance"] and check["tokens"] > 0
+    recipe = (run_dir / "checkpoint" / "recipe.yaml").read_text()
+    assert "post_attention_layernorm" in recipe and "GPTQModifier" in recipe  # all of it
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[summary["run_id"]])))

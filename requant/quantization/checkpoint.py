@@ -57,15 +57,17 @@ def quantize_checkpoint(
     choices = quantize_model(
         model, tokenizer, recipe.text, load_prepared(calib) if calib is not None else None,
         settings.calibration.max_seq_len, acc,
-        allow_tf32=q.allow_tf32, activation_cache=q.activation_cache, report=report,
+        allow_tf32=q.allow_tf32, activation_cache=q.activation_cache,
+        smoothing_tolerance=q.smoothing_tolerance, report=report,
     )
+    smoothing = choices.pop("smoothing_check", None)
     report(0.99, "calibration done; saving and verifying the checkpoint")
     t_oneshot = time.perf_counter()
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp, save_compressed=True)
         tokenizer.save_pretrained(tmp)
-        if not (tmp / "recipe.yaml").is_file():
-            (tmp / "recipe.yaml").write_text(recipe.text)
+        # the whole recipe as it ran (llm-compressor writes only its last oneshot call's)
+        (tmp / "recipe.yaml").write_text(recipe.text)
         # Verification reloads the checkpoint: let go of the in-memory model (and llm-compressor's
         # session, which holds it) first. On the 135M demo this did not lower the measured peak
         # RSS (docs/calibration.md); large models' tensors are the ones returned to the OS.
@@ -99,6 +101,7 @@ def quantize_checkpoint(
             run=run,
         )
         manifest["verification"] = report.as_record()
+        manifest["smoothing_check"] = smoothing
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
     return QuantizedCheckpoint(Path(out_dir), manifest, source)
 

@@ -7,16 +7,31 @@ Choices made here, each measured (docs/quantization.md):
   otherwise offloads every layer's inputs to host memory and back, twice per layer per modifier.
 - Our own seeded shuffle: oneshot's is unseeded, which would make equal inputs calibrate in a
   different order on each run.
+- SmoothQuant runs as its own oneshot call, then the model is checked to compute the same
+  logits (requant.quantization.smoothing), then the rest of the recipe. llm-compressor's default
+  pipeline already gives each modifier its own calibration pass, so the split costs no compute.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from requant.progress import Report, no_progress
 from requant.quantization.hardware import Accelerator
 from requant.quantization.progress import calibration_passes, layer_progress
+from requant.quantization.smoothing import (
+    ARCHITECTURES,
+    Architecture,
+    check_smoothing,
+    first_layer_balance,
+    plain_norms,
+    probe,
+    split_recipe,
+    tolerances,
+)
 
 ActivationCache = Literal["auto", "gpu", "cpu"]
 #: Share of free GPU memory the activation cache may take when it is kept on the GPU.
@@ -62,6 +77,7 @@ def quantize_model(
     *,
     allow_tf32: bool = True,
     activation_cache: ActivationCache = "auto",
+    smoothing_tolerance: float | None = None,
     report: Report = no_progress,
 ) -> dict[str, Any]:
     """Run oneshot in place on ``model``; returns the choices made, for the manifest.
@@ -92,9 +108,47 @@ def quantize_model(
             "sequential_offload_device": device,
         }
     samples = len(dataset) if dataset is not None else 0
+    smooth_text, rest_text = split_recipe(recipe_text)
     with layer_progress(model, samples, calibration_passes(recipe_text), report):
-        oneshot(model=model, processor=tokenizer, recipe=recipe_text, **kwargs)
+        if smooth_text is None or dataset is None:
+            oneshot(model=model, processor=tokenizer, recipe=recipe_text, **kwargs)
+            return choices
+        choices["smoothing_check"] = smooth_checked(
+            model, smooth_text, dataset, smoothing_tolerance,
+            lambda text: oneshot(model=model, processor=tokenizer, recipe=text, **kwargs))
+        if rest_text is not None:
+            oneshot(model=model, processor=tokenizer, recipe=rest_text, **kwargs)
     return choices
+
+
+#: The exactness check's probe: this many calibration samples, each cut to this many tokens.
+PROBE_SAMPLES, PROBE_TOKENS = 4, 128
+
+
+def smooth_checked(model, smooth_text: str, dataset, tolerance: float | None,
+                   run: Callable[[str], None]) -> dict[str, Any]:
+    """Run SmoothQuant alone, then prove the model still computes the same logits."""
+    import yaml
+
+    model_type = model.config.model_type
+    mappings = [m for args in yaml.safe_load(smooth_text)["smooth_stage"]["smooth_modifiers"]
+                .values() for m in (args.get("mappings") or [])]
+    known = ARCHITECTURES.get(model_type)
+    arch = Architecture(mappings, offset_norm=bool(known and known.offset_norm))
+    groups = first_layer_balance(model, mappings)
+    balance = [name for names in groups.values() for name in names]
+    ids = [list(row)[:PROBE_TOKENS] for row in dataset["input_ids"][:PROBE_SAMPLES]]
+    t0 = time.perf_counter()
+    before = probe(model, ids, balance)
+    t1 = time.perf_counter()
+    with plain_norms(model, arch):
+        run(smooth_text)
+    t2 = time.perf_counter()
+    after = probe(model, ids, balance)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    check = check_smoothing(model, before, after, groups, tolerances(dtype, tolerance),
+                            model_type)
+    return check.as_record() | {"probe_s": round(t1 - t0 + time.perf_counter() - t2, 2)}
 
 
 def release_session() -> None:
