@@ -40,23 +40,20 @@ def trailer(digest: str) -> str:
     return f"{DIGEST_TRAILER}: {digest}"
 
 
-def find_published(api: HfApi, hub: HubSettings, digest: str) -> Landed | None:
-    """This candidate's tag, or failing that its commit on the branch (not yet tagged)."""
+def find_published(api: HfApi, hub: HubSettings, digest: str) -> tuple[Landed | None, str | None]:
+    """This candidate's tag, or failing that its commit on the branch (not yet tagged); and the
+    branch head in the same read of the refs, the parent a new commit must have."""
     refs = api.list_repo_refs(hub.repo_id)
     tag = next((t for t in refs.tags if t.name.endswith(f"-{digest[:12]}")), None)
+    head = next((b.target_commit for b in refs.branches if b.name == hub.branch), None)
     if tag is not None:
-        return Landed(tag.target_commit, tag.name, False)
-    if hub.branch not in {b.name for b in refs.branches}:
-        return None
+        return Landed(tag.target_commit, tag.name, False), head
+    if head is None:
+        return None, None
     for commit in api.list_repo_commits(hub.repo_id, revision=hub.branch)[:HISTORY_DEPTH]:
         if trailer(digest) in (commit.message or ""):
-            return Landed(commit.commit_id, None, False)
-    return None
-
-
-def branch_head(api: HfApi, hub: HubSettings) -> str | None:
-    heads = {b.name: b.target_commit for b in api.list_repo_refs(hub.repo_id).branches}
-    return heads.get(hub.branch)
+            return Landed(commit.commit_id, None, False), head
+    return None, head
 
 
 def commit_once(api: HfApi, hub: HubSettings, operations: list[Any], summary: str,
@@ -64,9 +61,9 @@ def commit_once(api: HfApi, hub: HubSettings, operations: list[Any], summary: st
     from huggingface_hub.errors import HfHubHTTPError
 
     for _ in range(MAX_ATTEMPTS):
-        if (found := find_published(api, hub, digest)) is not None:
+        found, head = find_published(api, hub, digest)
+        if found is not None:
             return found
-        head = branch_head(api, hub)
         try:
             info = api.create_commit(hub.repo_id, operations, commit_message=summary,
                                      commit_description=f"{description}\n\n{trailer(digest)}",

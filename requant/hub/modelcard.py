@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from requant.quantization.recipes import modifiers
+
 TEMPLATE = """---
 {{ card_data }}
 ---
@@ -178,17 +180,7 @@ def describe_recipe(recipe_text: str) -> dict[str, Any]:
         recipe = yaml.safe_load(recipe_text) or {}
     except yaml.YAMLError:
         recipe = {}
-    found: dict[str, dict[str, Any]] = {}
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if isinstance(key, str) and key.endswith("Modifier"):
-                    found[key] = value if isinstance(value, dict) else {}
-                else:
-                    walk(value)
-
-    walk(recipe)
+    found = {name: args if isinstance(args, dict) else {} for name, args in modifiers(recipe)}
     parts, tags = [], []
     if "SmoothQuantModifier" in found:
         parts.append("SmoothQuant, smoothing strength "

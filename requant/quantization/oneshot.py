@@ -7,9 +7,10 @@ Choices made here, each measured (docs/quantization.md):
   otherwise offloads every layer's inputs to host memory and back, twice per layer per modifier.
 - Our own seeded shuffle: oneshot's is unseeded, which would make equal inputs calibrate in a
   different order on each run.
-- SmoothQuant runs as its own oneshot call, then the model is checked to compute the same
-  logits (requant.quantization.smoothing), then the rest of the recipe. llm-compressor's default
-  pipeline already gives each modifier its own calibration pass, so the split costs no compute.
+- SmoothQuant runs as its own oneshot call, then every decoder layer is checked to compute what
+  it did before (requant.quantization.smoothing), then the rest of the recipe. llm-compressor's
+  default pipeline already gives each modifier its own calibration pass, so the split costs no
+  compute.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ PROBE_SAMPLES, PROBE_TOKENS = 4, 128
 
 def smooth_checked(model, smooth_text: str, dataset, tolerance: float | None,
                    run: Callable[[str], None]) -> dict[str, Any]:
-    """Run SmoothQuant alone, then prove the model still computes the same logits."""
+    """Run SmoothQuant alone, then prove every decoder layer still computes what it did."""
     import yaml
 
     model_type = model.config.model_type
@@ -139,7 +140,7 @@ def smooth_checked(model, smooth_text: str, dataset, tolerance: float | None,
     balance = [name for names in groups.values() for name in names]
     ids = [list(row)[:PROBE_TOKENS] for row in dataset["input_ids"][:PROBE_SAMPLES]]
     t0 = time.perf_counter()
-    before = probe(model, ids, balance)
+    before = probe(model, ids, balance, record_layers=True)
     t1 = time.perf_counter()
     with plain_norms(model, arch):
         run(smooth_text)

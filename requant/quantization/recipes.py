@@ -77,16 +77,16 @@ def resolve_recipe(q: QuantizationSettings) -> ResolvedRecipe:
         text = yaml.safe_dump(data, sort_keys=False)
         origin = f"preset:{q.preset}"
     _check_with_llmcompressor(text, origin)
-    modifiers = list(_modifiers(data))
+    found = modifiers(data)
     return ResolvedRecipe(
         text=text,
         origin=origin,
         sha256=fingerprint(data),
-        scheme=next((args["scheme"] for _, args in modifiers
+        scheme=next((args["scheme"] for _, args in found
                      if isinstance(args, dict) and "scheme" in args), None),
-        needs_calibration_data=any(name in _DATA_MODIFIERS for name, _ in modifiers),
+        needs_calibration_data=any(name in _DATA_MODIFIERS for name, _ in found),
         ignore=tuple(dict.fromkeys(
-            pattern for _, args in modifiers if isinstance(args, dict)
+            pattern for _, args in found if isinstance(args, dict)
             for pattern in (args.get("ignore") or [])
         )),
     )
@@ -95,18 +95,18 @@ def resolve_recipe(q: QuantizationSettings) -> ResolvedRecipe:
 _DATA_MODIFIERS = {"SmoothQuantModifier", "GPTQModifier", "AWQModifier", "AutoRoundModifier"}
 
 
-def _modifiers(data: Any) -> list[tuple[str, Any]]:
+def modifiers(data: Any) -> list[tuple[str, Any]]:
     """(name, args) of every modifier in a recipe, however its stages and groups are nested."""
     found: list[tuple[str, Any]] = []
     if isinstance(data, dict):
         for key, value in data.items():
-            if key.endswith("Modifier"):
+            if isinstance(key, str) and key.endswith("Modifier"):
                 found.append((key, value))
             else:
-                found.extend(_modifiers(value))
+                found.extend(modifiers(value))
     elif isinstance(data, list):
         for item in data:
-            found.extend(_modifiers(item))
+            found.extend(modifiers(item))
     return found
 
 

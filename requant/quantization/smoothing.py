@@ -10,8 +10,8 @@ not the MLP, and the norm computes ``x̂ · (1 + w)``), which silently changes t
 So requant (1) names the mappings itself, per ``model_type``, in the recipe it records; (2) for
 offset norms (``x̂ · (1 + w)``) swaps in a plain norm with weight ``1 + w`` while SmoothQuant runs
 and swaps back with ``w = weight - 1`` (the same computation, so nothing else changes; no
-llm-compressor code is touched); and (3) checks after smoothing, before GPTQ, that the model
-computes the same logits as before on a few calibration samples, naming the mapping at fault if
+llm-compressor code is touched); and (3) checks after smoothing, before GPTQ, that every decoder
+layer computes what it did before on a few calibration samples, naming the mapping at fault if
 not (``check_smoothing``).
 """
 
@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from requant.errors import SettingsError, SmoothingNotExact
+from requant.quantization.recipes import modifiers
 
 QKV = ["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$"]
 GATE_UP = ["re:.*gate_proj$", "re:.*up_proj$"]
@@ -61,11 +62,12 @@ def fit_recipe(recipe_text: str, model_type: str) -> tuple[str, Architecture | N
     """The recipe with SmoothQuant's mappings named for this architecture; unchanged when it
     has no SmoothQuantModifier or lists its own mappings (the run's check then judges them)."""
     data = yaml.safe_load(recipe_text)
-    modifiers = [args for name, args in _modifiers(data) if name == "SmoothQuantModifier"]
-    if not modifiers:
+    smooth = [args for name, args in modifiers(data)
+              if name == "SmoothQuantModifier" and isinstance(args, dict)]
+    if not smooth:
         return recipe_text, None
     arch = ARCHITECTURES.get(model_type)
-    missing = [args for args in modifiers if not args.get("mappings")]
+    missing = [args for args in smooth if not args.get("mappings")]
     if not missing:
         return recipe_text, arch
     if arch is None:
@@ -78,18 +80,6 @@ def fit_recipe(recipe_text: str, model_type: str) -> tuple[str, Architecture | N
     return yaml.safe_dump(data, sort_keys=False), arch
 
 
-def _modifiers(node: Any) -> Iterator[tuple[str, dict[str, Any]]]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if isinstance(key, str) and key.endswith("Modifier") and isinstance(value, dict):
-                yield key, value
-            else:
-                yield from _modifiers(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _modifiers(item)
-
-
 def split_recipe(recipe_text: str) -> tuple[str | None, str | None]:
     """(SmoothQuant alone, everything else): run apart so the model can be checked between."""
     data = yaml.safe_load(recipe_text)
@@ -97,7 +87,7 @@ def split_recipe(recipe_text: str) -> tuple[str | None, str | None]:
     rest = _without(data, smooth)
     smooth_text = yaml.safe_dump({"smooth_stage": {"smooth_modifiers": smooth}}, sort_keys=False) \
         if smooth else None
-    rest_text = yaml.safe_dump(rest, sort_keys=False) if list(_modifiers(rest)) else None
+    rest_text = yaml.safe_dump(rest, sort_keys=False) if modifiers(rest) else None
     return smooth_text, rest_text
 
 
@@ -215,9 +205,11 @@ def decoder_layers(model: Any) -> list[Any]:
     return list(max(lists, key=len)) if lists else []
 
 
-def probe(model: Any, input_ids: list[list[int]], balance: list[str]) -> dict[str, Any]:
-    """Logits, the first decoder layer's balance-Linear outputs, and every decoder layer's
-    inputs and output on a few samples: what the smoothed model is compared against."""
+def probe(model: Any, input_ids: list[list[int]], balance: list[str],
+          record_layers: bool = False) -> dict[str, Any]:
+    """Logits and the first decoder layer's balance-Linear outputs on a few samples; with
+    ``record_layers`` (the reference, before smoothing) also every decoder layer's inputs and
+    output, which ``layer_changes`` replays on the smoothed model."""
     import torch
 
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name in balance}
@@ -227,7 +219,7 @@ def probe(model: Any, input_ids: list[list[int]], balance: list[str]) -> dict[st
         for name in balance]
     hooks += [layer.register_forward_hook(
         lambda _m, args, kwargs, out, i=i: calls[i].append((args, kwargs, _hidden(out))),
-        with_kwargs=True) for i, layer in enumerate(decoder_layers(model))]
+        with_kwargs=True) for i, layer in enumerate(decoder_layers(model)) if record_layers]
     logits = []
     try:
         with torch.no_grad():
