@@ -31,6 +31,7 @@ from requant.atomic import write_json_atomic
 from requant.calibration import CalibrationSet
 from requant.errors import GateFailed, RolloutFailed
 from requant.evaluation.gate import GateDecision
+from requant.gpu_limit import GPU_LIMIT, check_gpu_limit, gpu_slots_needed
 from requant.ledger import candidate_key, find_published, record_published
 from requant.quantization.checkpoint import QuantizedCheckpoint
 from requant.quantization.hardware import Accelerator
@@ -47,11 +48,6 @@ from requant.tasks.publish import publish
 from requant.tasks.quantization import fit_recipe, quantize
 from requant.tasks.source import resolve_source
 
-#: Global concurrency limit held while a run uses the GPU (quantization + evaluation). Created
-#: with limit 1 by scripts/prefect_apply.sh: a nightly and an on-demand run never share a GPU;
-#: the later one waits for the slot, then proceeds. Absent (plain `requant run`): no limit.
-GPU_LIMIT = "requant-gpu"
-
 
 @flow(name="requantize", log_prints=True)
 def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any]:
@@ -60,6 +56,7 @@ def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any
     started = time.perf_counter()
     settings = validate_settings(settings)
     recipe, acc = preflight(settings)
+    check_gpu_limit(settings.quantization.gpus)
     source = resolve_source(settings.source)
     recipe = fit_recipe(recipe, source)
     run_id = str(flow_run.get_id() or datetime.now(UTC).strftime("local-%Y%m%dT%H%M%SZ"))
@@ -78,7 +75,10 @@ def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any
         return finish_no_op(run_dir, run_id, key, hit, started)
 
     t_gpu = time.perf_counter()
-    with concurrency(GPU_LIMIT, occupy=1, strict=False):
+    # Held while a run uses its GPUs (quantization + evaluation): the limit counts GPUs, so runs
+    # wait for as many free ones as they use, then proceed (requant.gpu_limit).
+    with concurrency(GPU_LIMIT, occupy=gpu_slots_needed(settings.quantization.gpus),
+                     strict=False):
         ckpt, decision, timings = gpu_stages(settings, source, calib, recipe, acc, run_dir,
                                              run_id)
     summary = build_summary(run_id, run_dir.root, ckpt, source, recipe, calib, key, decision,

@@ -48,6 +48,15 @@ class SmoothingNotExact(RequantError, RuntimeError):
         self.record = record
 
 
+class QuantizationFailed(RequantError, RuntimeError):
+    """A calibration rank (quantization.gpus > 1) failed or was killed: the message names the
+    rank and its error. Every other rank was stopped and nothing was written."""
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
 class GateFailed(RequantError, RuntimeError):
     """The candidate did not pass the gate; nothing was published or promoted."""
 

@@ -13,12 +13,12 @@ def peak_rss_gib() -> float:
     return round(peak * scale / 2**30, 3)
 
 
-def peak_gpu_gib() -> float | None:
+def peak_gpu_gib(device: int | None = None) -> float | None:
     import torch
 
     if not torch.cuda.is_available():
         return None
-    return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
 
 
 def reset_gpu_peak() -> None:

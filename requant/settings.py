@@ -118,6 +118,13 @@ class QuantizationSettings(_Section):
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: a GPU when one is present, else the CPU."
     )
+    gpus: int = Field(
+        1, ge=1, le=64,
+        description="GPUs one quantization uses. Above 1, calibration runs data-parallel under "
+        "torchrun (one process per GPU, samples split in contiguous shards, GPTQ's solves split "
+        "across ranks); the output is the same checkpoint. With device=cpu, that many CPU "
+        "processes on gloo: for tests, not speed.",
+    )
     allow_tf32: bool = Field(
         True,
         description="TF32 matmuls during calibration on NVIDIA GPUs (measured 1.33x faster on "

@@ -34,8 +34,8 @@ def _deployed(d: Deployed | None) -> dict[str, Any] | None:
 
 
 def local_status(settings: PipelineSettings) -> dict[str, Any]:
+    from requant.processes import pid_running
     from requant.rollout.local import router_status, router_url
-    from requant.serving.server import pid_running
 
     state = load_state(settings.rollout.state_dir, "local")
     url = router_url(settings)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Apply the whole Prefect side of requant to the server at $PREFECT_API_URL, idempotently:
-#   work pools requant-gpu (one flow run at a time) and requant-serving,
-#   the global concurrency limit requant-gpu (1 slot: runs from any pool share one GPU),
+#   work pools requant-gpu and requant-serving,
+#   the global concurrency limit requant-gpu with REQUANT_GPUS slots (default 1): it counts GPUs;
+#   a run holds quantization.gpus of them while it quantizes and evaluates (requant/gpu_limit.py),
 #   the deployments of prefect.yaml and the automation declared there (promote's trigger).
 # REQUANT_POOL_KIND=process (default, this machine) | docker | kubernetes picks the worker type;
 # docker/kubernetes pools take their base job templates from deployments/work-pools/.
@@ -9,6 +10,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PREFECT=${PREFECT:-.venvs/pipeline/bin/prefect}
 KIND=${REQUANT_POOL_KIND:-process}
+GPUS=${REQUANT_GPUS:-1}
+case "$GPUS" in ''|*[!0-9]*|0) echo "REQUANT_GPUS=$GPUS: use the number of GPUs (>= 1)" >&2; exit 2 ;; esac
+# Process and Docker workers cannot give two runs different GPUs of one host: one flow run at a
+# time there. On Kubernetes the device plugin assigns GPUs, so the pool may run as many as fit.
+POOL_RUNS=1
+if [ "$KIND" = kubernetes ]; then POOL_RUNS=$GPUS; fi
 case "$KIND" in process|docker|kubernetes) ;; *)
   echo "REQUANT_POOL_KIND=$KIND: use process, docker or kubernetes" >&2; exit 2 ;; esac
 : "${PREFECT_API_URL:?set PREFECT_API_URL to the Prefect server (e.g. http://127.0.0.1:4200/api)}"
@@ -18,11 +25,11 @@ for pool in gpu serving; do
   if [ "$KIND" != process ]; then args+=(--base-job-template "deployments/work-pools/$KIND-$pool.json"); fi
   "$PREFECT" --no-prompt work-pool create "requant-$pool" "${args[@]}"
 done
-"$PREFECT" --no-prompt work-pool set-concurrency-limit requant-gpu 1
+"$PREFECT" --no-prompt work-pool set-concurrency-limit requant-gpu "$POOL_RUNS"
 if "$PREFECT" --no-prompt global-concurrency-limit inspect requant-gpu >/dev/null 2>&1; then
-  "$PREFECT" --no-prompt global-concurrency-limit update requant-gpu --limit 1
+  "$PREFECT" --no-prompt global-concurrency-limit update requant-gpu --limit "$GPUS"
 else
-  "$PREFECT" --no-prompt global-concurrency-limit create requant-gpu --limit 1
+  "$PREFECT" --no-prompt global-concurrency-limit create requant-gpu --limit "$GPUS"
 fi
 "$PREFECT" --no-prompt deploy --all
-echo "applied: pools requant-gpu, requant-serving ($KIND); limit requant-gpu=1; deployments + automation from prefect.yaml"
+echo "applied: pools requant-gpu ($POOL_RUNS run(s) at once), requant-serving ($KIND); limit requant-gpu=$GPUS GPU(s); deployments + automation from prefect.yaml"

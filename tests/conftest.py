@@ -86,11 +86,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def chat_rows(n: int) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": r["question"]},
+                          {"role": "assistant", "content": r["answer"]}]} for r in gsm8k_rows(n)]
+
+
 @pytest.fixture
 def chat_file(tmp_path) -> Path:
-    rows = [{"messages": [{"role": "user", "content": r["question"]},
-                          {"role": "assistant", "content": r["answer"]}]} for r in gsm8k_rows(40)]
-    return write_jsonl(tmp_path / "chat.jsonl", rows)
+    return write_jsonl(tmp_path / "chat.jsonl", chat_rows(40))
 
 
 @pytest.fixture

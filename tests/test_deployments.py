@@ -84,3 +84,23 @@ def test_docker_work_pool_template_fills_every_placeholder_from_its_variables(po
         assert value == "{{ " + key + " }}" and key in props
     assert props["env"]["default"]["REQUANT_PROJECT_DIR"] == "/opt/requant"
     assert any(v.endswith(":/data") for v in props["volumes"]["default"])
+
+
+def test_gpu_pool_jobs_request_as_many_gpus_as_each_deployment_quantizes_with():
+    """A deployment with quantization.gpus=N must get N GPUs from every GPU pool flavour; the
+    Docker request is also built by docker-py itself, which rejects unknown fields."""
+    from docker.types import HostConfig
+
+    k8s = json.loads((ROOT / "deployments/work-pools/kubernetes-gpu.json").read_text())
+    docker = json.loads((ROOT / "deployments/work-pools/docker-gpu.json").read_text())
+    k8s_default = k8s["variables"]["properties"]["gpu_count"]["default"]
+    docker_default = docker["variables"]["properties"]["container_create_kwargs"]["default"]
+    HostConfig(version="1.44", **docker_default)  # raises on a malformed device request
+    for d in DEPLOYMENTS.values():
+        if d["work_pool"]["name"] != "requant-gpu":
+            continue
+        gpus = validate_settings(d["parameters"]["settings"]).quantization.gpus
+        jobs = d["work_pool"].get("job_variables", {})
+        assert jobs.get("gpu_count", k8s_default) >= gpus, d["name"]
+        create = jobs.get("container_create_kwargs", docker_default)
+        assert sum(r["count"] for r in create["device_requests"]) >= gpus, d["name"]

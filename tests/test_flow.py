@@ -150,3 +150,23 @@ def test_a_run_waits_for_the_gpu_slot_held_by_another_run_then_proceeds(
         assert not (run_dir / "checkpoint").exists()  # ...the GPU stage waits for the slot
     worker.join(300)
     assert outcome["summary"]["verification"]["ok"] is True  # then it proceeded
+
+
+def test_a_run_needing_more_gpus_than_the_limit_counts_is_refused_before_any_stage(
+        tiny_model, chat_file, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    from requant.flows.requantize import GPU_LIMIT, requantize
+
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT,
+                                                                            limit=1))
+    settings = settings_for(tiny_model, chat_file, tmp_path).model_copy(update={
+        "quantization": PipelineSettings.model_validate(
+            {"quantization": {"gpus": 2, "device": "cpu"}}).quantization})
+    with pytest.raises(SettingsError, match=r"needs 2 slots of the global concurrency limit "
+                       r"'requant-gpu', which has 1 \(it counts GPUs\)"):
+        requantize(settings)
+    assert not (tmp_path / "runs").exists()

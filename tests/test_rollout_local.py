@@ -18,11 +18,12 @@ import httpx
 import pytest
 
 from requant.errors import RolloutFailed
+from requant.processes import pid_running
 from requant.rollout.local import rollout_local, shutdown_local
 from requant.rollout.release import resolve_release
 from requant.rollout.state import load_state
 from requant.serving.router import REVISION_HEADER
-from requant.serving.server import free_port, pid_running
+from requant.serving.server import free_port
 from requant.settings import PipelineSettings
 from tests.conftest import needs_vllm, processes_mentioning, tiny_server_settings
 

@@ -236,7 +236,8 @@ def test_router_module_runs_as_a_process_and_answers_its_status(tmp_path):
     import subprocess
     import sys
 
-    from requant.serving.server import free_port, stop_process_group
+    from requant.processes import stop_process_group
+    from requant.serving.server import free_port
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "requant.serving.router", "--port", str(port),

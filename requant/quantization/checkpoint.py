@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from requant.atomic import atomic_directory, write_json_atomic
+from requant.atomic import TMP_PREFIX, atomic_directory, write_json_atomic
 from requant.calibration import CalibrationSet, load_prepared
-from requant.errors import CheckpointVerificationError
+from requant.errors import CheckpointVerificationError, SettingsError
 from requant.memory import peak_gpu_gib, peak_rss_gib, reset_gpu_peak
 from requant.progress import Report, no_progress
+from requant.quantization.distributed import RankJob, check_shardable, run_ranks, shard_bounds
 from requant.quantization.hardware import Accelerator
 from requant.quantization.manifest import MANIFEST_NAME, library_versions, render_manifest
 from requant.quantization.oneshot import load_model, quantize_model, release_session
@@ -53,27 +54,16 @@ def quantize_checkpoint(
     reset_gpu_peak()
     source = fetch_weights(settings.source, source)
     t_fetch = time.perf_counter()
-    model, tokenizer = load_model(source.path, settings.source.trust_remote_code)
-    choices = quantize_model(
-        model, tokenizer, recipe.text, load_prepared(calib) if calib is not None else None,
-        settings.calibration.max_seq_len, acc,
-        allow_tf32=q.allow_tf32, activation_cache=q.activation_cache,
-        smoothing_tolerance=q.smoothing_tolerance, report=report,
-    )
-    smoothing = choices.pop("smoothing_check", None)
-    report(0.99, "calibration done; saving and verifying the checkpoint")
-    t_oneshot = time.perf_counter()
     with atomic_directory(out_dir) as tmp:
-        model.save_pretrained(tmp, save_compressed=True)
-        tokenizer.save_pretrained(tmp)
+        if q.gpus > 1:
+            choices = calibrate_on_ranks(settings, source, calib, recipe, acc, tmp, report)
+        else:
+            choices = calibrate_in_process(settings, source, calib, recipe, acc, tmp, report)
+        smoothing = choices.pop("smoothing_check", None)
+        distributed = choices.pop("distributed", {"ranks": 1})
+        t_oneshot = choices.pop("oneshot_s")
         # the whole recipe as it ran (llm-compressor writes only its last oneshot call's)
         (tmp / "recipe.yaml").write_text(recipe.text)
-        # Verification reloads the checkpoint: let go of the in-memory model (and llm-compressor's
-        # session, which holds it) first. On the 135M demo this did not lower the measured peak
-        # RSS (docs/calibration.md); large models' tensors are the ones returned to the OS.
-        del model
-        release_session()
-        gc.collect()
         t_saved = time.perf_counter()
         report = verify_checkpoint(
             tmp, ExpectedScheme.for_scheme(recipe.scheme), recipe.ignore,
@@ -92,8 +82,8 @@ def quantize_checkpoint(
                       "capability": list(acc.capability) if acc.capability else None,
                       "torch_threads": torch.get_num_threads(), **choices},
             timings={"fetch_weights": round(t_fetch - started, 2),
-                     "oneshot": round(t_oneshot - t_fetch, 2),
-                     "save": round(t_saved - t_oneshot, 2),
+                     "oneshot": t_oneshot,
+                     "save": round(t_saved - t_fetch - t_oneshot, 2),
                      "verify": round(t_verified - t_saved, 2),
                      "total": round(t_verified - started, 2)},
             memory={"host_rss": peak_rss_gib(), "gpu_allocated": peak_gpu_gib()},
@@ -102,8 +92,72 @@ def quantize_checkpoint(
         )
         manifest["verification"] = report.as_record()
         manifest["smoothing_check"] = smoothing
+        manifest["distributed"] = distributed
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
     return QuantizedCheckpoint(Path(out_dir), manifest, source)
+
+
+def calibrate_in_process(
+    settings: PipelineSettings, source: ResolvedSource, calib: CalibrationSet | None,
+    recipe: ResolvedRecipe, acc: Accelerator, save_to: Path, report: Report,
+) -> dict[str, Any]:
+    """One process, one device: oneshot, then save into the directory being built."""
+    q = settings.quantization
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(source.path, settings.source.trust_remote_code)
+    choices = quantize_model(
+        model, tokenizer, recipe.text, load_prepared(calib) if calib is not None else None,
+        settings.calibration.max_seq_len, acc,
+        allow_tf32=q.allow_tf32, activation_cache=q.activation_cache,
+        smoothing_tolerance=q.smoothing_tolerance, report=report,
+    )
+    choices["oneshot_s"] = round(time.perf_counter() - t0, 2)
+    report(0.99, "calibration done; saving and verifying the checkpoint")
+    model.save_pretrained(save_to, save_compressed=True)
+    tokenizer.save_pretrained(save_to)
+    # Verification reloads the checkpoint: let go of the in-memory model (and llm-compressor's
+    # session, which holds it) first. On the 135M demo this did not lower the measured peak
+    # RSS (docs/calibration.md); large models' tensors are the ones returned to the OS.
+    del model
+    release_session()
+    gc.collect()
+    return choices
+
+
+def calibrate_on_ranks(
+    settings: PipelineSettings, source: ResolvedSource, calib: CalibrationSet | None,
+    recipe: ResolvedRecipe, acc: Accelerator, save_to: Path, report: Report,
+) -> dict[str, Any]:
+    """``quantization.gpus`` ranks under torchrun; rank 0 saves into ``save_to``. The shards
+    and every rank's peak memory go into the manifest, so a run can be reproduced exactly."""
+    if calib is None:
+        raise SettingsError("quantization.gpus > 1 splits the calibration set across GPUs, and "
+                            "this recipe uses none: set quantization.gpus=1.")
+    q = settings.quantization
+    samples = calib.stats.samples
+    check_shardable(samples, q.gpus)
+    t0 = time.perf_counter()
+    work = save_to.parent / f"{TMP_PREFIX}ranks-{save_to.name}"
+    shutil.rmtree(work, ignore_errors=True)
+    job = RankJob(
+        model_dir=str(source.path), calibration_dir=str(calib.path / "data"),
+        recipe_text=recipe.text, max_seq_len=settings.calibration.max_seq_len, device=acc.kind,
+        world=q.gpus, save_to=str(save_to), work_dir=str(work),
+        trust_remote_code=settings.source.trust_remote_code, allow_tf32=q.allow_tf32,
+        activation_cache=q.activation_cache, smoothing_tolerance=q.smoothing_tolerance)
+    try:
+        result = run_ranks(job, report)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ranks = result.pop("ranks")
+    result["distributed"] = {
+        "ranks": q.gpus, "backend": "nccl" if acc.kind == "cuda" else "gloo",
+        "sharding": "contiguous shards of the seeded-shuffled calibration set",
+        "shards": [list(b) for b in shard_bounds(samples, q.gpus)],
+        "peak_memory_gib": ranks}
+    result["oneshot_s"] = round(time.perf_counter() - t0, 2)
+    report(0.99, "calibration done; verifying the checkpoint")
+    return result
 
 
 def _reject(tmp: Path, out_dir: Path, report: CheckpointReport) -> None:

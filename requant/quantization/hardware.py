@@ -7,6 +7,7 @@ newer. Checking this before calibration saves an hour of quantizing a model nobo
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,10 +20,11 @@ class Accelerator:
     name: str
     capability: tuple[int, int] | None = None
     memory_gib: float | None = None
+    index: int = 0  # the GPU a calibration rank owns (its local rank)
 
     @property
     def torch_device(self) -> str:
-        return "cuda:0" if self.kind == "cuda" else "cpu"
+        return f"cuda:{self.index}" if self.kind == "cuda" else "cpu"
 
 
 def detect_accelerator(requested: Literal["auto", "cuda", "cpu"] = "auto") -> Accelerator:
@@ -41,6 +43,29 @@ def detect_accelerator(requested: Literal["auto", "cuda", "cpu"] = "auto") -> Ac
     return Accelerator(
         "cuda", props.name, (props.major, props.minor), round(props.total_memory / 2**30, 1)
     )
+
+
+def check_gpu_count(gpus: int, requested: str, acc: Accelerator) -> None:
+    """quantization.gpus above what this worker has fails now, not in torchrun's rendezvous."""
+    if gpus <= 1:
+        return
+    if acc.kind == "cpu":
+        if requested == "cpu":
+            return  # CPU ranks on gloo: the distributed path without GPUs (tests)
+        raise SettingsError(
+            f"quantization.gpus={gpus} but torch sees no GPU here. Run on a GPU worker with "
+            f"{gpus} GPUs, or set quantization.gpus=1 (quantization.device=cpu runs {gpus} CPU "
+            "processes instead: for testing the distributed path, not for speed)."
+        )
+    import torch
+
+    have = torch.cuda.device_count()
+    if have < gpus:
+        raise SettingsError(
+            f"quantization.gpus={gpus} but this worker sees {have} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). Lower "
+            "quantization.gpus, or give the work pool's job that many GPUs (gpu_count)."
+        )
 
 
 def check_scheme_supported(scheme: str | None, acc: Accelerator) -> None:

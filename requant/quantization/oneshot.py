@@ -7,10 +7,11 @@ Choices made here, each measured (docs/quantization.md):
   otherwise offloads every layer's inputs to host memory and back, twice per layer per modifier.
 - Our own seeded shuffle: oneshot's is unseeded, which would make equal inputs calibrate in a
   different order on each run.
-- SmoothQuant runs as its own oneshot call, then every decoder layer is checked to compute what
-  it did before (requant.quantization.smoothing), then the rest of the recipe. llm-compressor's
-  default pipeline already gives each modifier its own calibration pass, so the split costs no
-  compute.
+- SmoothQuant runs as its own oneshot call (requant.quantization.rank_safe's modifier: the same
+  as llm-compressor's unless several ranks share one copy of the weights), then every decoder
+  layer is checked to compute what it did before (requant.quantization.smoothing), then the rest
+  of the recipe. llm-compressor's default pipeline already gives each modifier its own
+  calibration pass, so the split costs no compute.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ def activation_cache_device(
     if acc.kind != "cuda" or setting == "cpu":
         return "cpu"
     if setting == "gpu":
-        return "cuda:0"
+        return acc.torch_device
     if free_gpu_bytes is not None and cache_bytes <= GPU_CACHE_BUDGET * free_gpu_bytes:
-        return "cuda:0"
+        return acc.torch_device
     return "cpu"
 
 
@@ -57,12 +58,14 @@ def estimate_cache_bytes(total_tokens: int, hidden_size: int, dtype_bytes: int =
     return total_tokens * hidden_size * dtype_bytes
 
 
-def load_model(model_dir: Path, trust_remote_code: bool = False):
-    """Load on the CPU: the sequential pipeline moves one layer at a time onto the GPU."""
+def load_model(model_dir: Path, trust_remote_code: bool = False, device: str = "cpu"):
+    """On the CPU by default: the sequential pipeline moves one layer at a time onto the GPU.
+    Calibration ranks load onto their own GPU instead (requant.quantization.rank)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype="auto", trust_remote_code=trust_remote_code
+        model_dir, dtype="auto", trust_remote_code=trust_remote_code,
+        **({"device_map": device} if device != "cpu" else {}),
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     return model, tokenizer
@@ -86,7 +89,10 @@ def quantize_model(
     ``model.config.name_or_path`` must be a directory holding the config: oneshot re-reads it.
     """
     import torch
+    import yaml
     from llmcompressor import oneshot
+
+    from requant.quantization.rank_safe import run_with_barriers, smooth_modifiers
 
     choices: dict[str, Any] = {"allow_tf32": False, "activation_cache": "cpu"}
     if acc.kind == "cuda":
@@ -95,31 +101,43 @@ def quantize_model(
         choices["allow_tf32"] = allow_tf32
     kwargs: dict[str, Any] = {}
     if dataset is not None:
-        tokens = sum(len(ids) for ids in dataset["input_ids"])
-        free = torch.cuda.mem_get_info()[0] if acc.kind == "cuda" else None
-        device = activation_cache_device(
-            activation_cache, acc, estimate_cache_bytes(tokens, model.config.hidden_size), free
-        )
-        choices["activation_cache"] = device
-        kwargs = {
-            "dataset": dataset,
-            "num_calibration_samples": len(dataset),
-            "max_seq_length": max_seq_len,
-            "shuffle_calibration_samples": False,
-            "sequential_offload_device": device,
-        }
+        kwargs = calibration_kwargs(model, dataset, max_seq_len, acc, activation_cache)
+        choices["activation_cache"] = kwargs["sequential_offload_device"]
     samples = len(dataset) if dataset is not None else 0
     smooth_text, rest_text = split_recipe(recipe_text)
+
+    def run_rest(text: str) -> None:
+        if torch.distributed.is_initialized():
+            run_with_barriers(oneshot, text, model=model, processor=tokenizer, **kwargs)
+        else:
+            oneshot(model=model, processor=tokenizer, recipe=text, **kwargs)
+
     with layer_progress(model, samples, calibration_passes(recipe_text), report):
         if smooth_text is None or dataset is None:
-            oneshot(model=model, processor=tokenizer, recipe=recipe_text, **kwargs)
+            run_rest(recipe_text)
             return choices
         choices["smoothing_check"] = smooth_checked(
             model, smooth_text, dataset, smoothing_tolerance,
-            lambda text: oneshot(model=model, processor=tokenizer, recipe=text, **kwargs))
+            lambda text: oneshot(model=model, processor=tokenizer,
+                                 recipe=smooth_modifiers(yaml.safe_load(text)), **kwargs))
         if rest_text is not None:
-            oneshot(model=model, processor=tokenizer, recipe=rest_text, **kwargs)
+            run_rest(rest_text)
     return choices
+
+
+def calibration_kwargs(model, dataset, max_seq_len: int, acc: Accelerator,
+                       activation_cache: ActivationCache) -> dict[str, Any]:
+    """oneshot's data arguments: our order (no reshuffle), and where activations wait."""
+    import torch
+
+    tokens = sum(len(ids) for ids in dataset["input_ids"])
+    free = torch.cuda.mem_get_info()[0] if acc.kind == "cuda" else None
+    device = activation_cache_device(
+        activation_cache, acc, estimate_cache_bytes(tokens, model.config.hidden_size), free
+    )
+    return {"dataset": dataset, "num_calibration_samples": len(dataset),
+            "max_seq_length": max_seq_len, "shuffle_calibration_samples": False,
+            "sequential_offload_device": device}
 
 
 #: The exactness check's probe: this many calibration samples, each cut to this many tokens.

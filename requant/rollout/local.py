@@ -26,15 +26,10 @@ from typing import Any
 import httpx
 
 from requant.errors import DeploymentCheckFailed, RolloutFailed, ServerError, SettingsError
+from requant.processes import pid_running, stop_process_group
 from requant.rollout.state import Deployed, DeployState, Release, load_state, save_state
 from requant.serving.checks import verify_deployment
-from requant.serving.server import (
-    log_tail,
-    pid_running,
-    start_server,
-    stop_process_group,
-    stop_server,
-)
+from requant.serving.server import log_tail, start_server, stop_server
 from requant.settings import PipelineSettings
 
 TARGET = "local"

@@ -11,20 +11,20 @@ killed before it can clean up.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from requant.errors import ServerError, SettingsError
+from requant.processes import die_with_parent as kill_with_parent
+from requant.processes import terminate_group
 from requant.serving.checks import not_ready_reason
 from requant.settings import PROJECT_ROOT, ServerSettings
 
@@ -116,12 +116,6 @@ def log_tail(path: Path, lines: int = 40) -> str:
     return f"last {min(lines, len(text))} lines of {path}:\n" + "\n".join(text[-lines:])
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def start_server(
     model: str | Path,
     cfg: ServerSettings,
@@ -152,7 +146,7 @@ def start_server(
     process = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         start_new_session=True,  # its own process group: stop_server signals all of it
-        preexec_fn=_die_with_parent if die_with_parent and sys.platform.startswith("linux")
+        preexec_fn=kill_with_parent if die_with_parent and sys.platform.startswith("linux")
         else None,
     )
     log.close()
@@ -197,63 +191,7 @@ def stop_server(handle: ServerHandle, grace_s: float = 30.0) -> None:
     except ProcessLookupError:  # already exited and reaped: no group left to signal
         wait_leader(grace_s)
         return
-    _terminate_group(pgid, grace_s, wait_leader)
-
-
-def stop_process_group(pid: int, grace_s: float = 30.0) -> None:
-    """Stop a server this process did not start (known by its pid from a deploy record): its
-    session leader's process group gets SIGTERM, then SIGKILL after the grace period."""
-    try:
-        pgid = os.getpgid(pid)
-    except ProcessLookupError:
-        return
-    if pgid != pid:  # the pid was reused by an unrelated process: not ours to kill
-        return
-
-    def wait_leader(timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and pid_running(pid):
-            time.sleep(0.2)
-        with contextlib.suppress(ChildProcessError):  # reap it if this process started it
-            os.waitpid(pid, os.WNOHANG)
-
-    _terminate_group(pgid, grace_s, wait_leader)
-
-
-def _terminate_group(pgid: int, grace_s: float, wait_leader: Callable[[float], None]) -> None:
-    """The one stop sequence: SIGTERM to the group, the leader gets ``grace_s`` to exit, then
-    SIGKILL to whatever is left (engine workers too, even if the leader exited), and return
-    only once no process of the group exists."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
-    wait_leader(grace_s)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
-    wait_leader(10)
-    _wait_group_gone(pgid, 15)
-
-
-def pid_running(pid: int) -> bool:
-    """Alive and not a zombie (a zombie still answers kill(pid, 0))."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
-def _wait_group_gone(pgid: int, timeout_s: float) -> None:
-    """Orphaned engine processes are reaped by init a moment after they die; "stopped" should
-    mean no process of the group exists any more, not that one is on its way out."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
+    terminate_group(pgid, grace_s, wait_leader)
 
 
 @contextlib.contextmanager

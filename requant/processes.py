@@ -1,0 +1,75 @@
+"""Process groups that end completely: the one stop sequence for vLLM servers and calibration
+ranks, and the parent-death signal that takes a child down with a killed parent."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import time
+from collections.abc import Callable
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Runs in the child between fork and exec: the kernel sends ``sig`` when the parent dies,
+    so a killed stage leaves no server or rank behind."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, sig)  # PR_SET_PDEATHSIG
+
+
+def stop_process_group(pid: int, grace_s: float = 30.0) -> None:
+    """Stop a server this process did not start (known by its pid from a deploy record): its
+    session leader's process group gets SIGTERM, then SIGKILL after the grace period."""
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return
+    if pgid != pid:  # the pid was reused by an unrelated process: not ours to kill
+        return
+
+    def wait_leader(timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and pid_running(pid):
+            time.sleep(0.2)
+        with contextlib.suppress(ChildProcessError):  # reap it if this process started it
+            os.waitpid(pid, os.WNOHANG)
+
+    terminate_group(pgid, grace_s, wait_leader)
+
+
+def terminate_group(pgid: int, grace_s: float, wait_leader: Callable[[float], None]) -> None:
+    """The one stop sequence: SIGTERM to the group, the leader gets ``grace_s`` to exit, then
+    SIGKILL to whatever is left (engine workers too, even if the leader exited), and return
+    only once no process of the group exists."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    wait_leader(grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    wait_leader(10)
+    _wait_group_gone(pgid, 15)
+
+
+def pid_running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie still answers kill(pid, 0))."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> None:
+    """Orphaned engine processes are reaped by init a moment after they die; "stopped" should
+    mean no process of the group exists any more, not that one is on its way out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
