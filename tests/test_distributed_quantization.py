@@ -206,3 +206,39 @@ def test_kill_9_of_one_rank_fails_the_stage_naming_it_and_leaves_no_process(
     assert time.monotonic() - started < 240
     assert not out.exists() and list(out.parent.iterdir()) == []
     assert not [p for p in rank_pids(tmp_path) + killed if pid_running(p)]
+
+
+def test_kill_9_of_the_stage_takes_torchrun_and_every_rank_down(tiny_model, tmp_path):
+    """The Prefect worker kills a flow run's process: torchrun (parent-death signal) and then
+    each rank (parent-death signal against torchrun) go with it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import chat_rows, processes_mentioning, write_jsonl
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(SAMPLES))
+    out = tmp_path / "run" / "checkpoint"
+    stage = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
+        "from tests.test_distributed_quantization import quantize;"
+        "quantize(*map(Path, sys.argv[2:6]), 2)"),
+        str(Path(__file__).resolve().parents[1]), str(tiny_model), str(data),
+        str(tmp_path / "cache"), str(out)])
+    try:
+        deadline = time.monotonic() + 180
+        while len(rank_pids(tmp_path)) < 2:
+            assert time.monotonic() < deadline, "the ranks never started"
+            assert stage.poll() is None, "the stage ended before its ranks started"
+            time.sleep(0.2)
+        jobs = list(tmp_path.glob("run/.tmp-ranks-*/job.json"))
+        assert jobs
+        alive = processes_mentioning(str(jobs[0]))  # torchrun and both ranks
+        assert len(alive) >= 3
+    finally:
+        stage.kill()
+        stage.wait(10)
+    deadline = time.monotonic() + 30
+    while [p for p in alive if p.is_running() and p.status() != "zombie"]:
+        assert time.monotonic() < deadline, f"still running: {[p.pid for p in alive]}"
+        time.sleep(0.2)
+    assert not out.exists()
