@@ -33,6 +33,10 @@ def run_preflight(settings: PipelineSettings) -> tuple[ResolvedRecipe, Accelerat
         serving_python(settings.evaluation.server)
         validate_tasks(settings.evaluation)
     check_publish_settings(settings.hub)
+    if settings.rollout.target == "kubernetes":
+        from requant.rollout.k8s_manifest import check_strategy
+
+        check_strategy(settings.rollout.kubernetes)
     if settings.rollout.target == "local":
         from requant.rollout.local import check_local_settings
 

@@ -352,10 +352,18 @@ class KubernetesTargetSettings(_Section):
     replicas: int = Field(1, ge=1)
     gpus: int = Field(1, ge=0, description="nvidia.com/gpu per pod (0: CPU pods).")
     max_surge: int | str = Field(
-        0, description="Extra pods during a rollout. 0 suits scarce GPUs (replace in place); "
-        "1 keeps full capacity if a spare GPU exists."
+        "100%", description="Extra pods during a rollout: the new pods start beside the old "
+        "ones, which serve until the new ones are ready (needs that many spare GPUs)."
     )
-    max_unavailable: int | str = Field(1, description="Pods that may be down during a rollout.")
+    max_unavailable: int | str = Field(
+        0, description="Pods that may be down during a rollout. Above 0 replaces pods in place: "
+        "less capacity, and with replicas: 1 an outage while the new pod loads; needs "
+        "allow_downtime: true."
+    )
+    allow_downtime: bool = Field(
+        False, description="Accept in-place replacement (max_unavailable > 0) where no spare "
+        "GPU exists: serving capacity drops during every rollout and undo."
+    )
     max_model_len: int = Field(8192, gt=0)
     extra_args: list[str] = Field(default_factory=list, description="Appended to vLLM's args.")
     hf_token_secret: str | None = Field(

@@ -6,6 +6,8 @@ No cluster exists here; this is the network boundary the official client talks a
 Behaviour per revision (the ``requant.dev/revision`` pod-template annotation):
 - ``ready_after`` status reads until a new generation is fully rolled out;
 - revisions in ``stuck`` never become available and report ProgressDeadlineExceeded;
+- the strategy decides who serves meanwhile: with maxUnavailable 0 the old pods do (surge
+  first); otherwise nobody until the new pods are ready (``serving_log`` records it);
 - revisions in ``slow_answers`` are served but answer after ``slow_s`` seconds (SLO test).
 """
 
@@ -33,6 +35,7 @@ class ClusterState:
         self.stuck: set[str] = set()
         self.slow_answers: set[str] = set()
         self.slow_s = 0.5
+        self.serving_log: list[str | None] = []  # who serves, at each controller step
         self.lock = threading.Lock()
 
     def serving_revision(self, ns: str, name: str) -> str | None:
@@ -49,23 +52,33 @@ class ClusterState:
         replicas = dep["spec"].get("replicas", 1)
         status = dep["status"]
         status["observedGeneration"] = dep["metadata"]["generation"]
-        if rev in self.stuck:
-            if n >= self.ready_after:
+        in_place = str(dep["spec"].get("strategy", {}).get("rollingUpdate", {})
+                       .get("maxUnavailable", "25%")) not in {"0", "0%"}
+        if rev in self.stuck or n < self.ready_after:
+            if rev in self.stuck and n >= self.ready_after:
                 status["conditions"] = [{"type": "Progressing", "status": "False",
                                          "reason": "ProgressDeadlineExceeded",
                                          "message": f'ReplicaSet for {rev} has timed out '
                                                     'progressing.'}]
-            # maxSurge 0: the old pod is gone, the new one never gets ready
-            status.update({"updatedReplicas": replicas, "availableReplicas": 0,
-                           "readyReplicas": 0, "_servingRevision": None})
+            old = status.get("_servingRevision")
+            if in_place or old is None:
+                # the old pod is gone, the new one is not ready (yet, or ever): nobody serves
+                status.update({"replicas": replicas, "updatedReplicas": replicas,
+                               "availableReplicas": 0, "readyReplicas": 0,
+                               "_servingRevision": None})
+            elif old != rev:
+                # surge first: the old pods keep serving beside the new ones that are loading
+                status.update({"replicas": 2 * replicas, "updatedReplicas": replicas,
+                               "availableReplicas": replicas, "readyReplicas": replicas})
+            self.serving_log.append(status.get("_servingRevision"))
             return
-        if n >= self.ready_after:
-            status.update({"replicas": replicas, "updatedReplicas": replicas,
-                           "availableReplicas": replicas, "readyReplicas": replicas,
-                           "_servingRevision": rev,
-                           "conditions": [{"type": "Available", "status": "True"},
-                                          {"type": "Progressing", "status": "True",
-                                           "reason": "NewReplicaSetAvailable"}]})
+        status.update({"replicas": replicas, "updatedReplicas": replicas,
+                       "availableReplicas": replicas, "readyReplicas": replicas,
+                       "_servingRevision": rev,
+                       "conditions": [{"type": "Available", "status": "True"},
+                                      {"type": "Progressing", "status": "True",
+                                       "reason": "NewReplicaSetAvailable"}]})
+        self.serving_log.append(rev)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -104,3 +104,14 @@ def test_gpu_pool_jobs_request_as_many_gpus_as_each_deployment_quantizes_with():
         assert jobs.get("gpu_count", k8s_default) >= gpus, d["name"]
         create = jobs.get("container_create_kwargs", docker_default)
         assert sum(r["count"] for r in create["device_requests"]) >= gpus, d["name"]
+
+
+def test_production_kubernetes_strategy_never_drops_serving_capacity():
+    from requant.rollout.k8s_manifest import check_strategy
+
+    for settings in (load_settings(ROOT / "deployments/configs/production-llama3-8b.yaml"),
+                     validate_settings(DEPLOYMENTS["requantize-nightly"]["parameters"]
+                                       ["settings"])):
+        k = settings.rollout.kubernetes
+        assert str(k.max_unavailable) in {"0", "0%"} and not k.allow_downtime
+        check_strategy(k)

@@ -59,6 +59,16 @@ def test_rolling_update_that_can_never_progress_is_refused_with_the_fix():
         check_strategy(KubernetesTargetSettings(max_surge=0, max_unavailable=0))
 
 
+def test_default_strategy_is_surge_first_and_in_place_needs_downtime_accepted():
+    default = KubernetesTargetSettings()
+    assert (default.max_surge, default.max_unavailable) == ("100%", 0)
+    check_strategy(default)
+    with pytest.raises(SettingsError, match=r"max_unavailable=1 takes serving pods down.*an "
+                       r"outage.*allow_downtime: true"):
+        check_strategy(KubernetesTargetSettings(max_surge=0, max_unavailable=1))
+    check_strategy(KubernetesTargetSettings(max_surge=0, max_unavailable=1, allow_downtime=True))
+
+
 def test_a_local_checkpoint_cannot_be_deployed_to_kubernetes():
     with pytest.raises(SettingsError, match="published revisions only"):
         render_deployment(KubernetesTargetSettings(), Release("local-x", None, "/tmp/x"), "m", {})
@@ -140,3 +150,24 @@ def test_rollout_past_its_deadline_is_undone_and_a_failed_first_deploy_is_delete
     with pytest.raises(RolloutFailed, match="rollout_timeout_s"):
         rollout_kubernetes(slow, Release(SHA_A, "org/m"), "run-1")
     assert ("serving", "llama3") not in cluster.state.deployments  # nothing served before
+
+
+def test_a_surge_first_rollout_that_never_gets_ready_never_leaves_the_service_without_pods(
+        cluster):
+    rollout_kubernetes(cluster.settings, Release(SHA_A, "org/m"), "run-1")
+    cluster.state.serving_log.clear()
+    cluster.state.stuck.add(SHA_B)
+    with pytest.raises(RolloutFailed):
+        rollout_kubernetes(cluster.settings, Release(SHA_B, "org/m"), "run-2")
+    assert cluster.state.serving_log and set(cluster.state.serving_log) == {SHA_A}
+
+
+def test_in_place_replacement_is_the_documented_downtime(cluster):
+    rollout_kubernetes(cluster.settings, Release(SHA_A, "org/m"), "run-1")
+    cluster.state.serving_log.clear()
+    in_place = cluster.settings.model_copy(deep=True)
+    k = in_place.rollout.kubernetes
+    k.max_surge, k.max_unavailable, k.allow_downtime = 0, 1, True
+    rollout_kubernetes(in_place, Release(SHA_B, "org/m"), "run-2")
+    assert None in cluster.state.serving_log  # nobody served while the new pod loaded
+    assert cluster.state.serving_log[-1] == SHA_B

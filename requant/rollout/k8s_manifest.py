@@ -117,9 +117,19 @@ def validate(manifest: dict[str, Any], version: str = SCHEMA_VERSION) -> None:
 
 
 def check_strategy(k: KubernetesTargetSettings) -> None:
-    """A rolling update with neither surge nor unavailability can never make progress."""
-    if str(k.max_surge) in {"0", "0%"} and str(k.max_unavailable) in {"0", "0%"}:
+    """Surge first: a rollout never takes serving capacity down unless downtime is accepted."""
+    zero = {"0", "0%"}
+    if str(k.max_surge) in zero and str(k.max_unavailable) in zero:
         raise SettingsError(
             "rollout.kubernetes.max_surge and max_unavailable are both 0: the rollout could "
-            "never replace a pod. Set max_surge: 1 (needs a spare GPU) or max_unavailable: 1."
+            "never replace a pod. Set max_surge: 100% (needs spare GPUs) or accept downtime "
+            "with max_unavailable: 1 and allow_downtime: true."
+        )
+    if str(k.max_unavailable) not in zero and not k.allow_downtime:
+        raise SettingsError(
+            f"rollout.kubernetes.max_unavailable={k.max_unavailable} takes serving pods down "
+            f"before their replacements are ready (with replicas: {k.replicas}, "
+            f"{'an outage' if k.replicas == 1 else 'less capacity'} for the whole model load, "
+            "up to startup_timeout_s). Set max_unavailable: 0 and max_surge: 100% (needs that "
+            "many spare GPUs), or accept the downtime with allow_downtime: true."
         )
