@@ -4,7 +4,10 @@ reads, plus the pods' OpenAI endpoint behind the Service URL (``/svc/...``).
 
 No cluster exists here; this is the network boundary the official client talks across.
 Behaviour per revision (the ``requant.dev/revision`` pod-template annotation):
-- ``ready_after`` status reads until a new generation is fully rolled out;
+- ``ready_after`` seconds until a new generation is fully rolled out, whoever reads meanwhile;
+  ``observedGeneration`` lags a spec change by ``observe_lag`` seconds;
+- requests without the kubeconfig's bearer token get 401; creating what exists gets 409; a body
+  whose name or namespace differs from the URL's gets 400; Services take PUT, PATCH, DELETE;
 - revisions in ``stuck`` never become available and report ProgressDeadlineExceeded;
 - the strategy decides who serves meanwhile: with maxUnavailable 0 the old pods do (surge
   first); otherwise nobody until the new pods are ready (``serving_log`` records it);
@@ -22,6 +25,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+TOKEN = "fake-cluster-token"
 REV = "requant.dev/revision"
 
 
@@ -30,8 +34,9 @@ class ClusterState:
         self.deployments: dict[tuple[str, str], dict[str, Any]] = {}
         self.services: dict[tuple[str, str], dict[str, Any]] = {}
         self.requests: list[tuple[str, str, Any]] = []  # (method, path, body)
-        self.reads_since_change: dict[tuple[str, str], int] = {}
-        self.ready_after = 2
+        self.changed_at: dict[tuple[str, str], float] = {}
+        self.ready_after = 0.15  # seconds from a spec change until the new pods are ready
+        self.observe_lag = 0.03  # seconds before the controller observes a new generation
         self.stuck: set[str] = set()
         self.slow_answers: set[str] = set()
         self.slow_s = 0.5
@@ -45,17 +50,21 @@ class ClusterState:
         return dep["status"].get("_servingRevision")
 
     def _tick(self, key: tuple[str, str]) -> None:
-        """The deployment controller: progress a rollout a step per status read."""
+        """The deployment controller, as the API server's reader sees it: progress depends on
+        the time since the spec changed, not on how often anyone reads; a new generation is
+        observed only after ``observe_lag`` seconds."""
         dep = self.deployments[key]
-        n = self.reads_since_change[key] = self.reads_since_change.get(key, 0) + 1
+        elapsed = time.monotonic() - self.changed_at[key]
+        if elapsed < self.observe_lag:
+            return
         rev = dep["spec"]["template"]["metadata"].get("annotations", {}).get(REV)
         replicas = dep["spec"].get("replicas", 1)
         status = dep["status"]
         status["observedGeneration"] = dep["metadata"]["generation"]
         in_place = str(dep["spec"].get("strategy", {}).get("rollingUpdate", {})
                        .get("maxUnavailable", "25%")) not in {"0", "0%"}
-        if rev in self.stuck or n < self.ready_after:
-            if rev in self.stuck and n >= self.ready_after:
+        if rev in self.stuck or elapsed < self.ready_after:
+            if rev in self.stuck and elapsed >= self.ready_after:
                 status["conditions"] = [{"type": "Progressing", "status": "False",
                                          "reason": "ProgressDeadlineExceeded",
                                          "message": f'ReplicaSet for {rev} has timed out '
@@ -112,6 +121,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.state.requests.append((method, path, copy.deepcopy(body)))
         if m := re.fullmatch(r"/svc/(?P<ns>[^/]+)/(?P<name>[^/]+)(?P<rest>/.*)", path):
             return self._pod(method, m["ns"], m["name"], m["rest"], body)
+        if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return self._status(401, "Unauthorized", "Unauthorized")
+        if problem := self._identity_problem(method, path, body):
+            return self._status(400, "BadRequest", problem)
         if m := re.fullmatch(r"/apis/apps/v1/namespaces/(?P<ns>[^/]+)/deployments"
                              r"(?:/(?P<name>[^/]+))?(?P<status>/status)?", path):
             return self._deployment(method, m["ns"], m["name"], body)
@@ -132,6 +145,25 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._handle("DELETE")
 
+    def do_PATCH(self) -> None:
+        self._handle("PATCH")
+
+    @staticmethod
+    def _identity_problem(method: str, path: str, body: Any) -> str | None:
+        """What the API server says when a body names another object than the URL."""
+        if method not in {"POST", "PUT"} or not isinstance(body, dict):
+            return None
+        meta = body.get("metadata") or {}
+        ns = re.search(r"/namespaces/([^/]+)/", path)
+        if ns and meta.get("namespace") not in (None, ns[1]):
+            return ("the namespace of the provided object does not match the namespace sent on "
+                    "the request")
+        name = re.search(r"/(?:deployments|services)/([^/]+)$", path)
+        if method == "PUT" and name and meta.get("name") != name[1]:
+            return (f"the name of the object ({meta.get('name')}) does not match the name on "
+                    f"the URL ({name[1]})")
+        return None
+
     def _deployment(self, method: str, ns: str, name: str | None, body: Any) -> None:
         st = self.state
         with st.lock:
@@ -144,7 +176,7 @@ class _Handler(BaseHTTPRequestHandler):
                                         "uid": str(uuid.uuid4())})
                 dep["status"] = {}
                 st.deployments[key] = dep
-                st.reads_since_change[key] = 0
+                st.changed_at[key] = time.monotonic()
                 return self._send(201, dep)
             key = (ns, name)
             dep = st.deployments.get(key)
@@ -165,7 +197,7 @@ class _Handler(BaseHTTPRequestHandler):
                 new["status"] = {k: v for k, v in dep["status"].items() if k != "conditions"}
                 if changed:
                     new["status"]["updatedReplicas"] = 0
-                    st.reads_since_change[key] = 0
+                    st.changed_at[key] = time.monotonic()
                 st.deployments[key] = new
                 return self._send(200, new)
             if method == "DELETE":
@@ -177,11 +209,23 @@ class _Handler(BaseHTTPRequestHandler):
         st = self.state
         with st.lock:
             if method == "POST":
+                if (ns, body["metadata"]["name"]) in st.services:
+                    return self._status(409, "AlreadyExists",
+                                        f'services "{body["metadata"]["name"]}" already exists')
                 st.services[(ns, body["metadata"]["name"])] = body
                 return self._send(201, body)
             svc = st.services.get((ns, name))
             if svc is None:
                 return self._status(404, "NotFound", f'services "{name}" not found')
+            if method == "PUT":
+                st.services[(ns, name)] = body
+                return self._send(200, body)
+            if method == "PATCH":
+                st.services[(ns, name)] = merged(svc, body)
+                return self._send(200, st.services[(ns, name)])
+            if method == "DELETE":
+                del st.services[(ns, name)]
+                return self._send(200, {"kind": "Status", "status": "Success"})
             return self._send(200, svc)
 
     def _pod(self, method: str, ns: str, name: str, rest: str, body: Any) -> None:
@@ -210,6 +254,19 @@ class _Handler(BaseHTTPRequestHandler):
         self._status(404, "NotFound", rest)
 
 
+def merged(base: Any, patch: Any) -> Any:
+    """A JSON merge patch (RFC 7386), which is what a strategic merge does for these fields."""
+    if not isinstance(patch, dict) or not isinstance(base, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merged(out.get(key), value)
+    return out
+
+
 class _Server(ThreadingHTTPServer):
     request_queue_size = 256  # the load test opens 64 connections at once
     daemon_threads = True
@@ -227,7 +284,7 @@ class FakeCluster:
         path.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "fake",
             "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "fake", "user": {"token": "fake-cluster-token"}}],
+            "users": [{"name": "fake", "user": {"token": TOKEN}}],
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
         }))
         return str(path)

@@ -4,6 +4,7 @@ against a Kubernetes API server on 127.0.0.1 (tests/fakek8s.py), including undo 
 from __future__ import annotations
 
 import json
+import time
 
 import kubernetes_validate
 import pytest
@@ -144,7 +145,7 @@ def test_rollout_missing_the_latency_slo_is_undone(cluster):
 
 
 def test_rollout_past_its_deadline_is_undone_and_a_failed_first_deploy_is_deleted(cluster):
-    cluster.state.ready_after = 10_000
+    cluster.state.ready_after = 10_000  # seconds: never
     slow = cluster.settings.model_copy(deep=True)
     slow.rollout.kubernetes.rollout_timeout_s = 0.5
     with pytest.raises(RolloutFailed, match="rollout_timeout_s"):
@@ -171,3 +172,43 @@ def test_in_place_replacement_is_the_documented_downtime(cluster):
     rollout_kubernetes(in_place, Release(SHA_B, "org/m"), "run-2")
     assert None in cluster.state.serving_log  # nobody served while the new pod loaded
     assert cluster.state.serving_log[-1] == SHA_B
+
+
+def test_the_test_cluster_refuses_what_a_real_api_server_refuses(cluster, tmp_path):
+    """With the official client: no token -> 401; creating an existing Service -> 409; a body
+    naming another object than the URL -> 400; Services can be patched, replaced, deleted."""
+    from kubernetes import client, config
+    from kubernetes.client.rest import ApiException
+
+    anonymous = client.CoreV1Api(client.ApiClient(client.Configuration(host=cluster.url)))
+    with pytest.raises(ApiException) as err:
+        anonymous.read_namespaced_service("llama3", "serving")
+    assert err.value.status == 401
+    api = client.CoreV1Api(config.new_client_from_config(cluster.kubeconfig(tmp_path / "kc")))
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s", "namespace": "serving"},
+           "spec": {"selector": {"app": "a"}, "ports": [{"port": 8000}]}}
+    api.create_namespaced_service("serving", svc)
+    with pytest.raises(ApiException) as err:
+        api.create_namespaced_service("serving", svc)
+    assert err.value.status == 409
+    with pytest.raises(ApiException) as err:
+        api.create_namespaced_service("other", svc)
+    assert err.value.status == 400 and "namespace" in err.value.body
+    with pytest.raises(ApiException) as err:
+        api.replace_namespaced_service("t", "serving", svc)
+    assert err.value.status == 400 and "does not match the name" in err.value.body
+    api.patch_namespaced_service("s", "serving", {"spec": {"selector": {"app": "b"}}})
+    assert api.read_namespaced_service("s", "serving").spec.selector == {"app": "b"}
+    api.delete_namespaced_service("s", "serving")
+    with pytest.raises(ApiException) as err:
+        api.read_namespaced_service("s", "serving")
+    assert err.value.status == 404
+
+
+def test_rollout_progress_depends_on_time_not_on_how_often_status_is_read(cluster):
+    cluster.state.ready_after = 1.0
+    slow_poll = cluster.settings.model_copy(deep=True)
+    slow_poll.rollout.kubernetes.poll_interval_s = 0.4
+    started = time.monotonic()
+    rollout_kubernetes(slow_poll, Release(SHA_A, "org/m"), "run-1")
+    assert time.monotonic() - started >= 1.0
