@@ -212,3 +212,20 @@ def test_rollout_progress_depends_on_time_not_on_how_often_status_is_read(cluste
     started = time.monotonic()
     rollout_kubernetes(slow_poll, Release(SHA_A, "org/m"), "run-1")
     assert time.monotonic() - started >= 1.0
+
+
+def test_rollback_reads_the_previous_revision_from_the_deployment_not_a_local_file(cluster):
+    import shutil
+
+    from requant.rollout.release import resolve_release
+
+    settings = cluster.settings.model_copy(deep=True)
+    settings.hub.repo_id = "org/m"
+    with pytest.raises(SettingsError, match=r"no Deployment serving/llama3"):
+        resolve_release(settings, rollback=True)
+    rollout_kubernetes(settings, Release(SHA_A, "org/m"), "run-1")
+    with pytest.raises(SettingsError, match=r"records no previous revision"):
+        resolve_release(settings, rollback=True)
+    rollout_kubernetes(settings, Release(SHA_B, "org/m"), "run-2")
+    shutil.rmtree(settings.rollout.state_dir)  # another worker, or a lost disk
+    assert resolve_release(settings, rollback=True) == Release(SHA_A, "org/m")

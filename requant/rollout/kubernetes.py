@@ -68,6 +68,24 @@ def read_deployment(apps: Any, k: KubernetesTargetSettings) -> dict[str, Any] | 
     return apps.api_client.sanitize_for_serialization(obj)
 
 
+def previous_release(k: KubernetesTargetSettings) -> tuple[Release | None, str]:
+    """The rollback target as the cluster records it: the Deployment's previous-revision
+    annotation and the repository its pods pull (not a worker's local file, which another
+    worker, or a lost disk, makes stale). Returns (release or None, what the cluster said)."""
+    from kubernetes import client
+
+    dep = read_deployment(client.AppsV1Api(api_client(k)), k)
+    if dep is None:
+        return None, f"no Deployment {k.namespace}/{k.deployment}"
+    notes = dep["metadata"].get("annotations") or {}
+    previous = notes.get(f"{ANNOTATION}/previous-revision")
+    if not previous:
+        return None, (f"Deployment {k.namespace}/{k.deployment} serves "
+                      f"{notes.get(f'{ANNOTATION}/revision')} and records no previous revision")
+    repo = dep["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    return Release(previous, repo), f"Deployment {k.namespace}/{k.deployment}"
+
+
 def rollout_status(dep: dict[str, Any], replicas: int) -> tuple[bool, str | None]:
     """(complete, failure reason) from a Deployment's status, as `kubectl rollout status`
     reads it: the controller saw the new generation, every replica is updated and available,

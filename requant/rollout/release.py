@@ -30,6 +30,13 @@ def resolve_release(settings: PipelineSettings, revision: str | None = None,
             f"promote: give exactly one of revision (a published commit SHA), checkpoint (a "
             f"local folder) or rollback=true; got {given or 'none'}."
         )
+    if rollback and target == "kubernetes":
+        from requant.rollout.kubernetes import previous_release
+
+        release, where = previous_release(settings.rollout.kubernetes)
+        if release is None:
+            raise SettingsError(f"rollback: {where}; nothing to go back to.")
+        return release
     if rollback:
         state = load_state(settings.rollout.state_dir, target)
         if state.previous is None:
