@@ -3,7 +3,7 @@ production marker. Also the manual rollback (``rollback=true``: the previous rev
 the same verified path).
 
     resolve release -> fetch files (local target) -> rollout (start beside, verify, shift,
-    drain) -> move production marker
+    drain) -> move production marker -> record it deployed (requant.ledger)
 
 Any failed check rolls back inside the rollout stage: the old revision keeps serving, the marker
 does not move, and the flow fails with the reason.
@@ -21,6 +21,7 @@ from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
+from requant.ledger import record_deployed
 from requant.rollout.local import check_local_settings
 from requant.rollout.release import resolve_release
 from requant.settings import PipelineSettings, validate_settings
@@ -45,10 +46,15 @@ def promote(
                 release.label(), settings.rollout.target)
     if settings.rollout.target == "local":
         release = fetch_release_task(settings.hub, release, settings.cache_dir)
-    deployed, changed = rollout(settings, release, str(flow_run.get_id() or "") or None)
+    run_id = str(flow_run.get_id() or "") or None
+    deployed, changed = rollout(settings, release, run_id)
     marker_moved = False
     if release.repo_id:
         move_marker(settings.hub, release.revision)
         marker_moved = True
+    record_deployed(settings.cache_dir, settings.rollout.target, revision=release.revision,
+                    repo_id=release.repo_id,
+                    checkpoint=checkpoint or (None if release.repo_id else release.checkpoint),
+                    flow_run_id=run_id, rollback=rollback)
     return {"release": asdict(release), "deployed": asdict(deployed), "changed": changed,
             "production_marker_moved": marker_moved, "target": settings.rollout.target}

@@ -15,6 +15,7 @@ candidate ledger) ends the run at once. Run it with ``requant run``.
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -32,7 +33,13 @@ from requant.calibration import CalibrationSet
 from requant.errors import GateFailed, RolloutFailed
 from requant.evaluation.gate import GateDecision
 from requant.gpu_limit import GPU_LIMIT, check_gpu_limit, gpu_slots_needed
-from requant.ledger import candidate_key, find_published, record_published
+from requant.ledger import (
+    candidate_key,
+    find_deployed,
+    find_published,
+    pending_rollout,
+    record_published,
+)
 from requant.quantization.checkpoint import QuantizedCheckpoint
 from requant.quantization.hardware import Accelerator
 from requant.quantization.recipes import ResolvedRecipe
@@ -72,6 +79,12 @@ def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any
     key = candidate_key(settings, source.files, source.revision, recipe.sha256,
                         calib.fingerprint if calib else None)
     if not settings.force and (hit := find_published(settings.cache_dir, key)):
+        if settings.rollout.target != "none":
+            args, why = pending_rollout(hit, find_deployed(settings.cache_dir,
+                                                           settings.rollout.target))
+            if args is not None:  # published, never served: roll it out, no requantization
+                return promote_published(settings, run_dir, run_id, key, hit, args, why,
+                                         started)
         return finish_no_op(run_dir, run_id, key, hit, started)
 
     t_gpu = time.perf_counter()
@@ -229,6 +242,32 @@ def finish_no_op(run_dir: RunDir, run_id: str, key: str, hit: dict[str, Any],
     create_markdown_artifact(key="requant-run-summary", markdown=render_no_op(summary, where))
     get_run_logger().info("no-op: candidate %s already published (%s); nothing to do",
                           key[:16], where)
+    return summary
+
+
+def promote_published(settings: PipelineSettings, run_dir: RunDir, run_id: str, key: str,
+                      hit: dict[str, Any], args: dict[str, str], why: str,
+                      started: float) -> dict[str, Any]:
+    """The candidate passed the gate and was published by an earlier run, but does not serve
+    on the configured target: roll it out now, the same way that run would have."""
+    get_run_logger().info("candidate %s already published by run %s, %s: rolling out %s",
+                          key[:16], hit.get("run_id"), why, args)
+    summary: dict[str, Any] = {"run_id": run_id, "run_dir": str(run_dir.root), "no_op": False,
+                               "candidate_key": key, "already_published": hit,
+                               "promoted_published": {"why": why, **args}}
+    try:
+        summary["rollout"] = run_promote(settings, args)
+    except RolloutFailed as exc:
+        summary["rollout"] = {"failed": str(exc)}
+        raise
+    finally:
+        summary["timings_s"] = {"flow": round(time.perf_counter() - started, 2)}
+        write_json_atomic(run_dir.root / "summary.json", summary)
+        create_markdown_artifact(key="requant-run-summary", markdown=(
+            f"# requant run {run_id}: rollout of an already published candidate\n\n"
+            f"Candidate `{key[:16]}` was published by run `{hit.get('run_id')}` and {why}; "
+            f"promoted {args} without requantizing: "
+            f"`{json.dumps(summary.get('rollout'), default=str)[:500]}`\n"))
     return summary
 
 

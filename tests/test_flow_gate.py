@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from requant.errors import GateFailed
+from requant.errors import GateFailed, RolloutFailed
 from requant.settings import PipelineSettings
 from tests.conftest import ROOT, gsm8k_rows, needs_vllm, processes_mentioning, write_jsonl
 
@@ -84,7 +84,7 @@ def test_bad_task_name_fails_in_preflight_before_any_quantization(vllm_tiny_sour
     assert not Path(tmp_path / "cache").exists()
 
 
-def test_passing_run_publishes_emits_event_rolls_out_inline_and_a_rerun_is_a_quick_no_op(
+def test_passing_run_publishes_and_a_failed_rollout_is_retried_by_the_next_run_then_no_op(
         vllm_tiny_source, tmp_path, monkeypatch):
     from huggingface_hub import HfApi
     from prefect.client.orchestration import get_client
@@ -120,9 +120,23 @@ def test_passing_run_publishes_emits_event_rolls_out_inline_and_a_rerun_is_a_qui
             "output_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
         })
         try:
+            # the first run publishes, but its rollout fails (an SLO no server meets): published,
+            # not deployed
+            strict = settings.model_copy(deep=True)
+            strict.rollout.slo.max_p95_latency_s = 1e-6
+            with pytest.raises(RolloutFailed, match="max_p95_latency_s"):
+                requantize(strict)
+            (published,) = (tmp_path / "cache" / "ledger").glob("[0-9a-f]*.json")
+            sha, publisher = (json.loads(published.read_text())[k] for k in ("commit_sha",
+                                                                             "run_id"))
+            assert load_state(tmp_path / "state", "local").active is None
+            # the next run rolls that candidate out, without requantizing
             first = requantize(settings)
-            sha = first["publish"]["commit_sha"]
+            assert first["promoted_published"]["revision"] == sha
             assert first["rollout"]["deployed"]["release"]["revision"] == sha
+            (first_dir,) = [p for p in (tmp_path / "runs").iterdir()
+                            if p.name == first["run_id"]]
+            assert not (first_dir / "checkpoint").exists()
             assert router_status(f"http://127.0.0.1:{port}")["revision"] == sha
             refs = HfApi(endpoint=hub.endpoint, token="hf_inlinetest").list_repo_refs(
                 "acme/inline")
@@ -142,9 +156,9 @@ def test_passing_run_publishes_emits_event_rolls_out_inline_and_a_rerun_is_a_qui
 
     with get_client(sync_client=True) as client:
         events = wait_events(client, "requant.gate.",
-                             lambda e: e["payload"].get("run_id") == first["run_id"])
+                             lambda e: e["payload"].get("run_id") == publisher)
     passed = [e for e in events if e["event"] == "requant.gate.passed"
-              and e["payload"]["run_id"] == first["run_id"]]
+              and e["payload"]["run_id"] == publisher]
     assert passed and passed[0]["payload"]["revision"] == sha
     assert passed[0]["resource"]["prefect.resource.id"] == "requant.model.acme/inline"
     assert "hf_inlinetest" not in json.dumps(events)
