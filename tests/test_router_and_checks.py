@@ -20,21 +20,44 @@ from requant.rollout.release import resolve_release
 from requant.rollout.state import Deployed, DeployState, Release, save_state
 from requant.serving.checks import slo_violations, well_formed_problems
 from requant.serving.loadtest import LoadResult
-from requant.serving.router import REVISION_HEADER, create_app
+from requant.serving.router import REVISION_HEADER, create_app, load_or_create_token
 from requant.settings import PipelineSettings, SLOSettings
+
+TOKEN = "router-test-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 
 class Upstream:
     """An HTTP server that answers with its name after ``delay_s`` (a stand-in backend)."""
 
-    def __init__(self, name: str, delay_s: float = 0.0) -> None:
+    def __init__(self, name: str, delay_s: float = 0.0, stream_chunks: int = 0,
+                 chunk_delay_s: float = 0.0) -> None:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
             def log_message(self, *a):
                 pass
 
+            def _stream(self):  # a chunked answer, like a streamed completion
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                try:
+                    for i in range(stream_chunks):
+                        data = f"data: {i}\n\n".encode()
+                        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                        self.wfile.flush()
+                        time.sleep(chunk_delay_s)
+                    self.wfile.write(b"0\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
             def _answer(self):
+                if self.path == "/stream":
+                    return self._stream()
                 time.sleep(outer.delay_s)
                 body = json.dumps({"backend": name, "path": self.path}).encode()
                 self.send_response(200)
@@ -64,7 +87,7 @@ def upstreams():
 
 
 def test_router_without_a_backend_answers_503_not_a_hang(tmp_path):
-    with TestClient(create_app(tmp_path / "router.json")) as client:
+    with TestClient(create_app(tmp_path / "router.json", TOKEN)) as client:
         r = client.get("/v1/models")
         assert r.status_code == 503 and "no backend" in r.json()["error"]
 
@@ -72,8 +95,8 @@ def test_router_without_a_backend_answers_503_not_a_hang(tmp_path):
 def test_switch_lets_in_flight_requests_finish_on_the_old_backend_and_sends_new_ones_to_new(
         upstreams, tmp_path):
     a, b = upstreams
-    with TestClient(create_app(tmp_path / "router.json")) as client:
-        assert client.put("/-/backend", json={"url": a.url, "revision": "rev-a"}).status_code \
+    with TestClient(create_app(tmp_path / "router.json", TOKEN)) as client:
+        assert client.put("/-/backend", json={"url": a.url, "revision": "rev-a"}, headers=ADMIN).status_code \
             == 200
         results = {}
 
@@ -84,7 +107,7 @@ def test_switch_lets_in_flight_requests_finish_on_the_old_backend_and_sends_new_
         t.start()
         time.sleep(0.3)  # the request is now in flight on A
         assert client.get("/-/status").json()["inflight"][a.url] == 1
-        switched = client.put("/-/backend", json={"url": b.url, "revision": "rev-b"}).json()
+        switched = client.put("/-/backend", json={"url": b.url, "revision": "rev-b"}, headers=ADMIN).json()
         assert switched["previous"] == a.url
         after = client.get("/v1/models")
         assert after.json()["backend"] == "B" and after.headers[REVISION_HEADER] == "rev-b"
@@ -98,22 +121,22 @@ def test_switch_lets_in_flight_requests_finish_on_the_old_backend_and_sends_new_
 def test_router_resumes_its_last_backend_after_a_restart(upstreams, tmp_path):
     _, b = upstreams
     state = tmp_path / "router.json"
-    with TestClient(create_app(state)) as client:
-        client.put("/-/backend", json={"url": b.url, "revision": "rev-b"})
-    with TestClient(create_app(state)) as client:
+    with TestClient(create_app(state, TOKEN)) as client:
+        client.put("/-/backend", json={"url": b.url, "revision": "rev-b"}, headers=ADMIN)
+    with TestClient(create_app(state, TOKEN)) as client:
         r = client.get("/v1/models")
         assert r.json()["backend"] == "B" and r.headers[REVISION_HEADER] == "rev-b"
 
 
 def test_router_refuses_a_backend_that_is_not_a_url(tmp_path):
-    with TestClient(create_app(tmp_path / "router.json")) as client:
-        r = client.put("/-/backend", json={"url": "localhost:8000"})
+    with TestClient(create_app(tmp_path / "router.json", TOKEN)) as client:
+        r = client.put("/-/backend", json={"url": "localhost:8000"}, headers=ADMIN)
         assert r.status_code == 400 and "body.url" in r.json()["error"]
 
 
 def test_router_reports_a_dead_backend_as_502(tmp_path):
-    with TestClient(create_app(tmp_path / "router.json")) as client:
-        client.put("/-/backend", json={"url": "http://127.0.0.1:9", "revision": "x"})
+    with TestClient(create_app(tmp_path / "router.json", TOKEN)) as client:
+        client.put("/-/backend", json={"url": "http://127.0.0.1:9", "revision": "x"}, headers=ADMIN)
         r = client.get("/v1/models")
         assert r.status_code == 502 and client.get("/-/status").json()["inflight"] == {
             "http://127.0.0.1:9": 0}
@@ -241,7 +264,8 @@ def test_router_module_runs_as_a_process_and_answers_its_status(tmp_path):
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "requant.serving.router", "--port", str(port),
-                             "--state-file", str(tmp_path / "r.json")], start_new_session=True)
+                             "--state-file", str(tmp_path / "r.json"),
+                             "--token-file", str(tmp_path / "r.token")], start_new_session=True)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -252,6 +276,66 @@ def test_router_module_runs_as_a_process_and_answers_its_status(tmp_path):
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
         assert status["backend"] is None
+        token = tmp_path / "r.token"
+        assert token.stat().st_mode & 0o777 == 0o600  # only the owner can read it
+        refused = httpx.put(f"http://127.0.0.1:{port}/-/backend", timeout=5,
+                            json={"url": "http://127.0.0.1:9"})
+        assert refused.status_code == 401 and "token" in refused.json()["error"]
+        ok = httpx.put(f"http://127.0.0.1:{port}/-/backend", json={"url": "http://127.0.0.1:9"},
+                       headers={"Authorization": f"Bearer {token.read_text()}"}, timeout=5)
+        assert ok.status_code == 200
     finally:
         stop_process_group(proc.pid, 5)
     assert proc.poll() is not None
+
+
+def test_switching_the_backend_needs_the_token(upstreams, tmp_path):
+    a, _ = upstreams
+    with TestClient(create_app(tmp_path / "router.json", TOKEN)) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = client.put("/-/backend", json={"url": a.url}, headers=headers)
+            assert r.status_code == 401
+        assert client.get("/-/status").json()["backend"] is None
+
+
+def test_token_file_is_created_once_owner_only(tmp_path):
+    path = tmp_path / "deep" / "router.token"
+    first = load_or_create_token(path)
+    assert load_or_create_token(path) == first and len(first) >= 32
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_in_flight_count_is_released_when_the_client_goes_away_mid_stream(tmp_path):
+    """A streaming answer the client abandons half-way: the router must not keep counting it
+    (a drain would otherwise wait for a request that no longer exists)."""
+    import socket
+
+    import uvicorn
+
+    from requant.serving.server import free_port
+
+    slow = Upstream("S", delay_s=0.0, stream_chunks=600, chunk_delay_s=0.1)  # 60 s
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(tmp_path / "r.json", TOKEN),
+                                           host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        httpx.put(f"{base}/-/backend", json={"url": slow.url}, headers=ADMIN).raise_for_status()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(64)  # the answer has started streaming
+            assert httpx.get(f"{base}/-/status").json()["inflight"][slow.url] == 1
+        deadline = time.monotonic() + 10  # the client hung up
+        while httpx.get(f"{base}/-/status").json()["inflight"][slow.url] != 0:
+            assert time.monotonic() < deadline, "the abandoned request is still counted"
+            time.sleep(0.1)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        slow.close()

@@ -56,6 +56,13 @@ def router_url(settings: PipelineSettings) -> str:
     return f"http://{cfg.host}:{cfg.port}"
 
 
+def router_token(settings: PipelineSettings) -> str:
+    """The router's admin token (a 0600 file beside its state), made on first use."""
+    from requant.serving.router import load_or_create_token
+
+    return load_or_create_token(Path(settings.rollout.state_dir) / TARGET / "router.token")
+
+
 def router_status(url: str, timeout_s: float = 5) -> dict[str, Any] | None:
     try:
         response = httpx.get(f"{url}/-/status", timeout=timeout_s)
@@ -79,10 +86,12 @@ def ensure_router(settings: PipelineSettings, log: Log) -> str:
     folder = Path(settings.rollout.state_dir) / TARGET
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / "router.log"
+    router_token(settings)  # made here, 0600, before the router reads it
     with log_path.open("ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "requant.serving.router", "--host", cfg.host,
-             "--port", str(cfg.port), "--state-file", str(folder / "router.json")],
+             "--port", str(cfg.port), "--state-file", str(folder / "router.json"),
+             "--token-file", str(folder / "router.token")],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
@@ -96,12 +105,12 @@ def ensure_router(settings: PipelineSettings, log: Log) -> str:
     return url
 
 
-def switch_router(url: str, backend: str, revision: str) -> dict[str, Any]:
+def switch_router(url: str, backend: str, revision: str, token: str) -> dict[str, Any]:
     last: Exception | None = None
     for attempt in range(5):  # the admin call is local; a retry covers a momentary hiccup
         try:
             response = httpx.put(f"{url}/-/backend", json={"url": backend, "revision": revision},
-                                 timeout=10)
+                                 headers={"Authorization": f"Bearer {token}"}, timeout=10)
             response.raise_for_status()
             return response.json()
         except httpx.HTTPError as exc:
@@ -110,14 +119,18 @@ def switch_router(url: str, backend: str, revision: str) -> dict[str, Any]:
     raise RuntimeError(f"could not switch the router at {url}: {last}")
 
 
-def drain(url: str, backend: str, timeout_s: float) -> int:
-    """Wait until the router has no request in flight to ``backend``; returns what was left."""
+def drain(url: str, backend: str, timeout_s: float) -> int | None:
+    """Wait until the router reports no request in flight to ``backend``; returns what was
+    left, or None when the router could not be asked (never taken as drained: the whole
+    timeout is waited out)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        status = router_status(url) or {}
-        left = int(status.get("inflight", {}).get(backend, 0))
-        if left <= 0 or time.monotonic() > deadline:
-            return max(left, 0)
+        status = router_status(url)
+        left = None if status is None else int(status.get("inflight", {}).get(backend, 0))
+        if left is not None and left <= 0:
+            return 0
+        if time.monotonic() > deadline:
+            return left
         time.sleep(0.2)
 
 
@@ -204,7 +217,7 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
         raise
 
     blue = state.active
-    switched = switch_router(url, green.base_url, release.revision)
+    switched = switch_router(url, green.base_url, release.revision, router_token(settings))
     shifted_s = round(time.monotonic() - started, 2)
     log(f"traffic shifted to {release.label()} after {shifted_s} s")
     pending.verification = report.as_record() | {"rollout_to_shift_s": shifted_s}
@@ -216,7 +229,11 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
     old_backend = switched.get("previous")
     if old_backend:
         left = drain(url, old_backend, cfg.drain_timeout_s)
-        if left:
+        if left is None:
+            log(f"the router did not answer for its in-flight count; waited the whole "
+                f"{cfg.drain_timeout_s} s (rollout.local.drain_timeout_s) before stopping the "
+                "old server")
+        elif left:
             log(f"{left} request(s) still on the old server after {cfg.drain_timeout_s} s "
                 "(rollout.local.drain_timeout_s); stopping it anyway")
     if blue is not None:

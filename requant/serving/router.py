@@ -13,11 +13,18 @@ requests left", which is exactly what a zero-downtime swap needs; this is ~150 l
 Starlette/httpx that the pipeline environment already has.
 
 The backend is persisted (``--state-file``), so a restarted router resumes serving the last
-verified revision instead of answering 503. The admin API (``/-/status``, ``/-/backend``) only
-answers loopback clients.
+verified revision instead of answering 503. The admin API answers loopback clients only;
+switching the backend (``PUT /-/backend``) also needs the bearer token from ``--token-file``
+(created 0600 on first use: only the owner can read it). ``GET /-/status`` is read-only and
+carries no secret, so status tools need no token.
+
+In-flight counts are exact: a request is counted before the first await and released exactly
+once when its response ends, whether it completed, the upstream failed mid-stream, or the
+client went away (a BackgroundTask alone does not run in the last two cases).
 
 Run: python -m requant.serving.router --port 8000 \
-         --state-file .cache/requant/rollout/local/router.json
+         --state-file .cache/requant/rollout/local/router.json \
+         --token-file .cache/requant/rollout/local/router.token
 """
 
 from __future__ import annotations
@@ -25,7 +32,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import json
+import os
+import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -34,7 +44,6 @@ from typing import Any
 
 import httpx
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -45,6 +54,33 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
               "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
 LOOPBACK = {"127.0.0.1", "::1", "localhost", "testclient"}
 REVISION_HEADER = "x-requant-revision"
+
+
+def load_or_create_token(path: Path) -> str:
+    """The admin token: created once with mode 0600 (O_EXCL: two creators cannot both win)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+class CountedStreamingResponse(StreamingResponse):
+    """Runs ``on_close`` exactly when the response is over, however it ended."""
+
+    def __init__(self, *args: Any, on_close: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.on_close()
 
 
 class RouterState:
@@ -72,7 +108,7 @@ class RouterState:
                 "served": dict(self.served)}
 
 
-def create_app(state_file: Path | None = None, timeout_s: float = 600) -> Starlette:
+def create_app(state_file: Path | None, token: str, timeout_s: float = 600) -> Starlette:
     state = RouterState(state_file)
     client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10),
                                limits=httpx.Limits(max_connections=None,
@@ -90,6 +126,10 @@ def create_app(state_file: Path | None = None, timeout_s: float = 600) -> Starle
     async def set_backend(request: Request) -> Response:
         if refused := admin_only(request):
             return refused
+        given = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return JSONResponse({"error": "switching the backend needs the router's token "
+                                 "(Authorization: Bearer <the --token-file's content>)"}, 401)
         body = await request.json()
         url = body.get("url")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
@@ -107,25 +147,34 @@ def create_app(state_file: Path | None = None, timeout_s: float = 600) -> Starle
         if request.url.query:
             url += f"?{request.url.query}"
         state.inflight[backend] += 1  # counted before the first await: a drain can't miss it
+        released = False
+
+        async def release(upstream: httpx.Response | None, served: bool) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                state.inflight[backend] -= 1
+                state.served[backend] += int(served)
+                if upstream is not None:
+                    await upstream.aclose()
+
         try:
             upstream = await client.send(
                 client.build_request(request.method, url, headers=headers,
                                      content=await request.body()),
                 stream=True,
             )
-        except httpx.HTTPError as exc:
-            state.inflight[backend] -= 1
-            return JSONResponse({"error": f"backend {backend} failed: {exc!r}"}, 502)
-
-        async def done() -> None:
-            await upstream.aclose()
-            state.inflight[backend] -= 1
-            state.served[backend] += 1
+        except BaseException as exc:  # upstream error, or the client left while we waited
+            await release(None, False)
+            if isinstance(exc, httpx.HTTPError):
+                return JSONResponse({"error": f"backend {backend} failed: {exc!r}"}, 502)
+            raise
 
         out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
         out_headers[REVISION_HEADER] = revision or ""
-        return StreamingResponse(upstream.aiter_raw(), status_code=upstream.status_code,
-                                 headers=out_headers, background=BackgroundTask(done))
+        return CountedStreamingResponse(upstream.aiter_raw(), status_code=upstream.status_code,
+                                        headers=out_headers,
+                                        on_close=lambda: release(upstream, True))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -150,9 +199,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--state-file", type=Path)
+    parser.add_argument("--token-file", type=Path, required=True,
+                        help="the admin token (created 0600 when missing)")
     parser.add_argument("--timeout-s", type=float, default=600)
     args = parser.parse_args(argv)
-    app = create_app(args.state_file, args.timeout_s)
+    app = create_app(args.state_file, load_or_create_token(args.token_file), args.timeout_s)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=30)
     asyncio.run(uvicorn.Server(config).serve())
