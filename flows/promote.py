@@ -23,6 +23,7 @@ from prefect.runtime import flow_run
 
 from requant.ledger import record_deployed
 from requant.rollout.local import check_local_settings
+from requant.rollout.lock import rollout_lock
 from requant.rollout.release import resolve_release
 from requant.settings import PipelineSettings, validate_settings
 from requant.tasks.rollout import fetch_release_task, move_marker, rollout
@@ -41,20 +42,22 @@ def promote(
     settings = validate_settings(settings)
     if settings.rollout.target == "local":
         check_local_settings(settings)
-    release = resolve_release(settings, revision, checkpoint, rollback)
-    logger.info("%s %s to the %s target", "rolling back to" if rollback else "promoting",
-                release.label(), settings.rollout.target)
-    if settings.rollout.target == "local":
-        release = fetch_release_task(settings.hub, release, settings.cache_dir)
-    run_id = str(flow_run.get_id() or "") or None
-    deployed, changed = rollout(settings, release, run_id)
-    marker_moved = False
-    if release.repo_id:
-        move_marker(settings.hub, release.revision)
-        marker_moved = True
-    record_deployed(settings.cache_dir, settings.rollout.target, revision=release.revision,
-                    repo_id=release.repo_id,
-                    checkpoint=checkpoint or (None if release.repo_id else release.checkpoint),
-                    flow_run_id=run_id, rollback=rollback)
+    with rollout_lock(settings.rollout.state_dir, settings.rollout.target, logger.info):
+        release = resolve_release(settings, revision, checkpoint, rollback)
+        logger.info("%s %s to the %s target", "rolling back to" if rollback else "promoting",
+                    release.label(), settings.rollout.target)
+        if settings.rollout.target == "local":
+            release = fetch_release_task(settings.hub, release, settings.cache_dir)
+        run_id = str(flow_run.get_id() or "") or None
+        deployed, changed = rollout(settings, release, run_id)
+        marker_moved = False
+        if release.repo_id:
+            move_marker(settings.hub, release.revision)
+            marker_moved = True
+        record_deployed(settings.cache_dir, settings.rollout.target,
+                        revision=release.revision, repo_id=release.repo_id,
+                        checkpoint=checkpoint or (None if release.repo_id
+                                                  else release.checkpoint),
+                        flow_run_id=run_id, rollback=rollback)
     return {"release": asdict(release), "deployed": asdict(deployed), "changed": changed,
             "production_marker_moved": marker_moved, "target": settings.rollout.target}

@@ -31,5 +31,10 @@ if "$PREFECT" --no-prompt global-concurrency-limit inspect requant-gpu >/dev/nul
 else
   "$PREFECT" --no-prompt global-concurrency-limit create requant-gpu --limit "$GPUS"
 fi
+for target in local kubernetes; do  # one rollout per target, inline promotes included
+  if ! "$PREFECT" --no-prompt global-concurrency-limit inspect "requant-rollout-$target" >/dev/null 2>&1; then
+    "$PREFECT" --no-prompt global-concurrency-limit create "requant-rollout-$target" --limit 1
+  fi
+done
 "$PREFECT" --no-prompt deploy --all
 echo "applied: pools requant-gpu ($POOL_RUNS run(s) at once), requant-serving ($KIND); limit requant-gpu=$GPUS GPU(s); deployments + automation from prefect.yaml"

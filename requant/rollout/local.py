@@ -154,6 +154,39 @@ def _server_alive(d: Deployed | None) -> bool:
     return bool(d and d.server.get("pid") and pid_running(int(d.server["pid"])))
 
 
+def recover(settings: PipelineSettings, state: DeployState, url: str, flow_run_id: str | None,
+            log: Log) -> None:
+    """Finish what a killed rollout left, from what the router actually serves. The state is
+    written ahead of every step (pending before the switch, active right after it), so:
+    - pending, and the router already sends traffic to it: the flow died between the switch
+      and its record. That server serves: record it active, then drain and stop the old one;
+    - pending, router elsewhere: it never served; stop it (reaped);
+    - the previous revision's server still running but not routed to: the flow died before
+      stopping it after a switch; drain and stop it (rollback starts a fresh server anyway)."""
+    grace = settings.rollout.local.server.stop_grace_s
+    backend = (router_status(url) or {}).get("backend")
+    pending = state.pending
+    if pending is not None and backend == pending.server.get("url") and _server_alive(pending):
+        log(f"recovering: {pending.release.label()} was switched to before the rollout that "
+            "started it could record it; it serves")
+        state.previous, state.active, state.pending = state.active, pending, None
+        state.record_event("deployed", pending.release, flow_run_id, _now(),
+                           "recovered: the router served it when its rollout was killed")
+        save_state(settings.rollout.state_dir, state)
+    elif pending is not None:
+        log(f"reaping the unfinished rollout of {pending.release.label()}")
+        _stop_deployed(pending, grace)
+        state.record_event("reaped", pending.release, flow_run_id, _now(),
+                           "left pending by an earlier rollout that did not finish")
+        state.pending = None
+        save_state(settings.rollout.state_dir, state)
+    old = state.previous
+    if old is not None and _server_alive(old) and backend != old.server.get("url"):
+        drain(url, old.server.get("url", ""), settings.rollout.local.drain_timeout_s)
+        log(f"stopping {old.release.label()}'s server, left running by a killed rollout")
+        _stop_deployed(old, grace)
+
+
 def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str | None,
                   log: Log = print) -> tuple[Deployed, bool]:
     """Blue/green to ``release``; returns (what now serves, whether anything changed)."""
@@ -161,15 +194,8 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
     rcfg = settings.rollout
     cfg = rcfg.local
     state = load_state(rcfg.state_dir, TARGET)
-    if state.pending is not None:  # a crashed rollout's server: not serving, not wanted
-        log(f"reaping the unfinished rollout of {state.pending.release.label()}")
-        _stop_deployed(state.pending, cfg.server.stop_grace_s)
-        state.record_event("reaped", state.pending.release, flow_run_id, _now(),
-                           "left pending by an earlier rollout that did not finish")
-        state.pending = None
-        save_state(rcfg.state_dir, state)
-
-    url = ensure_router(settings, log)
+    url = ensure_router(settings, log)  # a restarted router resumes its persisted backend
+    recover(settings, state, url, flow_run_id, log)
     current = router_status(url) or {}
     if (state.active and state.active.release.revision == release.revision
             and _server_alive(state.active)

@@ -1,0 +1,42 @@
+"""One rollout of a target at a time, however it was started.
+
+The promote deployment's own concurrency limit covers runs started by the automation or by
+``rollout.trigger=deployment``, but not an inline promote (a subflow on the GPU worker) nor a
+``requant promote`` from a shell. Every promote therefore takes, for its target:
+- an exclusive ``flock`` on ``<state_dir>/<target>/rollout.lock``: released by the kernel when
+  the holder dies, ``kill -9`` included, so a crash never leaves the target locked;
+- the Prefect global concurrency limit ``requant-rollout-<target>`` (one slot, created by
+  scripts/prefect_apply.sh; absent: no-op), which spans hosts sharing one Prefect server.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def limit_name(target: str) -> str:
+    return f"requant-rollout-{target}"
+
+
+@contextmanager
+def rollout_lock(state_dir: Path, target: str, log: Callable[[str], None] = print
+                 ) -> Iterator[None]:
+    from prefect.concurrency.sync import concurrency
+
+    path = Path(state_dir) / target / "rollout.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another rollout of the {target} target is running; waiting for it to end")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        with concurrency(limit_name(target), occupy=1, strict=False):
+            yield
+    finally:
+        os.close(fd)
