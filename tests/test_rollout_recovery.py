@@ -38,11 +38,12 @@ def stand_in_server(tmp_path: Path) -> dict:
     while True:
         try:
             httpx.get(url, timeout=1)
-            break
+            return {"pid": proc.pid, "url": url}
         except httpx.HTTPError:
-            assert time.monotonic() < deadline, "stand-in server did not start"
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError("stand-in server did not start") from None
             time.sleep(0.1)
-    return {"pid": proc.pid, "url": url}
 
 
 @pytest.fixture
@@ -51,16 +52,20 @@ def local(tmp_path):
         "target": "local", "state_dir": str(tmp_path / "state"),
         "local": {"port": free_port(), "drain_timeout_s": 5,
                   "server": {"stop_grace_s": 2}}}})
-    url = ensure_router(settings, lambda _m: None)
-    blue, green = stand_in_server(tmp_path), stand_in_server(tmp_path)
-    state = DeployState("local")
-    state.active = Deployed(Release("rev-blue"), "t0", "f1", url, blue)
-    save_state(settings.rollout.state_dir, state)
-    switch_router(url, blue["url"], "rev-blue", router_token(settings))
-    yield settings, url, blue, green
-    shutdown_local(settings)
-    for server in (blue, green):
-        stop_process_group(server["pid"], 2)
+    servers: list[dict] = []
+    try:  # whatever fails while setting up, nothing is left running
+        url = ensure_router(settings, lambda _m: None)
+        servers += [stand_in_server(tmp_path), stand_in_server(tmp_path)]
+        blue, green = servers
+        state = DeployState("local")
+        state.active = Deployed(Release("rev-blue"), "t0", "f1", url, blue)
+        save_state(settings.rollout.state_dir, state)
+        switch_router(url, blue["url"], "rev-blue", router_token(settings))
+        yield settings, url, blue, green
+    finally:
+        shutdown_local(settings)
+        for server in servers:
+            stop_process_group(server["pid"], 2)
 
 
 def killed_after(settings, url, green, *, switched: bool) -> DeployState:
