@@ -4,10 +4,9 @@ fails in seconds, not after an hour of calibration."""
 
 from __future__ import annotations
 
-from requant.errors import SettingsError
 from requant.evaluation.tasks import validate_tasks
 from requant.hub.client import check_publish_settings
-from requant.quantization.distributed import check_shardable
+from requant.quantization.distributed import check_rank_inputs
 from requant.quantization.hardware import (
     Accelerator,
     check_gpu_count,
@@ -24,11 +23,8 @@ def run_preflight(settings: PipelineSettings) -> tuple[ResolvedRecipe, Accelerat
     acc = detect_accelerator(settings.quantization.device)
     check_scheme_supported(recipe.scheme, acc)
     check_gpu_count(settings.quantization.gpus, settings.quantization.device, acc)
-    if settings.quantization.gpus > 1:
-        if not recipe.needs_calibration_data:
-            raise SettingsError("quantization.gpus > 1 splits the calibration set across GPUs, "
-                                "and this recipe uses none: set quantization.gpus=1.")
-        check_shardable(settings.calibration.num_samples, settings.quantization.gpus)
+    check_rank_inputs(settings.quantization.gpus, settings.calibration.num_samples
+                      if recipe.needs_calibration_data else None)
     if settings.evaluation.enabled:
         serving_python(settings.evaluation.server)
         validate_tasks(settings.evaluation)

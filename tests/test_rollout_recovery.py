@@ -79,11 +79,15 @@ def killed_after(settings, url, green, *, switched: bool) -> DeployState:
     return load_state(settings.rollout.state_dir, "local")
 
 
+def recovered(settings, url, state: DeployState) -> DeployState:
+    """What the next rollout's recovery makes of ``state``, as saved."""
+    recover(settings, state, url, "f3", lambda _m: None)
+    return load_state(settings.rollout.state_dir, "local")
+
+
 def test_killed_between_switch_and_record_the_serving_server_is_kept_and_the_old_retired(local):
     settings, url, blue, green = local
-    state = killed_after(settings, url, green, switched=True)
-    recover(settings, state, url, "f3", lambda _m: None)
-    saved = load_state(settings.rollout.state_dir, "local")
+    saved = recovered(settings, url, killed_after(settings, url, green, switched=True))
     assert saved.active.release.revision == "rev-green" and saved.pending is None
     assert saved.previous.release.revision == "rev-blue"
     assert pid_running(green["pid"])  # the server that serves was not "reaped"
@@ -94,9 +98,7 @@ def test_killed_between_switch_and_record_the_serving_server_is_kept_and_the_old
 
 def test_killed_before_the_switch_the_new_server_is_reaped_and_the_old_keeps_serving(local):
     settings, url, blue, green = local
-    state = killed_after(settings, url, green, switched=False)
-    recover(settings, state, url, "f3", lambda _m: None)
-    saved = load_state(settings.rollout.state_dir, "local")
+    saved = recovered(settings, url, killed_after(settings, url, green, switched=False))
     assert saved.active.release.revision == "rev-blue" and saved.pending is None
     assert not pid_running(green["pid"]) and pid_running(blue["pid"])
     assert router_status(url)["backend"] == blue["url"]
@@ -108,6 +110,5 @@ def test_killed_after_the_record_before_stopping_the_old_server_it_is_stopped_ne
     state = killed_after(settings, url, green, switched=True)
     state.previous, state.active, state.pending = state.active, state.pending, None
     save_state(settings.rollout.state_dir, state)  # recorded, then killed before the stop
-    recover(settings, load_state(settings.rollout.state_dir, "local"), url, "f3",
-            lambda _m: None)
+    recovered(settings, url, load_state(settings.rollout.state_dir, "local"))
     assert not pid_running(blue["pid"]) and pid_running(green["pid"])

@@ -16,10 +16,15 @@ from typing import Any
 
 from requant.atomic import TMP_PREFIX, atomic_directory, write_json_atomic
 from requant.calibration import CalibrationSet, load_prepared
-from requant.errors import CheckpointVerificationError, SettingsError
+from requant.errors import CheckpointVerificationError
 from requant.memory import peak_gpu_gib, peak_rss_gib, reset_gpu_peak
 from requant.progress import Report, no_progress
-from requant.quantization.distributed import RankJob, check_shardable, run_ranks, shard_bounds
+from requant.quantization.distributed import (
+    RankJob,
+    check_rank_inputs,
+    run_ranks,
+    shard_bounds,
+)
 from requant.quantization.hardware import Accelerator
 from requant.quantization.manifest import MANIFEST_NAME, library_versions, render_manifest
 from requant.quantization.oneshot import load_model, quantize_model, release_session
@@ -130,12 +135,10 @@ def calibrate_on_ranks(
 ) -> dict[str, Any]:
     """``quantization.gpus`` ranks under torchrun; rank 0 saves into ``save_to``. The shards
     and every rank's peak memory go into the manifest, so a run can be reproduced exactly."""
-    if calib is None:
-        raise SettingsError("quantization.gpus > 1 splits the calibration set across GPUs, and "
-                            "this recipe uses none: set quantization.gpus=1.")
     q = settings.quantization
+    check_rank_inputs(q.gpus, calib.stats.samples if calib is not None else None)
+    assert calib is not None
     samples = calib.stats.samples
-    check_shardable(samples, q.gpus)
     t0 = time.perf_counter()
     work = save_to.parent / f"{TMP_PREFIX}ranks-{save_to.name}"
     shutil.rmtree(work, ignore_errors=True)

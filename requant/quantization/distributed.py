@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from requant.atomic import write_json_atomic
-from requant.errors import QuantizationFailed
+from requant.errors import QuantizationFailed, SettingsError
 from requant.processes import die_with_parent, pid_running, stop_process_group
 from requant.progress import Report, no_progress
 
@@ -68,13 +68,19 @@ def shard_bounds(num_samples: int, world: int) -> list[tuple[int, int]]:
             for r in range(world)]
 
 
-def check_shardable(num_samples: int, world: int) -> None:
-    if num_samples < world:
-        from requant.errors import SettingsError
-
+def check_rank_inputs(world: int, samples: int | None) -> None:
+    """Ranks split the calibration set: there must be one (``samples`` None: the recipe uses
+    none) with at least a sample per rank. Preflight asks with the setting, the stage with the
+    prepared set's count."""
+    if world <= 1:
+        return
+    if samples is None:
+        raise SettingsError("quantization.gpus > 1 splits the calibration set across GPUs, "
+                            "and this recipe uses none: set quantization.gpus=1.")
+    if samples < world:
         raise SettingsError(
             f"quantization.gpus={world} needs at least {world} calibration samples (one per "
-            f"rank); calibration.num_samples gives {num_samples}. Raise calibration.num_samples "
+            f"rank); calibration.num_samples gives {samples}. Raise calibration.num_samples "
             "or lower quantization.gpus."
         )
 
@@ -95,8 +101,7 @@ def rank_env(world: int) -> dict[str, str]:
             "PYTHONPATH": path}
 
 
-def run_ranks(job: RankJob, report: Report = no_progress,
-              timeout_s: float | None = None) -> dict[str, Any]:
+def run_ranks(job: RankJob, report: Report = no_progress) -> dict[str, Any]:
     """Run the ranks to the end; returns rank 0's result plus every rank's peak memory.
 
     Raises QuantizationFailed naming the first rank that failed (its own error when it could
@@ -113,7 +118,7 @@ def run_ranks(job: RankJob, report: Report = no_progress,
             preexec_fn=lambda: die_with_parent(signal.SIGKILL),
         )
     try:
-        code = _wait(proc, work, report, timeout_s)
+        code = _wait(proc, work, report)
     finally:
         stop_everything(proc, work, job.world)
     if code != 0:
@@ -121,12 +126,10 @@ def run_ranks(job: RankJob, report: Report = no_progress,
     return collect_results(work, job.world)
 
 
-def _wait(proc: subprocess.Popen, work: Path, report: Report, timeout_s: float | None) -> int:
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+def _wait(proc: subprocess.Popen, work: Path, report: Report) -> int:
+    """Forward rank 0's progress until torchrun ends; its exit code."""
     progress = work / "progress.json"
     while (code := proc.poll()) is None:
-        if deadline is not None and time.monotonic() > deadline:
-            raise QuantizationFailed(f"the calibration ranks did not finish in {timeout_s:.0f} s")
         if progress.exists():
             try:
                 p = json.loads(progress.read_text())
@@ -196,7 +199,3 @@ def collect_results(work: Path, world: int) -> dict[str, Any]:
                        for r in range(world)]
     return result
 
-
-def assert_no_rank_alive(work: Path, world: int) -> list[int]:
-    """Pids of ranks still running (for status and tests): empty after a stage ends."""
-    return [pid for r in range(world) if (pid := _rank_pid(work, r)) and pid_running(pid)]

@@ -89,7 +89,6 @@ def quantize_model(
     ``model.config.name_or_path`` must be a directory holding the config: oneshot re-reads it.
     """
     import torch
-    import yaml
     from llmcompressor import oneshot
 
     from requant.quantization.rank_safe import run_with_barriers, smooth_modifiers
@@ -119,7 +118,7 @@ def quantize_model(
         choices["smoothing_check"] = smooth_checked(
             model, smooth_text, dataset, smoothing_tolerance,
             lambda text: oneshot(model=model, processor=tokenizer,
-                                 recipe=smooth_modifiers(yaml.safe_load(text)), **kwargs))
+                                 recipe=smooth_modifiers(text), **kwargs))
         if rest_text is not None:
             run_rest(rest_text)
     return choices

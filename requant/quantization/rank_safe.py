@@ -65,9 +65,11 @@ class RankSafeSmoothQuantModifier(SmoothQuantModifier):
         dist.barrier()
 
 
-def smooth_modifiers(smooth_recipe: dict[str, Any]) -> list[RankSafeSmoothQuantModifier]:
-    """The recipe's SmoothQuantModifier stage (from ``split_recipe``) as modifier objects."""
-    stage = smooth_recipe["smooth_stage"]["smooth_modifiers"]
+def smooth_modifiers(smooth_text: str) -> list[RankSafeSmoothQuantModifier]:
+    """The recipe's SmoothQuantModifier stage (``split_recipe``'s first part) as modifiers."""
+    import yaml
+
+    stage = yaml.safe_load(smooth_text)["smooth_stage"]["smooth_modifiers"]
     return [RankSafeSmoothQuantModifier(**(stage["SmoothQuantModifier"] or {}))]
 
 
