@@ -4,8 +4,11 @@ The model is built from Llama-3-8B's config with random weights (no Hub here) an
 random tokens, which costs exactly what real ones do. Variants, each on a fresh copy of the same
 weights (same seed):
   seed      plain ``oneshot(...)`` as the seed tutorial calls it (llm-compressor defaults)
-  requant   ``requant.quantization.oneshot.quantize_model``, the pipeline's call (TF32,
-            activations on GPU)
+  requant   ``requant.quantization.oneshot.quantize_model``, the pipeline's call: since
+            2026-11-26 the single pass (requant.quantization.single_pass; TF32, activations
+            on GPU)
+  requant-two-pass  the same call with ``pipeline="llm-compressor"``: llm-compressor's own
+            pipeline, one pass per modifier (the pipeline's call until 2026-11-26)
   requant-notf32 / requant-cpucache: one choice at a time, to attribute the gain
 
 Per run: wall time, peak GPU memory, the time of each modifier's calibration pass and GPTQ's
@@ -132,6 +135,7 @@ def run_variant(name: str, args, config_dir: Path, tokenizer, recipe_text: str, 
             model, tokenizer, recipe_text, dataset, args.seq_len, acc,
             allow_tf32=name != "requant-notf32",
             activation_cache="cpu" if name == "requant-cpucache" else "auto",
+            pipeline="llm-compressor" if name == "requant-two-pass" else "single-pass",
         )
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -146,7 +150,8 @@ def run_variant(name: str, args, config_dir: Path, tokenizer, recipe_text: str, 
         "wall_s": round(wall, 1), "per_sample_s": round(wall / args.samples, 3),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if device.startswith("cuda") else None,
-        "gptq_solve_s": round(clock.gptq_solve_s, 1), "gptq_error_sum": round(clock.gptq_error, 2),
+        "gptq_solve_s": round(clock.gptq_solve_s, 1),
+        "gptq_error_sum": round(choices.get("gptq_loss", clock.gptq_error), 2),
         "phases_s": passes, "choices": choices,
         "peak_host_rss_gib_so_far": peak_rss_gib(),  # the process's peak: run one variant alone
         "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",

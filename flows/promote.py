@@ -21,10 +21,13 @@ from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
+from requant.errors import SettingsError
 from requant.ledger import record_deployed
+from requant.rollout.gate_record import gate_record
 from requant.rollout.local import check_local_settings
 from requant.rollout.lock import rollout_lock
 from requant.rollout.release import resolve_release
+from requant.rollout.state import Release
 from requant.settings import PipelineSettings, validate_settings
 from requant.tasks.rollout import fetch_release_task, move_marker, rollout
 
@@ -35,15 +38,18 @@ def promote(
     revision: str | None = None,
     checkpoint: str | None = None,
     rollback: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Deploy a published commit SHA (or a local checkpoint, for the offline demo), or roll back
-    to the previous revision; the production marker moves only after verification passed."""
+    to the previous revision; the production marker moves only after verification passed.
+    What the gate did not pass is refused unless ``force`` (then recorded as forced)."""
     logger = get_run_logger()
     settings = validate_settings(settings)
     if settings.rollout.target == "local":
         check_local_settings(settings)
     with rollout_lock(settings.rollout.state_dir, settings.rollout.target, logger.info):
         release = resolve_release(settings, revision, checkpoint, rollback)
+        forced = not rollback and check_gated(settings, release, force, logger.warning)
         logger.info("%s %s to the %s target", "rolling back to" if rollback else "promoting",
                     release.label(), settings.rollout.target)
         if settings.rollout.target == "local":
@@ -58,6 +64,22 @@ def promote(
                         revision=release.revision, repo_id=release.repo_id,
                         checkpoint=checkpoint or (None if release.repo_id
                                                   else release.checkpoint),
-                        flow_run_id=run_id, rollback=rollback)
+                        flow_run_id=run_id, rollback=rollback, forced=forced)
     return {"release": asdict(release), "deployed": asdict(deployed), "changed": changed,
-            "production_marker_moved": marker_moved, "target": settings.rollout.target}
+            "production_marker_moved": marker_moved, "target": settings.rollout.target,
+            "forced": forced}
+
+
+def check_gated(settings: PipelineSettings, release: Release, force: bool,
+                warn: Any) -> bool:
+    """True when this promote is forced past a missing or failed gate; refused without
+    ``force``."""
+    decision, where = gate_record(settings.hub, release)
+    if decision is not None:
+        return False
+    if not force:
+        raise SettingsError(
+            f"promote: {release.label()} did not pass the gate ({where}). Promote it anyway with "
+            "--force (force=true in the UI); the deployment is then recorded as forced.")
+    warn(f"FORCED: promoting {release.label()} without a passed gate ({where})")
+    return True

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--revision", help="published commit SHA on hub.repo_id")
     what.add_argument("--checkpoint", help="a local checkpoint folder (dry-run demo)")
     what.add_argument("--rollback", action="store_true", help="back to the previous revision")
+    p.add_argument("--force", action="store_true", help="promote a revision or checkpoint the "
+                   "gate did not pass (recorded as forced)")
     p = sub.add_parser("status", help="what serves where, and the last runs")
     _settings_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -102,11 +104,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
     settings = _load(args)
     from requant.flows.promote import promote
 
-    result = promote(settings, args.revision, args.checkpoint, args.rollback)
+    result = promote(settings, args.revision, args.checkpoint, args.rollback, args.force)
     d = result["deployed"]
     print(f"\nserving {d['release']['revision']} at {d['endpoint']} "
           f"(model {settings.rollout.served_model_name}); "
-          f"{'changed' if result['changed'] else 'already serving, nothing changed'}")
+          f"{'changed' if result['changed'] else 'already serving, nothing changed'}"
+          f"{'; FORCED past the gate (recorded)' if result.get('forced') else ''}")
     return EXIT_OK
 
 

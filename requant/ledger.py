@@ -78,9 +78,9 @@ def find_deployed(cache_dir: Path, target: str) -> dict[str, Any] | None:
 
 def record_deployed(cache_dir: Path, target: str, *, revision: str, repo_id: str | None,
                     checkpoint: str | None, flow_run_id: str | None,
-                    rollback: bool = False) -> Path:
+                    rollback: bool = False, forced: bool = False) -> Path:
     """After a verified rollout (or rollback) only. A rollback withdraws what it left;
-    promoting a revision explicitly takes it back."""
+    promoting a revision explicitly takes it back. ``forced``: promoted past the gate."""
     record = find_deployed(cache_dir, target) or {"withdrawn": []}
     ckpt = str(Path(checkpoint).resolve()) if checkpoint else None
     withdrawn = [r for r in record.get("withdrawn", []) if r not in (revision, ckpt)]
@@ -90,7 +90,7 @@ def record_deployed(cache_dir: Path, target: str, *, revision: str, repo_id: str
                       if i and i not in withdrawn and i not in (revision, ckpt)]
     record.update(withdrawn=withdrawn, active={
         "revision": revision, "repo_id": repo_id,
-        "checkpoint": ckpt, "flow_run_id": flow_run_id,
+        "checkpoint": ckpt, "flow_run_id": flow_run_id, "forced": forced,
         "deployed_at": datetime.now(UTC).isoformat(timespec="seconds")})
     return write_json_atomic(_deployed_path(cache_dir, target), record)
 

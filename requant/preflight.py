@@ -5,6 +5,7 @@ fails in seconds, not after an hour of calibration."""
 from __future__ import annotations
 
 from requant.evaluation.tasks import validate_tasks
+from requant.gpu_memory import check_gpu_budget
 from requant.hub.client import check_publish_settings
 from requant.quantization.distributed import check_rank_inputs
 from requant.quantization.hardware import (
@@ -29,6 +30,7 @@ def run_preflight(settings: PipelineSettings) -> tuple[ResolvedRecipe, Accelerat
         serving_python(settings.evaluation.server)
         validate_tasks(settings.evaluation)
     check_publish_settings(settings.hub)
+    check_gpu_budget(settings, on_gpu=acc.kind == "cuda")
     if settings.rollout.target == "kubernetes":
         from requant.rollout.k8s_manifest import check_strategy
 

@@ -130,6 +130,13 @@ class QuantizationSettings(_Section):
         description="TF32 matmuls during calibration on NVIDIA GPUs (measured 1.33x faster on "
         "an H100; the quantized weights are still computed in fp32 by GPTQ).",
     )
+    pipeline: Literal["single-pass", "llm-compressor"] = Field(
+        "single-pass",
+        description="single-pass: SmoothQuant and GPTQ calibrate in one pass over the data, one "
+        "Hessian per shared Linear input (docs/quantization.md; 3.5x faster at 512 samples on an "
+        "H100). Recipes it does not cover, and quantization.gpus > 1, use llm-compressor's own "
+        "pipeline (one pass per modifier). llm-compressor: always its pipeline.",
+    )
     activation_cache: Literal["auto", "gpu", "cpu"] = Field(
         "auto",
         description="Where layer-to-layer activations wait during calibration. auto: on the GPU "
@@ -137,6 +144,11 @@ class QuantizationSettings(_Section):
     )
     verify_reload: bool = Field(
         True, description="After saving, reload the checkpoint and run a forward pass."
+    )
+    gpu_memory_wait_s: float = Field(
+        900, ge=0,
+        description="How long quantization waits for the GPU memory it needs (another run, or "
+        "the local serving vLLM, may hold it) before failing with who holds it.",
     )
     smoothing_tolerance: float | None = Field(
         None, gt=0.0,
@@ -210,7 +222,11 @@ class EvaluationSettings(_Section):
     num_concurrent: int = Field(8, gt=0, description="Concurrent requests to the server.")
     max_gen_toks: int = Field(256, gt=0, description="Generation budget per answer.")
     add_bos_token: bool = Field(True, description="Prefix prompts with BOS, as the seed did.")
-    server: ServerSettings = Field(default_factory=ServerSettings)
+    server: ServerSettings = Field(
+        default_factory=lambda: ServerSettings(gpu_memory_utilization=0.5),
+        description="The vLLM server evaluation starts (baseline, then candidate). On a GPU "
+        "host it shares the GPU with the local serving vLLM: 0.5 by default.",
+    )
 
 
 class GateRule(_Section):
@@ -335,10 +351,26 @@ class LocalTargetSettings(_Section):
     host: str = Field("127.0.0.1", description="Where the router (the stable endpoint) listens.")
     port: int = Field(8000, gt=0, lt=65536, description="The stable endpoint clients use.")
     server: ServerSettings = Field(
-        default_factory=ServerSettings, description="The vLLM servers behind the router."
+        default_factory=lambda: ServerSettings(gpu_memory_utilization=0.4),
+        description="The vLLM servers behind the router. On a GPU host they share it with the "
+        "GPU stages and, during a switch, with each other: 0.4 each by default.",
     )
     drain_timeout_s: float = Field(
         300, ge=0, description="How long in-flight requests may finish on the old server."
+    )
+    keep_previous_s: float = Field(
+        60, ge=0,
+        description="After a switch, the previous revision's server stays up this long as the "
+        "router's fallback: if the new one dies or fails its health checks meanwhile, requests "
+        "go back to the previous one and the rollout is undone. 0: stop it as soon as it is "
+        "drained.",
+    )
+    supervisor: Literal["supervisord", "external"] = Field(
+        "supervisord",
+        description="What keeps the router up. supervisord: requant starts the router under "
+        "its own supervisord (restarted within a second of any exit). external: systemd (see "
+        "deployments/systemd/requant-router.service) or another supervisor runs it; requant "
+        "only uses it, and fails a rollout with a clear error when it does not answer.",
     )
 
 

@@ -44,8 +44,17 @@ def local_status(settings: PipelineSettings) -> dict[str, Any]:
     pid = int(active.server["pid"]) if active and active.server.get("pid") else None
     return {"endpoint": f"{url}/v1", "active": _deployed(active),
             "previous": _deployed(state.previous), "pending": _deployed(state.pending),
-            "router": {"alive": router is not None, "url": url, "status": router},
+            "router": {"alive": router is not None, "url": url, "status": router,
+                       "supervisor": _supervisor(settings)},
             "server": {"pid": pid, "alive": bool(pid and pid_running(pid))}}
+
+
+def _supervisor(settings: PipelineSettings) -> dict[str, str]:
+    from requant.serving.supervision import supervision
+
+    if settings.rollout.local.supervisor == "external":
+        return {"state": "external", "detail": "rollout.local.supervisor (e.g. systemd)"}
+    return vars(supervision(Path(settings.rollout.state_dir) / "local"))
 
 
 def kubernetes_status(settings: PipelineSettings) -> dict[str, Any]:
@@ -94,8 +103,10 @@ def render_status(status: dict[str, Any]) -> str:
     lines = [f"target: {s['target']}"]
     if s["target"] == "local":
         a = s["active"]
+        sup = s["router"]["supervisor"]
         lines.append(f"endpoint: {s['endpoint']} (router "
-                     f"{'up' if s['router']['alive'] else 'DOWN'})")
+                     f"{'up' if s['router']['alive'] else 'DOWN'}; supervisord: {sup['state']}"
+                     f"{', ' + sup['detail'] if sup['detail'] else ''})")
         lines.append("serving: " + (f"{a['revision']} since {a['since']} (server pid "
                                     f"{s['server']['pid']}, "
                                     f"{'alive' if s['server']['alive'] else 'NOT RUNNING'})"

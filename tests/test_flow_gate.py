@@ -115,7 +115,8 @@ def test_passing_run_publishes_and_a_failed_rollout_is_retried_by_the_next_run_t
             "hub": {"repo_id": "acme/inline", "endpoint": hub.endpoint},
             "rollout": {"target": "local", "served_model_name": "tiny-chat",
                         "state_dir": str(tmp_path / "state"),
-                        "local": {"port": port, "server": tiny_server_settings().model_dump()},
+                        "local": {"port": port, "keep_previous_s": 3,
+                                  "server": tiny_server_settings().model_dump()},
                         "slo": {"requests": 16, "concurrency": 8, "max_tokens": 16}},
             "output_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
         })

@@ -67,7 +67,8 @@ def test_on_demand_run_via_worker_passes_gate_and_the_automation_promotes_it(
     port = free_port()
     rollout = {"target": "local", "trigger": "automation", "served_model_name": "tiny-chat",
                "state_dir": str(tmp_path / "state"),
-               "local": {"port": port, "server": tiny_server_settings().model_dump(mode="json")},
+               "local": {"port": port, "keep_previous_s": 3,
+                         "server": tiny_server_settings().model_dump(mode="json")},
                "slo": {"requests": 16, "concurrency": 8, "max_tokens": 16}}
     with FakeHub(TOKEN, tmp_path / "hub") as hub, platform.client_settings():
         params = tiny_settings(tmp_path, vllm_tiny_source, rollout=rollout,

@@ -36,14 +36,24 @@ def production_sha(api: HfApi) -> str | None:
     return production_revision(HubSettings(repo_id=REPO, endpoint=api.endpoint), TOKEN)
 
 
+def gated(folder: Path, tmp_path: Path) -> Path:
+    """A copy of ``folder`` with a passed gate's decision file, as a requant publish uploads."""
+    copy = tmp_path / "gated" / Path(folder).name
+    shutil.copytree(folder, copy)
+    (copy / "eval").mkdir(exist_ok=True)
+    (copy / "eval" / "gate-decision.json").write_text(json.dumps({"status": "pass",
+                                                                  "promote": True}))
+    return copy
+
+
 def test_promote_moves_the_marker_only_after_a_verified_rollout_and_rolls_back_on_request(
         prefect_server, vllm_tiny_source, vllm_tiny_w8a8, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with FakeHub(TOKEN, tmp_path / "hub") as hub:
         api = HfApi(endpoint=hub.endpoint, token=TOKEN)
         api.create_repo(REPO)
-        sha_a = api.upload_folder(repo_id=REPO, folder_path=vllm_tiny_source).oid
-        sha_b = api.upload_folder(repo_id=REPO, folder_path=vllm_tiny_w8a8).oid
+        sha_a, sha_b = (api.upload_folder(repo_id=REPO, folder_path=gated(folder, tmp_path)).oid
+                        for folder in (vllm_tiny_source, vllm_tiny_w8a8))  # as requant publishes
         broken = tmp_path / "broken"
         shutil.copytree(vllm_tiny_w8a8, broken)
         config = json.loads((broken / "config.json").read_text())
@@ -57,7 +67,8 @@ def test_promote_moves_the_marker_only_after_a_verified_rollout_and_rolls_back_o
             "cache_dir": str(tmp_path / "cache"),
             "rollout": {"target": "local", "served_model_name": "tiny-chat",
                         "state_dir": str(tmp_path / "state"),
-                        "local": {"port": port, "server": tiny_server_settings().model_dump()},
+                        "local": {"port": port, "keep_previous_s": 3,
+                                  "server": tiny_server_settings().model_dump()},
                         "slo": {"requests": 16, "concurrency": 8, "max_tokens": 16}},
         })
         try:
@@ -69,8 +80,10 @@ def test_promote_moves_the_marker_only_after_a_verified_rollout_and_rolls_back_o
             assert production_sha(api) == sha_b
             assert router_status(f"http://127.0.0.1:{port}")["revision"] == sha_b
 
+            with pytest.raises(SettingsError, match=r"did not pass the gate.*--force"):
+                promote(settings, revision=sha_broken)  # no gate decision in its commit
             with pytest.raises(RolloutFailed, match="NoSuchModelForCausalLM"):
-                promote(settings, revision=sha_broken)
+                promote(settings, revision=sha_broken, force=True)
             assert production_sha(api) == sha_b  # the marker did not move
             assert router_status(f"http://127.0.0.1:{port}")["revision"] == sha_b
 

@@ -30,12 +30,13 @@ from tests.conftest import needs_vllm, processes_mentioning, tiny_server_setting
 pytestmark = [pytest.mark.slow, needs_vllm]
 
 
-def local_settings(state_dir: Path, port: int, **slo) -> PipelineSettings:
+def local_settings(state_dir: Path, port: int, keep_previous_s: float = 3,
+                   **slo) -> PipelineSettings:
     return PipelineSettings.model_validate({
         "rollout": {
             "target": "local", "served_model_name": "tiny-chat", "state_dir": str(state_dir),
             "local": {"port": port, "server": tiny_server_settings().model_dump(),
-                      "drain_timeout_s": 60},
+                      "drain_timeout_s": 60, "keep_previous_s": keep_previous_s},
             "slo": {"requests": 64, "concurrency": 64, "max_tokens": 64,
                     "max_p95_latency_s": 120, **slo},
         },
@@ -162,32 +163,46 @@ def test_rollout_missing_its_latency_slo_rolls_back_and_keeps_the_old_revision(
     assert load_state(settings.rollout.state_dir, "local").active.release == before.release
 
 
+def kill_mid_rollout(settings, release, run_id: str, victim, load: ClientLoad,
+                     join_s: float = 300) -> tuple[int | None, dict[str, BaseException], bool]:
+    """Run a rollout on a thread under ``load``; SIGKILL the server ``victim(state)`` names (a
+    pid, or None while it is too early). Returns (the pid killed, what the rollout raised,
+    whether it finished within ``join_s``)."""
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            rollout_local(settings, release, run_id)
+        except BaseException as exc:  # handed to the test thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 300
+    killed = None
+    while killed is None and time.monotonic() < deadline:
+        killed = victim(load_state(settings.rollout.state_dir, "local"))
+        if killed is not None:
+            os.killpg(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    worker.join(join_s)
+    return killed, outcome, not worker.is_alive()
+
+
 def test_new_server_killed_during_verification_rolls_back_and_leaves_no_process(
         deployment, vllm_tiny_source):
     settings, _ = deployment
     url = f"http://127.0.0.1:{settings.rollout.local.port}"
     before = load_state(settings.rollout.state_dir, "local").active
     release = resolve_release(settings, checkpoint=vllm_tiny_source)
-    outcome: dict[str, BaseException] = {}
 
-    def run() -> None:
-        try:
-            rollout_local(settings, release, "test-kill")
-        except BaseException as exc:  # handed to the test thread
-            outcome["error"] = exc
+    def ready_pending(state):  # ready, being verified
+        p = state.pending
+        return p.server["pid"] if p is not None and "startup_s" in p.server else None
 
     with ClientLoad(url) as load:
-        worker = threading.Thread(target=run)
-        worker.start()
-        deadline = time.monotonic() + 300
-        killed = None
-        while killed is None and time.monotonic() < deadline:
-            pending = load_state(settings.rollout.state_dir, "local").pending
-            if pending is not None:  # ready and under verification
-                killed = pending.server["pid"]
-                os.killpg(killed, signal.SIGKILL)
-            time.sleep(0.2)
-        worker.join(300)
+        killed, outcome, _ = kill_mid_rollout(settings, release, "test-kill", ready_pending,
+                                              load)
     assert killed is not None, "the rollout never reached verification"
     assert isinstance(outcome.get("error"), RolloutFailed)
     assert load.failures == [] and set(load.revisions) == {before.release.revision}
@@ -198,3 +213,37 @@ def test_new_server_killed_during_verification_rolls_back_and_leaves_no_process(
     servers = [p for p in processes_mentioning(release.checkpoint)
                if p.pid != after.active.server["pid"]]
     assert servers == []
+
+
+def test_new_server_killed_after_the_switch_fails_over_to_the_warm_previous_and_is_undone(
+        deployment, vllm_tiny_source):
+    """kill -9 of the serving vLLM while the previous revision is still warm: the router sends
+    requests to the previous one (only a request in flight at the kill can fail: one client,
+    so at most one), the rollout fails as 'served' and the record says the previous serves."""
+    settings, _ = deployment
+    url = f"http://127.0.0.1:{settings.rollout.local.port}"
+    before = load_state(settings.rollout.state_dir, "local").active
+    warm = local_settings(settings.rollout.state_dir, settings.rollout.local.port,
+                          keep_previous_s=120)
+    release = resolve_release(warm, checkpoint=vllm_tiny_source)
+
+    def serving(state):  # switched: it serves now
+        if state.active.flow_run_id != "test-failover":
+            return None
+        time.sleep(1)
+        return state.active.server["pid"]
+
+    with ClientLoad(url) as load:
+        killed, outcome, finished = kill_mid_rollout(warm, release, "test-failover", serving,
+                                                     load, join_s=60)
+        time.sleep(2)
+    assert killed is not None, "the rollout never switched"
+    assert finished, "the rollout did not notice within 60 s"
+    err = outcome.get("error")
+    assert isinstance(err, RolloutFailed) and err.check == "served", outcome
+    assert len(load.failures) <= 1, load.failures
+    assert load.revisions[-1] == before.release.revision  # the previous revision answers
+    after = load_state(settings.rollout.state_dir, "local")
+    assert after.active.release == before.release and after.history[-1]["event"] == "rolled-back"
+    events = (settings.rollout.state_dir / "local" / "router-events.jsonl").read_text()
+    assert '"failover"' in events

@@ -112,3 +112,17 @@ def test_killed_after_the_record_before_stopping_the_old_server_it_is_stopped_ne
     save_state(settings.rollout.state_dir, state)  # recorded, then killed before the stop
     recovered(settings, url, load_state(settings.rollout.state_dir, "local"))
     assert not pid_running(blue["pid"]) and pid_running(green["pid"])
+
+
+def test_killed_while_the_old_server_was_warm_and_the_new_one_then_died_the_old_serves_again(
+        local):
+    settings, url, blue, green = local
+    state = killed_after(settings, url, green, switched=True)
+    state.previous, state.active, state.pending = state.active, state.pending, None
+    save_state(settings.rollout.state_dir, state)  # recorded; blue kept warm; then killed
+    stop_process_group(green["pid"], 2)  # and the new server died after it
+    saved = recovered(settings, url, load_state(settings.rollout.state_dir, "local"))
+    assert saved.active.release.revision == "rev-blue" and saved.previous is None
+    assert pid_running(blue["pid"])  # not "retired": it is what can serve
+    assert router_status(url)["backend"] == blue["url"]
+    assert saved.history[-1]["event"] == "rolled-back"

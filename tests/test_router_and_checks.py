@@ -134,12 +134,100 @@ def test_router_refuses_a_backend_that_is_not_a_url(tmp_path):
         assert r.status_code == 400 and "body.url" in r.json()["error"]
 
 
-def test_router_reports_a_dead_backend_as_502(tmp_path):
+def test_a_dead_backend_without_a_warm_previous_revision_answers_503_with_retry_after(tmp_path):
     with TestClient(create_app(tmp_path / "router.json", TOKEN)) as client:
         client.put("/-/backend", json={"url": "http://127.0.0.1:9", "revision": "x"}, headers=ADMIN)
         r = client.get("/v1/models")
-        assert r.status_code == 502 and client.get("/-/status").json()["inflight"] == {
-            "http://127.0.0.1:9": 0}
+        assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+        assert "no healthy backend: http://127.0.0.1:9 (revision x)" in r.json()["error"]
+        status = client.get("/-/status").json()
+        assert status["inflight"] == {"http://127.0.0.1:9": 0}
+        assert status["health"]["http://127.0.0.1:9"]["healthy"] is False
+
+
+class ProcessUpstream:
+    """A stand-in backend in its own process, so that killing it closes its connections as a
+    dead vLLM's are (a thread server would keep serving open keep-alive connections)."""
+
+    def __init__(self, name: str, root: Path) -> None:
+        import subprocess
+        import sys
+
+        from requant.serving.server import free_port
+
+        folder = root / name
+        (folder / "v1").mkdir(parents=True)
+        (folder / "v1" / "models").write_text(json.dumps({"backend": name}))
+        (folder / "health").write_text("ok")
+        port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+             "--directory", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(f"{self.url}/health", timeout=1)
+                return
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, f"stand-in {name} did not start"
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def serve_b_with_a_warm(client: TestClient, a: ProcessUpstream, b: ProcessUpstream) -> None:
+    client.put("/-/backend", headers=ADMIN, json={
+        "url": b.url, "revision": "rev-b", "fallback": {"url": a.url, "revision": "rev-a"}}
+               ).raise_for_status()
+
+
+def events(tmp_path: Path) -> list[dict]:
+    path = tmp_path / "router-events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_when_the_active_backend_dies_requests_fail_over_to_the_warm_previous_revision(
+        tmp_path):
+    a, b = ProcessUpstream("A", tmp_path), ProcessUpstream("B", tmp_path)
+    try:
+        with TestClient(create_app(tmp_path / "router.json", TOKEN)) as client:
+            serve_b_with_a_warm(client, a, b)
+            assert client.get("/v1/models").json()["backend"] == "B"
+            b.kill()  # the new revision's server dies (kill -9)
+            r = client.get("/v1/models")  # refused by B: answered by A, not failed
+            assert r.status_code == 200 and r.json()["backend"] == "A"
+            assert r.headers[REVISION_HEADER] == "rev-a"
+            assert [e["event"] for e in events(tmp_path)] == ["backend-unhealthy", "failover"]
+            assert events(tmp_path)[1]["backend"] == a.url
+            assert client.get("/-/status").json()["health"][b.url]["healthy"] is False
+    finally:
+        a.kill()
+
+
+def test_health_checks_take_a_dead_backend_out_before_a_request_finds_it(tmp_path):
+    a, b = ProcessUpstream("A", tmp_path), ProcessUpstream("B", tmp_path)
+    try:
+        with TestClient(create_app(tmp_path / "router.json", TOKEN)) as client:
+            serve_b_with_a_warm(client, a, b)
+            b.kill()
+            deadline = time.monotonic() + 10
+            while not any(e["event"] == "failover" for e in events(tmp_path)):
+                assert time.monotonic() < deadline, "no failover event within 10 s"
+                time.sleep(0.2)
+            assert client.get("/-/status").json()["served"] == {}  # no request was needed
+            assert client.get("/v1/models").json()["backend"] == "A"
+    finally:
+        a.kill()
+
+
+def test_a_fallback_must_be_a_server_url_or_null(tmp_path):
+    with TestClient(create_app(tmp_path / "router.json", TOKEN)) as client:
+        r = client.put("/-/backend", headers=ADMIN, json={"url": "http://127.0.0.1:9",
+                                                          "fallback": "127.0.0.1:8"})
+        assert r.status_code == 400 and "body.fallback" in r.json()["error"]
 
 
 GOOD = {"object": "chat.completion", "model": "m",

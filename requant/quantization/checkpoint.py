@@ -17,6 +17,7 @@ from typing import Any
 from requant.atomic import TMP_PREFIX, atomic_directory, write_json_atomic
 from requant.calibration import CalibrationSet, load_prepared
 from requant.errors import CheckpointVerificationError
+from requant.gpu_memory import quantization_need_bytes, wait_for_gpu_memory
 from requant.memory import peak_gpu_gib, peak_rss_gib, reset_gpu_peak
 from requant.progress import Report, no_progress
 from requant.quantization.distributed import (
@@ -29,6 +30,7 @@ from requant.quantization.hardware import Accelerator
 from requant.quantization.manifest import MANIFEST_NAME, library_versions, render_manifest
 from requant.quantization.oneshot import load_model, quantize_model, release_session
 from requant.quantization.recipes import ResolvedRecipe
+from requant.quantization.single_pass import BATCH_TOKENS
 from requant.quantization.verification import CheckpointReport, ExpectedScheme, verify_checkpoint
 from requant.settings import PipelineSettings
 from requant.source import ResolvedSource, fetch_weights
@@ -110,11 +112,15 @@ def calibrate_in_process(
     q = settings.quantization
     t0 = time.perf_counter()
     model, tokenizer = load_model(source.path, settings.source.trust_remote_code)
+    if acc.kind == "cuda":
+        wait_for_gpu_memory(quantization_need_bytes(model.config, BATCH_TOKENS),
+                            "quantization", q.gpu_memory_wait_s,
+                            lambda message: report(0.0, message))
     choices = quantize_model(
         model, tokenizer, recipe.text, load_prepared(calib) if calib is not None else None,
         settings.calibration.max_seq_len, acc,
         allow_tf32=q.allow_tf32, activation_cache=q.activation_cache,
-        smoothing_tolerance=q.smoothing_tolerance, report=report,
+        smoothing_tolerance=q.smoothing_tolerance, pipeline=q.pipeline, report=report,
     )
     choices["oneshot_s"] = round(time.perf_counter() - t0, 2)
     report(0.99, "calibration done; saving and verifying the checkpoint")

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from requant.progress import Report, no_progress
 from requant.quantization.hardware import Accelerator
 from requant.quantization.progress import calibration_passes, layer_progress
+from requant.quantization.single_pass import plan, quantize_single_pass
 from requant.quantization.smoothing import (
     ARCHITECTURES,
     Architecture,
@@ -82,9 +83,11 @@ def quantize_model(
     allow_tf32: bool = True,
     activation_cache: ActivationCache = "auto",
     smoothing_tolerance: float | None = None,
+    pipeline: str = "single-pass",
     report: Report = no_progress,
 ) -> dict[str, Any]:
-    """Run oneshot in place on ``model``; returns the choices made, for the manifest.
+    """Quantize ``model`` in place (requant's single pass when it covers the recipe, else
+    oneshot); returns the choices made, for the manifest.
 
     ``model.config.name_or_path`` must be a directory holding the config: oneshot re-reads it.
     """
@@ -103,6 +106,13 @@ def quantize_model(
         kwargs = calibration_kwargs(model, dataset, max_seq_len, acc, activation_cache)
         choices["activation_cache"] = kwargs["sequential_offload_device"]
     samples = len(dataset) if dataset is not None else 0
+    single = plan(recipe_text) if pipeline == "single-pass" and dataset is not None \
+        and not torch.distributed.is_initialized() else None
+    if single is not None:
+        return choices | quantize_single_pass(
+            model, single, dataset, acc.torch_device, kwargs["sequential_offload_device"],
+            tolerance=smoothing_tolerance, report=report)
+    choices["pipeline"] = "llm-compressor"
     smooth_text, rest_text = split_recipe(recipe_text)
 
     def run_rest(text: str) -> None:

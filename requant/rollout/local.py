@@ -13,10 +13,7 @@ mid-way leaves a ``pending`` record that the next rollout reaps.
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -72,44 +69,58 @@ def router_status(url: str, timeout_s: float = 5) -> dict[str, Any] | None:
 
 
 def ensure_router(settings: PipelineSettings, log: Log) -> str:
-    """The router answering on the stable endpoint: reuse the running one, or start it."""
+    """The router answering on the stable endpoint, under supervisord
+    (``requant.serving.supervision``): reuse it, or start it supervised."""
+    from requant.serving import supervision
+
     cfg = settings.rollout.local
     url = router_url(settings)
-    if router_status(url) is not None:
+    folder = Path(settings.rollout.state_dir) / TARGET
+    if cfg.supervisor == "external":
+        if router_status(url) is None:
+            raise SettingsError(
+                f"rollout.local.supervisor is external, but no requant router answers on {url}. "
+                "Start it (systemctl --user start requant-router, see "
+                "deployments/systemd/requant-router.service) or set rollout.local.supervisor: "
+                "supervisord.")
         return url
+    supervised = supervision.supervision(folder).state in ("RUNNING", "STARTING", "BACKOFF")
+    if router_status(url) is not None and supervised:
+        return url
+    if router_status(url) is not None:  # alive but unsupervised (its supervisord died)
+        log("the router runs without its supervisor: restarting it under supervisord")
+        stop_router(settings)
     with socket.socket() as s:
         if s.connect_ex((cfg.host, cfg.port)) == 0:
             raise SettingsError(
                 f"rollout.local.port: {cfg.host}:{cfg.port} is taken by something that is not a "
                 "requant router. Stop it or choose another port."
             )
-    folder = Path(settings.rollout.state_dir) / TARGET
     folder.mkdir(parents=True, exist_ok=True)
-    log_path = folder / "router.log"
     router_token(settings)  # made here, 0600, before the router reads it
-    with log_path.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "requant.serving.router", "--host", cfg.host,
-             "--port", str(cfg.port), "--state-file", str(folder / "router.json"),
-             "--token-file", str(folder / "router.token")],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    (folder / "router.pid").write_text(str(proc.pid))
+    supervision.start(folder, supervision.router_command(cfg.host, cfg.port, folder))
     deadline = time.monotonic() + 60
-    while router_status(url) is None:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the router did not start on {url}.\n{log_tail(log_path)}")
+    while router_status(url) is None or supervision.supervision(folder).state != "RUNNING":
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the router did not start on {url} "
+                               f"({supervision.supervision(folder)}).\n"
+                               f"{log_tail(folder / 'router.log')}")
         time.sleep(0.2)
-    log(f"router started on {url} (pid {proc.pid})")
+    log(f"router started on {url} under supervisord ({supervision.supervision(folder).detail})")
     return url
 
 
-def switch_router(url: str, backend: str, revision: str, token: str) -> dict[str, Any]:
+def switch_router(url: str, backend: str, revision: str, token: str,
+                  fallback: Deployed | None = None) -> dict[str, Any]:
+    """Send new requests to ``backend``; with ``fallback``, the router sends them to that
+    server instead while ``backend`` fails its health checks."""
+    body: dict[str, Any] = {"url": backend, "revision": revision, "fallback": None}
+    if fallback is not None:
+        body["fallback"] = {"url": fallback.server["url"], "revision": fallback.release.revision}
     last: Exception | None = None
     for attempt in range(5):  # the admin call is local; a retry covers a momentary hiccup
         try:
-            response = httpx.put(f"{url}/-/backend", json={"url": backend, "revision": revision},
+            response = httpx.put(f"{url}/-/backend", json=body,
                                  headers={"Authorization": f"Bearer {token}"}, timeout=10)
             response.raise_for_status()
             return response.json()
@@ -135,11 +146,17 @@ def drain(url: str, backend: str, timeout_s: float) -> int | None:
 
 
 def stop_router(settings: PipelineSettings) -> None:
+    """supervisord and its router; and a router left without its supervisor (the pid the
+    router's status reports), so the port is free again."""
+    from requant.serving import supervision
+
+    if settings.rollout.local.supervisor == "external":
+        return  # its supervisor would only start it again
     folder = Path(settings.rollout.state_dir) / TARGET
-    pid_file = folder / "router.pid"
-    if pid_file.is_file():
-        stop_process_group(int(pid_file.read_text()), grace_s=10)
-        pid_file.unlink()
+    supervision.shutdown(folder)
+    pid = (router_status(router_url(settings), timeout_s=2) or {}).get("pid")
+    if pid:
+        stop_process_group(int(pid), grace_s=10)
 
 
 # ---- the rollout ------------------------------------------------------------------------------
@@ -161,6 +178,8 @@ def recover(settings: PipelineSettings, state: DeployState, url: str, flow_run_i
     - pending, and the router already sends traffic to it: the flow died between the switch
       and its record. That server serves: record it active, then drain and stop the old one;
     - pending, router elsewhere: it never served; stop it (reaped);
+    - the active revision's server dead but the previous one still warm (killed while it was
+      the fallback): the previous one serves again, on record too;
     - the previous revision's server still running but not routed to: the flow died before
       stopping it after a switch; drain and stop it (rollback starts a fresh server anyway)."""
     grace = settings.rollout.local.server.stop_grace_s
@@ -181,6 +200,16 @@ def recover(settings: PipelineSettings, state: DeployState, url: str, flow_run_i
         state.pending = None
         save_state(settings.rollout.state_dir, state)
     old = state.previous
+    if state.active is not None and not _server_alive(state.active) and _server_alive(old):
+        assert old is not None
+        log(f"recovering: {state.active.release.label()}'s server is gone and "
+            f"{old.release.label()} is still warm; it serves again")
+        switch_router(url, old.server["url"], old.release.revision, router_token(settings))
+        state.record_event("rolled-back", state.active.release, flow_run_id, _now(),
+                           "its server died while the previous one was still warm")
+        state.active, state.previous = old, None
+        save_state(settings.rollout.state_dir, state)
+        return
     if old is not None and _server_alive(old) and backend != old.server.get("url"):
         drain(url, old.server.get("url", ""), settings.rollout.local.drain_timeout_s)
         log(f"stopping {old.release.label()}'s server, left running by a killed rollout")
@@ -216,16 +245,23 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
     # the cores; settings in rollout.local.server.env still win.
     server_cfg = cfg.server.model_copy(update={"env": {
         "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_WAIT_POLICY": "PASSIVE", **cfg.server.env}})
+
+    def record_spawned(handle: Any) -> None:  # before the wait: a kill from here on is reaped
+        state.pending = Deployed(release, _now(), flow_run_id, url,
+                                 {"pid": handle.process.pid, "url": handle.base_url,
+                                  "log": str(log_path)})
+        save_state(rcfg.state_dir, state)
+
     try:
-        green = start_server(release.checkpoint, server_cfg, log_path,
+        green = start_server(release.checkpoint, server_cfg, log_path, on_spawn=record_spawned,
                              served_name=rcfg.served_model_name, die_with_parent=False)
     except ServerError as exc:
+        state.pending = None
         _record_failure(settings, state, release, flow_run_id, "readiness", str(exc))
         raise RolloutFailed(release, "readiness", str(exc)) from None
-    pending = Deployed(release, _now(), flow_run_id, url,
-                       {"pid": green.process.pid, "url": green.base_url,
-                        "log": str(log_path), "startup_s": green.startup_s})
-    state.pending = pending
+    pending = state.pending
+    assert pending is not None
+    pending.server["startup_s"] = green.startup_s
     save_state(rcfg.state_dir, state)
 
     try:
@@ -242,8 +278,10 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
         save_state(rcfg.state_dir, state)
         raise
 
-    blue = state.active
-    switched = switch_router(url, green.base_url, release.revision, router_token(settings))
+    blue, earlier = state.active, state.previous
+    warm = blue if blue is not None and cfg.keep_previous_s > 0 and _server_alive(blue) else None
+    token = router_token(settings)
+    switched = switch_router(url, green.base_url, release.revision, token, fallback=warm)
     shifted_s = round(time.monotonic() - started, 2)
     log(f"traffic shifted to {release.label()} after {shifted_s} s")
     pending.verification = report.as_record() | {"rollout_to_shift_s": shifted_s}
@@ -252,7 +290,45 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
     state.record_event("deployed", release, flow_run_id, pending.deployed_at)
     save_state(rcfg.state_dir, state)
 
-    old_backend = switched.get("previous")
+    if warm is not None:
+        log(f"keeping {warm.release.label()} warm as the fallback for {cfg.keep_previous_s} s "
+            "(rollout.local.keep_previous_s)")
+        if not stays_healthy(url, green.base_url, cfg.keep_previous_s):
+            _undo(settings, state, warm, earlier, green, release, flow_run_id, url, token)
+        switch_router(url, green.base_url, release.revision, token)
+    _retire(settings, url, switched.get("previous"), blue, log)
+    return pending, True
+
+
+def stays_healthy(url: str, backend: str, seconds: float) -> bool:
+    """True unless the router's health checks see ``backend`` down within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        health = (router_status(url) or {}).get("health", {}).get(backend, {})
+        if health.get("healthy") is False:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def _undo(settings: PipelineSettings, state: DeployState, warm: Deployed,
+          earlier: Deployed | None, green: Any, release: Release, flow_run_id: str | None,
+          url: str, token: str) -> None:
+    """The new revision died while the previous one was still warm: the previous one serves
+    again (the router already sent it the traffic), on record too, and the rollout fails."""
+    switch_router(url, warm.server["url"], warm.release.revision, token)
+    state.active, state.previous = warm, earlier
+    stop_server(green, settings.rollout.local.server.stop_grace_s)
+    reason = (f"{green.base_url} failed the router's health checks within "
+              f"rollout.local.keep_previous_s; {warm.release.label()} serves again")
+    _record_failure(settings, state, release, flow_run_id, "served", reason)
+    raise RolloutFailed(release, "served", reason)
+
+
+def _retire(settings: PipelineSettings, url: str, old_backend: str | None,
+            blue: Deployed | None, log: Log) -> None:
+    """Drain the previous revision's requests, then stop its server."""
+    cfg = settings.rollout.local
     if old_backend:
         left = drain(url, old_backend, cfg.drain_timeout_s)
         if left is None:
@@ -265,7 +341,6 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
     if blue is not None:
         _stop_deployed(blue, cfg.server.stop_grace_s)
         log(f"stopped the previous revision {blue.release.label()}")
-    return pending, True
 
 
 def _record_failure(settings: PipelineSettings, state: DeployState, release: Release,

@@ -88,24 +88,107 @@ class RouterState:
         self.state_file = state_file
         self.backend: str | None = None
         self.revision: str | None = None
+        self.fallback: str | None = None  # the previous revision, kept warm for a while
+        self.fallback_revision: str | None = None
         self.switched_at: float | None = None
         self.inflight: Counter[str] = Counter()
         self.served: Counter[str] = Counter()
+        self.health: dict[str, dict[str, Any]] = {}
         if state_file and state_file.is_file():
             saved = json.loads(state_file.read_text())
             self.backend, self.revision = saved.get("backend"), saved.get("revision")
+            self.fallback, self.fallback_revision = saved.get("fallback"), saved.get(
+                "fallback_revision")
             self.switched_at = saved.get("switched_at")
 
-    def switch(self, backend: str, revision: str | None) -> None:
+    def switch(self, backend: str, revision: str | None,
+               fallback: dict[str, Any] | None = None) -> None:
         self.backend, self.revision, self.switched_at = backend.rstrip("/"), revision, time.time()
+        self.fallback = fallback["url"].rstrip("/") if fallback else None
+        self.fallback_revision = fallback.get("revision") if fallback else None
+        self.health = {url: h for url, h in self.health.items()
+                       if url in (self.backend, self.fallback)}
         if self.state_file:
-            write_json_atomic(self.state_file, {"backend": self.backend, "revision": revision,
-                                                "switched_at": self.switched_at})
+            write_json_atomic(self.state_file, {
+                "backend": self.backend, "revision": revision, "switched_at": self.switched_at,
+                "fallback": self.fallback, "fallback_revision": self.fallback_revision})
+
+    def healthy(self, url: str | None) -> bool:
+        """Unknown counts as healthy: a backend is only avoided once checks saw it fail."""
+        return url is not None and self.health.get(url, {}).get("healthy", True)
+
+    def route(self) -> tuple[str, str | None] | None:
+        """Where a request goes now: the active backend, else a healthy fallback, else None."""
+        if self.backend is not None and self.healthy(self.backend):
+            return self.backend, self.revision
+        if self.fallback is not None and self.healthy(self.fallback):
+            return self.fallback, self.fallback_revision
+        return None
 
     def status(self) -> dict[str, Any]:
         return {"backend": self.backend, "revision": self.revision,
+                "fallback": self.fallback, "fallback_revision": self.fallback_revision,
                 "switched_at": self.switched_at, "inflight": dict(self.inflight),
-                "served": dict(self.served)}
+                "served": dict(self.served), "health": self.health, "pid": os.getpid()}
+
+
+#: Health checks: every second; a backend is unhealthy after this many failures in a row.
+HEALTH_INTERVAL_S, FAILURES_TO_UNHEALTHY = 1.0, 2
+#: What a client is told to wait when no backend can answer.
+RETRY_AFTER_S = 5
+
+
+class HealthWatch:
+    """Asks each backend's ``/health`` every second and records each change of health as an
+    event: logged, appended to ``router-events.jsonl`` beside the state file (what ``requant
+    status`` and operators read), and sent to Prefect as ``requant.router.<kind>`` when a
+    Prefect API is configured."""
+
+    def __init__(self, state: RouterState, client: httpx.AsyncClient) -> None:
+        self.state, self.client = state, client
+        self.events_file = state.state_file.with_name("router-events.jsonl") \
+            if state.state_file else None
+
+    async def run(self) -> None:
+        while True:
+            for url in [u for u in (self.state.backend, self.state.fallback) if u]:
+                await self.check(url)
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+
+    async def check(self, url: str) -> None:
+        try:
+            ok = (await self.client.get(f"{url}/health", timeout=2)).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        self.observe(url, ok)
+
+    def observe(self, url: str, ok: bool, conclusive: bool = False) -> None:
+        h = self.state.health.setdefault(url, {"healthy": True, "failures": 0})
+        h["failures"] = 0 if ok else max(h["failures"] + 1,
+                                         FAILURES_TO_UNHEALTHY if conclusive else 0)
+        healthy = ok or (h["healthy"] and h["failures"] < FAILURES_TO_UNHEALTHY)
+        if healthy != h["healthy"]:
+            h["healthy"], h["changed_at"] = healthy, time.time()
+            self.emit("backend-recovered" if healthy else "backend-unhealthy", url)
+            if not healthy and url == self.state.backend:
+                self.emit("failover" if self.state.healthy(self.state.fallback)
+                          else "no-backend", self.state.fallback or url)
+
+    def emit(self, kind: str, url: str) -> None:
+        record = {"event": kind, "backend": url, "active": self.state.backend,
+                  "revision": self.state.revision, "fallback": self.state.fallback,
+                  "at": time.time()}
+        print(json.dumps(record), flush=True)  # the router's log (supervisord keeps it)
+        if self.events_file:
+            with self.events_file.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if os.environ.get("PREFECT_API_URL"):
+            with contextlib.suppress(Exception):  # the event file is the record of truth
+                from prefect.events import emit_event
+
+                emit_event(f"requant.router.{kind}", resource={
+                    "prefect.resource.id": f"requant.router.{self.state.state_file}"},
+                    payload=record)
 
 
 def create_app(state_file: Path | None, token: str, timeout_s: float = 600) -> Starlette:
@@ -134,14 +217,35 @@ def create_app(state_file: Path | None, token: str, timeout_s: float = 600) -> S
         url = body.get("url")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             return JSONResponse({"error": "body.url: an http(s) URL of a vLLM server"}, 400)
+        fallback = body.get("fallback")
+        if fallback is not None and not (isinstance(fallback, dict) and str(
+                fallback.get("url", "")).startswith(("http://", "https://"))):
+            return JSONResponse({"error": "body.fallback: null, or {url, revision} of the "
+                                 "previous revision's server"}, 400)
         previous = state.backend
-        state.switch(url, body.get("revision"))
+        state.switch(url, body.get("revision"), fallback)
         return JSONResponse(state.status() | {"previous": previous})
 
     async def proxy(request: Request) -> Response:
-        backend, revision = state.backend, state.revision
-        if backend is None:
+        if state.backend is None:
             return JSONResponse({"error": "no backend deployed yet"}, 503)
+        body = await request.body()
+        for _attempt in range(2):  # a refused connection marks the backend down: once more
+            target = state.route()
+            if target is None:
+                return JSONResponse(
+                    {"error": f"no healthy backend: {state.backend} (revision {state.revision})"
+                     f" is down and no previous revision is kept warm; retry shortly"}, 503,
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
+            try:
+                return await forward(request, body, *target)
+            except httpx.ConnectError:  # nothing listens: down now, not after two checks
+                watch.observe(target[0], False, conclusive=True)
+        return JSONResponse({"error": "no backend accepted the connection; retry shortly"},
+                            503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    async def forward(request: Request, body: bytes, backend: str,
+                      revision: str | None) -> Response:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         url = f"{backend}{request.url.path}"
         if request.url.query:
@@ -160,13 +264,12 @@ def create_app(state_file: Path | None, token: str, timeout_s: float = 600) -> S
 
         try:
             upstream = await client.send(
-                client.build_request(request.method, url, headers=headers,
-                                     content=await request.body()),
+                client.build_request(request.method, url, headers=headers, content=body),
                 stream=True,
             )
         except BaseException as exc:  # upstream error, or the client left while we waited
             await release(None, False)
-            if isinstance(exc, httpx.HTTPError):
+            if isinstance(exc, httpx.HTTPError) and not isinstance(exc, httpx.ConnectError):
                 return JSONResponse({"error": f"backend {backend} failed: {exc!r}"}, 502)
             raise
 
@@ -176,9 +279,13 @@ def create_app(state_file: Path | None, token: str, timeout_s: float = 600) -> S
                                         headers=out_headers,
                                         on_close=lambda: release(upstream, True))
 
+    watch = HealthWatch(state, client)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        checks = asyncio.create_task(watch.run())
         yield
+        checks.cancel()
         await client.aclose()
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
@@ -192,17 +299,22 @@ def create_app(state_file: Path | None, token: str, timeout_s: float = 600) -> S
     )
 
 
+def parser() -> argparse.ArgumentParser:
+    """The router's command line (supervisord's program and the systemd unit both use it)."""
+    p = argparse.ArgumentParser(prog="python -m requant.serving.router", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--state-file", type=Path)
+    p.add_argument("--token-file", type=Path, required=True,
+                   help="the admin token (created 0600 when missing)")
+    p.add_argument("--timeout-s", type=float, default=600)
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    parser = argparse.ArgumentParser(prog="python -m requant.serving.router", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--state-file", type=Path)
-    parser.add_argument("--token-file", type=Path, required=True,
-                        help="the admin token (created 0600 when missing)")
-    parser.add_argument("--timeout-s", type=float, default=600)
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     app = create_app(args.state_file, load_or_create_token(args.token_file), args.timeout_s)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=30)

@@ -16,13 +16,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from requant.errors import ServerError, SettingsError
+from requant.gpu_memory import gpu_memory, wait_for_gpu_memory
 from requant.processes import die_with_parent as kill_with_parent
 from requant.processes import terminate_group
 from requant.serving.checks import not_ready_reason
@@ -116,6 +117,13 @@ def log_tail(path: Path, lines: int = 40) -> str:
     return f"last {min(lines, len(text))} lines of {path}:\n" + "\n".join(text[-lines:])
 
 
+def _note(log_path: Path, message: str) -> None:
+    """A line in the server's log, where its start-up is followed."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a") as fh:
+        fh.write(message + "\n")
+
+
 def start_server(
     model: str | Path,
     cfg: ServerSettings,
@@ -125,13 +133,19 @@ def start_server(
     revision: str | None = None,
     on_gpu: bool = False,
     die_with_parent: bool = True,
+    on_spawn: Callable[[ServerHandle], None] | None = None,
 ) -> ServerHandle:
     """Launch the server and wait until it is ready; on any failure it is stopped again.
 
     ``die_with_parent=False`` is for servers that must outlive this process (a rollout's new
-    revision); the rollout records their pid instead, so a crashed rollout's server is reaped by
-    the next one."""
+    revision); the rollout records their pid in ``on_spawn``, called right after the process
+    exists and before the minutes of waiting for it, so a crashed rollout's server is reaped by
+    the next one whenever the crash comes."""
     python = serving_python(cfg)
+    if on_gpu:  # vLLM refuses to start unless its whole share is free: wait for it
+        total = (gpu_memory() or (0, 0))[1]
+        wait_for_gpu_memory(int(cfg.gpu_memory_utilization * total), f"vLLM for {served_name}",
+                            cfg.startup_timeout_s, lambda message: _note(log_path, message))
     port = cfg.port or free_port(cfg.host)
     if cfg.port:
         check_port_free(cfg.host, port)
@@ -153,6 +167,8 @@ def start_server(
     handle = ServerHandle(f"http://{cfg.host}:{port}", served_name, log_path, process,
                           command=cmd)
     try:
+        if on_spawn is not None:
+            on_spawn(handle)
         wait_ready(handle, cfg.startup_timeout_s)
     except BaseException:
         stop_server(handle, cfg.stop_grace_s)

@@ -1,0 +1,125 @@
+"""The local router under supervisord: restarted within about a second of any death.
+
+Why supervisord: platform engineers know it, it runs as the pipeline's own user on any host
+(containers and CI included, where systemd is absent), it is one pure-Python package from PyPI
+locked like every other dependency, and ``supervisorctl`` answers "is it up, since when, which
+pid" without our code. A program that has run for ``startsecs`` and exits, for any reason
+including ``kill -9``, is started again at once. Hosts that prefer systemd use
+``deployments/systemd/requant-router.service`` (Restart=always) instead; the router itself is
+the same command either way (``router_command``), and it resumes its persisted backend.
+
+supervisord's own death leaves the router running (it is a separate process): the endpoint
+stays up, ``requant status`` shows the supervisor down, and the next rollout starts a new
+supervisord only after stopping that unsupervised router (it holds the port).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+PROGRAM = "router"
+
+
+@dataclass(frozen=True)
+class Supervision:
+    state: str  # supervisord's word for the router (RUNNING, BACKOFF, ...) or "no supervisor"
+    detail: str  # "pid 123, uptime 0:01:02", or why not
+
+
+def router_command(host: str, port: int, folder: Path) -> list[str]:
+    return [sys.executable, "-m", "requant.serving.router", "--host", host, "--port", str(port),
+            "--state-file", str(folder / "router.json"),
+            "--token-file", str(folder / "router.token")]
+
+
+def write_config(folder: Path, command: list[str]) -> Path:
+    """supervisord.conf beside the router's state: a private socket (0700), logs in the folder,
+    the router restarted on every exit."""
+    conf = folder / "supervisord.conf"
+    conf.write_text(f"""[unix_http_server]
+file={_socket(folder)}
+chmod=0700
+
+[supervisord]
+logfile={folder / "supervisord.log"}
+pidfile={folder / "supervisord.pid"}
+childlogdir={folder}
+directory={folder}
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[supervisorctl]
+serverurl=unix://{_socket(folder)}
+
+[program:{PROGRAM}]
+command={" ".join(command)}
+environment=PYTHONUNBUFFERED="1"
+autostart=true
+autorestart=true
+startsecs=1
+startretries=1000
+stopsignal=TERM
+stopwaitsecs=10
+stopasgroup=true
+killasgroup=true
+redirect_stderr=true
+stdout_logfile={folder / "router.log"}
+""")
+    return conf
+
+
+def start(folder: Path, command: list[str]) -> None:
+    """Start supervisord (it daemonizes and starts the router), or the router under a running
+    supervisord."""
+    conf = write_config(folder, command)
+    if supervision(folder).state != "no supervisor":
+        _ctl(conf, "start", PROGRAM)
+        return
+    subprocess.run([_bin("supervisord"), "-c", str(conf)], check=True, timeout=30,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def supervision(folder: Path) -> Supervision:
+    conf = folder / "supervisord.conf"
+    if not conf.is_file():
+        return Supervision("no supervisor", "never started here")
+    out = _ctl(conf, "status", PROGRAM)
+    words = out.split()
+    if len(words) >= 2 and words[0] == PROGRAM:
+        return Supervision(words[1], " ".join(words[2:]))
+    return Supervision("no supervisor", out.strip()[:200] or "supervisord is not running")
+
+
+def shutdown(folder: Path) -> None:
+    """Stop the router and supervisord itself."""
+    conf = folder / "supervisord.conf"
+    if conf.is_file() and supervision(folder).state != "no supervisor":
+        _ctl(conf, "shutdown")
+
+
+def _socket(folder: Path) -> Path:
+    """In the folder, unless that path is too long for a unix socket (108 bytes on Linux): then
+    in the temp dir, named by the user and the folder (0700 either way)."""
+    inside = folder.resolve() / "supervisor.sock"
+    if len(str(inside)) < 100:
+        return inside
+    tag = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"requant-{os.getuid()}-{tag}.sock"
+
+
+def _ctl(conf: Path, *args: str) -> str:
+    done = subprocess.run([_bin("supervisorctl"), "-c", str(conf), *args], capture_output=True,
+                          text=True, timeout=30)
+    return done.stdout + done.stderr
+
+
+def _bin(name: str) -> str:
+    """supervisord and supervisorctl of this environment (installed beside its python)."""
+    return str(Path(sys.executable).with_name(name))

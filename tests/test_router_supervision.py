@@ -1,0 +1,124 @@
+"""The local router under a real supervisord: back within seconds after kill -9, still serving
+after its supervisor dies, and shown in `requant status`. Real router, real supervisord."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from requant.processes import pid_running
+from requant.rollout.local import ensure_router, router_status, router_token, shutdown_local
+from requant.serving.server import free_port
+from requant.serving.supervision import supervision
+from requant.settings import PipelineSettings
+from requant.status import local_status, render_status
+
+
+@pytest.fixture
+def local(tmp_path):
+    settings = PipelineSettings.model_validate({"rollout": {
+        "target": "local", "state_dir": str(tmp_path / "state"),
+        "local": {"port": free_port()}}})
+    try:
+        yield settings, ensure_router(settings, lambda _m: None)
+    finally:
+        shutdown_local(settings)
+
+
+def wait_for(check, deadline_s: float, what: str):
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if (value := check()) is not None:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {deadline_s} s")
+
+
+def test_a_router_killed_with_kill_9_is_back_within_seconds_serving_the_same_backend(local):
+    import httpx
+
+    settings, url = local
+    httpx.put(f"{url}/-/backend", json={"url": "http://127.0.0.1:9", "revision": "rev-a"},
+              headers={"Authorization": f"Bearer {router_token(settings)}"}, timeout=10
+              ).raise_for_status()
+    first = router_status(url)["pid"]
+    os.kill(first, signal.SIGKILL)
+    killed = time.monotonic()
+
+    def restarted():
+        status = router_status(url, timeout_s=1)
+        return status if status and status["pid"] != first else None
+
+    back = wait_for(restarted, 10, "the router answering again")
+    assert time.monotonic() - killed < 10
+    assert (back["backend"], back["revision"]) == ("http://127.0.0.1:9", "rev-a")  # persisted
+    assert not pid_running(first)
+
+
+def test_the_endpoint_stays_up_when_supervisord_dies_and_the_next_rollout_supervises_it_again(
+        local):
+    from pathlib import Path
+
+    settings, url = local
+    folder = Path(settings.rollout.state_dir) / "local"
+    assert supervision(folder).state == "RUNNING"
+    supervisord = int((folder / "supervisord.pid").read_text())
+    os.kill(supervisord, signal.SIGKILL)
+    wait_for(lambda: True if supervision(folder).state == "no supervisor" else None, 10,
+             "supervisorctl seeing supervisord gone")
+    assert router_status(url) is not None  # the router is its own process: still serving
+    assert "supervisord: no supervisor" in render_status(
+        {"serving": {"target": "local", **local_status(settings)}, "last_published": None,
+         "runs": []})
+    ensure_router(settings, lambda _m: None)
+    assert supervision(folder).state == "RUNNING"
+    assert router_status(url)["pid"] == int(supervision(folder).detail.split()[1].rstrip(","))
+
+
+def test_status_shows_the_router_supervised_and_shutdown_leaves_nothing_running(local):
+    from pathlib import Path
+
+    settings, url = local
+    folder = Path(settings.rollout.state_dir) / "local"
+    status = local_status(settings)
+    assert status["router"]["supervisor"]["state"] == "RUNNING"
+    assert "supervisord: RUNNING, pid" in render_status(
+        {"serving": {"target": "local", **status}, "last_published": None, "runs": []})
+    router_pid = router_status(url)["pid"]
+    supervisord = int((folder / "supervisord.pid").read_text())
+    shutdown_local(settings)
+    wait_for(lambda: True if not pid_running(router_pid) and not pid_running(supervisord)
+             else None, 15, "router and supervisord stopped")
+    assert router_status(url, timeout_s=1) is None
+
+
+def test_the_systemd_unit_runs_the_router_command_requant_runs_and_always_restarts():
+    import argparse
+    import shlex
+    from pathlib import Path
+
+    from requant.serving import router
+
+    unit = (Path(__file__).resolve().parents[1] / "deployments" / "systemd" /
+            "requant-router.service").read_text()
+    fields = dict(line.split("=", 1) for line in unit.splitlines()
+                  if "=" in line and not line.startswith("#"))
+    assert fields["Restart"] == "always" and float(fields["RestartSec"]) <= 2
+    argv = shlex.split(fields["ExecStart"])
+    assert argv[1:3] == ["-m", "requant.serving.router"]
+    parsed = router.parser().parse_args(argv[3:])
+    assert isinstance(parsed, argparse.Namespace) and parsed.token_file.name == "router.token"
+
+
+def test_an_external_supervisor_that_runs_no_router_is_a_clear_error(tmp_path):
+    from requant.errors import SettingsError
+
+    settings = PipelineSettings.model_validate({"rollout": {
+        "target": "local", "state_dir": str(tmp_path / "state"),
+        "local": {"port": free_port(), "supervisor": "external"}}})
+    with pytest.raises(SettingsError, match=r"rollout\.local\.supervisor is external.*systemctl"):
+        ensure_router(settings, lambda _m: None)
+    assert not (tmp_path / "state" / "local" / "supervisord.conf").exists()  # none started
