@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,11 +99,22 @@ def supervision(folder: Path) -> Supervision:
     return Supervision("no supervisor", out.strip()[:200] or "supervisord is not running")
 
 
-def shutdown(folder: Path) -> None:
-    """Stop the router and supervisord itself."""
-    conf = folder / "supervisord.conf"
-    if conf.is_file() and supervision(folder).state != "no supervisor":
-        _ctl(conf, "shutdown")
+def shutdown(folder: Path, timeout_s: float = 30) -> None:
+    """Stop the router and supervisord itself, and return only once supervisord has exited
+    (``supervisorctl shutdown`` only asks; it stops its program first, up to stopwaitsecs)."""
+    from requant.processes import pid_running
+
+    conf, pid_file = folder / "supervisord.conf", folder / "supervisord.pid"
+    if not conf.is_file() or supervision(folder).state == "no supervisor":
+        return
+    pid = int(pid_file.read_text()) if pid_file.is_file() else None
+    _ctl(conf, "shutdown")
+    deadline = time.monotonic() + timeout_s
+    while pid and pid_running(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.1)
 
 
 def _socket(folder: Path) -> Path:
