@@ -14,6 +14,7 @@ from huggingface_hub import HfApi
 from requant.atomic import TMP_PREFIX
 from requant.errors import RolloutFailed, SettingsError
 from requant.flows.promote import promote
+from requant.hub.commits import trailer
 from requant.ledger import find_deployed
 from requant.rollout.local import router_status, shutdown_local
 from requant.rollout.state import load_state
@@ -52,8 +53,10 @@ def test_promote_moves_the_marker_only_after_a_verified_rollout_and_rolls_back_o
     with FakeHub(TOKEN, tmp_path / "hub") as hub:
         api = HfApi(endpoint=hub.endpoint, token=TOKEN)
         api.create_repo(REPO)
-        sha_a, sha_b = (api.upload_folder(repo_id=REPO, folder_path=gated(folder, tmp_path)).oid
-                        for folder in (vllm_tiny_source, vllm_tiny_w8a8))  # as requant publishes
+        sha_a, sha_b = (api.upload_folder(  # as requant publishes: decision file + trailer
+            repo_id=REPO, folder_path=gated(folder, tmp_path),
+            commit_description=trailer(str(i) * 64)).oid
+            for i, folder in enumerate((vllm_tiny_source, vllm_tiny_w8a8)))
         broken = tmp_path / "broken"
         shutil.copytree(vllm_tiny_w8a8, broken)
         config = json.loads((broken / "config.json").read_text())
@@ -81,7 +84,7 @@ def test_promote_moves_the_marker_only_after_a_verified_rollout_and_rolls_back_o
             assert router_status(f"http://127.0.0.1:{port}")["revision"] == sha_b
 
             with pytest.raises(SettingsError, match=r"did not pass the gate.*--force"):
-                promote(settings, revision=sha_broken)  # no gate decision in its commit
+                promote(settings, revision=sha_broken)  # not a requant publish
             with pytest.raises(RolloutFailed, match="NoSuchModelForCausalLM"):
                 promote(settings, revision=sha_broken, force=True)
             assert production_sha(api) == sha_b  # the marker did not move

@@ -11,6 +11,7 @@ from huggingface_hub import HfApi
 
 from requant.errors import SettingsError
 from requant.flows.promote import check_gated
+from requant.hub.commits import trailer
 from requant.ledger import find_deployed, record_deployed
 from requant.rollout.gate_record import HUB_DECISION, gate_record
 from requant.rollout.state import Release
@@ -62,13 +63,19 @@ def test_a_hub_revision_answers_from_the_decision_file_in_its_own_commit(tmp_pat
         folder = tmp_path / "model"
         (folder / "eval").mkdir(parents=True)
         (folder / "config.json").write_text("{}")
-        plain = api.upload_folder(repo_id=REPO, folder_path=folder).oid
+        published = api.upload_folder(repo_id=REPO, folder_path=folder,
+                                      commit_description=trailer("a" * 64)).oid  # no decision
         (folder / "eval" / "gate-decision.json").write_text(json.dumps(
             {"status": "pass", "promote": True}))
-        gated = api.upload_folder(repo_id=REPO, folder_path=folder).oid
+        gated = api.upload_folder(repo_id=REPO, folder_path=folder,
+                                  commit_description=trailer("b" * 64)).oid
+        (folder / "README.md").write_text("edited by hand")
+        on_top = api.upload_folder(repo_id=REPO, folder_path=folder).oid  # inherits the file
         settings = HubSettings(repo_id=REPO, endpoint=hub.endpoint)
         monkeypatch.setenv("HF_TOKEN", TOKEN)
         decision, where = gate_record(settings, Release(gated, repo_id=REPO))
         assert decision == {"status": "pass", "promote": True} and HUB_DECISION in where
-        decision, where = gate_record(settings, Release(plain, repo_id=REPO))
+        decision, where = gate_record(settings, Release(published, repo_id=REPO))
         assert decision is None and where.startswith(f"no gate decision at {HUB_DECISION}")
+        decision, where = gate_record(settings, Release(on_top, repo_id=REPO))
+        assert decision is None and "is not a requant publish" in where

@@ -1,8 +1,10 @@
 """Did what is being promoted pass the gate? Read from the record the gate itself left.
 
 - A Hub revision published by requant carries the gate's decision in its own files
-  (``eval/gate-decision.json``, uploaded in the same commit), so the commit itself answers,
-  on whichever host promotes it.
+  (``eval/gate-decision.json``, uploaded in the same commit) and names its candidate in its
+  message (``Requant-Content-Digest``), so the commit itself answers, on whichever host
+  promotes it. Both are needed: a later commit by anyone else inherits the file in its tree,
+  not the trailer.
 - A local checkpoint of a run sits beside that run's ``gate/decision.json``.
 
 A rollback goes back to a revision that served before; it needs no gate record.
@@ -14,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from requant.hub.commits import DIGEST_TRAILER
 from requant.rollout.state import Release
 from requant.settings import HubSettings
 
@@ -24,6 +27,9 @@ def gate_record(hub: HubSettings, release: Release) -> tuple[dict[str, Any] | No
     """(the gate's decision if it let this release be promoted, else None; where we looked)."""
     if release.repo_id:
         where = f"{HUB_DECISION} in commit {release.revision[:12]} of {release.repo_id}"
+        if not _published_by_requant(hub, release):
+            return None, (f"commit {release.revision[:12]} of {release.repo_id} is not a "
+                          f"requant publish (no {DIGEST_TRAILER} trailer in its message)")
         decision = _hub_decision(hub, release)
     else:
         path = Path(release.checkpoint or "").parent / "gate" / "decision.json"
@@ -34,6 +40,14 @@ def gate_record(hub: HubSettings, release: Release) -> tuple[dict[str, Any] | No
     if decision.get("promote") is not True:
         return None, f"the gate decided '{decision.get('status')}' ({where})"
     return decision, where
+
+
+def _published_by_requant(hub: HubSettings, release: Release) -> bool:
+    from requant.hub.client import hub_api, resolve_token
+
+    api = hub_api(hub, resolve_token(hub))
+    commit = api.list_repo_commits(release.repo_id, revision=release.revision)[0]
+    return commit.commit_id == release.revision and DIGEST_TRAILER in (commit.message or "")
 
 
 def _hub_decision(hub: HubSettings, release: Release) -> dict[str, Any] | None:
