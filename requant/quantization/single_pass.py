@@ -24,7 +24,6 @@ does not cover (other modifiers, static activations, tensor-wise weight scales) 
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +45,7 @@ from requant.quantization.smoothing import (
     MAPPINGS_HELP,
     Architecture,
     decoder_layers,
+    layer_list,
     plain_norms,
     rel_change,
     tolerances,
@@ -206,13 +206,6 @@ def layer_inputs(model: Any, dataset: Any, device: str, cache_device: str,
     return batches
 
 
-def layer_list(model: Any) -> Any:
-    """The ModuleList of decoder layers: the longest in the model (``model.layers``)."""
-    import torch
-
-    return max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
-
-
 def calibration_batches(dataset: Any, batch_tokens: int) -> list[list[list[int]]]:
     """The first sample alone (the exactness check's probe), then the rest grouped by length,
     up to ``batch_tokens`` per batch; padding (attention_mask 0) is dropped, not computed."""
@@ -255,8 +248,8 @@ def layer_mappings(layer: Any, prefix: str,
 
 
 def _weight_dims(module: Any) -> int:
-    """Norms have a 1-D weight, Linears a 2-D one; observers and containers none (an unanchored
-    pattern such as ``re:.*gate_proj`` also matches ``gate_proj.weight_observer``)."""
+    """Norms have a 1-D weight, Linears a 2-D one, containers none: a pattern that also names
+    a container (``re:.*mlp``) picks only what can be smoothed."""
     import torch
 
     weight = getattr(module, "weight", None)
@@ -264,11 +257,13 @@ def _weight_dims(module: Any) -> int:
 
 
 def _matches(name: str, module: Any, target: str) -> bool:
-    """compressed-tensors' rule: ``re:`` matches the name from its start; else the exact name
-    or the module's class name."""
-    if target.startswith("re:"):
-        return re.match(target[3:], name) is not None
-    return name == target or type(module).__name__ == target
+    """compressed-tensors' own rule, as llm-compressor resolves mappings: ``re:`` matches the
+    name from its start, else the exact name or a class name; its internal modules (the weight
+    observers GPTQ attached: ``re:.*gate_proj`` also names ``gate_proj.weight_observer``) never
+    match."""
+    from compressed_tensors.utils import is_match
+
+    return is_match(name, module, target)
 
 
 def run_layer(layer: Any, index: int, batch: list[Any]) -> Any:
@@ -390,12 +385,11 @@ class LayerCheck:
     def verify(self, layer: Any, index: int, probe: list[Any], reference: Any,
                mappings: list[tuple[str, Any, list[Any]]], store: dict[str, Any]) -> None:
         t0 = time.perf_counter()
-        hooks = self.balance_hooks(mappings, store, "after")
+        self.balance_hooks(mappings, store, "after")
         try:
             update = (run_layer(layer, index, probe) - probe[0].to(reference.device)).float()
         finally:
             self.remove_probe_hooks()
-            del hooks
         self.tokens = int(probe[0].shape[0] * probe[0].shape[1])
         self.layer_changes.append(rel_change(reference, update))
         if index == 0:

@@ -197,12 +197,17 @@ class SmoothingCheck:
                 "first_layer_tolerance": self.linear_tolerance, "tokens": self.tokens}
 
 
-def decoder_layers(model: Any) -> list[Any]:
-    """The model's decoder layers: the longest ModuleList of the model (``model.layers``)."""
+def layer_list(model: Any) -> Any:
+    """The ModuleList of decoder layers: the longest in the model (``model.layers``), or None."""
     import torch
 
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    return max(lists, key=len) if lists else None
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    """The model's decoder layers (``layer_list``), as a list."""
+    return list(layer_list(model) or [])
 
 
 def probe(model: Any, input_ids: list[list[int]], balance: list[str],
