@@ -52,7 +52,8 @@ class Load:
 
     def __init__(self, url: str, model: str, n: int = 64) -> None:
         self.url, self.model, self.n = url, model, n
-        self.records: list[tuple[float, float, bool, str]] = []  # (start, end, ok, kind)
+        # (start, end, ok, kind, what went wrong)
+        self.records: list[tuple[float, float, bool, str, str]] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=lambda: asyncio.run(self.main()), daemon=True)
 
@@ -68,14 +69,16 @@ class Load:
             turn += 1
             t0 = time.time()
             try:
-                ok = await self.request(client, kind)
-            except httpx.HTTPError:
-                ok = False
-            self.records.append((t0, time.time(), ok, kind))
+                error = await self.request(client, kind)
+            except httpx.HTTPError as exc:
+                error = repr(exc)[:300]
+            ok = not error
+            self.records.append((t0, time.time(), ok, kind, error))
             if not ok:
                 await asyncio.sleep(0.5)  # a failed client waits a little, as a real one would
 
-    async def request(self, client: httpx.AsyncClient, kind: str) -> bool:
+    async def request(self, client: httpx.AsyncClient, kind: str) -> str:
+        """What went wrong ('' for an answer)."""
         stream = kind.endswith("stream")
         body = {"model": self.model, "max_tokens": 16, "temperature": 0, "stream": stream}
         if kind.startswith("chat"):
@@ -86,18 +89,21 @@ class Load:
             body["prompt"] = "The three primary colours are"
         if not stream:
             r = await client.post(self.url + path, json=body)
-            return r.status_code == 200 and bool(r.json().get("choices"))
+            ok = r.status_code == 200 and bool(r.json().get("choices"))
+            return "" if ok else f"HTTP {r.status_code}: {r.text[:200]}"
         async with client.stream("POST", self.url + path, json=body) as r:
             if r.status_code != 200:
-                return False
+                return f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
             text = "".join([chunk async for chunk in r.aiter_text()])
-        return "[DONE]" in text
+        return "" if "[DONE]" in text else f"stream ended without [DONE]: {text[-200:]!r}"
 
     def window(self, start: float, end: float, fault_at: float | None = None) -> dict:
         rows = sorted((r for r in self.records if start <= r[0] < end), key=lambda r: r[1])
         ends = [start] + [r[1] for r in rows if r[2]] + [end]
         out = {"requests": len(rows), "failed": sum(1 for r in rows if not r[2]),
                "failed_by_kind": dict(Counter(r[3] for r in rows if not r[2])),
+               "errors": dict(Counter(r[4][:160] for r in rows if not r[2]).most_common(5)),
+               "failed_at_s": [round(r[1] - start, 1) for r in rows if not r[2]][:10],
                "longest_without_an_answer_s": round(
                    max(b - a for a, b in itertools.pairwise(ends)), 1),
                "seconds": round(end - start, 1)}
@@ -141,7 +147,8 @@ def in_thread(fn, *args) -> tuple[threading.Thread, dict]:
     return t, out
 
 
-def scenarios(settings, warm_settings, load: Load, a, b, c, settle_s: float) -> dict:
+def scenarios(settings, warm_settings, load: Load, a, b, c, settle_s: float,
+              only_switches: bool = False) -> dict:
     url = f"http://127.0.0.1:{settings.rollout.local.port}"
     out: dict = {}
 
@@ -154,6 +161,8 @@ def scenarios(settings, warm_settings, load: Load, a, b, c, settle_s: float) -> 
 
     timed("rollout", lambda: (None, _outcome(rollout_local, settings, b, "bench-b")))
     timed("rollback", lambda: (None, _outcome(rollout_local, settings, a, "bench-back")))
+    if only_switches:
+        return out
 
     def failed_rollout():
         t, res = in_thread(rollout_local, settings, c, "bench-c")
@@ -192,9 +201,13 @@ def scenarios(settings, warm_settings, load: Load, a, b, c, settle_s: float) -> 
     return out
 
 
+def stamped(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
 def _outcome(fn, *args) -> str:
     try:
-        deployed, changed = fn(*args)
+        deployed, changed = fn(*args, stamped)
         return f"{deployed.release.revision} serving (changed={changed})"
     except RolloutFailed as exc:
         return f"RolloutFailed({exc.check})"
@@ -205,6 +218,8 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--settle-s", type=float, default=20)
+    p.add_argument("--only-switches", action="store_true",
+                   help="only the rollout and the rollback windows")
     p.add_argument("--out", type=Path,
                    default=ROOT / "docs" / "measurements" / "cpu-serving-faults.json")
     args = p.parse_args()
@@ -225,7 +240,8 @@ def main() -> None:
         rollout_local(settings, a, "bench-a", print)
         load.thread.start()
         time.sleep(args.settle_s)
-        result = scenarios(settings, warm, load, a, b, c, args.settle_s)
+        result = scenarios(settings, warm, load, a, b, c, args.settle_s,
+                           args.only_switches)
     finally:
         load.stop.set()
         load.thread.join(600)

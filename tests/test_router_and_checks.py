@@ -427,3 +427,57 @@ def test_in_flight_count_is_released_when_the_client_goes_away_mid_stream(tmp_pa
         server.should_exit = True
         thread.join(10)
         slow.close()
+
+
+class DroppingUpstream:
+    """A backend that closes the first ``drops`` connections right after reading a request,
+    without an answer: what a pooled connection looks like when the backend closed it as idle
+    at the moment the router reused it (``/health`` is always answered)."""
+
+    def __init__(self, drops: int) -> None:
+        import socket
+
+        self.drops, self.requests = drops, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn) -> None:
+        with conn:
+            while request := conn.recv(65536):
+                if not request.startswith((b"GET ", b"POST ")):
+                    continue  # the body's own segment
+                if not request.startswith(b"GET /health"):
+                    self.requests += 1
+                    if self.drops > 0:
+                        self.drops -= 1
+                        return  # closed, unanswered
+                body = b'{"backend": "D"}'
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize(("drops", "status", "sent"), [(1, 200, 2), (99, 502, 2)])
+def test_a_connection_the_backend_closed_unanswered_is_sent_once_more_not_failed(
+        tmp_path, drops, status, sent):
+    upstream = DroppingUpstream(drops)
+    try:
+        with TestClient(create_app(tmp_path / "router.json", TOKEN)) as client:
+            client.put("/-/backend", json={"url": upstream.url, "revision": "d"}, headers=ADMIN)
+            r = client.post("/v1/completions", json={"prompt": "x"})
+            assert r.status_code == status, r.text
+            assert upstream.requests == sent  # once more, never a loop
+            assert client.get("/-/status").json()["inflight"][upstream.url] == 0
+    finally:
+        upstream.close()

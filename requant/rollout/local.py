@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from requant.errors import DeploymentCheckFailed, RolloutFailed, ServerError, SettingsError
+from requant.killpoints import kill_point
 from requant.processes import pid_running, stop_process_group
 from requant.rollout.state import Deployed, DeployState, Release, load_state, save_state
 from requant.serving.checks import verify_deployment
@@ -181,7 +182,8 @@ def recover(settings: PipelineSettings, state: DeployState, url: str, flow_run_i
     - the active revision's server dead but the previous one still warm (killed while it was
       the fallback): the previous one serves again, on record too;
     - the previous revision's server still running but not routed to: the flow died before
-      stopping it after a switch; drain and stop it (rollback starts a fresh server anyway)."""
+      stopping it after a switch (maybe inside the keep-warm window: the router's fallback is
+      released first); drain and stop it (rollback starts a fresh server anyway)."""
     grace = settings.rollout.local.server.stop_grace_s
     backend = (router_status(url) or {}).get("backend")
     pending = state.pending
@@ -211,6 +213,10 @@ def recover(settings: PipelineSettings, state: DeployState, url: str, flow_run_i
         save_state(settings.rollout.state_dir, state)
         return
     if old is not None and _server_alive(old) and backend != old.server.get("url"):
+        if state.active is not None and (router_status(url) or {}).get("fallback"):
+            # killed inside the keep-warm window: the router's fallback is about to stop
+            switch_router(url, state.active.server["url"], state.active.release.revision,
+                          router_token(settings))
         drain(url, old.server.get("url", ""), settings.rollout.local.drain_timeout_s)
         log(f"stopping {old.release.label()}'s server, left running by a killed rollout")
         _stop_deployed(old, grace)
@@ -251,6 +257,7 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
                                  {"pid": handle.process.pid, "url": handle.base_url,
                                   "log": str(log_path)})
         save_state(rcfg.state_dir, state)
+        kill_point("spawned")
 
     try:
         green = start_server(release.checkpoint, server_cfg, log_path, on_spawn=record_spawned,
@@ -263,6 +270,7 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
     assert pending is not None
     pending.server["startup_s"] = green.startup_s
     save_state(rcfg.state_dir, state)
+    kill_point("ready")
 
     try:
         report = verify_deployment(green.base_url, rcfg.served_model_name, rcfg.slo,
@@ -277,11 +285,13 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
         state.pending = None
         save_state(rcfg.state_dir, state)
         raise
+    kill_point("verified")
 
     blue, earlier = state.active, state.previous
     warm = blue if blue is not None and cfg.keep_previous_s > 0 and _server_alive(blue) else None
     token = router_token(settings)
     switched = switch_router(url, green.base_url, release.revision, token, fallback=warm)
+    kill_point("switched")
     shifted_s = round(time.monotonic() - started, 2)
     log(f"traffic shifted to {release.label()} after {shifted_s} s")
     pending.verification = report.as_record() | {"rollout_to_shift_s": shifted_s}
@@ -289,6 +299,7 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
     state.previous, state.active, state.pending = blue, pending, None
     state.record_event("deployed", release, flow_run_id, pending.deployed_at)
     save_state(rcfg.state_dir, state)
+    kill_point("recorded")
 
     if warm is not None:
         log(f"keeping {warm.release.label()} warm as the fallback for {cfg.keep_previous_s} s "
@@ -296,6 +307,7 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
         if not stays_healthy(url, green.base_url, cfg.keep_previous_s):
             _undo(settings, state, warm, earlier, green, release, flow_run_id, url, token)
         switch_router(url, green.base_url, release.revision, token)
+    kill_point("unwarmed")
     _retire(settings, url, switched.get("previous"), blue, log)
     return pending, True
 
@@ -338,6 +350,7 @@ def _retire(settings: PipelineSettings, url: str, old_backend: str | None,
         elif left:
             log(f"{left} request(s) still on the old server after {cfg.drain_timeout_s} s "
                 "(rollout.local.drain_timeout_s); stopping it anyway")
+    kill_point("drained")
     if blue is not None:
         _stop_deployed(blue, cfg.server.stop_grace_s)
         log(f"stopped the previous revision {blue.release.label()}")

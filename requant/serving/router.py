@@ -20,7 +20,10 @@ carries no secret, so status tools need no token.
 
 In-flight counts are exact: a request is counted before the first await and released exactly
 once when its response ends, whether it completed, the upstream failed mid-stream, or the
-client went away (a BackgroundTask alone does not run in the last two cases).
+client went away (a BackgroundTask alone does not run in the last two cases). Idle upstream
+connections are dropped before vLLM's keep-alive timeout, and a request whose connection closes
+before any answer is sent once more (``STALE_CONNECTION``): otherwise the race between reuse
+and vLLM's close lost about one request per rollout under load.
 
 Run: python -m requant.serving.router --port 8000 \
          --state-file .cache/requant/rollout/local/router.json \
@@ -136,6 +139,14 @@ class RouterState:
 HEALTH_INTERVAL_S, FAILURES_TO_UNHEALTHY = 1.0, 2
 #: What a client is told to wait when no backend can answer.
 RETRY_AFTER_S = 5
+#: Idle upstream connections are dropped after this long: before vLLM's own keep-alive timeout
+#: (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s) closes them from its side. At equal timeouts a request
+#: sent on a connection the server is closing failed with ReadError (measured: one 502 in a
+#: 64-client rollout window, docs/rollout.md).
+KEEPALIVE_EXPIRY_S = 2.0
+#: What a reused connection that the backend closed looks like before any response: the backend
+#: never read the request, so sending it once more (on another connection) is safe.
+STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 class HealthWatch:
@@ -195,7 +206,8 @@ def create_app(state_file: Path | None, token: str, timeout_s: float = 600) -> S
     state = RouterState(state_file)
     client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10),
                                limits=httpx.Limits(max_connections=None,
-                                                   max_keepalive_connections=256))
+                                                   max_keepalive_connections=256,
+                                                   keepalive_expiry=KEEPALIVE_EXPIRY_S))
 
     def admin_only(request: Request) -> Response | None:
         host = request.client.host if request.client else ""
@@ -262,11 +274,15 @@ def create_app(state_file: Path | None, token: str, timeout_s: float = 600) -> S
                 if upstream is not None:
                     await upstream.aclose()
 
+        def send() -> Any:
+            return client.send(client.build_request(request.method, url, headers=headers,
+                                                    content=body), stream=True)
+
         try:
-            upstream = await client.send(
-                client.build_request(request.method, url, headers=headers, content=body),
-                stream=True,
-            )
+            try:
+                upstream = await send()
+            except STALE_CONNECTION:  # see STALE_CONNECTION; a dead backend fails again
+                upstream = await send()
         except BaseException as exc:  # upstream error, or the client left while we waited
             await release(None, False)
             if isinstance(exc, httpx.HTTPError) and not isinstance(exc, httpx.ConnectError):
