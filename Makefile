@@ -64,8 +64,12 @@ demo: envs demo-model prefect-up
 	@echo "Serving:    http://127.0.0.1:8000/v1 (model requant-w8a8; stop it with: make rollout-down)"
 
 ## Command 2: the whole test suite, slow end-to-end tests included (what CI runs).
+## The fast tests run on both cores (pytest-xdist), the slow ones one at a time (each already
+## keeps both cores busy); both print their slowest tests (docs/testing.md has the budget).
+## Exit code 5 ("no test selected", e.g. PYTEST_ARGS naming only fast tests) is not a failure.
 test: envs system-deps demo-model lint
-	$(PY) -m pytest -v $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" -n 2 --durations=15 $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -m slow -v --durations=0 $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-fast: pipeline-env
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -23,6 +23,7 @@ from prefect.runtime import flow_run
 
 from requant.errors import SettingsError
 from requant.ledger import record_deployed
+from requant.policy import check_run_policy
 from requant.rollout.gate_record import gate_record
 from requant.rollout.local import check_local_settings
 from requant.rollout.lock import rollout_lock
@@ -43,8 +44,9 @@ def promote(
     """Deploy a published commit SHA (or a local checkpoint, for the offline demo), or roll back
     to the previous revision; the production marker moves only after verification passed.
     What the gate did not pass is refused unless ``force`` (then recorded as forced)."""
-    logger = get_run_logger()
     settings = validate_settings(settings)
+    check_run_policy(settings)  # the run's parameters are untrusted: docs/trust.md
+    logger = get_run_logger()
     if settings.rollout.target == "local":
         check_local_settings(settings)
     with rollout_lock(settings.rollout.state_dir, settings.rollout.target, logger.info):

@@ -40,6 +40,7 @@ from requant.ledger import (
     pending_rollout,
     record_published,
 )
+from requant.policy import check_run_policy
 from requant.quantization.checkpoint import QuantizedCheckpoint
 from requant.quantization.hardware import Accelerator
 from requant.quantization.recipes import ResolvedRecipe
@@ -62,6 +63,7 @@ def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any
     it against its source, gate it, and publish it to the Hub (or a dry run)."""
     started = time.perf_counter()
     settings = validate_settings(settings)
+    check_run_policy(settings)  # the run's parameters are untrusted: docs/trust.md
     recipe, acc = preflight(settings)
     check_gpu_limit(settings.quantization.gpus)
     source = resolve_source(settings.source)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from requant.errors import GateFailed, RolloutFailed, SettingsError
+from requant.errors import EXIT_OK, explain
+from requant.policy import check_run_policy
 from requant.settings import PipelineSettings, load_settings
-
-EXIT_OK, EXIT_REFUSED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _settings_args(p: argparse.ArgumentParser) -> None:
@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="requant", description="Requantize a Hugging Face causal LM to W8A8, gate it, "
         "publish it and roll it out.", epilog=__doc__.split("\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (otherwise one line says what "
+                        "failed and the fix)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("run", help="run the pipeline (calibrate, quantize, evaluate, gate, "
                        "publish, roll out)")
@@ -67,18 +70,54 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = HANDLERS[args.command]
+    if not args.debug and args.command in ("run", "promote"):  # the two that run flows
+        _console_without_tracebacks()
     try:
         return handler(args)
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except (GateFailed, RolloutFailed) as exc:
-        print(f"\n{exc}", file=sys.stderr)
-        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        code, message = explain(exc)
+        if args.debug or code is None:
+            raise
+        print(f"\nerror: {message}", file=sys.stderr)
+        print("  (run with --debug for the traceback)", file=sys.stderr)
+        return code
+
+
+def _console_without_tracebacks() -> None:
+    """A failed run ends in this command's one line; Prefect also logs the exception, and on
+    the terminal that would be a traceback. Its console handlers print the message without it
+    (the run's logs on the Prefect server keep the traceback; --debug shows it here too)."""
+    import prefect.main  # noqa: F401 - configures Prefect's logging, whose handlers are wrapped here
+
+    for name in ["", *logging.root.manager.loggerDict]:
+        logger = logging.getLogger(name)
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler) \
+                    and not getattr(handler, "_requant_quiet", False):
+                handler.format = _without_traceback(handler.format)  # type: ignore[method-assign]
+                handler._requant_quiet = True  # type: ignore[attr-defined]
+
+
+def _without_traceback(format_record: Callable[[logging.LogRecord], str]
+                       ) -> Callable[[logging.LogRecord], str]:
+    def format_message(record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return format_record(record)
+        finally:  # other handlers (the API log) still get the whole record
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+    return format_message
 
 
 def _load(args: argparse.Namespace) -> PipelineSettings:
-    return load_settings(args.config, args.overrides)
+    settings = load_settings(args.config, args.overrides)
+    check_run_policy(settings)  # refused here, before Prefect or any model is loaded
+    return settings
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -8,11 +8,15 @@ happen and re-raised as one of these, naming the field and the fix.
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from requant.evaluation.gate import GateDecision
     from requant.rollout.state import Release
+
+
+EXIT_OK, EXIT_REFUSED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 class RequantError(Exception):
@@ -21,6 +25,11 @@ class RequantError(Exception):
 
 class SettingsError(RequantError, ValueError):
     """Settings or inputs a run cannot start with; the message names each field and its fix."""
+
+
+class StateFileError(RequantError, RuntimeError):
+    """A record requant keeps (the router's state or token, a target's state.json, the ledger)
+    is unreadable; the message names the file and how to recover."""
 
 
 class ServerError(RequantError, RuntimeError):
@@ -104,3 +113,52 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     except BaseException as exc:
         return is_transient(exc)
     return False
+
+
+#: Errors that mean "what was given is wrong" (exit 2); every other requant error is a refusal
+#: or a failure (exit 1).
+_BAD_INPUT: tuple[type[RequantError], ...] = (SettingsError, StateFileError)
+
+
+def explain(exc: BaseException) -> tuple[int | None, str]:
+    """The exit code and one message for any error a command can meet; (None, ...) for a bug,
+    which keeps its traceback. Hub HTTP errors say what the Hub refused; a full disk says so."""
+    if isinstance(exc, _BAD_INPUT):
+        return EXIT_BAD_INPUT, str(exc)
+    if isinstance(exc, RequantError):
+        return EXIT_REFUSED, str(exc)
+    if (hub := _explain_hub(exc)) is not None:
+        return hub
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return EXIT_REFUSED, (f"no space left on the device writing {exc.filename or 'a file'}"
+                              ". Free space there (`requant runs prune`), then run again.")
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return EXIT_BAD_INPUT, (f"permission denied: {exc.filename or exc}. Point the setting "
+                                "at a directory this user can write, or fix its permissions.")
+    return None, str(exc)
+
+
+def _explain_hub(exc: BaseException) -> tuple[int, str] | None:
+    try:
+        from huggingface_hub.errors import (
+            HfHubHTTPError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError:  # pragma: no cover - the pipeline environment always has it
+        return None
+    if isinstance(exc, RevisionNotFoundError):
+        return EXIT_BAD_INPUT, ("the Hub has no such revision: check the commit SHA (`git log` "
+                                "of the model repo, or the run summary's publish record).")
+    if isinstance(exc, RepositoryNotFoundError):
+        return EXIT_BAD_INPUT, ("the Hub has no such repository, or the token cannot see it: "
+                                "check hub.repo_id and the token's access.")
+    if not isinstance(exc, HfHubHTTPError):
+        return None
+    status = exc.response.status_code if exc.response is not None else None
+    first = str(exc).splitlines()[0][:300]
+    if status in (401, 403):
+        return EXIT_BAD_INPUT, (f"the Hub refused the token ({status}): {first}. Give the "
+                                "worker a token with write access to hub.repo_id.")
+    return EXIT_REFUSED, (f"the Hub answered {status}: {first}. Nothing was promoted; run "
+                          "again (publishing is idempotent).")

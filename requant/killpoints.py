@@ -29,6 +29,11 @@ LOCAL_ROLLOUT = (
 )
 
 
+#: The Kubernetes rollout's: applied (the Deployment names the new revision, unverified) and
+#: verified (recorded on the Deployment, not yet in the worker's state file).
+KUBERNETES_ROLLOUT = ("k8s-applied", "k8s-verified")
+
+
 def kill_point(step: str) -> None:
     """SIGKILL this process here if ``REQUANT_KILL_AT`` names ``step``."""
     if os.environ.get(ENV) == step:

@@ -17,28 +17,36 @@ candidate is published but not serving on its target rolls it out without requan
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from requant.atomic import write_json_atomic
+from requant.atomic import read_json, write_json_atomic
 from requant.hashing import fingerprint
 from requant.quantization.manifest import library_versions
 from requant.settings import PipelineSettings
 
 LEDGER_DIR = "ledger"
+_LEDGER_FIX = ("Delete it: the next run then redoes (or re-rolls out) this candidate instead of "
+              "trusting the record.")
 
 
 def candidate_key(settings: PipelineSettings, source_files: dict[str, str],
                   source_revision: str | None, recipe_sha256: str,
                   calibration_fingerprint: str | None) -> str:
+    from requant.evaluation.tasks import task_data_hashes, task_dir
+
+    # Paths are left out (they are absolute, so they name the checkout, not the candidate); what
+    # they point at is in: the recipe's bytes, the task files' hashes.
     return fingerprint({
         "source": {"revision": source_revision} if source_revision else {"files": source_files},
         "recipe_sha256": recipe_sha256,
         "calibration": calibration_fingerprint,
-        "quantization": settings.quantization.model_dump(mode="json", exclude={"device"}),
-        "evaluation": settings.evaluation.model_dump(mode="json", exclude={"server"}),
+        "quantization": settings.quantization.model_dump(mode="json",
+                                                         exclude={"device", "recipe"}),
+        "evaluation": settings.evaluation.model_dump(mode="json",
+                                                     exclude={"server", "task_dir"}),
+        "task_files": fingerprint(task_data_hashes(task_dir(settings.evaluation))),
         "gate": settings.gate.model_dump(mode="json"),
         "hub": {"repo_id": settings.hub.repo_id, "branch": settings.hub.branch},
         "versions": {k: v for k, v in library_versions().items() if k != "requant"},
@@ -50,8 +58,7 @@ def _path(cache_dir: Path, key: str) -> Path:
 
 
 def find_published(cache_dir: Path, key: str) -> dict[str, Any] | None:
-    path = _path(cache_dir, key)
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(_path(cache_dir, key), _LEDGER_FIX)
 
 
 def record_published(cache_dir: Path, key: str, run_id: str, publish: dict[str, Any],
@@ -72,8 +79,7 @@ def _deployed_path(cache_dir: Path, target: str) -> Path:
 
 
 def find_deployed(cache_dir: Path, target: str) -> dict[str, Any] | None:
-    path = _deployed_path(cache_dir, target)
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(_deployed_path(cache_dir, target), _LEDGER_FIX)
 
 
 def record_deployed(cache_dir: Path, target: str, *, revision: str, repo_id: str | None,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from requant.atomic import read_json
 from requant.errors import SettingsError
 from requant.rollout.state import load_state
 from requant.settings import PipelineSettings
@@ -65,8 +66,10 @@ def protected_paths(settings: PipelineSettings) -> set[Path]:
 
 def last_published(cache_dir: Path) -> dict[str, Any] | None:
     ledger = Path(cache_dir) / "ledger"
-    records = [json.loads(p.read_text()) for p in ledger.glob("*.json")] if ledger.is_dir() else []
-    return max(records, key=lambda r: r.get("published_at", ""), default=None)
+    fix = "Delete it: a ledger record that cannot be read cannot be trusted."
+    records = [read_json(p, fix) for p in ledger.glob("*.json")] if ledger.is_dir() else []
+    return max((r for r in records if r and r.get("published_at")),
+               key=lambda r: r["published_at"], default=None)
 
 
 def _holds(folder: Path, keep: set[Path]) -> bool:

@@ -7,6 +7,7 @@ lives here and nowhere else; the embedded default (``PipelineSettings()``) is th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -160,13 +161,10 @@ class QuantizationSettings(_Section):
 
 
 class ServerSettings(_Section):
-    """The vLLM OpenAI-compatible server that evaluation talks to (the seed's serve knobs)."""
+    """The vLLM OpenAI-compatible server that evaluation talks to (the seed's serve knobs). Which
+    Python runs it is the worker's choice, never a run's: $REQUANT_SERVING_PYTHON, else
+    .venvs/serving/bin/python (docs/trust.md)."""
 
-    python: Path | None = Field(
-        None,
-        description="Python of the serving environment (with vLLM). Default: "
-        "$REQUANT_SERVING_PYTHON, else .venvs/serving/bin/python.",
-    )
     host: str = "127.0.0.1"
     port: int | None = Field(None, gt=0, lt=65536, description="None: a free port.")
     max_model_len: int = Field(4096, gt=0, description="Context length the server allows.")
@@ -216,8 +214,9 @@ class EvaluationSettings(_Section):
         None, gt=0, description="Evaluate only the first N documents per task (None: all)."
     )
     task_limits: dict[str, int | None] = Field(
-        default_factory=lambda: {"gsm8k_local": 100},
-        description="Per-task override of limit, e.g. {gsm8k_local: 100} (null: all).",
+        default_factory=lambda: {"gsm8k_local": 20, "gsm8k_cloze_local": 652},
+        description="Per-task override of limit, e.g. {gsm8k_local: 100} (null: all). The "
+        "demo's: 20 gsm8k questions (evaluated, not gated), 652 of the cloze task's 1302.",
     )
     num_concurrent: int = Field(8, gt=0, description="Concurrent requests to the server.")
     max_gen_toks: int = Field(256, gt=0, description="Generation budget per answer.")
@@ -529,13 +528,54 @@ def load_settings(
 
 
 def validate_settings(data: Mapping[str, Any] | PipelineSettings) -> PipelineSettings:
-    """Validate raw settings, turning pydantic's report into one that names field and fix."""
+    """Validate raw settings, turning pydantic's report into one that names field and fix, and
+    resolve every path in them against the directory the command runs in."""
     if isinstance(data, PipelineSettings):
         data = data.model_dump()
     try:
-        return PipelineSettings.model_validate(data)
+        settings = PipelineSettings.model_validate(data)
     except ValidationError as exc:
         raise SettingsError(format_validation_error(exc)) from None
+    return resolve_paths(settings)
+
+
+def resolve_paths(settings: PipelineSettings, base: Path | None = None) -> PipelineSettings:
+    """Every path setting made absolute, once, here: downstream code (supervisord's config, a
+    vLLM server started in another directory, lm-eval) then never sees a relative path, and the
+    manifest records where things really were. A local model or dataset counts as a path when
+    it exists (else it is a Hub id, left as is)."""
+    base = Path.cwd() if base is None else base
+    data = settings.model_dump()
+    _absolute_in(PipelineSettings, data, base)
+    for section, key in (("source", "model"), ("calibration", "dataset")):
+        value = data[section][key]
+        if _looks_local(value, base):
+            data[section][key] = str(_absolute(Path(value), base))
+    return PipelineSettings.model_validate(data)
+
+
+def _absolute_in(model: type[BaseModel], data: dict[str, Any], base: Path) -> None:
+    for name, field in model.model_fields.items():
+        value = data.get(name)
+        if isinstance(value, Path):
+            data[name] = _absolute(value, base)
+        elif isinstance(value, dict) and (sub := _section_type(field.annotation)):
+            _absolute_in(sub, value, base)
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) \
+        else None
+
+
+def _absolute(path: Path, base: Path) -> Path:
+    path = path.expanduser()
+    return Path(os.path.normpath(path if path.is_absolute() else base / path))
+
+
+def _looks_local(value: str, base: Path) -> bool:
+    path = Path(value).expanduser()
+    return value.startswith(("/", "./", "../", "~")) or (base / path).exists()
 
 
 def format_validation_error(exc: ValidationError) -> str:

@@ -123,7 +123,7 @@ def _resolve_hub(src: SourceSettings, with_weights: bool) -> ResolvedSource:
             f"source.model: {src.model} is not in the local Hub cache and the Hub cannot be "
             "reached (offline?). Pre-download it, or point source.model at a local directory."
         ) from exc
-    except (OSError, httpx.TransportError) as exc:  # no route, refused, timed out
+    except (ConnectionError, TimeoutError, httpx.TransportError) as exc:  # no route, refused
         raise SettingsError(
             f"source.model: cannot reach the Hub for {src.model} ({type(exc).__name__}). Check "
             "the network or HF_ENDPOINT, or use a local directory."

@@ -111,6 +111,8 @@ def render_status(status: dict[str, Any]) -> str:
                                     f"{s['server']['pid']}, "
                                     f"{'alive' if s['server']['alive'] else 'NOT RUNNING'})"
                                     if a else "nothing"))
+        if (s["router"]["status"] or {}).get("state_error"):
+            lines.append(f"ROUTER STATE UNREADABLE: {s['router']['status']['state_error']}")
         if s["previous"]:
             lines.append(f"previous (rollback target): {s['previous']['revision']}")
         if s["pending"]:

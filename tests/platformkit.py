@@ -1,6 +1,6 @@
 """A Prefect platform as a team runs it, for the slow tests: `prefect server start` (SQLite, or
 a real PostgreSQL), the project applied by scripts/prefect_apply.sh, and a process worker per
-pool. Shared by test_prefect_platform.py and test_prefect_postgres.py."""
+pool. Used by test_prefect_platform.py."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ class Platform:
     url: str
     env: dict[str, str]
     home: Path
+    database_url: str | None = None  # PostgreSQL's, when the server runs on it
 
     def client_settings(self):
         from prefect.settings import PREFECT_API_URL, temporary_settings

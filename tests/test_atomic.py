@@ -5,11 +5,19 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 
-from requant.atomic import TMP_PREFIX, atomic_directory, write_json_atomic
+from requant.atomic import (
+    TMP_PREFIX,
+    atomic_directory,
+    create_exclusive,
+    read_json,
+    write_json_atomic,
+)
+from requant.errors import StateFileError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,3 +68,92 @@ def test_json_write_is_whole_or_absent(tmp_path):
     path = write_json_atomic(tmp_path / "decision.json", {"b": 2, "a": 1})
     assert json.loads(path.read_text()) == {"a": 1, "b": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["decision.json"]
+
+
+def _kill_after(step: str, final: Path, version: str) -> subprocess.CompletedProcess:
+    """Replace ``final`` in a child process that SIGKILLs itself right after ``step``: the
+    exchange of the two directories (before the old one is removed), or the hard link of a
+    created file (before its temp name is removed)."""
+    script = textwrap.dedent(f"""
+        import os, shutil, signal, sys
+        from pathlib import Path
+        sys.path.insert(0, {str(ROOT)!r})
+        import requant.atomic as atomic
+        step, final = {step!r}, Path({str(final)!r})
+        die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+        if step == "exchange":
+            atomic.shutil.rmtree = die
+            with atomic.atomic_directory(final) as tmp:
+                (tmp / "v").write_text({version!r})
+        else:
+            real_link = os.link
+            def link_then_die(a, b):
+                real_link(a, b)
+                die()
+            atomic.os.link = link_then_die
+            atomic.create_exclusive(final, {version!r})
+    """)
+    return subprocess.run([sys.executable, "-c", script], check=False)
+
+
+def test_kill_9_right_after_the_exchange_leaves_the_new_version_and_the_old_is_swept_later(
+        tmp_path):
+    final = tmp_path / "checkpoint"
+    with atomic_directory(final) as tmp:
+        (tmp / "v").write_text("old")
+    assert _kill_after("exchange", final, "new").returncode == -signal.SIGKILL
+    assert (final / "v").read_text() == "new"
+    (stale,) = [p for p in tmp_path.iterdir() if p.name != "checkpoint"]
+    assert (stale / "v").read_text() == "old"  # the old version, under a temp name
+    with atomic_directory(final) as tmp:  # its writer is dead: the next write sweeps it
+        (tmp / "v").write_text("newer")
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+
+
+def test_kill_9_after_linking_a_created_file_leaves_it_whole(tmp_path):
+    final = tmp_path / "router.token"
+    assert _kill_after("link", final, "secret-token").returncode == -signal.SIGKILL
+    assert final.read_text() == "secret-token"
+    assert create_exclusive(final, "other") is False and final.read_text() == "secret-token"
+
+
+def test_a_live_writers_temporary_directory_is_never_swept_by_another_write(tmp_path):
+    """Two runs sharing a cache key: one must not delete the other's work in progress."""
+    final = tmp_path / "baseline"
+    with atomic_directory(final) as mine:
+        (mine / "partial").write_text("still writing")
+        with atomic_directory(final) as theirs:  # the other run finishes first
+            (theirs / "v").write_text("theirs")
+        assert (mine / "partial").is_file()
+    assert (final / "partial").is_file()  # the last complete write wins, whole
+
+
+def test_replacing_a_directory_never_leaves_its_name_missing(tmp_path):
+    final = tmp_path / "decision"
+    with atomic_directory(final) as tmp:
+        (tmp / "v").write_text("0")
+    misses, stop = [], threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            if not (final / "v").is_file():
+                misses.append(1)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(1, 200):
+            with atomic_directory(final) as tmp:
+                (tmp / "v").write_text(str(i))
+    finally:
+        stop.set()
+        thread.join(10)
+    assert misses == [] and (final / "v").read_text() == "199"
+
+
+def test_read_json_names_a_corrupt_record_and_the_fix(tmp_path):
+    path = tmp_path / "state.json"
+    assert read_json(path, "Delete it.") is None
+    path.write_text("{not json")
+    with pytest.raises(StateFileError, match=r"state\.json: not valid JSON .* Delete it\."):
+        read_json(path, "Delete it.")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from requant.cli import EXIT_BAD_INPUT, main
+from requant.cli import main
+from requant.errors import EXIT_BAD_INPUT
 from requant.rollout.state import Deployed, DeployState, Release, save_state
 from requant.runs import prune_candidates
 from requant.settings import PipelineSettings
@@ -166,3 +167,92 @@ def test_run_quantizes_through_the_flow_and_exits_0_printing_where_things_are(
     assert f"checkpoint: {run_dir / 'checkpoint'}" in proc.stdout
     assert "gate: not run" in proc.stdout  # evaluation off: said, and nothing published
     assert "[quantization] 100.0%" in proc.stderr  # the terminal progress line
+
+
+def _hub_error(status: int):
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError
+
+    request = httpx.Request("POST", "https://hub.example/api/models/acme/x/commit/main")
+    return HfHubHTTPError(f"{status} Client Error", response=httpx.Response(status,
+                                                                              request=request))
+
+
+def _every_error():
+    import errno
+
+    from requant import errors
+    from requant.evaluation.gate import GateDecision
+    from requant.rollout.state import Release
+
+    decision = GateDecision(status="fail", promote=False, reasons=["loss 0.1"],
+                            rules=[], look=1, looks=1, questions=1, total=1)
+    return [
+        (errors.SettingsError("calibration.num_samples: too small. Set more."), 2),
+        (errors.StateFileError("state.json: not valid JSON. Delete it."), 2),
+        (errors.ServerError("vLLM died: log ..."), 1),
+        (errors.CheckpointVerificationError("2 Linears not INT8"), 1),
+        (errors.DeploymentCheckFailed("smoke", "empty answer"), 1),
+        (errors.SmoothingNotExact("not exact: mapping at fault", {}), 1),
+        (errors.QuantizationFailed("rank 1 died", rank=1), 1),
+        (errors.GateFailed(decision), 1),
+        (errors.RolloutFailed(Release(revision="a" * 40, repo_id="acme/x"), "load", "p95"), 1),
+        (errors.PublishError("the Hub refused", 409), 1),
+        (_hub_error(401), 2),
+        (_hub_error(403), 2),
+        (_hub_error(500), 1),
+        (OSError(errno.ENOSPC, "No space left on device", "/runs/x/model.safetensors"), 1),
+    ]
+
+
+@pytest.mark.parametrize("error,code", _every_error(), ids=lambda v: type(v).__name__
+                         if isinstance(v, BaseException) else str(v))
+def test_every_error_is_one_line_with_its_exit_code_and_a_traceback_only_with_debug(
+        error, code, monkeypatch, capsys):
+    import requant.cli as cli
+
+    def fail(_args):
+        raise error
+
+    monkeypatch.setitem(cli.HANDLERS, "settings-schema", fail)
+    assert main(["settings-schema"]) == code
+    err = capsys.readouterr().err
+    assert err.strip().startswith("error: ") and "Traceback" not in err and "--debug" in err
+    if getattr(error, "filename", None):  # the full disk
+        assert "no space left" in err and "Hub" not in err  # a full disk is not the network
+    with pytest.raises(type(error)):
+        main(["--debug", "settings-schema"])
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    import requant.cli as cli
+
+    monkeypatch.setitem(cli.HANDLERS, "settings-schema", lambda _a: {}["missing"])
+    with pytest.raises(KeyError):
+        main(["settings-schema"])
+
+
+@pytest.mark.parametrize("record", ["local/state.json", "../cache/ledger/deployed-local.json"])
+def test_a_corrupt_state_file_makes_status_say_which_file_not_crash(tmp_path, capsys, record):
+    path = tmp_path / "state" / record
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"target": "local", "active": {')
+    assert main(["status", *settings_for(tmp_path)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"{path.name}: not valid JSON" in err and "Traceback" not in err
+
+
+def test_promote_of_a_revision_the_hub_does_not_have_says_so(tmp_path):
+    from huggingface_hub import HfApi
+
+    from tests.fakehub import FakeHub
+
+    with FakeHub("hf_writer", tmp_path / "hub") as hub:
+        HfApi(endpoint=hub.endpoint, token="hf_writer").create_repo("acme/model")
+        env = {**os.environ, "HF_TOKEN": "hf_writer", "HF_ENDPOINT": hub.endpoint}
+        proc = subprocess.run([REQUANT, "promote", *settings_for(tmp_path), "--set",
+                               "hub.repo_id=acme/model", "--revision", "c" * 40],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-3000:]
+    assert f"revision: acme/model has no commit {'c' * 40}" in proc.stderr
+    assert "Traceback" not in proc.stderr

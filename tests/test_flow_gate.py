@@ -23,6 +23,7 @@ def test_a_source_that_cannot_do_the_task_ends_before_quantization_and_inconclus
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_TOKEN", "hf_gatetest")
     hub = FakeHub("hf_gatetest", tmp_path / "hub").__enter__()
+    monkeypatch.setenv("REQUANT_HUB_ENDPOINTS", hub.endpoint)  # the worker's operator allows it
     data = write_jsonl(tmp_path / "calib.jsonl", [{"text": r["question"]} for r in gsm8k_rows(8)])
     base = {
         "source": {"model": str(vllm_tiny_source)},
@@ -102,6 +103,7 @@ def test_passing_run_publishes_and_a_failed_rollout_is_retried_by_the_next_run_t
     data = write_jsonl(tmp_path / "calib.jsonl", [{"text": r["question"]} for r in gsm8k_rows(8)])
     port = free_port()
     with FakeHub("hf_inlinetest", tmp_path / "hub") as hub:
+        monkeypatch.setenv("REQUANT_HUB_ENDPOINTS", hub.endpoint)  # allowed by the worker
         settings = PipelineSettings.model_validate({
             "source": {"model": str(vllm_tiny_source)},
             "calibration": {"dataset": str(data), "num_samples": 8, "max_seq_len": 128},

@@ -11,6 +11,7 @@ from requant.evaluation.operating import simulate
 from requant.evaluation.sequential import (
     boundary_constant,
     critical_values,
+    crossing_probability,
     look_sizes,
     paired_interval,
     question_order,
@@ -123,11 +124,24 @@ def test_an_undecided_look_continues_and_only_the_last_is_inconclusive():
     assert (d.status, d.promote, d.final) == ("continue", False, False)
 
 
-def test_boundaries_match_obrien_fleming_and_a_single_look_is_the_fixed_test():
-    assert boundary_constant((0.25, 0.5, 0.75, 1.0), 0.05) == pytest.approx(1.73, abs=0.02)
+def test_boundaries_are_the_exact_obrien_fleming_constants_and_one_look_is_the_fixed_test():
+    """Jennison & Turnbull's one-sided O'Brien-Fleming constants at 5 %: 1.678 for two equal
+    looks, 1.733 for four; the crossing probability at c is the level to 1e-5, and a seeded
+    simulation of the score process agrees within its Monte Carlo error."""
+    import numpy as np
+
+    looks = (0.25, 0.5, 0.75, 1.0)
+    c = boundary_constant(looks, 0.05)
+    assert c == pytest.approx(1.7330, abs=2e-4)
+    assert boundary_constant((0.5, 1.0), 0.05) == pytest.approx(1.6780, abs=2e-4)
+    assert crossing_probability(looks, c) == pytest.approx(0.05, abs=1e-5)
+    steps = np.diff(np.concatenate([[0.0], looks]))
+    paths = np.cumsum(np.random.default_rng(7).standard_normal((400_000, 4)) * np.sqrt(steps),
+                      axis=1)
+    assert (paths.max(axis=1) > c).mean() == pytest.approx(0.05, abs=0.0015)
     assert critical_values((1.0,), 0.05)[0] == pytest.approx(1.6449, abs=1e-4)
-    zs = critical_values((0.25, 0.5, 0.75, 1.0), 0.05)
-    assert zs == sorted(zs, reverse=True)  # strict early, near the fixed value at the end
+    assert critical_values(looks, 0.05) == pytest.approx([c / 0.5, c / 0.5**0.5,
+                                                          c / 0.75**0.5, c])
 
 
 def test_agresti_min_interval_keeps_width_when_nothing_flips():

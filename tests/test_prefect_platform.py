@@ -1,8 +1,10 @@
-"""The platform as a team runs it: a real Prefect server (`prefect server start`, SQLite), the
-project applied by its one command (pools, concurrency limit, deployments, automation from
-prefect.yaml), real process workers on both pools, and the UI driven by headless Chromium.
+"""The platform as a team runs it past one machine: a real Prefect server (`prefect server
+start`) on a real PostgreSQL (Debian's server, a throw-away cluster), the project applied by its
+one command (pools, concurrency limit, deployments, automation from prefect.yaml), real process
+workers on both pools, and the UI driven by headless Chromium. The rows are read back from
+PostgreSQL itself. (The embedded SQLite server is what `make demo` runs: test_e2e_demo.)
 
-Slow: a server, two workers, and flow runs that start real vLLM servers.
+Slow: a database, a server, two workers, and flow runs that start real vLLM servers.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,18 +29,46 @@ from tests.conftest import (
     tiny_server_settings,
 )
 from tests.fakehub import FakeHub
-from tests.platformkit import TOKEN, running_platform, tiny_settings, wait_final
+from tests.pgserver import pg_bin, postgres_server
+from tests.platformkit import TOKEN, running_platform, tiny_settings, wait_events, wait_final
 
-pytestmark = [pytest.mark.slow, needs_vllm]
+pytestmark = [pytest.mark.slow, needs_vllm,
+              pytest.mark.skipif(pg_bin() is None, reason="scripts/setup_system.sh installs "
+                                 "PostgreSQL")]
 
 ARTIFACTS = Path(os.environ.get("REQUANT_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory):
-    with running_platform(tmp_path_factory.mktemp("prefect-home")) as running:
-        yield running
+def team_hub(tmp_path_factory):
+    """The Hub the workers' operator configured (their HF_ENDPOINT): runs name no endpoint."""
+    with FakeHub(TOKEN, tmp_path_factory.mktemp("hub")) as hub:
+        yield hub
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory, team_hub):
+    # PostgreSQL runs as its own user: its folder must not sit under pytest's root-only tmp.
+    root = Path(tempfile.mkdtemp(prefix="requant-pg-"))
+    root.chmod(0o755)  # mkdtemp makes it root-only; the cluster's own folder is the private one
+    try:
+        with postgres_server(root / "cluster") as url, running_platform(
+                tmp_path_factory.mktemp("prefect-home"),
+                {"HF_ENDPOINT": team_hub.endpoint,
+                 "PREFECT_API_DATABASE_CONNECTION_URL": url}) as running:
+            running.database_url = url
+            yield running
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def psql(url: str, sql: str) -> str:
+    host_port, database = url.split("@", 1)[1].split("/", 1)
+    host, port = host_port.split(":")
+    return subprocess.run([str(pg_bin() / "psql"), "-h", host, "-p", port, "-U", "prefect",
+                           "-d", database, "-At", "-c", sql], capture_output=True, text=True,
+                          check=True, timeout=30).stdout.strip()
 
 
 def test_apply_registers_the_nightly_schedule_with_its_cron_and_timezone(platform):
@@ -58,7 +90,7 @@ def test_apply_registers_the_nightly_schedule_with_its_cron_and_timezone(platfor
 
 
 def test_on_demand_run_via_worker_passes_gate_and_the_automation_promotes_it(
-        platform, vllm_tiny_source, tmp_path):
+        platform, team_hub, vllm_tiny_source, tmp_path):
     from huggingface_hub import HfApi
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
@@ -70,9 +102,10 @@ def test_on_demand_run_via_worker_passes_gate_and_the_automation_promotes_it(
                "local": {"port": port, "keep_previous_s": 3,
                          "server": tiny_server_settings().model_dump(mode="json")},
                "slo": {"requests": 16, "concurrency": 8, "max_tokens": 16}}
-    with FakeHub(TOKEN, tmp_path / "hub") as hub, platform.client_settings():
+    hub = team_hub
+    with platform.client_settings():
         params = tiny_settings(tmp_path, vllm_tiny_source, rollout=rollout,
-                               hub={"repo_id": "acme/platform", "endpoint": hub.endpoint})
+                               hub={"repo_id": "acme/platform"})
         settings = PipelineSettings.model_validate(params)
         try:
             started = run_deployment("requantize/requantize", parameters={"settings": params},
@@ -192,6 +225,7 @@ def test_ui_custom_run_with_a_changed_parameter_completes_showing_progress(
             browser.close()
     assert run.state.is_completed(), run.state
     assert run.parameters["settings"]["calibration"]["num_samples"] == 6  # the changed field
+    assert_recorded_in_postgresql(platform, run.id)
     assert run.deployment_id == deployment.id
     summary = json.loads((tmp_path / "runs" / str(run.id) / "summary.json").read_text())
     assert summary["calibration"]["stats"]["samples"] == 6
@@ -199,3 +233,29 @@ def test_ui_custom_run_with_a_changed_parameter_completes_showing_progress(
     # the progress bar was on screen while the run was going
     assert during and still_running, "the run ended before the UI showed its progress"
     assert (ARTIFACTS / "ui-progress-during-run.png").stat().st_size > 10_000
+
+
+def assert_recorded_in_postgresql(platform, run_id) -> None:
+    """The run, its artifacts and its gate event through the API, and the rows in PostgreSQL
+    itself, not in a SQLite file next to the server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with platform.client_settings(), get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+        events = wait_events(client, "requant.gate.",
+                             lambda e: e["payload"].get("run_id") == str(run_id))
+    keys = {a.key for a in artifacts}
+    assert {"requant-run-summary", "gate-decision", "calibration-stats",
+            "requant-progress-quantization", "requant-progress-evaluation-candidate"} <= keys
+    progress = next(a for a in artifacts if a.key == "requant-progress-quantization")
+    assert progress.type == "progress" and progress.data == 100
+    (passed,) = [e for e in events if e["payload"].get("run_id") == str(run_id)]
+    assert passed["event"] == "requant.gate.passed"
+    assert TOKEN not in json.dumps(events)
+    url = platform.database_url
+    assert psql(url, f"select state_type from flow_run where id = '{run_id}'") == "COMPLETED"
+    assert int(psql(url, f"select count(*) from artifact where flow_run_id = '{run_id}'")) \
+        >= len(keys)
+    assert not list(platform.home.glob("*.db"))

@@ -51,6 +51,7 @@ def test_promote_moves_the_marker_only_after_a_verified_rollout_and_rolls_back_o
         prefect_server, vllm_tiny_source, vllm_tiny_w8a8, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with FakeHub(TOKEN, tmp_path / "hub") as hub:
+        monkeypatch.setenv("REQUANT_HUB_ENDPOINTS", hub.endpoint)  # allowed by the worker
         api = HfApi(endpoint=hub.endpoint, token=TOKEN)
         api.create_repo(REPO)
         sha_a, sha_b = (api.upload_folder(  # as requant publishes: decision file + trailer

@@ -229,3 +229,68 @@ def test_rollback_reads_the_previous_revision_from_the_deployment_not_a_local_fi
     rollout_kubernetes(settings, Release(SHA_B, "org/m"), "run-2")
     shutil.rmtree(settings.rollout.state_dir)  # another worker, or a lost disk
     assert resolve_release(settings, rollback=True) == Release(SHA_A, "org/m")
+
+
+def _promote_killed_at(step: str, settings: PipelineSettings, release: Release) -> int:
+    """The real rollout in a worker process that ``kill -9``s itself at ``step``."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import json, sys; from requant.rollout.kubernetes import rollout_kubernetes; "
+              "from requant.rollout.state import Release; "
+              "from requant.settings import PipelineSettings; "
+              "s = PipelineSettings.model_validate(json.loads(sys.argv[1])); "
+              "rollout_kubernetes(s, Release(sys.argv[2], sys.argv[3]), 'killed-run')")
+    return subprocess.run(
+        [sys.executable, "-c", script, settings.model_dump_json(), release.revision,
+         release.repo_id], env={**os.environ, "REQUANT_KILL_AT": step}, timeout=120,
+        check=False).returncode
+
+
+@pytest.mark.parametrize("step", ["k8s-applied", "k8s-verified"])
+def test_a_worker_killed_mid_rollout_leaves_nothing_trusted_that_was_not_verified(
+        cluster, step, monkeypatch):
+    import signal
+
+    import requant.rollout.kubernetes as target
+
+    a, b = Release(SHA_A, "org/m"), Release(SHA_B, "org/m")
+    rollout_kubernetes(cluster.settings, a, "run-1")
+    assert _promote_killed_at(step, cluster.settings, b) == -signal.SIGKILL
+    notes = cluster.state.deployments[("serving", "llama3")]["metadata"]["annotations"]
+    assert notes["requant.dev/revision"] == SHA_B  # applied: the cluster runs it
+    assert notes["requant.dev/verified"] == ("true" if step == "k8s-verified" else "false")
+    state = load_state(cluster.settings.rollout.state_dir, "kubernetes")
+    assert state.active.release == a  # the worker's record never took the killed rollout
+
+    checked = []
+    real_verify = target.verify_deployment
+    monkeypatch.setattr(target, "verify_deployment",
+                        lambda *a, **k: checked.append(1) or real_verify(*a, **k))
+    deployed, changed = rollout_kubernetes(cluster.settings, b, "run-3")
+    assert deployed.release == b
+    if step == "k8s-applied":  # unverified: the next promote verifies before trusting it
+        assert checked == [1] and changed is True
+        notes = cluster.state.deployments[("serving", "llama3")]["metadata"]["annotations"]
+        assert notes["requant.dev/verified"] == "true"
+        assert notes["requant.dev/previous-revision"] == SHA_A  # rollback still goes to A
+    else:  # verified on the cluster before the kill: trusted without a second load test
+        assert checked == [] and changed is False
+
+
+def test_an_applied_but_unverified_revision_that_fails_verification_is_never_recorded(
+        cluster):
+    a, b = Release(SHA_A, "org/m"), Release(SHA_B, "org/m")
+    rollout_kubernetes(cluster.settings, a, "run-1")
+    assert _promote_killed_at("k8s-applied", cluster.settings, b) < 0
+    cluster.state.slow_answers.add(SHA_B)  # now it misses the latency SLO
+    cluster.state.slow_s = 0.2
+    settings = cluster.settings.model_copy(deep=True)
+    settings.rollout.slo.max_p95_latency_s = 0.05
+    with pytest.raises(RolloutFailed):
+        rollout_kubernetes(settings, b, "run-3")
+    state = load_state(cluster.settings.rollout.state_dir, "kubernetes")
+    assert state.active.release == a
+    notes = cluster.state.deployments[("serving", "llama3")]["metadata"]["annotations"]
+    assert notes.get("requant.dev/verified") != "true"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from starlette.testclient import TestClient
+from starlette.testclient import TestClient as StarletteClient
 
-from requant.errors import SettingsError
+from requant.errors import SettingsError, StateFileError
 from requant.ledger import candidate_key, find_published, record_published
 from requant.rollout.local import check_local_settings
 from requant.rollout.release import resolve_release
@@ -25,6 +25,12 @@ from requant.settings import PipelineSettings, SLOSettings
 
 TOKEN = "router-test-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def TestClient(app, client=("127.0.0.1", 50000)):
+    """Starlette's test client, calling from 127.0.0.1 as the local tools do (its default peer
+    name, 'testclient', is not loopback and is refused like any remote host)."""
+    return StarletteClient(app, client=client)
 
 
 class Upstream:
@@ -386,11 +392,12 @@ def test_switching_the_backend_needs_the_token(upstreams, tmp_path):
         assert client.get("/-/status").json()["backend"] is None
 
 
-def test_token_file_is_created_once_owner_only(tmp_path):
+def test_token_file_is_created_once_whole_and_owner_only(tmp_path):
     path = tmp_path / "deep" / "router.token"
     first = load_or_create_token(path)
     assert load_or_create_token(path) == first and len(first) >= 32
     assert path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["router.token"]  # no temp file left
 
 
 def test_in_flight_count_is_released_when_the_client_goes_away_mid_stream(tmp_path):
@@ -481,3 +488,35 @@ def test_a_connection_the_backend_closed_unanswered_is_sent_once_more_not_failed
             assert client.get("/-/status").json()["inflight"][upstream.url] == 0
     finally:
         upstream.close()
+
+
+def test_admin_api_refuses_a_client_that_is_not_on_loopback(tmp_path):
+    with TestClient(create_app(tmp_path / "router.json", TOKEN), client=("testclient", 1)) as c:
+        assert c.get("/-/status").status_code == 403
+        assert c.put("/-/backend", json={"url": "http://127.0.0.1:9"},
+                     headers=ADMIN).status_code == 403
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_an_empty_token_file_is_refused_never_taken_as_no_token(tmp_path, content):
+    path = tmp_path / "router.token"
+    path.write_text(content)
+    with pytest.raises(StateFileError, match=r"router\.token: the router's token file is empty"):
+        load_or_create_token(path)
+    with pytest.raises(StateFileError, match="non-empty admin token"):
+        create_app(tmp_path / "router.json", "")
+
+
+def test_a_corrupt_router_state_file_serves_503s_that_name_it_and_a_switch_repairs_it(
+        upstreams, tmp_path):
+    _, b = upstreams
+    state = tmp_path / "router.json"
+    state.write_text('{"backend": "http://127.0.0.1:1", ')  # cut short
+    with TestClient(create_app(state, TOKEN)) as client:
+        r = client.get("/v1/models")
+        assert r.status_code == 503 and "router.json: not valid JSON" in r.json()["error"]
+        assert "router.json" in client.get("/-/status").json()["state_error"]
+        client.put("/-/backend", json={"url": b.url, "revision": "rev-b"}, headers=ADMIN)
+        assert client.get("/v1/models").json()["backend"] == "B"
+        assert client.get("/-/status").json()["state_error"] is None
+    assert json.loads(state.read_text())["revision"] == "rev-b"

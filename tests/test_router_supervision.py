@@ -122,3 +122,24 @@ def test_an_external_supervisor_that_runs_no_router_is_a_clear_error(tmp_path):
     with pytest.raises(SettingsError, match=r"rollout\.local\.supervisor is external.*systemctl"):
         ensure_router(settings, lambda _m: None)
     assert not (tmp_path / "state" / "local" / "supervisord.conf").exists()  # none started
+
+
+def test_a_relative_state_dir_with_a_space_and_a_percent_sign_starts_the_router(
+        tmp_path, monkeypatch):
+    """The shipped default is relative (.cache/requant/rollout): supervisord reads some paths
+    against its own directory, and expands % in its values; settings resolve it absolutely and
+    the config escapes it, so the router starts wherever the command runs."""
+    import httpx
+
+    from requant.settings import load_settings
+
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(None, ["rollout.state_dir=my runs/100% state",
+                                    f"rollout.local.port={free_port()}"])
+    assert settings.rollout.state_dir == tmp_path / "my runs" / "100% state"
+    try:
+        url = ensure_router(settings, lambda _m: None)
+        assert httpx.get(f"{url}/-/status", timeout=5).json()["backend"] is None
+        assert supervision(settings.rollout.state_dir / "local").state == "RUNNING"
+    finally:
+        shutdown_local(settings)

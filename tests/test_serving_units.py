@@ -57,8 +57,9 @@ def test_port_in_use_is_refused_before_anything_starts():
 
 def test_missing_serving_environment_names_the_setting_and_the_fix(tmp_path, monkeypatch):
     monkeypatch.delenv("REQUANT_SERVING_PYTHON", raising=False)
-    with pytest.raises(SettingsError, match=r"evaluation\.server\.python: .*make serving-env"):
-        serving_python(ServerSettings(python=tmp_path / "nope" / "python"))
+    monkeypatch.setenv("REQUANT_SERVING_PYTHON", str(tmp_path / "nope" / "python"))
+    with pytest.raises(SettingsError, match=r"serving environment: no Python at .*make serving-env"):
+        serving_python(ServerSettings())
 
 
 def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path):

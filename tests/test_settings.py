@@ -123,3 +123,53 @@ def test_secret_block_names_and_ordinary_env_are_not_secrets():
                              "evaluation.server.env={VLLM_CPU_KVCACHE_SPACE: '4', "
                              "HF_TOKEN: ''}"])
     assert s.hub.token_secret == "requant-hf-token"
+
+
+def test_every_path_setting_is_absolute_after_loading_resolved_against_the_working_directory(
+        tmp_path, monkeypatch):
+    from requant.settings import load_settings
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # where `make demo` runs the demo config
+    s = load_settings("deployments/configs/demo.yaml", ["quantization.recipe=r.yaml"])
+    assert s.rollout.state_dir == root / ".cache/requant/rollout"
+    assert (s.output_dir, s.cache_dir) == (root / "runs", root / ".cache/requant")
+    assert s.evaluation.task_dir == root / "deployments/lm_eval_tasks"
+    assert s.quantization.recipe == root / "r.yaml"
+    assert s.source.model == str(root / "models/SmolLM2-135M-Instruct") \
+        or not (root / "models").exists()
+    assert s.calibration.dataset == str(root / "data/calibration/gsm8k-chat-1k.jsonl")
+    hub = load_settings(None, ["source.model=meta-llama/Llama-3.1-8B-Instruct",
+                               "calibration.dataset=HuggingFaceH4/ultrachat_200k"])
+    assert hub.source.model == "meta-llama/Llama-3.1-8B-Instruct"  # a Hub id stays one
+    assert hub.calibration.dataset == "HuggingFaceH4/ultrachat_200k"
+    monkeypatch.chdir(tmp_path)  # resolving twice changes nothing
+    assert load_settings(None, [f"rollout.state_dir={s.rollout.state_dir}"]).rollout.state_dir \
+        == s.rollout.state_dir
+
+
+def test_the_candidate_key_does_not_depend_on_where_the_checkout_is(tmp_path, monkeypatch):
+    import shutil
+
+    from requant.ledger import candidate_key
+    from requant.settings import load_settings
+
+    root = Path(__file__).resolve().parents[1]
+    keys = []
+    for where in ("a", "b"):
+        copy = tmp_path / where
+        shutil.copytree(root / "deployments", copy / "deployments")
+        monkeypatch.chdir(copy)
+        s = load_settings("deployments/configs/demo.yaml")
+        keys.append(candidate_key(s, {"model.safetensors": "0" * 64}, None, "f" * 64, "c"))
+    assert keys[0] == keys[1]
+
+
+def test_a_path_supervisord_cannot_hold_is_refused_naming_the_setting(tmp_path):
+    from requant.errors import SettingsError
+    from requant.serving.supervision import router_command, write_config
+
+    folder = tmp_path / "line\nbreak"
+    folder.mkdir()
+    with pytest.raises(SettingsError, match=r"(?s)rollout\.state_dir: .* line break"):
+        write_config(folder, router_command("127.0.0.1", 8000, folder))

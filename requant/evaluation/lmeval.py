@@ -31,6 +31,7 @@ from requant.evaluation.tasks import (
 )
 from requant.hashing import fingerprint
 from requant.progress import Report, no_progress, polling
+from requant.quantization.hardware import cpu_has_native_bf16
 from requant.serving.server import log_tail, serving_python
 from requant.settings import EvaluationSettings, GateSettings, ServerSettings
 
@@ -103,6 +104,7 @@ def evaluated_with(cfg: EvaluationSettings, gate: GateSettings) -> dict[str, Any
             "extra_args"}),
         "lm_eval": metadata.version("lm_eval"),
         "vllm": serving_vllm_version(str(serving_python(server))),
+        "cpu_native_bf16": cpu_has_native_bf16(),  # else CPU servers compute in fp32
         "looks": effective_looks(cfg, gate),
         "order_seed": gate.order_seed,
     }

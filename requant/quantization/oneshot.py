@@ -59,17 +59,29 @@ def estimate_cache_bytes(total_tokens: int, hidden_size: int, dtype_bytes: int =
     return total_tokens * hidden_size * dtype_bytes
 
 
-def load_model(model_dir: Path, trust_remote_code: bool = False, device: str = "cpu"):
+def load_model(model_dir: Path, trust_remote_code: bool = False, device: str = "cpu",
+               dtype: Any = "auto"):
     """On the CPU by default: the sequential pipeline moves one layer at a time onto the GPU.
-    Calibration ranks load onto their own GPU instead (requant.quantization.rank)."""
+    Calibration ranks load onto their own GPU instead (requant.quantization.rank). ``dtype``:
+    the checkpoint's own ("auto"), or what calibration computes in (``compute_dtype``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype="auto", trust_remote_code=trust_remote_code,
+        model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
         **({"device_map": device} if device != "cpu" else {}),
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     return model, tokenizer
+
+
+def compute_dtype(acc: Accelerator) -> Any:
+    """torch.float32 when calibrating on a CPU without native bf16 (a bf16 Linear there ran 7x
+    slower than fp32: docs/quantization.md); None keeps the checkpoint's dtype."""
+    import torch
+
+    from requant.quantization.hardware import cpu_has_native_bf16
+
+    return torch.float32 if acc.kind == "cpu" and not cpu_has_native_bf16() else None
 
 
 def quantize_model(

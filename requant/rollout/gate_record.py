@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from requant.errors import SettingsError
 from requant.hub.commits import DIGEST_TRAILER
 from requant.rollout.state import Release
 from requant.settings import HubSettings
@@ -43,10 +44,17 @@ def gate_record(hub: HubSettings, release: Release) -> tuple[dict[str, Any] | No
 
 
 def _published_by_requant(hub: HubSettings, release: Release) -> bool:
+    from huggingface_hub.errors import RevisionNotFoundError
+
     from requant.hub.client import hub_api, resolve_token
 
     api = hub_api(hub, resolve_token(hub))
-    commit = api.list_repo_commits(release.repo_id, revision=release.revision)[0]
+    try:
+        commit = api.list_repo_commits(release.repo_id, revision=release.revision)[0]
+    except RevisionNotFoundError:
+        raise SettingsError(f"revision: {release.repo_id} has no commit {release.revision}. "
+                            "Check the SHA (the run summary's publish record has it)."
+                            ) from None
     return commit.commit_id == release.revision and DIGEST_TRAILER in (commit.message or "")
 
 

@@ -18,9 +18,11 @@ import copy
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from requant.errors import DeploymentCheckFailed, RolloutFailed
+from requant.killpoints import kill_point
 from requant.rollout.k8s_manifest import (
     ANNOTATION,
     PORT,
@@ -143,6 +145,32 @@ def _replace(apps: Any, k: KubernetesTargetSettings, body: dict[str, Any],
     apps.replace_namespaced_deployment(k.deployment, k.namespace, body)
 
 
+def record_from_cluster(state_dir: Path, release: Release, annotations: dict[str, str],
+                        flow_run_id: str | None) -> Deployed:
+    """What the cluster says serves (verified), also in the worker's state file: a run killed
+    after verifying never wrote its record, and the record must not keep the old revision."""
+    state = load_state(state_dir, TARGET)
+    if state.active is not None and state.active.release == release:
+        return state.active
+    deployed = Deployed(release, annotations.get(f"{ANNOTATION}/deployed-at", ""),
+                        annotations.get(f"{ANNOTATION}/flow-run") or flow_run_id)
+    state.previous, state.active = state.active, deployed
+    state.record_event("deployed", release, flow_run_id, deployed.deployed_at,
+                       "recorded from the Deployment: verified by a run that did not finish")
+    save_state(state_dir, state)
+    return deployed
+
+
+def mark_verified(apps: Any, k: KubernetesTargetSettings) -> None:
+    """The Deployment's record says ``verified: "true"`` only once smoke and load checks passed
+    (a metadata change: no new pods). Until then "already deployed" never trusts it."""
+    current = read_deployment(apps, k)
+    body = {key: copy.deepcopy(current[key]) for key in ("apiVersion", "kind", "metadata",
+                                                         "spec")}
+    body["metadata"].setdefault("annotations", {})[f"{ANNOTATION}/verified"] = "true"
+    _replace(apps, k, body, current)
+
+
 def undo(apps: Any, k: KubernetesTargetSettings, previous: dict[str, Any] | None,
          log: Log) -> None:
     """Back to the pod template that served before (kubectl rollout undo), or delete the
@@ -178,22 +206,25 @@ def rollout_kubernetes(settings: PipelineSettings, release: Release, flow_run_id
     current = read_deployment(apps, k)
     annotations = (current or {}).get("metadata", {}).get("annotations") or {}
     serving = annotations.get(f"{ANNOTATION}/revision")
-    if current is not None and serving == release.revision \
+    verified = annotations.get(f"{ANNOTATION}/verified") == "true"
+    if current is not None and serving == release.revision and verified \
             and rollout_status(current, k.replicas) == (True, None):
         log(f"{release.label()} is already deployed to {k.namespace}/{k.deployment}")
-        state = load_state(rcfg.state_dir, TARGET)
-        return (state.active or Deployed(release, annotations.get(f"{ANNOTATION}/deployed-at",
-                                                                  ""), flow_run_id)), False
+        return record_from_cluster(rcfg.state_dir, release, annotations, flow_run_id), False
 
     now = datetime.now(UTC).isoformat(timespec="seconds")
+    if serving == release.revision and not verified:  # applied by a run that died: verify
+        log(f"{release.label()} was applied but never verified: verifying it before trusting it")
+        serving = annotations.get(f"{ANNOTATION}/previous-revision") or None
     record = {"revision": release.revision, "repo": release.repo_id or "",
               "previous-revision": serving or "", "flow-run": flow_run_id or "",
-              "deployed-at": now}
+              "deployed-at": now, "verified": "false"}
     deployment = render_deployment(k, release, rcfg.served_model_name, record)
     validate(deployment)
     _apply_service(core, k)
     started = time.monotonic()
     _replace(apps, k, deployment, current)
+    kill_point("k8s-applied")
     log(f"applied {k.namespace}/{k.deployment} at {release.label()}; waiting for the rollout")
     url = k.service_url or f"http://{k.deployment}.{k.namespace}.svc:{PORT}"
     state = load_state(rcfg.state_dir, TARGET)
@@ -206,6 +237,8 @@ def rollout_kubernetes(settings: PipelineSettings, release: Release, flow_run_id
         state.record_event("rolled-back", release, flow_run_id, now, f"{exc.check}: {exc.reason}")
         save_state(rcfg.state_dir, state)
         raise RolloutFailed(release, exc.check, exc.reason, exc.report) from None
+    mark_verified(apps, k)
+    kill_point("k8s-verified")
     deployed = Deployed(release, now, flow_run_id, url,
                         {"namespace": k.namespace, "deployment": k.deployment},
                         report.as_record() | {

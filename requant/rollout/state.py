@@ -8,12 +8,11 @@ local target's source of truth and the Kubernetes target's audit copy.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from requant.atomic import write_json_atomic
+from requant.atomic import read_json, write_json_atomic
 
 HISTORY_KEPT = 20
 
@@ -68,9 +67,10 @@ def state_path(state_dir: Path, target: str) -> Path:
 
 def load_state(state_dir: Path, target: str) -> DeployState:
     path = state_path(state_dir, target)
-    if not path.is_file():
+    rec = read_json(path, "It records what serves on this target: restore it from a backup, or "
+                    "delete it and promote the revision that should serve.")
+    if rec is None:
         return DeployState(target)
-    rec = json.loads(path.read_text())
     return DeployState(
         target=rec["target"],
         active=Deployed.from_record(rec["active"]) if rec.get("active") else None,

@@ -51,25 +51,27 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from requant.atomic import write_json_atomic
+from requant.atomic import create_exclusive, read_json, write_json_atomic
+from requant.errors import StateFileError
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
               "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
-LOOPBACK = {"127.0.0.1", "::1", "localhost", "testclient"}
+LOOPBACK = {"127.0.0.1", "::1"}
 REVISION_HEADER = "x-requant-revision"
 
 
 def load_or_create_token(path: Path) -> str:
-    """The admin token: created once with mode 0600 (O_EXCL: two creators cannot both win)."""
+    """The admin token: created whole and 0600 (``create_exclusive``: two creators cannot both
+    win, a crash never leaves an empty file), then read back. An empty token file (made by hand,
+    or by an older version that crashed mid-write) is refused: a router never accepts a switch
+    without a token."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_urlsafe(32))
-    return path.read_text().strip()
+    create_exclusive(path, secrets.token_urlsafe(32))
+    token = path.read_text().strip()
+    if not token:
+        raise StateFileError(f"{path}: the router's token file is empty. Delete it; the next "
+                             "start writes a new token.")
+    return token
 
 
 class CountedStreamingResponse(StreamingResponse):
@@ -97,8 +99,13 @@ class RouterState:
         self.inflight: Counter[str] = Counter()
         self.served: Counter[str] = Counter()
         self.health: dict[str, dict[str, Any]] = {}
-        if state_file and state_file.is_file():
-            saved = json.loads(state_file.read_text())
+        self.state_error: str | None = None
+        try:
+            saved = read_json(state_file, "Fix or delete it, then promote the revision that "
+                              "should serve.") if state_file else None
+        except StateFileError as exc:  # serve 503s that say why, never a restart loop
+            saved, self.state_error = None, str(exc)
+        if saved:
             self.backend, self.revision = saved.get("backend"), saved.get("revision")
             self.fallback, self.fallback_revision = saved.get("fallback"), saved.get(
                 "fallback_revision")
@@ -111,6 +118,7 @@ class RouterState:
         self.fallback_revision = fallback.get("revision") if fallback else None
         self.health = {url: h for url, h in self.health.items()
                        if url in (self.backend, self.fallback)}
+        self.state_error = None
         if self.state_file:
             write_json_atomic(self.state_file, {
                 "backend": self.backend, "revision": revision, "switched_at": self.switched_at,
@@ -132,7 +140,8 @@ class RouterState:
         return {"backend": self.backend, "revision": self.revision,
                 "fallback": self.fallback, "fallback_revision": self.fallback_revision,
                 "switched_at": self.switched_at, "inflight": dict(self.inflight),
-                "served": dict(self.served), "health": self.health, "pid": os.getpid()}
+                "served": dict(self.served), "health": self.health, "pid": os.getpid(),
+                "state_error": self.state_error}
 
 
 #: Health checks: every second; a backend is unhealthy after this many failures in a row.
@@ -203,6 +212,8 @@ class HealthWatch:
 
 
 def create_app(state_file: Path | None, token: str, timeout_s: float = 600) -> Starlette:
+    if not token:
+        raise StateFileError("the router needs a non-empty admin token (--token-file)")
     state = RouterState(state_file)
     client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10),
                                limits=httpx.Limits(max_connections=None,
@@ -240,7 +251,7 @@ def create_app(state_file: Path | None, token: str, timeout_s: float = 600) -> S
 
     async def proxy(request: Request) -> Response:
         if state.backend is None:
-            return JSONResponse({"error": "no backend deployed yet"}, 503)
+            return JSONResponse({"error": state.state_error or "no backend deployed yet"}, 503)
         body = await request.body()
         for _attempt in range(2):  # a refused connection marks the backend down: once more
             target = state.route()

@@ -57,12 +57,12 @@ class ServerHandle:
 
 
 def serving_python(cfg: ServerSettings) -> Path:
-    python = Path(cfg.python or os.environ.get("REQUANT_SERVING_PYTHON") or DEFAULT_SERVING_PYTHON)
+    python = Path(os.environ.get("REQUANT_SERVING_PYTHON") or DEFAULT_SERVING_PYTHON)
     if not python.exists():
         raise SettingsError(
-            f"evaluation.server.python: no serving environment at {python}. Create it with "
-            "`make serving-env` (scripts/setup_envs.sh serving), or point "
-            "evaluation.server.python / REQUANT_SERVING_PYTHON at a Python that has vLLM."
+            f"serving environment: no Python at {python}. Create it with `make serving-env` "
+            "(scripts/setup_envs.sh serving), or the worker's operator points "
+            "REQUANT_SERVING_PYTHON at a Python that has vLLM."
         )
     return python
 
@@ -106,7 +106,19 @@ def build_command(
     eager = cfg.enforce_eager if cfg.enforce_eager is not None else not on_gpu
     if eager:
         cmd.append("--enforce-eager")
+    if (dtype := serving_dtype(cfg, on_gpu)) is not None:
+        cmd += ["--dtype", dtype]
     return cmd + list(cfg.extra_args)
+
+
+def serving_dtype(cfg: ServerSettings, on_gpu: bool) -> str | None:
+    """float32 on a CPU without native bf16 (4.5x faster there than vLLM's emulated bf16);
+    None keeps the checkpoint's dtype. A --dtype in extra_args wins."""
+    if on_gpu or any(a.split("=", 1)[0] == "--dtype" for a in cfg.extra_args):
+        return None
+    from requant.quantization.hardware import cpu_has_native_bf16
+
+    return None if cpu_has_native_bf16() else "float32"
 
 
 def log_tail(path: Path, lines: int = 40) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,6 +25,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from requant.atomic import write_text_atomic
+from requant.errors import SettingsError
 
 PROGRAM = "router"
 
@@ -42,26 +46,35 @@ def router_command(host: str, port: int, folder: Path) -> list[str]:
 
 def write_config(folder: Path, command: list[str]) -> Path:
     """supervisord.conf beside the router's state: a private socket (0700), logs in the folder,
-    the router restarted on every exit."""
+    the router restarted on every exit. Every path in it is absolute (supervisord reads some
+    relative to its ``directory``, others to where it was started) and every value is escaped
+    for its parser: ``%`` expands, the command is split like a shell line."""
+    folder = folder.resolve()
+    for part in (str(folder), *command):
+        if "\n" in part or "\r" in part:
+            raise SettingsError(f"rollout.state_dir: {str(folder)!r:.200} (or the router command) "
+                                "contains a line break, which supervisord's config cannot "
+                                "hold. Use a path without one.")
     conf = folder / "supervisord.conf"
-    conf.write_text(f"""[unix_http_server]
-file={_socket(folder)}
+    sock = _esc(str(_socket(folder)))
+    write_text_atomic(conf, f"""[unix_http_server]
+file={sock}
 chmod=0700
 
 [supervisord]
-logfile={folder / "supervisord.log"}
-pidfile={folder / "supervisord.pid"}
-childlogdir={folder}
-directory={folder}
+logfile={_esc(str(folder / "supervisord.log"))}
+pidfile={_esc(str(folder / "supervisord.pid"))}
+childlogdir={_esc(str(folder))}
+directory={_esc(str(folder))}
 
 [rpcinterface:supervisor]
 supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 
 [supervisorctl]
-serverurl=unix://{_socket(folder)}
+serverurl=unix://{sock}
 
 [program:{PROGRAM}]
-command={" ".join(command)}
+command={_esc(shlex.join(command))}
 environment=PYTHONUNBUFFERED="1"
 autostart=true
 autorestart=true
@@ -72,9 +85,15 @@ stopwaitsecs=10
 stopasgroup=true
 killasgroup=true
 redirect_stderr=true
-stdout_logfile={folder / "router.log"}
+stdout_logfile={_esc(_esc(str(folder / "router.log")))}
 """)
     return conf
+
+
+def _esc(value: str) -> str:
+    """supervisord expands ``%(name)s`` in its values: a literal % is written %% (twice over for
+    a program's log file, which it expands twice)."""
+    return value.replace("%", "%%")
 
 
 def start(folder: Path, command: list[str]) -> None:

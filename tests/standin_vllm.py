@@ -1,0 +1,129 @@
+"""A stand-in for ``python -m vllm.entrypoints.openai.api_server``, for tests whose subject is
+orchestration (kill points, recovery, router switching), not vLLM: it starts in about a second
+instead of ~40 s on these CPUs. The worker's ``REQUANT_SERVING_PYTHON`` points at a wrapper
+that runs this file with vLLM's arguments (``standin_python``), exactly as an operator points
+it at a serving environment, so the code under test starts, watches and stops it as it does
+vLLM. Real vLLM runs the same rollout path end to end in test_e2e_demo and test_rollout_local.
+
+Behaves like vLLM where those tests depend on it: it listens only after a start-up delay
+(``STANDIN_STARTUP_S``), ``/health``, ``/v1/models`` (``root`` is the model path, as vLLM's),
+chat and text completions with ``max_tokens`` tokens, streaming as server-sent events ending in
+``[DONE]``, 404 for an unknown model, and it dies like a process (SIGTERM, SIGKILL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+
+def standin_python(folder: Path) -> Path:
+    """An executable that takes a Python's place for ``REQUANT_SERVING_PYTHON``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wrapper = folder / "python"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{Path(__file__).resolve()}" "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return wrapper
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("-m", dest="module")
+    p.add_argument("--model", required=True)
+    p.add_argument("--served-model-name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    args, _ = p.parse_known_args(argv)
+    return args
+
+
+def handler(model: str, served: str) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            if self.path == "/health":
+                return self._json(200, {})
+            if self.path == "/v1/models":
+                return self._json(200, {"object": "list", "data": [
+                    {"id": served, "object": "model", "root": model, "owned_by": "vllm"}]})
+            return self._json(404, {"error": {"message": f"no route {self.path}"}})
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            kind = {"/v1/chat/completions": "chat", "/v1/completions": "text"}.get(self.path)
+            if kind is None:
+                return self._json(404, {"error": {"message": f"no route {self.path}"}})
+            if body.get("model") != served:
+                return self._json(404, {"error": {
+                    "message": f"The model `{body.get('model')}` does not exist.",
+                    "type": "NotFoundError", "code": 404}})
+            n = max(1, int(body.get("max_tokens") or 16))
+            if body.get("stream"):
+                return self._stream(kind, n)
+            choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
+            if kind == "chat":
+                choice["message"] = {"role": "assistant", "content": "ok " * n}
+            else:
+                choice["text"] = "ok " * n
+            self._json(200, {"id": "cmpl-standin", "object": "chat.completion" if kind == "chat"
+                             else "text_completion", "created": int(time.time()),
+                             "model": served, "choices": [choice],
+                             "usage": {"prompt_tokens": 8, "completion_tokens": n,
+                                       "total_tokens": 8 + n}})
+
+        def _stream(self, kind: str, n: int) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(n):
+                delta = ({"delta": {"content": "ok "}} if kind == "chat" else {"text": "ok "})
+                chunk = {"id": "cmpl-standin", "object": "chat.completion.chunk" if kind ==
+                         "chat" else "text_completion", "model": served,
+                         "choices": [{"index": 0, **delta,
+                                      "finish_reason": "length" if i == n - 1 else None}]}
+                self._chunk(f"data: {json.dumps(chunk)}\n\n")
+            self._chunk("data: [DONE]\n\n")
+            self._chunk("")
+
+        def _chunk(self, text: str) -> None:
+            data = text.encode()
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+        def _json(self, status: int, payload: dict[str, Any]) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+def main(argv: list[str]) -> None:
+    args = _args(argv)
+    served = args.served_model_name or args.model
+    print(f"stand-in for vLLM: {args.model} as {served}, listening after "
+          f"{os.environ.get('STANDIN_STARTUP_S', '1')} s", flush=True)
+    time.sleep(float(os.environ.get("STANDIN_STARTUP_S", "1")))
+    server = ThreadingHTTPServer((args.host, args.port), handler(args.model, served))
+    server.daemon_threads = True
+    print(f"INFO: Uvicorn running on http://{args.host}:{args.port}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
