@@ -178,9 +178,12 @@ class ServerSettings(_Section):
     )
     extra_args: list[str] = Field(default_factory=list, description="Appended to the command.")
     env: dict[str, str] = Field(
-        default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "4"},
-        description="Extra environment for the server (VLLM_CPU_KVCACHE_SPACE is GiB of KV "
-        "cache on CPU hosts).",
+        default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "4",
+                                 "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"},
+        description="Extra environment for the server. CPU hosts: VLLM_CPU_KVCACHE_SPACE is GiB "
+        "of KV cache; VLLM_CPU_NUM_OF_RESERVED_CPU=0 lets the engine compute on every core "
+        "instead of keeping one for the HTTP frontend (1.7x the prefill throughput on 2 cores: "
+        "docs/evaluation.md).",
     )
     startup_timeout_s: float = Field(900, gt=0, description="Deadline for /health + /v1/models.")
     stop_grace_s: float = Field(30, ge=0, description="SIGTERM, then SIGKILL after this long.")
