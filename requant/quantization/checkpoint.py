@@ -8,7 +8,6 @@ not the whole model. The llm-compressor call itself lives in requant/oneshot.py.
 from __future__ import annotations
 
 import gc
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from requant.quantization.oneshot import (
     load_model,
     quantize_model,
     release_session,
+    restore_source_dtype,
 )
 from requant.quantization.recipes import ResolvedRecipe
 from requant.quantization.single_pass import BATCH_TOKENS
@@ -110,16 +110,6 @@ def quantize_checkpoint(
     return QuantizedCheckpoint(Path(out_dir), manifest, source)
 
 
-def source_dtype(model_dir: Path) -> Any:
-    """The torch dtype the source checkpoint declares (config.json), or None."""
-    import torch
-
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    name = config.get("dtype") or config.get("torch_dtype")
-    value = getattr(torch, str(name), None) if name else None
-    return value if isinstance(value, torch.dtype) else None
-
-
 def calibrate_in_process(
     settings: PipelineSettings, source: ResolvedSource, calib: CalibrationSet | None,
     recipe: ResolvedRecipe, acc: Accelerator, save_to: Path, report: Report,
@@ -130,7 +120,6 @@ def calibrate_in_process(
     compute = compute_dtype(acc)
     model, tokenizer = load_model(source.path, settings.source.trust_remote_code,
                                   dtype=compute or "auto")
-    saved_dtype = source_dtype(source.path) if compute is not None else None
     if acc.kind == "cuda":
         wait_for_gpu_memory(quantization_need_bytes(model.config, BATCH_TOKENS),
                             "quantization", q.gpu_memory_wait_s,
@@ -142,11 +131,7 @@ def calibrate_in_process(
         smoothing_tolerance=q.smoothing_tolerance, pipeline=q.pipeline, report=report,
     )
     choices["oneshot_s"] = round(time.perf_counter() - t0, 2)
-    if compute is not None:  # computed in fp32 here; saved as the source's dtype, as elsewhere
-        choices["compute_dtype"] = str(compute).removeprefix("torch.")
-        if saved_dtype is not None and saved_dtype != compute:
-            model.to(saved_dtype)
-            model.config.dtype = saved_dtype
+    choices |= restore_source_dtype(model, source.path, compute)
     report(0.99, "calibration done; saving and verifying the checkpoint")
     model.save_pretrained(save_to, save_compressed=True)
     tokenizer.save_pretrained(save_to)

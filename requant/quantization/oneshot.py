@@ -16,6 +16,7 @@ Choices made here, each measured (docs/quantization.md):
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -82,6 +83,22 @@ def compute_dtype(acc: Accelerator) -> Any:
     from requant.quantization.hardware import cpu_has_native_bf16
 
     return torch.float32 if acc.kind == "cpu" and not cpu_has_native_bf16() else None
+
+
+def restore_source_dtype(model: Any, model_dir: Path, compute: Any) -> dict[str, Any]:
+    """After calibrating in ``compute`` (fp32 on a CPU without native bf16), the model goes back
+    to the dtype its source declares, so the checkpoint is the one a bf16 machine would save.
+    Returns the manifest's record of it (nothing when the source's dtype was used)."""
+    import torch
+
+    if compute is None:
+        return {}
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    saved = getattr(torch, str(config.get("dtype") or config.get("torch_dtype")), None)
+    if isinstance(saved, torch.dtype) and saved != compute:
+        model.to(saved)
+        model.config.dtype = saved
+    return {"compute_dtype": str(compute).removeprefix("torch.")}
 
 
 def quantize_model(

@@ -77,10 +77,17 @@ def init_group(job: RankJob, local_rank: int) -> Accelerator:
 def calibrate_shard(job: RankJob, acc: Accelerator, rank: int, world: int) -> dict[str, Any]:
     from datasets import load_from_disk
 
-    from requant.quantization.oneshot import load_model, quantize_model
+    from requant.quantization.oneshot import (
+        compute_dtype,
+        load_model,
+        quantize_model,
+        restore_source_dtype,
+    )
 
+    compute = compute_dtype(acc)  # every rank computes as the single process would
     model, tokenizer = load_model(Path(job.model_dir), job.trust_remote_code,
-                                  weights_device(acc, weights_bytes(Path(job.model_dir))))
+                                  weights_device(acc, weights_bytes(Path(job.model_dir))),
+                                  dtype=compute or "auto")
     data = load_from_disk(job.calibration_dir)
     start, end = shard_bounds(len(data), world)[rank]
     choices = quantize_model(
@@ -89,6 +96,7 @@ def calibrate_shard(job: RankJob, acc: Accelerator, rank: int, world: int) -> di
         activation_cache=job.activation_cache,  # type: ignore[arg-type]
         smoothing_tolerance=job.smoothing_tolerance,
         report=progress_file(Path(job.work_dir)) if rank == 0 else no_progress)
+    choices |= restore_source_dtype(model, Path(job.model_dir), compute)
     model.save_pretrained(job.save_to, save_compressed=True)
     if rank == 0:
         tokenizer.save_pretrained(job.save_to)
