@@ -5,7 +5,7 @@ endpoint on :8000, `requant down` and `make prefect-down`. The copy shares only 
 built before it and `make demo` would find up to date: the two environments and the demo model.
 
 The planted broken candidate then runs in the same copy and reuses the demo's baseline from the
-copy's own cache (as a nightly run would)."""
+copy's own cache (as a nightly run would), and is stopped by the exactness check."""
 
 from __future__ import annotations
 
@@ -58,8 +58,22 @@ def user_env(copy: Path) -> dict[str, str]:
     return env
 
 
+def environments_are_current() -> bool:
+    """The stamp scripts/setup_envs.sh writes: a stale pipeline environment would be reinstalled
+    by the copy's `make demo`, through the link, as an editable install of the copy."""
+    import hashlib
+
+    want = hashlib.sha256((ROOT / "constraints" / "pipeline.txt").read_bytes()
+                          + (ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    stamp = ROOT / ".venvs" / "pipeline" / ".requant-stamp"
+    return stamp.is_file() and stamp.read_text().strip() == want
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    if not environments_are_current():
+        pytest.fail("the environments are older than constraints/ and pyproject.toml: run "
+                    "`make envs` first (`make test` does)")
     copy = fresh_copy(tmp_path_factory.mktemp("fresh-clone") / "requant")
     env = user_env(copy)
     try:
@@ -128,40 +142,27 @@ def test_make_demo_as_shipped_quantizes_passes_the_gate_for_real_and_serves_on_8
     assert stopped.returncode == 0 and "Prefect server stopped" in stopped.stdout
 
 
-def test_a_planted_broken_candidate_fails_the_gate_and_nothing_is_published_or_served(
+def test_a_planted_broken_candidate_is_stopped_before_gptq_and_nothing_is_written(
         demo, tmp_path, monkeypatch, prefect_server):
     """SmoothQuant with crossed (norm -> Linears) mappings: a well-formed W8A8 checkpoint that
-    vLLM serves, whose model computes a different function. The exactness check stops it
-    first; let through on purpose (a tolerance of 10), only the gate can tell."""
-    from requant.errors import GateFailed, SmoothingNotExact
+    vLLM would serve, whose model computes a different function. The exactness check stops it
+    before GPTQ, naming the mapping; nothing is written. (Let through on purpose, the gate
+    FAILs it on the demo's questions: docs/evaluation.md has that run; CI's budget keeps the
+    candidate evaluation out of the suite, docs/testing.md.)"""
+    from requant.errors import SmoothingNotExact
     from requant.flows.requantize import requantize
 
     copy, _, done = demo
     monkeypatch.chdir(copy)  # the copy's cache holds the demo's baseline
-    args = ["quantization.recipe=tests/data/broken-smoothing-recipe.yaml",
-            "calibration.num_samples=16", "calibration.max_seq_len=256",
-            "rollout.local.port=1"]  # nothing may ever listen there
-
-    def settings(out: Path, *more: str):
-        return load_settings("deployments/configs/demo.yaml",
-                             [f"output_dir={out}", f"rollout.state_dir={out / 'state'}",
-                              *args, *more])
-
+    settings = load_settings("deployments/configs/demo.yaml", [
+        f"output_dir={tmp_path / 'runs'}", f"rollout.state_dir={tmp_path / 'state'}",
+        "quantization.recipe=tests/data/broken-smoothing-recipe.yaml",
+        "calibration.num_samples=16", "calibration.max_seq_len=256",
+        "rollout.local.port=1"])  # nothing may ever listen there
     with pytest.raises(SmoothingNotExact, match=r"Mapping at fault: \.\*input_layernorm"):
-        requantize(settings(tmp_path / "checked"))
-    assert not list((tmp_path / "checked").glob("*/checkpoint"))
-    with pytest.raises(GateFailed) as err:
-        requantize(settings(tmp_path / "runs", "quantization.smoothing_tolerance=10"))
-    decision = err.value.decision
-    assert (decision.status, decision.promote) == ("fail", False)
-    (rule,) = decision.rules
-    assert rule.status == "fail" and rule.interval["high"] < -rule.delta
-    assert decision.questions < decision.total  # so clear that the candidate stopped early
-    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.name != "state"]
-    recorded = json.loads((run_dir / "gate" / "decision.json").read_text())
-    assert recorded["status"] == "fail" and recorded["stopped_early"] is True
-    assert recorded["baseline"]["cached"] is (done.returncode == 0)  # the demo's, reused
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["verification"]["ok"] is True  # the format checks cannot see it
-    assert summary["publish"] is None and summary["rollout"] is None
-    assert not (run_dir / "publish").exists() and not (tmp_path / "runs" / "state").exists()
+        requantize(settings)
+    assert not list((tmp_path / "runs").glob("*/checkpoint"))
+    assert not list((tmp_path / "runs").glob("*/publish")) and not (tmp_path / "state").exists()
+    if done.returncode == 0:  # the baseline came from the demo's run, not a second evaluation
+        (run_dir,) = (tmp_path / "runs").iterdir()
+        assert json.loads((run_dir / "eval" / "baseline" / "cache.json").read_text())["key"]
