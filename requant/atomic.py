@@ -64,14 +64,8 @@ def write_text_atomic(path: Path, text: str, mode: int | None = None) -> Path:
     """Write through a temp file (fsynced, ``mode`` set before any byte is written) + rename +
     fsync of the directory, so readers never see half a file and a crash never loses it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if mode is None else mode)
+    tmp = _written_temp(path, text, 0o600 if mode is None else mode)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
         if mode is None:
             os.chmod(tmp, 0o666 & ~_umask())
         tmp.replace(path)
@@ -87,14 +81,8 @@ def create_exclusive(path: Path, text: str, mode: int = 0o600) -> bool:
     name, then hard-linked into place (fails if another creator won). False: it existed. A
     crash never leaves the final name empty or half written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    tmp = _written_temp(path, text, mode)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.link(tmp, path)
     except FileExistsError:
         return False
@@ -162,6 +150,23 @@ def sweep_stale(final: Path) -> None:
                 shutil.rmtree(stale, ignore_errors=True)
             else:
                 stale.unlink(missing_ok=True)
+
+
+def _written_temp(final: Path, text: str, mode: int) -> Path:
+    """``text`` on disk (fsynced) under a new temporary sibling of ``final``, created with
+    ``mode`` before any byte is written; removed again if writing fails."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(final)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def _tmp_name(final: Path) -> Path:
