@@ -3,10 +3,12 @@ production marker. Also the manual rollback (``rollback=true``: the previous rev
 the same verified path).
 
     resolve release -> fetch files (local target) -> rollout (start beside, verify, shift,
-    drain) -> move production marker -> record it deployed (requant.ledger)
+    drain; recorded serving, marker pending) -> move production marker (recorded moved)
 
 Any failed check rolls back inside the rollout stage: the old revision keeps serving, the marker
-does not move, and the flow fails with the reason.
+does not move, and the flow fails with the reason. The target's record (requant.rollout.state)
+is the one record of what serves; a failed marker move leaves it saying "marker pending", and
+promoting the same revision again moves the marker without a new rollout.
 
 Run it:  requant promote --config deployments/configs/demo.yaml --set rollout.target=local
              (--revision <sha> | --checkpoint runs/<id>/checkpoint | --rollback)
@@ -22,13 +24,12 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
 from requant.errors import SettingsError
-from requant.ledger import record_deployed
 from requant.policy import check_run_policy
 from requant.rollout.gate_record import gate_record
 from requant.rollout.local import check_local_settings
 from requant.rollout.lock import rollout_lock
 from requant.rollout.release import resolve_release
-from requant.rollout.state import Release
+from requant.rollout.state import Intent, Release
 from requant.settings import PipelineSettings, validate_settings
 from requant.tasks.rollout import fetch_release_task, move_marker, rollout
 
@@ -57,16 +58,11 @@ def promote(
         if settings.rollout.target == "local":
             release = fetch_release_task(settings.hub, release, settings.cache_dir)
         run_id = str(flow_run.get_id() or "") or None
-        deployed, changed = rollout(settings, release, run_id)
+        deployed, changed = rollout(settings, release, run_id, Intent(rollback, forced))
         marker_moved = False
-        if release.repo_id:
-            move_marker(settings.hub, release.revision)
+        if release.repo_id:  # recorded "pending" by the rollout until this returns
+            move_marker(settings, release.revision)
             marker_moved = True
-        record_deployed(settings.cache_dir, settings.rollout.target,
-                        revision=release.revision, repo_id=release.repo_id,
-                        checkpoint=checkpoint or (None if release.repo_id
-                                                  else release.checkpoint),
-                        flow_run_id=run_id, rollback=rollback, forced=forced)
     return {"release": asdict(release), "deployed": asdict(deployed), "changed": changed,
             "production_marker_moved": marker_moved, "target": settings.rollout.target,
             "forced": forced}

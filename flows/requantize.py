@@ -35,12 +35,12 @@ from requant.evaluation.gate import GateDecision
 from requant.gpu_limit import GPU_LIMIT, check_gpu_limit, gpu_slots_needed
 from requant.ledger import (
     candidate_key,
-    find_deployed,
     find_published,
     pending_rollout,
     record_published,
 )
 from requant.policy import check_run_policy
+from requant.rollout.state import load_state
 from requant.quantization.checkpoint import QuantizedCheckpoint
 from requant.quantization.hardware import Accelerator
 from requant.quantization.recipes import ResolvedRecipe
@@ -82,8 +82,8 @@ def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any
                         calib.fingerprint if calib else None)
     if not settings.force and (hit := find_published(settings.cache_dir, key)):
         if settings.rollout.target != "none":
-            args, why = pending_rollout(hit, find_deployed(settings.cache_dir,
-                                                           settings.rollout.target))
+            args, why = pending_rollout(hit, load_state(settings.rollout.state_dir,
+                                                        settings.rollout.target))
             if args is not None:  # published, never served: roll it out, no requantization
                 return promote_published(settings, run_dir, run_id, key, hit, args, why,
                                          started)

@@ -33,6 +33,10 @@ LOCAL_ROLLOUT = (
 #: verified (recorded on the Deployment, not yet in the worker's state file).
 KUBERNETES_ROLLOUT = ("k8s-applied", "k8s-verified")
 
+#: The promote flow's last step: the Hub's production marker moved, the target's record not yet
+#: told (it still says the marker is pending; the next promote moves it again, a no-op).
+MARKER = "marker-moved"
+
 
 def kill_point(step: str) -> None:
     """SIGKILL this process here if ``REQUANT_KILL_AT`` names ``step``."""

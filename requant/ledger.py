@@ -9,10 +9,11 @@ re-evaluating would only reproduce it. One small JSON file per key under ``cache
 (on a cluster, the same shared volume as the model cache), written only after a successful
 publish, so a failed run never makes the next one skip.
 
-"Published" is not "deployed": the promote flow writes ``deployed-<target>.json`` after a
-verified rollout (what serves, and which revisions an operator rolled back from). A run whose
-candidate is published but not serving on its target rolls it out without requantizing
-(``pending_rollout``); a revision rolled back by hand is not pushed again by the nightly run.
+"Published" is not "deployed": what serves is the rollout target's own record
+(``requant.rollout.state``: what serves, which revisions an operator rolled back from, whether
+the production marker followed), never a copy kept here. A run whose candidate is published but
+not serving on its target rolls it out without requantizing (``pending_rollout``); a revision
+rolled back by hand is not pushed again by the nightly run.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 from requant.atomic import read_json, write_json_atomic
 from requant.hashing import fingerprint
 from requant.quantization.manifest import library_versions
+from requant.rollout.state import DeployState
 from requant.settings import PipelineSettings
 
 LEDGER_DIR = "ledger"
@@ -74,37 +76,12 @@ def record_published(cache_dir: Path, key: str, run_id: str, publish: dict[str, 
     return path
 
 
-def _deployed_path(cache_dir: Path, target: str) -> Path:
-    return Path(cache_dir) / LEDGER_DIR / f"deployed-{target}.json"
-
-
-def find_deployed(cache_dir: Path, target: str) -> dict[str, Any] | None:
-    return read_json(_deployed_path(cache_dir, target), _LEDGER_FIX)
-
-
-def record_deployed(cache_dir: Path, target: str, *, revision: str, repo_id: str | None,
-                    checkpoint: str | None, flow_run_id: str | None,
-                    rollback: bool = False, forced: bool = False) -> Path:
-    """After a verified rollout (or rollback) only. A rollback withdraws what it left;
-    promoting a revision explicitly takes it back. ``forced``: promoted past the gate."""
-    record = find_deployed(cache_dir, target) or {"withdrawn": []}
-    ckpt = str(Path(checkpoint).resolve()) if checkpoint else None
-    withdrawn = [r for r in record.get("withdrawn", []) if r not in (revision, ckpt)]
-    left = record.get("active") or {}
-    if rollback:
-        withdrawn += [i for i in (left.get("revision"), left.get("checkpoint"))
-                      if i and i not in withdrawn and i not in (revision, ckpt)]
-    record.update(withdrawn=withdrawn, active={
-        "revision": revision, "repo_id": repo_id,
-        "checkpoint": ckpt, "flow_run_id": flow_run_id, "forced": forced,
-        "deployed_at": datetime.now(UTC).isoformat(timespec="seconds")})
-    return write_json_atomic(_deployed_path(cache_dir, target), record)
-
-
-def pending_rollout(hit: dict[str, Any], deployed: dict[str, Any] | None
+def pending_rollout(hit: dict[str, Any], deployed: DeployState
                     ) -> tuple[dict[str, str] | None, str]:
-    """(promote arguments, why) for a published candidate that is not serving; (None, why)
-    when it serves, or an operator rolled it back."""
+    """(promote arguments, why) for a published candidate that is not serving, or serves with
+    the production marker not yet moved to it; (None, why) when it serves and the marker
+    follows, or an operator rolled it back. ``deployed``: the target's record, the one that
+    says what serves (requant.rollout.state)."""
     if not hit.get("dry_run") and hit.get("commit_sha"):
         args, ident = {"revision": hit["commit_sha"]}, hit["commit_sha"]
     else:
@@ -112,9 +89,11 @@ def pending_rollout(hit: dict[str, Any], deployed: dict[str, Any] | None
         if ckpt is None or not Path(ckpt).is_dir():
             return None, "its dry-run checkpoint is gone; nothing to roll out"
         args, ident = {"checkpoint": ckpt}, ckpt
-    active = (deployed or {}).get("active") or {}
-    if ident in (active.get("revision"), active.get("checkpoint")):
+    active = deployed.active
+    if active is not None and ident in active.release.identities():
+        if active.marker == "pending":
+            return args, "it serves, but the production marker was not moved to it"
         return None, "it is serving"
-    if ident in (deployed or {}).get("withdrawn", []):
+    if ident in deployed.withdrawn:
         return None, "an operator rolled it back; promote it explicitly to serve it again"
     return args, "published but not serving (its rollout failed or never ran)"

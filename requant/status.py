@@ -30,7 +30,8 @@ def _deployed(d: Deployed | None) -> dict[str, Any] | None:
     if d is None:
         return None
     return {"revision": d.release.revision, "repo_id": d.release.repo_id,
-            "since": d.deployed_at, "flow_run_id": d.flow_run_id, "endpoint": d.endpoint}
+            "since": d.deployed_at, "flow_run_id": d.flow_run_id, "endpoint": d.endpoint,
+            "marker": d.marker, "forced": d.forced, "rollback": d.rollback}
 
 
 def local_status(settings: PipelineSettings) -> dict[str, Any]:
@@ -44,6 +45,7 @@ def local_status(settings: PipelineSettings) -> dict[str, Any]:
     pid = int(active.server["pid"]) if active and active.server.get("pid") else None
     return {"endpoint": f"{url}/v1", "active": _deployed(active),
             "previous": _deployed(state.previous), "pending": _deployed(state.pending),
+            "withdrawn": state.withdrawn,
             "router": {"alive": router is not None, "url": url, "status": router,
                        "supervisor": _supervisor(settings)},
             "server": {"pid": pid, "alive": bool(pid and pid_running(pid))}}
@@ -65,7 +67,7 @@ def kubernetes_status(settings: PipelineSettings) -> dict[str, Any]:
     k = settings.rollout.kubernetes
     local = load_state(settings.rollout.state_dir, "kubernetes")
     out: dict[str, Any] = {"namespace": k.namespace, "deployment": k.deployment,
-                           "recorded": _deployed(local.active)}
+                           "recorded": _deployed(local.active), "withdrawn": local.withdrawn}
     try:
         from kubernetes import client
 
@@ -113,12 +115,17 @@ def render_status(status: dict[str, Any]) -> str:
                                     if a else "nothing"))
         if (s["router"]["status"] or {}).get("state_error"):
             lines.append(f"ROUTER STATE UNREADABLE: {s['router']['status']['state_error']}")
+        lines += _marker_lines(a)
         if s["previous"]:
             lines.append(f"previous (rollback target): {s['previous']['revision']}")
         if s["pending"]:
             lines.append(f"unfinished rollout on record: {s['pending']['revision']}")
     elif s["target"] == "kubernetes":
         lines.append(f"deployment: {s['namespace']}/{s['deployment']}; cluster: {s['cluster']}")
+        lines += _marker_lines(s["recorded"])
+    if s.get("withdrawn"):
+        lines.append(f"rolled back from (not rolled out again unless promoted): "
+                     f"{', '.join(s['withdrawn'])}")
     last = status["last_published"]
     lines.append("last published: " + (f"{last.get('repo_id') or 'dry run'} @ "
                                        f"{last.get('commit_sha') or last.get('checkpoint')} "
@@ -129,3 +136,13 @@ def render_status(status: dict[str, Any]) -> str:
         extra = (f" gate {r['gate']}, publish {r['publish']}" if r.get("gate") else "")
         lines.append(f"  {r['run_id']}: {r['state']}{extra}")
     return "\n".join(lines)
+
+
+def _marker_lines(active: dict[str, Any] | None) -> list[str]:
+    """A serving revision the Hub's production marker has not caught up with is said loudly:
+    readers of the marker get the revision before it until a promote moves it."""
+    if not active or active.get("marker") != "pending":
+        return []
+    return [f"PRODUCTION MARKER NOT MOVED: {active['repo_id']}'s production branch does not "
+            f"point at {active['revision']} yet (its move failed or was cut short). `requant "
+            f"promote --revision {active['revision']}` moves it; nothing is rolled out again."]

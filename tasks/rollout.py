@@ -15,12 +15,13 @@ from prefect.logging import get_run_logger
 from requant.errors import RolloutFailed, retry_transient
 from requant.hub.client import resolve_token
 from requant.hub.marker import move_production_marker
+from requant.killpoints import MARKER, kill_point
 from requant.progress import StageProgress
 from requant.report import render_rollout
 from requant.rollout.kubernetes import rollout_kubernetes
 from requant.rollout.local import rollout_local
 from requant.rollout.release import fetch_release
-from requant.rollout.state import Deployed, Release
+from requant.rollout.state import Deployed, Intent, Release, record_marker_moved
 from requant.settings import HubSettings, PipelineSettings
 
 #: About how many steps a target reports during a rollout (start, ready, verify, switch, drain,
@@ -36,8 +37,8 @@ def fetch_release_task(hub: HubSettings, release: Release, cache_dir: Path) -> R
 
 
 @task(name="rollout")
-def rollout(settings: PipelineSettings, release: Release, flow_run_id: str | None
-            ) -> tuple[Deployed, bool]:
+def rollout(settings: PipelineSettings, release: Release, flow_run_id: str | None,
+            intent: Intent = Intent()) -> tuple[Deployed, bool]:
     """Not retried: a rollout that failed verification was rolled back on purpose."""
     logger = get_run_logger()
     progress = StageProgress("rollout", f"rolling {release.label()} out")
@@ -49,7 +50,7 @@ def rollout(settings: PipelineSettings, release: Release, flow_run_id: str | Non
 
     run = rollout_local if settings.rollout.target == "local" else rollout_kubernetes
     try:
-        deployed, changed = run(settings, release, flow_run_id, log)
+        deployed, changed = run(settings, release, flow_run_id, log, intent)
     except RolloutFailed as exc:
         create_markdown_artifact(key="requant-rollout", markdown=render_rollout(
             settings, release, None, False, failure=exc))
@@ -63,7 +64,12 @@ def rollout(settings: PipelineSettings, release: Release, flow_run_id: str | Non
 
 @task(name="move-production-marker", retries=3, retry_delay_seconds=[5, 20, 60],
       retry_condition_fn=retry_transient)
-def move_marker(hub: HubSettings, sha: str) -> None:
-    """Only after a verified rollout: the marker says what production serves."""
+def move_marker(settings: PipelineSettings, sha: str) -> None:
+    """Only after a verified rollout: the marker says what production serves, and the target's
+    record says the marker caught up (until then it says "pending", and the next promote or
+    nightly run of ``sha`` moves it)."""
+    hub = settings.hub
     move_production_marker(hub, sha, resolve_token(hub))
+    kill_point(MARKER)
+    record_marker_moved(settings.rollout.state_dir, settings.rollout.target, sha)
     get_run_logger().info("moved %s's %s branch to %s", hub.repo_id, hub.production_ref, sha)

@@ -232,7 +232,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
         main(["settings-schema"])
 
 
-@pytest.mark.parametrize("record", ["local/state.json", "../cache/ledger/deployed-local.json"])
+@pytest.mark.parametrize("record", ["local/state.json", "../cache/ledger/0123abcd.json"])
 def test_a_corrupt_state_file_makes_status_say_which_file_not_crash(tmp_path, capsys, record):
     path = tmp_path / "state" / record
     path.parent.mkdir(parents=True, exist_ok=True)

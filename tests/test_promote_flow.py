@@ -15,7 +15,6 @@ from requant.atomic import TMP_PREFIX
 from requant.errors import RolloutFailed, SettingsError
 from requant.flows.promote import promote
 from requant.hub.commits import trailer
-from requant.ledger import find_deployed
 from requant.rollout.local import router_status, shutdown_local
 from requant.rollout.state import load_state
 from requant.serving.server import free_port
@@ -97,8 +96,8 @@ def test_promote_moves_the_marker_only_after_a_verified_rollout_and_rolls_back_o
             state = load_state(settings.rollout.state_dir, "local")
             assert state.active.release.revision == sha_a
             assert state.previous.release.revision == sha_b
-            deployed = find_deployed(settings.cache_dir, "local")  # the ledger's record
-            assert deployed["active"]["revision"] == sha_a and deployed["withdrawn"] == [sha_b]
+            assert state.withdrawn == [sha_b] and state.active.rollback
+            assert state.active.marker == "moved"  # the one record: the marker followed
             assert [h["event"] for h in state.history] == [
                 "deployed", "deployed", "rolled-back", "deployed"]
             # the files served were fetched by the real client, pinned to the commit

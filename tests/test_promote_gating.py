@@ -12,9 +12,8 @@ from huggingface_hub import HfApi
 from requant.errors import SettingsError
 from requant.flows.promote import check_gated
 from requant.hub.commits import trailer
-from requant.ledger import find_deployed, record_deployed
 from requant.rollout.gate_record import HUB_DECISION, gate_record
-from requant.rollout.state import Release
+from requant.rollout.state import Deployed, DeployState, Release, load_state, save_state
 from requant.settings import HubSettings, PipelineSettings
 from tests.fakehub import FakeHub
 
@@ -50,9 +49,11 @@ def test_an_ungated_or_failed_checkpoint_is_refused_without_force_naming_the_fla
 
 
 def test_a_forced_deployment_is_recorded_as_forced(tmp_path):
-    record_deployed(tmp_path, "local", revision="local-abc", repo_id=None,
-                    checkpoint=str(tmp_path), flow_run_id="f", forced=True)
-    assert find_deployed(tmp_path, "local")["active"]["forced"] is True
+    state = DeployState("local")
+    state.activate(Deployed(Release("local-abc", checkpoint=str(tmp_path)), "t", "f",
+                            forced=True))
+    save_state(tmp_path, state)
+    assert load_state(tmp_path, "local").active.forced is True
 
 
 def test_a_hub_revision_answers_from_the_decision_file_in_its_own_commit(tmp_path, monkeypatch):

@@ -31,7 +31,7 @@ from requant.rollout.k8s_manifest import (
     render_service,
     validate,
 )
-from requant.rollout.state import Deployed, Release, load_state, save_state
+from requant.rollout.state import Deployed, Intent, Release, load_state, save_state
 from requant.serving.checks import verify_deployment
 from requant.settings import KubernetesTargetSettings, PipelineSettings
 
@@ -153,8 +153,10 @@ def record_from_cluster(state_dir: Path, release: Release, annotations: dict[str
     if state.active is not None and state.active.release == release:
         return state.active
     deployed = Deployed(release, annotations.get(f"{ANNOTATION}/deployed-at", ""),
-                        annotations.get(f"{ANNOTATION}/flow-run") or flow_run_id)
-    state.previous, state.active = state.active, deployed
+                        annotations.get(f"{ANNOTATION}/flow-run") or flow_run_id,
+                        rollback=annotations.get(f"{ANNOTATION}/rollback") == "true",
+                        forced=annotations.get(f"{ANNOTATION}/forced") == "true")
+    state.activate(deployed)
     state.record_event("deployed", release, flow_run_id, deployed.deployed_at,
                        "recorded from the Deployment: verified by a run that did not finish")
     save_state(state_dir, state)
@@ -195,7 +197,7 @@ def undo(apps: Any, k: KubernetesTargetSettings, previous: dict[str, Any] | None
 
 
 def rollout_kubernetes(settings: PipelineSettings, release: Release, flow_run_id: str | None,
-                       log: Log = print) -> tuple[Deployed, bool]:
+                       log: Log = print, intent: Intent = Intent()) -> tuple[Deployed, bool]:
     from kubernetes import client
 
     rcfg = settings.rollout
@@ -218,7 +220,8 @@ def rollout_kubernetes(settings: PipelineSettings, release: Release, flow_run_id
         serving = annotations.get(f"{ANNOTATION}/previous-revision") or None
     record = {"revision": release.revision, "repo": release.repo_id or "",
               "previous-revision": serving or "", "flow-run": flow_run_id or "",
-              "deployed-at": now, "verified": "false"}
+              "deployed-at": now, "verified": "false",
+              "rollback": str(intent.rollback).lower(), "forced": str(intent.forced).lower()}
     deployment = render_deployment(k, release, rcfg.served_model_name, record)
     validate(deployment)
     _apply_service(core, k)
@@ -242,8 +245,9 @@ def rollout_kubernetes(settings: PipelineSettings, release: Release, flow_run_id
     deployed = Deployed(release, now, flow_run_id, url,
                         {"namespace": k.namespace, "deployment": k.deployment},
                         report.as_record() | {
-                            "rollout_to_shift_s": round(time.monotonic() - started, 2)})
-    state.previous, state.active = state.active, deployed
+                            "rollout_to_shift_s": round(time.monotonic() - started, 2)},
+                        rollback=intent.rollback, forced=intent.forced)
+    state.activate(deployed)
     state.record_event("deployed", release, flow_run_id, now)
     save_state(rcfg.state_dir, state)
     return deployed, True

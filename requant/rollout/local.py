@@ -25,7 +25,14 @@ import httpx
 from requant.errors import DeploymentCheckFailed, RolloutFailed, ServerError, SettingsError
 from requant.killpoints import kill_point
 from requant.processes import pid_running, stop_process_group
-from requant.rollout.state import Deployed, DeployState, Release, load_state, save_state
+from requant.rollout.state import (
+    Deployed,
+    DeployState,
+    Intent,
+    Release,
+    load_state,
+    save_state,
+)
 from requant.serving.checks import verify_deployment
 from requant.serving.server import log_tail, start_server, stop_server
 from requant.settings import PipelineSettings
@@ -190,7 +197,7 @@ def recover(settings: PipelineSettings, state: DeployState, url: str, flow_run_i
     if pending is not None and backend == pending.server.get("url") and _server_alive(pending):
         log(f"recovering: {pending.release.label()} was switched to before the rollout that "
             "started it could record it; it serves")
-        state.previous, state.active, state.pending = state.active, pending, None
+        state.activate(pending)
         state.record_event("deployed", pending.release, flow_run_id, _now(),
                            "recovered: the router served it when its rollout was killed")
         save_state(settings.rollout.state_dir, state)
@@ -223,7 +230,7 @@ def recover(settings: PipelineSettings, state: DeployState, url: str, flow_run_i
 
 
 def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str | None,
-                  log: Log = print) -> tuple[Deployed, bool]:
+                  log: Log = print, intent: Intent = Intent()) -> tuple[Deployed, bool]:
     """Blue/green to ``release``; returns (what now serves, whether anything changed)."""
     check_local_settings(settings)
     rcfg = settings.rollout
@@ -255,7 +262,8 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
     def record_spawned(handle: Any) -> None:  # before the wait: a kill from here on is reaped
         state.pending = Deployed(release, _now(), flow_run_id, url,
                                  {"pid": handle.process.pid, "url": handle.base_url,
-                                  "log": str(log_path)})
+                                  "log": str(log_path)},
+                                 rollback=intent.rollback, forced=intent.forced)
         save_state(rcfg.state_dir, state)
         kill_point("spawned")
 
@@ -296,7 +304,7 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
     log(f"traffic shifted to {release.label()} after {shifted_s} s")
     pending.verification = report.as_record() | {"rollout_to_shift_s": shifted_s}
     pending.deployed_at = _now()
-    state.previous, state.active, state.pending = blue, pending, None
+    state.activate(pending)
     state.record_event("deployed", release, flow_run_id, pending.deployed_at)
     save_state(rcfg.state_dir, state)
     kill_point("recorded")

@@ -1,9 +1,18 @@
-"""The deployed state of a rollout target: what serves now, since when, by which run, and what
-served before. One JSON file per target, written atomically, read by the next rollout (to drain
-and stop the old server, and to know what "roll back" means) and by a person (`cat` it).
+"""The deployed state of a rollout target: what serves now, since when, by which run, what
+served before, which revisions an operator rolled back from, and whether the Hub's production
+marker has caught up. One JSON file per target, written atomically, and the one record that the
+rollout, ``requant status``, rollback and the nightly run's "already serving?" check all read:
+no second record of what serves exists to disagree with it.
 
-Kubernetes keeps the same record as annotations on its Deployment as well; this file is the
-local target's source of truth and the Kubernetes target's audit copy.
+The Hub's production marker follows this record, never the other way round: a revision is
+recorded serving with ``marker="pending"`` in the same write that makes it active, and
+``"moved"`` only after the marker moved. A failed (or killed) marker move therefore leaves a
+record that says so, ``requant status`` shows it, and the next promote or nightly run of that
+revision moves the marker (the rollout itself is then a no-op).
+
+Kubernetes keeps the same record as annotations on its Deployment as well (read back by
+``record_from_cluster`` when a run died after verifying); this file is the local target's
+source of truth and the Kubernetes target's audit copy.
 """
 
 from __future__ import annotations
@@ -28,6 +37,20 @@ class Release:
     def label(self) -> str:
         return f"{self.repo_id}@{self.revision}" if self.repo_id else self.revision
 
+    def identities(self) -> tuple[str, ...]:
+        """What a ledger record may name this release by: its revision, its folder."""
+        return (self.revision, *([str(Path(self.checkpoint).resolve())]
+                                 if self.checkpoint else []))
+
+
+@dataclass(frozen=True)
+class Intent:
+    """Why a release is rolled out, recorded with it: a rollback withdraws what it replaces (the
+    nightly run never pushes it again); ``forced`` went past a missing or failed gate."""
+
+    rollback: bool = False
+    forced: bool = False
+
 
 @dataclass
 class Deployed:
@@ -37,6 +60,11 @@ class Deployed:
     endpoint: str | None = None
     server: dict[str, Any] = field(default_factory=dict)  # local: pid, port, url, log
     verification: dict[str, Any] = field(default_factory=dict)
+    rollback: bool = False
+    forced: bool = False
+    #: The Hub's production marker: "pending" until it points here, then "moved"; None for a
+    #: release with no Hub repository (a local checkpoint).
+    marker: str | None = None
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Deployed:
@@ -50,6 +78,21 @@ class DeployState:
     previous: Deployed | None = None
     pending: Deployed | None = None  # a rollout in progress (or one that crashed: reaped next)
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: Revisions (and folders) an operator rolled back from: not rolled out again until promoted
+    #: explicitly.
+    withdrawn: list[str] = field(default_factory=list)
+
+    def activate(self, deployed: Deployed) -> None:
+        """``deployed`` serves now. One write of the caller's records it with everything that
+        follows from it (previous, withdrawn, the marker still to move), so no kill between two
+        records can leave them disagreeing."""
+        left, ids = self.active, deployed.release.identities()
+        withdrawn = [w for w in self.withdrawn if w not in ids]
+        if deployed.rollback and left is not None:
+            withdrawn += [i for i in left.release.identities()
+                          if i not in withdrawn and i not in ids]
+        deployed.marker = "pending" if deployed.release.repo_id else None
+        self.previous, self.active, self.pending, self.withdrawn = left, deployed, None, withdrawn
 
     def as_record(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +120,7 @@ def load_state(state_dir: Path, target: str) -> DeployState:
         previous=Deployed.from_record(rec["previous"]) if rec.get("previous") else None,
         pending=Deployed.from_record(rec["pending"]) if rec.get("pending") else None,
         history=rec.get("history", []),
+        withdrawn=rec.get("withdrawn", []),
     )
 
 
@@ -84,3 +128,15 @@ def save_state(state_dir: Path, state: DeployState) -> Path:
     path = state_path(state_dir, state.target)
     write_json_atomic(path, state.as_record())
     return path
+
+
+def record_marker_moved(state_dir: Path, target: str, revision: str) -> bool:
+    """The production marker now points at ``revision``: the record says so, if that revision
+    still serves (a later rollout may have replaced it meanwhile; then nothing changes)."""
+    state = load_state(state_dir, target)
+    if state.active is None or state.active.release.revision != revision:
+        return False
+    if state.active.marker != "moved":
+        state.active.marker = "moved"
+        save_state(state_dir, state)
+    return True
