@@ -1,13 +1,16 @@
-"""Operating characteristics of the gate at the production setting, by seeded simulation.
+"""Operating characteristics of the gate as a settings file configures it, by seeded simulation
+through ``gate.decide()`` (requant.evaluation.operating): every rule of the file, its looks,
+confidence and min_recovery.
 
-gsm8k (1319 questions), baseline 0.75, looks after 25/50/75/100 % of the questions, one-sided
-95 %, min_recovery as configured (deployments/configs/production-llama3-8b.yaml). For each true
-recovery and discordance (the share of questions whose answer flips), the share of simulated
-runs that promote, fail or end inconclusive, and the median / mean number of candidate
-questions evaluated. The same decision code as the gate (requant.evaluation.operating).
+For each true recovery and discordance (the share of questions whose answer flips), the share of
+simulated runs that promote, fail or end inconclusive, and the median / mean number of candidate
+questions. Three blocks: at the margin (true recovery = min_recovery: the promote rate is the
+gate's level, which must stay <= 1 - confidence at every discordance), good candidates, bad
+ones; and a scan of min_recovery against the good/bad goals at their hardest point.
 
-    .venvs/pipeline/bin/python benchmarks/bench_gate_operating_characteristics.py \
-        [--runs 4000] [--out docs/measurements/gate-operating-characteristics.json]
+    .venvs/pipeline/bin/python benchmarks/bench_gate_operating_characteristics.py \\
+        --config deployments/configs/production-llama3-8b.yaml [--questions 1319] \\
+        [--baseline 0.75] [--runs 4000] [--agreement 0.9] [--first-rule-only] [--out F]
 """
 
 from __future__ import annotations
@@ -24,54 +27,76 @@ sys.path.insert(0, str(ROOT))
 from requant.evaluation.operating import simulate  # noqa: E402
 from requant.settings import load_settings  # noqa: E402
 
-CASES = [  # (true recovery, discordance)
-    (1.0, 0.02), (1.0, 0.05), (1.0, 0.08),
-    (0.995, 0.02), (0.995, 0.05), (0.995, 0.08),
-    (0.98, 0.05), (0.97, 0.05),
-    (0.95, 0.04), (0.95, 0.05), (0.95, 0.08), (0.95, 0.12),
-    (0.90, 0.08),
-]
+GOOD = [(1.0, 0.02), (1.0, 0.05), (1.0, 0.08), (0.995, 0.02), (0.995, 0.05), (0.995, 0.08),
+        (0.98, 0.05), (0.97, 0.05)]
+BAD = [(0.95, 0.0375), (0.95, 0.08), (0.95, 0.12), (0.95, 0.30), (0.90, 0.08)]
+MARGIN_FLIPS = [0.01, 0.02, 0.04, 0.05, 0.08, 0.12, 0.20, 0.30, 0.40]
+SCAN = [0.95, 0.955, 0.957, 0.96]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path,
+                        default=ROOT / "deployments" / "configs" / "production-llama3-8b.yaml")
+    parser.add_argument("--questions", type=int, default=1319)
+    parser.add_argument("--baseline", type=float, default=0.75)
     parser.add_argument("--runs", type=int, default=4000)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "measurements"
-                        / "gate-operating-characteristics.json")
+    parser.add_argument("--agreement", type=float, default=0.9,
+                        help="share of questions on which a further rule's outcome equals the "
+                        "first rule's (strict-match vs flexible-extract)")
+    parser.add_argument("--first-rule-only", action="store_true",
+                        help="gate on the file's first rule alone")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    prod = load_settings(ROOT / "deployments" / "configs" / "production-llama3-8b.yaml").gate
-    min_recovery = prod.rules[0].min_recovery
+    gate = load_settings(args.config).gate
+    if args.first_rule_only:  # the level of one rule, as docs/evaluation.md states it
+        gate = gate.model_copy(update={"rules": gate.rules[:1]})
+    r = gate.rules[0].min_recovery
     started = time.perf_counter()
-    rows = [simulate(recovery=r, discordance=d, min_recovery=min_recovery, runs=args.runs,
-                     looks=tuple(prod.looks), confidence=prod.confidence).as_record()
-            for r, d in CASES]
-    fixed = [simulate(recovery=r, discordance=d, min_recovery=min_recovery, runs=args.runs,
-                      looks=(1.0,), confidence=prod.confidence).as_record()
-             for r, d in CASES]
-    # the tolerance that holds both goals: good (0.995, 8 % flips) and bad (0.95, 12 % flips)
-    scan = [{"min_recovery": mr,
-             "good_promoted": simulate(recovery=0.995, discordance=0.08, min_recovery=mr,
-                                       runs=args.runs, looks=tuple(prod.looks),
-                                       confidence=prod.confidence).promoted,
-             "bad_promoted": simulate(recovery=0.95, discordance=0.12, min_recovery=mr,
-                                      runs=args.runs, looks=tuple(prod.looks),
-                                      confidence=prod.confidence).promoted}
-            for mr in (0.95, 0.953, 0.955, 0.957, 0.96, 0.965, 0.97, 0.98)]
-    out = {"questions": 1319, "baseline": 0.75, "min_recovery": min_recovery,
-           "looks": prod.looks, "confidence": prod.confidence, "runs": args.runs,
-           "sequential": rows, "fixed_sample": fixed, "min_recovery_scan": scan,
+
+    def run(recovery: float, flip: float, g=gate) -> dict | None:
+        try:
+            return simulate(g, recovery=recovery, discordance=flip, baseline=args.baseline,
+                            questions=args.questions, runs=args.runs,
+                            agreement=args.agreement).as_record()
+        except ValueError:  # this flip cannot produce that recovery at this baseline
+            return None
+
+    lowest = round((1 - r) * args.baseline + 1e-4, 4)  # the fewest flips that recovery allows
+    flips = sorted({max(f, lowest) for f in MARGIN_FLIPS})
+    margin = [row for f in flips if (row := run(r, f))]
+    good = [row for rec, f in GOOD if (row := run(rec, f))]
+    bad = [row for rec, f in BAD if (row := run(rec, f))]
+    scan = []
+    for mr in SCAN:
+        g = gate.model_copy(update={"rules": [rule.model_copy(update={"min_recovery": mr})
+                                              for rule in gate.rules]})
+        scan.append({"min_recovery": mr, "good_promoted": run(0.995, 0.08, g)["promoted"],
+                     "bad_promoted": run(0.95, 0.12, g)["promoted"]})
+    out = {"config": str(args.config.relative_to(ROOT) if args.config.is_absolute()
+                         else args.config),
+           "rules": [f"{x.task} {x.metric}" for x in gate.rules], "questions": args.questions,
+           "baseline": args.baseline, "min_recovery": r, "looks": gate.looks,
+           "confidence": gate.confidence, "runs": args.runs, "agreement": args.agreement,
+           "margin": margin, "good": good, "bad": bad, "min_recovery_scan": scan,
            "seconds": round(time.perf_counter() - started, 1)}
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"{'recovery':>8} {'flip':>5} {'promote':>8} {'fail':>6} {'inconcl':>8} "
-          f"{'median q':>9} {'fixed: promote':>15}")
-    for r, f in zip(rows, fixed, strict=True):
-        print(f"{r['recovery']:>8} {r['discordance']:>5} {r['promoted']:>8.3f} "
-              f"{r['failed']:>6.3f} {r['inconclusive']:>8.3f} {r['median_questions']:>9.0f} "
-              f"{f['promoted']:>15.3f}")
+    suffix = "-first-rule" if args.first_rule_only else ""
+    out_path = args.out or (ROOT / "docs" / "measurements"
+                            / f"gate-oc-{args.config.stem}{suffix}.json")
+    out_path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"{args.config}: {len(gate.rules)} rule(s), {args.questions} questions, baseline "
+          f"{args.baseline}, {args.runs} runs a row")
+    print(f"{'recovery':>8} {'flip':>6} {'promote':>8} {'fail':>6} {'inconcl':>8} {'median q':>9}")
+    for block, rows in (("margin", margin), ("good", good), ("bad", bad)):
+        print(block)
+        for row in rows:
+            print(f"{row['recovery']:>8} {row['discordance']:>6.4f} {row['promoted']:>8.4f} "
+                  f"{row['failed']:>6.3f} {row['inconclusive']:>8.3f} "
+                  f"{row['median_questions']:>9.0f}")
     print("min_recovery  good (0.995, 8 %) promoted  bad (0.95, 12 %) promoted")
     for s in scan:
         print(f"{s['min_recovery']:>12} {s['good_promoted']:>25.3f} {s['bad_promoted']:>24.3f}")
-    print(f"wrote {args.out} ({out['seconds']} s)")
+    print(f"wrote {out_path} ({out['seconds']} s)")
 
 
 if __name__ == "__main__":

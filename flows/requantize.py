@@ -40,11 +40,11 @@ from requant.ledger import (
     record_published,
 )
 from requant.policy import check_run_policy
-from requant.rollout.state import load_state
 from requant.quantization.checkpoint import QuantizedCheckpoint
 from requant.quantization.hardware import Accelerator
 from requant.quantization.recipes import ResolvedRecipe
 from requant.report import build_summary, render_no_op, render_summary
+from requant.rollout.state import load_state
 from requant.rundir import RunDir
 from requant.settings import PipelineSettings, validate_settings
 from requant.source import ResolvedSource, fetch_weights
@@ -119,8 +119,9 @@ def gpu_stages(
     settings: PipelineSettings, source: ResolvedSource, calib: CalibrationSet | None,
     recipe: ResolvedRecipe, acc: Accelerator, run_dir: RunDir, run_id: str,
 ) -> tuple[QuantizedCheckpoint, GateDecision | None, dict[str, float]]:
-    """Baseline first (cached), so a source that cannot do the task costs no quantization;
-    then quantization; then the candidate, staged, until the gate's decision is clear."""
+    """The baseline's first stage first (cached), so a source that cannot do the task costs no
+    quantization; then quantization; then the candidate, staged, until the gate's decision is
+    clear (the baseline answering more stages only if the candidate needs them)."""
     ev, on_gpu, eval_dir = settings.evaluation, acc.kind == "cuda", run_dir.stage("eval")
     t0 = time.perf_counter()
     baseline = None
@@ -134,8 +135,9 @@ def gpu_stages(
     t2 = time.perf_counter()
     decision = None
     if baseline is not None:
-        candidate, decision = evaluate_candidate(ev, settings.gate, baseline, ckpt.path,
-                                                 eval_dir / "candidate", on_gpu)
+        candidate, decision, baseline = evaluate_candidate(
+            ev, settings.gate, baseline, ckpt.path, eval_dir / "candidate", on_gpu,
+            source.as_record(), source.path, settings.cache_dir)
         record_gate(decision, baseline, candidate, run_dir.stage("gate"))
     return ckpt, decision, {"evaluate_baseline": round(t1 - t0, 2),
                             "quantize": round(t2 - t1, 2),

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from requant.errors import RolloutFailed
+from requant.evaluation.gate import recovery_span
 from requant.rollout.state import Deployed, Release
 from requant.settings import PipelineSettings
 
@@ -115,8 +116,9 @@ def gate_line(g: dict[str, Any] | None) -> str:
         return "- **gate**: not run (evaluation.enabled=false)"
     rules = "; ".join(
         f"{r['task']} {r['metric']} {r['status']} (" + (
-            f"baseline {r['baseline_on_evaluated']:.4f} vs candidate "
-            f"{r['candidate_score']:.4f} on the same {r['questions']} questions)"
+            f"baseline {r['baseline_score']:.4f} vs candidate "
+            f"{r['candidate_score']:.4f} on the same {r['questions']} questions, recovery "
+            f"interval {recovery_span(r['interval'])})"
             if r["candidate_score"] is not None else "no candidate answers)")
         for r in g["rules"]) or "; ".join(g["reasons"])
     early = " (stopped early)" if g.get("stopped_early") else ""

@@ -41,12 +41,14 @@ def evaluate_baseline(
     cfg: EvaluationSettings, gate: GateSettings, source_record: dict[str, Any], model_dir: Path,
     cache_dir: Path, out_dir: Path, on_gpu: bool,
 ) -> ModelEvaluation:
-    """Before quantization: a source that cannot do the gate's tasks ends the run here, before
-    any GPU hour is spent on it. Cached: a nightly run does not re-evaluate an unchanged one."""
+    """Before quantization, the baseline's first stage: a source that cannot do the gate's
+    tasks ends the run here, before any GPU hour is spent on it. Later stages only if the
+    candidate's first look is undecided (``evaluate_candidate``). Cached per stage: a nightly
+    run does not re-evaluate an unchanged source."""
     progress = StageProgress("evaluation-baseline", "evaluating the baseline")
     result = evaluate_baseline_cached(cfg, gate, source_record, model_dir, cache_dir, out_dir,
-                                      on_gpu, report=progress)
-    progress.done("from the cache" if result.cached else "all stages answered")
+                                      on_gpu, report=progress, upto=1)
+    progress.done(("from the cache, " if result.cached else "") + f"{result.stages} stage(s)")
     _report(result)
     check_baseline(result, gate)
     return result
@@ -55,13 +57,23 @@ def evaluate_baseline(
 @task(name="evaluate-candidate")
 def evaluate_candidate(
     cfg: EvaluationSettings, gate: GateSettings, baseline: ModelEvaluation, checkpoint: Path,
-    out_dir: Path, on_gpu: bool,
-) -> tuple[ModelEvaluation, GateDecision]:
-    """Never cached: the candidate is new by definition. Stops when the gate's answer is clear."""
+    out_dir: Path, on_gpu: bool, source_record: dict[str, Any], source_dir: Path,
+    cache_dir: Path,
+) -> tuple[ModelEvaluation, GateDecision, ModelEvaluation]:
+    """Never cached: the candidate is new by definition. Stops when the gate's answer is clear;
+    the baseline answers its remaining stages only if the candidate needs them."""
     progress = StageProgress("evaluation-candidate", "evaluating the candidate")
-    result, decision = evaluate_candidate_gated(cfg, gate, baseline, checkpoint, out_dir,
-                                                on_gpu, report=progress)
+
+    def more_baseline() -> ModelEvaluation:
+        get_run_logger().info("the first look is undecided: the baseline answers the remaining "
+                              "stages (cached for later runs), then the candidate continues")
+        return evaluate_baseline_cached(cfg, gate, source_record, source_dir, cache_dir,
+                                        baseline.result_dir, on_gpu, report=progress)
+
+    result, decision, baseline = evaluate_candidate_gated(
+        cfg, gate, baseline, checkpoint, out_dir, on_gpu, report=progress,
+        more_baseline=more_baseline)
     progress.done(f"gate {decision.status} after {decision.questions} of {decision.total} "
                   "questions")
     _report(result)
-    return result, decision
+    return result, decision, baseline

@@ -1,5 +1,6 @@
-"""The gate's decision: a paired non-inferiority test on every rule, looked at in stages, with
-known error rates (held here by the same simulation as docs/evaluation.md's table)."""
+"""The gate's decision: a paired non-inferiority test of the recovery on every rule, looked at
+in stages, with known error rates (held here by the same simulation as docs/evaluation.md's
+tables, which drives ``decide()`` with the configured rules)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from requant.evaluation.sequential import (
     critical_values,
     crossing_probability,
     look_sizes,
-    paired_interval,
     question_order,
+    recovery_test,
+    tang_score,
 )
 from requant.settings import GateRule, GateSettings, load_settings
 
@@ -44,7 +46,7 @@ def test_identical_answers_on_many_questions_pass_and_promote():
     d = decide_final(base, list(base))
     assert (d.status, d.promote) == ("pass", True)
     (rule,) = d.rules
-    assert rule.interval["low"] > -rule.delta and rule.recovery == 1.0
+    assert rule.interval["low"] > rule.min_recovery and rule.recovery == 1.0
 
 
 def test_a_clear_loss_fails_even_when_inconclusive_would_be_allowed():
@@ -52,7 +54,7 @@ def test_a_clear_loss_fails_even_when_inconclusive_would_be_allowed():
     cand = [0] * 100 + [1] * 650 + [0] * 250  # 100 right answers lost: recovery 0.867
     d = decide_final(base, cand, allow_inconclusive=True)
     assert (d.status, d.promote) == ("fail", False)
-    assert d.rules[0].interval["high"] < -d.rules[0].delta
+    assert d.rules[0].interval["high"] < d.rules[0].min_recovery
 
 
 def test_too_few_questions_to_tell_is_inconclusive_and_fails_closed():
@@ -144,40 +146,131 @@ def test_boundaries_are_the_exact_obrien_fleming_constants_and_one_look_is_the_f
                                                           c / 0.75**0.5, c])
 
 
-def test_agresti_min_interval_keeps_width_when_nothing_flips():
-    iv = paired_interval([1.0] * 50 + [0.0] * 50, [1.0] * 50 + [0.0] * 50, 1.645)
-    assert iv.low < 0 < iv.high and iv.mean_diff == 0.0  # never a zero-width interval
+def test_the_score_statistic_is_the_constrained_maximum_likelihood_score_test():
+    """Tang's closed form equals the score statistic with the variance at the numerically
+    maximised likelihood under H0 (p_c = θ p_b), on random tables."""
+    import math
+
+    import numpy as np
+    from scipy.optimize import minimize
+
+    def brute(both, only_c, only_b, neither, theta):
+        counts = np.array([both, only_c, only_b, neither], float)
+
+        def nll(v):
+            p11, p21 = v
+            p12 = theta * (p11 + p21) - p11
+            p = np.array([p11, p12, p21, 1 - p11 - p21 - p12])
+            return 1e9 if (p < 0).any() else -float(np.sum(counts * np.log(np.maximum(p, 1e-300))))
+
+        best = min((minimize(nll, s, method="Nelder-Mead",
+                             options={"xatol": 1e-12, "fatol": 1e-12, "maxiter": 20000})
+                    for s in ((0.5, 0.05), (0.7, 0.2), (0.3, 0.1))), key=lambda r: r.fun)
+        p11, p21 = best.x
+        var = p11 * (1 - theta) ** 2 + (theta * (p11 + p21) - p11) + p21 * theta**2
+        return (both + only_c - (both + only_b) * theta) / math.sqrt(counts.sum() * var)
+
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        cells = [int(x) for x in rng.multinomial(300, [0.6, 0.04, 0.08, 0.28])]
+        theta = float(rng.uniform(0.85, 1.0))
+        assert tang_score(300, *cells[:3], theta) == pytest.approx(brute(*cells, theta),
+                                                                   abs=1e-4)
+
+
+def test_the_recovery_interval_keeps_width_when_nothing_flips_and_inverts_the_test():
+    same = [1.0] * 50 + [0.0] * 50
+    t = recovery_test(same, list(same), 0.957, 1.645)
+    assert t.low < 1.0 < t.high and t.statistic < 1.645  # 100 agreeing answers prove little
+    assert recovery_test(same, list(same), t.low, 1.645).statistic == pytest.approx(1.645,
+                                                                                   abs=1e-6)
+
+
+def test_one_rule_passing_while_another_is_undecided_continues_and_never_promotes():
+    flex = "exact_match,flexible-extract"
+    base = EvidenceRecord({rule_key(T, M): {i: 1.0 for i in range(400)},
+                           rule_key(T, flex): {i: float(i % 2) for i in range(400)}}, WITH)
+    cand = EvidenceRecord({rule_key(T, M): {i: 1.0 for i in range(400)},
+                           rule_key(T, flex): {i: float(i % 2 and i > 20) for i in range(400)}},
+                          WITH)
+    g = GateSettings(rules=[GateRule(task=T, metric=M), GateRule(task=T, metric=flex)])
+    d = decide(base, cand, g, look=1, looks=4, z=3.466)
+    assert [r.status for r in d.rules] == ["pass", "continue"]
+    assert (d.status, d.promote) == ("continue", False)
+    last = decide(base, cand, g, look=4, looks=4, z=1.733)
+    assert last.rules[1].status == "inconclusive" and (last.status, last.promote) == (
+        "inconclusive", False)
+
+
+def test_each_look_uses_its_own_critical_value_at_the_configured_level():
+    """The stop rule of a staged evaluation: evidence between the first look's boundary and
+    the last's continues at look 1 and passes at look 4; evidence that would pass at twice the
+    level does not pass at the configured one."""
+    from requant.evaluation.staged import gate_stop_rule
+
+    g = gate(looks=[0.25, 0.5, 0.75, 1.0])
+    zs = critical_values((0.25, 0.5, 0.75, 1.0), 1 - g.confidence)
+    base = [1] * 150 + [0] * 50
+    t = recovery_test(base, list(base), g.rules[0].min_recovery, 1.0).statistic
+    assert zs[-1] < t < zs[0]  # between the first and the last boundary
+    decisions = []
+    stop = gate_stop_rule(record(base), g, g.looks, decisions.append)
+    assert stop(record(base), 0) is False and decisions[-1].status == "continue"
+    assert stop(record(base), 3) is True and decisions[-1].status == "pass"
+    doubled = critical_values((0.25, 0.5, 0.75, 1.0), 2 * (1 - g.confidence))
+    base = [1] * 600 + [0] * 200
+    worse = [0] * 18 + [1] * 582 + [0] * 200
+    t2 = recovery_test(base, worse, g.rules[0].min_recovery, 1.0).statistic
+    assert doubled[-1] < t2 < zs[-1]  # would pass at twice the level
+    stop = gate_stop_rule(record(base), g, g.looks, decisions.append)
+    assert stop(record(worse), 3) is True and decisions[-1].status == "inconclusive"
 
 
 def test_question_order_and_look_sizes_are_fixed_and_cover_the_set():
     order = question_order(list(range(1319)), 1234)
     assert order == question_order(list(range(1319)), 1234) and sorted(order) == list(range(1319))
+    # shuffled (the early looks are a random sample, not the file's first questions), by seed
+    assert order != sorted(order) and order != question_order(list(range(1319)), 1235)
+    assert question_order(list(reversed(range(1319))), 1234) == order  # input order is moot
     assert look_sizes(1319, (0.25, 0.5, 0.75, 1.0)) == [330, 660, 990, 1319]
 
 
 PRODUCTION = load_settings("deployments/configs/production-llama3-8b.yaml").gate
 
 
+ONE_RULE = PRODUCTION.model_copy(update={"rules": PRODUCTION.rules[:1]})
+RUNS = 2000
+
+
+@pytest.mark.parametrize("gate_", [ONE_RULE, PRODUCTION], ids=["one-rule", "two-rules"])
+@pytest.mark.parametrize("discordance", [0.033, 0.40])
+def test_a_candidate_exactly_at_min_recovery_passes_at_most_1_minus_confidence(
+        gate_, discordance):
+    """The stated level, at the margin itself, at the lowest discordance that recovery allows
+    and at 40 %: within two Monte Carlo errors of 5 % (the Wald-type interval this replaced
+    passed 7-8 % of such runs at 3.2 %, which fails here)."""
+    oc = simulate(gate_, recovery=gate_.rules[0].min_recovery, discordance=discordance,
+                  runs=RUNS, seed=11)
+    level = 1 - gate_.confidence
+    assert oc.promoted <= level + 2 * (level * (1 - level) / RUNS) ** 0.5, oc
+
+
 @pytest.mark.parametrize("discordance", [0.02, 0.05, 0.08])
-def test_a_good_candidate_is_promoted_in_at_least_95_percent_of_runs(discordance):
-    oc = simulate(recovery=0.995, discordance=discordance,
-                  min_recovery=PRODUCTION.rules[0].min_recovery, looks=tuple(PRODUCTION.looks),
-                  confidence=PRODUCTION.confidence, runs=4000)
+def test_the_production_gate_promotes_a_good_candidate_in_at_least_95_percent_of_runs(
+        discordance):
+    oc = simulate(PRODUCTION, recovery=0.995, discordance=discordance, runs=RUNS, seed=12)
     assert oc.promoted >= 0.95, oc
 
 
-@pytest.mark.parametrize("discordance", [0.0375, 0.05, 0.08, 0.12])
-def test_a_bad_candidate_is_promoted_in_at_most_2_percent_of_runs(discordance):
-    oc = simulate(recovery=0.95, discordance=discordance,
-                  min_recovery=PRODUCTION.rules[0].min_recovery, looks=tuple(PRODUCTION.looks),
-                  confidence=PRODUCTION.confidence, runs=4000)
+@pytest.mark.parametrize("discordance", [0.0375, 0.08, 0.12])
+def test_the_production_gate_promotes_a_bad_candidate_in_at_most_2_percent_of_runs(discordance):
+    oc = simulate(PRODUCTION, recovery=0.95, discordance=discordance, runs=RUNS, seed=13)
     assert oc.promoted <= 0.02, oc
 
 
-def test_a_clearly_good_candidate_needs_at_most_60_percent_of_the_questions_in_median():
-    oc = simulate(recovery=1.0, discordance=0.05, min_recovery=PRODUCTION.rules[0].min_recovery,
-                  looks=tuple(PRODUCTION.looks), confidence=PRODUCTION.confidence, runs=4000)
-    assert oc.median_questions <= 0.6 * 1319 and oc.promoted >= 0.99, oc
+def test_a_clearly_good_candidate_needs_at_most_55_percent_of_the_questions_in_median():
+    oc = simulate(PRODUCTION, recovery=1.0, discordance=0.05, runs=RUNS, seed=14)
+    assert oc.median_questions <= 0.55 * 1319 and oc.promoted >= 0.99, oc
 
 
 def test_the_production_gate_is_gsm8k_strict_and_flexible_with_bos():

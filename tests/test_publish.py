@@ -221,6 +221,24 @@ def test_without_a_repo_it_is_a_loud_dry_run_that_writes_what_would_be_committed
     assert (out / "commit_message.txt").read_text().startswith("requant: W8A8 of ")
 
 
+def test_a_card_after_an_early_stop_labels_the_subset_and_claims_no_whole_set_score(candidate):
+    from huggingface_hub import ModelCard
+
+    from requant.hub.modelcard import render_card
+
+    per_doc = {rule_key("gsm8k", "exact_match,strict-match"): {i: float(i % 4 != 2)
+                                                               for i in range(1319)}}
+    asked = {k: {i: v[i] for i in range(660)} for k, v in per_doc.items()}
+    gate = GateSettings(rules=[GateRule(task="gsm8k", metric="exact_match,strict-match")])
+    early = decide(EvidenceRecord(per_doc, {}), EvidenceRecord(asked, {}), gate, look=2,
+                   looks=4, z=2.451).as_record()
+    assert early["status"] == "pass" and early["stopped_early"]
+    card = ModelCard(render_card(repo_id=REPO, tag="t", manifest=candidate["manifest"],
+                                 gate=early, baseline=None, candidate=None, quant_config=None))
+    assert card.data.eval_results is None  # model-index: whole-set scores only
+    assert "| 660 of 1319 (a subset: the gate stopped early) | 0.7500 | 0.7500 |" in card.text
+
+
 def test_model_card_carries_hub_metadata_scores_recipe_and_serve_command(hub, candidate,
                                                                          tmp_path):
     from huggingface_hub import ModelCard
@@ -237,8 +255,8 @@ def test_model_card_carries_hub_metadata_scores_recipe_and_serve_command(hub, ca
     assert "INT8 weights (per-channel) and dynamic per-token INT8 activations" in text
     assert "SmoothQuant, smoothing strength 0.8 + GPTQ" in text
     assert "Left unquantized: `lm_head`." in text
-    assert ("| gsm8k | exact_match,strict-match | 0.7500 | 0.7500 | 100.00% |" in text
-            and "| pass | 400 of 400 |" in text)  # every rule's numbers
+    assert "| gsm8k | exact_match,strict-match | 400 of 400 | 0.7500 | 0.7500 | 100.00% |" \
+        in text and "| 0.957 | pass |" in text  # every rule's numbers, on the whole set
     assert "llmcompressor" in text and "compressed-tensors" in text
 
 

@@ -96,7 +96,7 @@ def logging_server(**kw) -> ServerSettings:
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_staged_gsm8k_slice_against_served_models_gated_with_bos_and_cached_baseline(
+def test_staged_gsm8k_slice_gated_with_bos_the_baseline_answering_stages_only_as_needed_and_cached(
         vllm_tiny_source, vllm_tiny_w8a8, tmp_path, monkeypatch):
     from requant.tasks.evaluation import evaluate_baseline, evaluate_candidate
 
@@ -108,9 +108,12 @@ def test_staged_gsm8k_slice_against_served_models_gated_with_bos_and_cached_base
     record = {"model": str(vllm_tiny_source), "revision": None, "files": {"m": "1"}}
     base = evaluate_baseline(cfg, gate, record, vllm_tiny_source, tmp_path / "cache",
                              tmp_path / "run1" / "baseline", False)
-    cand, decision = evaluate_candidate(cfg, gate, base, vllm_tiny_w8a8,
-                                        tmp_path / "run1" / "candidate", False)
     key = "gsm8k_local|exact_match,strict-match"
+    assert base.stages == 1 and len(base.per_doc[key]) == 4  # only what look 1 needs
+    cand, decision, base = evaluate_candidate(cfg, gate, base, vllm_tiny_w8a8,
+                                              tmp_path / "run1" / "candidate", False, record,
+                                              vllm_tiny_source, tmp_path / "cache")
+    # look 1 undecided: the baseline answered stage 2, then the candidate continued
     assert base.stages == 2 and sorted(base.per_doc[key]) == list(range(8))
     # a random tiny model scores 0 on both sides: undecided after look 1, inconclusive at 2
     assert (decision.look, decision.looks, decision.status) == (2, 2, "inconclusive")
@@ -133,5 +136,6 @@ def test_staged_gsm8k_slice_against_served_models_gated_with_bos_and_cached_base
     again = evaluate_baseline(cfg, gate, record, vllm_tiny_source, tmp_path / "cache",
                               tmp_path / "run2" / "baseline", False)
     assert again.cached and time.monotonic() - started < 30  # no server was started
+    # both stages were cached, the second one added by the candidate's undecided look
     assert again.per_doc == base.per_doc and again.evaluated_with == base.evaluated_with
     assert (tmp_path / "run2" / "baseline" / "cache.json").is_file()

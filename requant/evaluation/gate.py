@@ -4,10 +4,12 @@ A pure function of two evaluation records and the gate settings, asked once per 
 candidate is evaluated in stages (``requant.evaluation.sequential`` has the statistics and why).
 Every rule (task, metric with filter, min_recovery, optional min score) must pass:
 
-- a rule PASSES when the paired interval for candidate - baseline lies above -δ, with
-  δ = (1 - min_recovery) x the baseline's score on the whole set;
-- it FAILS when the interval lies below -δ, or on a hard limit at any look: the candidate scores
-  0 where the baseline does not, or misses ``min_candidate_score``;
+- a rule PASSES when the candidate's recovery (its score over the baseline's, on the same
+  questions) is above ``min_recovery`` at the look's level: the score statistic T(min_recovery)
+  above the look's critical value;
+- it FAILS when the recovery is below ``min_recovery`` at the same level, or on a hard limit at
+  any look: the candidate scores 0 where the baseline does not, or misses
+  ``min_candidate_score``;
 - otherwise it needs more questions; at the last look it is INCONCLUSIVE.
 
 The gate refuses to compare records that were not evaluated alike (task files, few-shot,
@@ -21,7 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from requant.evaluation.sequential import paired_interval, verdict
+from requant.evaluation.sequential import recovery_test, verdict
 from requant.settings import GateRule, GateSettings
 
 Status = Literal["pass", "fail", "inconclusive", "continue"]
@@ -37,6 +39,7 @@ class EvidenceRecord:
 
     per_doc: dict[str, dict[int, float]]  # rule_key -> doc id -> score
     evaluated_with: dict[str, Any]
+    totals: dict[str, int] = field(default_factory=dict)  # task -> its questions, all stages
 
 
 @dataclass
@@ -45,14 +48,13 @@ class RuleResult:
     metric: str
     status: Status
     reasons: list[str]
-    questions: int
-    total: int
-    baseline_score: float  # whole set
-    candidate_score: float | None  # the questions evaluated so far
-    baseline_on_evaluated: float | None
-    recovery: float | None
-    delta: float
-    interval: dict[str, Any] = field(default_factory=dict)
+    questions: int  # answered by both models so far
+    total: int  # the task's questions
+    baseline_score: float | None  # on the same questions as the candidate
+    candidate_score: float | None
+    recovery: float | None  # candidate / baseline on those questions
+    min_recovery: float
+    interval: dict[str, Any] = field(default_factory=dict)  # recovery low/high at this look
 
 
 @dataclass
@@ -106,7 +108,7 @@ def decide(baseline: EvidenceRecord, candidate: EvidenceRecord, gate: GateSettin
         return _decision("fail", problems, [], gate, look, looks, 0, 0)
     results = [decide_rule(rule, baseline.per_doc[rule_key(rule.task, rule.metric)],
                            candidate.per_doc[rule_key(rule.task, rule.metric)], z,
-                           last=look == looks)
+                           last=look == looks, total=candidate.totals.get(rule.task))
                for rule in gate.rules]
     statuses = {r.status for r in results}
     status: Status = ("fail" if "fail" in statuses else "pass" if statuses == {"pass"}
@@ -129,39 +131,42 @@ def _decision(status: Status, reasons: list[str], results: list[RuleResult],
 
 
 def decide_rule(rule: GateRule, base: dict[int, float], cand: dict[int, float], z: float,
-                last: bool) -> RuleResult:
+                last: bool, total: int | None = None) -> RuleResult:
+    """One rule at one look, on the questions both models answered; ``total``: the task's
+    size (the baseline's record when not given)."""
     docs = sorted(cand)
-    b_full = sum(base.values()) / len(base) if base else 0.0
-    delta = (1.0 - rule.min_recovery) * b_full
+    total = len(base) if total is None else total
     if not docs:
         return RuleResult(rule.task, rule.metric, "continue" if not last else "inconclusive",
-                          ["no candidate answers yet"], 0, len(base), b_full, None, None, None,
-                          delta)
+                          ["no candidate answers yet"], 0, total, None, None, None,
+                          rule.min_recovery)
     b_vals, c_vals = [base[d] for d in docs], [cand[d] for d in docs]
-    c_score, b_score = sum(c_vals) / len(docs), sum(b_vals) / len(docs)
-    iv = paired_interval(b_vals, c_vals, z)
-    reasons = [f"candidate {c_score:.4f} vs baseline {b_score:.4f} on {len(docs)} of "
-               f"{len(base)} questions; paired difference {iv.mean_diff:+.4f}, interval "
-               f"[{iv.low:+.4f}, {iv.high:+.4f}] at z={z:.3f}; tolerance -δ = {-delta:+.4f} "
-               f"(min_recovery {rule.min_recovery} x baseline {b_full:.4f})"]
-    status: Status = verdict(iv.low, iv.high, delta)
-    if c_score == 0.0 and b_score > 0.0:
+    t = recovery_test(b_vals, c_vals, rule.min_recovery, z)
+    recovery = t.candidate / t.baseline if t.baseline > 0 else None
+    high = f"{t.high:.4f}" if t.high is not None else "unbounded"
+    reasons = [f"candidate {t.candidate:.4f} vs baseline {t.baseline:.4f} on the same "
+               f"{len(docs)} of {total} questions: recovery "
+               f"{'n/a' if recovery is None else f'{recovery:.4f}'}, interval "
+               f"[{t.low:.4f}, {high}] at z={z:.3f}; must exceed min_recovery "
+               f"{rule.min_recovery} (score statistic {t.statistic:+.3f} against ±{z:.3f})"]
+    status: Status = verdict(t.statistic, z)
+    if t.candidate == 0.0 and t.baseline > 0.0:
         status = "fail"
         reasons.append("hard limit: the candidate scores 0 where the baseline does not")
     if status == "continue" and last:
         status = "inconclusive"
-        reasons.append("the interval still straddles -δ on the whole set: more questions or "
-                       "a wider tolerance would decide it (docs/evaluation.md)")
+        reasons.append("the recovery interval still contains min_recovery on the whole set: "
+                       "more questions or a lower min_recovery would decide it "
+                       "(docs/evaluation.md)")
     if rule.min_candidate_score is not None and status in ("pass", "inconclusive") \
-            and c_score < rule.min_candidate_score:  # checked whenever the rule would stop
+            and t.candidate < rule.min_candidate_score:  # checked whenever the rule would stop
         status = "fail"
-        reasons.append(f"hard limit: candidate {c_score:.4f} < min_candidate_score "
+        reasons.append(f"hard limit: candidate {t.candidate:.4f} < min_candidate_score "
                        f"{rule.min_candidate_score}")
-    recovery = c_score / b_score if b_score > 0 else None
-    return RuleResult(rule.task, rule.metric, status, reasons, len(docs), len(base), b_full,
-                      c_score, b_score, recovery, delta,
-                      {"low": iv.low, "high": iv.high, "z": z, "mean_diff": iv.mean_diff,
-                       "only_baseline": iv.only_baseline, "only_candidate": iv.only_candidate})
+    return RuleResult(rule.task, rule.metric, status, reasons, len(docs), total, t.baseline,
+                      t.candidate, recovery, rule.min_recovery,
+                      {"low": t.low, "high": t.high, "z": z, "statistic": t.statistic,
+                       "only_baseline": t.only_baseline, "only_candidate": t.only_candidate})
 
 
 def render_decision(d: GateDecision) -> str:
@@ -174,13 +179,25 @@ def render_decision(d: GateDecision) -> str:
         + (" (stopped early: the answer was clear)" if d.final and d.questions < d.total
            else "") + ".",
         "",
-        "| task | metric | baseline | candidate | interval (cand - base) | -δ | rule |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| task | metric | questions | baseline | candidate | recovery | interval | "
+        "min_recovery | rule |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in d.rules:
-        iv = r.interval
-        cand = f"{r.candidate_score:.4f}" if r.candidate_score is not None else "n/a"
-        span = f"[{iv['low']:+.4f}, {iv['high']:+.4f}]" if iv else "n/a"
-        lines.append(f"| {r.task} | {r.metric} | {r.baseline_score:.4f} | {cand} | {span} | "
-                     f"{-r.delta:+.4f} | {r.status} |")
+        lines.append(f"| {r.task} | {r.metric} | {r.questions} of {r.total} | "
+                     f"{_num(r.baseline_score)} | {_num(r.candidate_score)} | "
+                     f"{_num(r.recovery)} | {recovery_span(r.interval)} | {r.min_recovery} | "
+                     f"{r.status} |")
     return "\n".join([*lines, "", "Reasons:", *[f"- {r}" for r in d.reasons]])
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def recovery_span(interval: dict[str, Any]) -> str:
+    """The repeated recovery interval, as the reports print it."""
+    if not interval:
+        return "n/a"
+    high = "∞" if interval.get("high") is None else f"{interval['high']:.4f}"
+    return f"[{interval['low']:.4f}, {high}]"

@@ -55,7 +55,7 @@ class ModelEvaluation:
         return self.scores().get(rule_key(task, metric))
 
     def evidence(self) -> EvidenceRecord:
-        return EvidenceRecord(self.per_doc, self.evaluated_with)
+        return EvidenceRecord(self.per_doc, self.evaluated_with, self.totals)
 
     def as_record(self) -> dict[str, Any]:
         return {"label": self.label, "model": self.model, "scores": self.scores(),

@@ -1,9 +1,12 @@
 """Evaluation in stages: one vLLM server per model, the questions asked in the gate's fixed,
 seeded order, a look after each stage.
 
-The baseline always answers every stage (it is cached across runs, so this costs nothing on a
-nightly run); the candidate stops as soon as the gate's decision is clear. Both are asked the
-same stages, so every question sees the same prompt (few-shot draws included) on both sides.
+The baseline answers only the stages the decision needs: its first stage before quantization
+(enough to refuse a source that cannot do the task), more only when the candidate's first look
+is undecided, and each answered stage is cached and reused by later runs. The gate's ratio-form
+test compares the two on the questions both answered, so no whole-set baseline score is needed:
+a clear decision at look 1 costs look 1 on both. Both are asked the same stages, so every
+question sees the same prompt (few-shot draws included) on both sides.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 from requant.atomic import atomic_directory, write_json_atomic
 from requant.errors import SettingsError
-from requant.evaluation.gate import GateDecision, decide, rule_key
+from requant.evaluation.gate import EvidenceRecord, GateDecision, decide, rule_key
 from requant.evaluation.lmeval import (
     ModelEvaluation,
     baseline_cache_key,
@@ -47,13 +50,17 @@ StopRule = Callable[[ModelEvaluation, int, int], bool]
 def evaluate_staged(
     label: str, model_dir: Path, cfg: EvaluationSettings, gate: GateSettings, out_dir: Path,
     *, on_gpu: bool, report: Report = no_progress, stop: StopRule | None = None,
-    with_: dict[str, Any] | None = None,
+    with_: dict[str, Any] | None = None, upto: int | None = None,
+    prior: ModelEvaluation | None = None,
 ) -> ModelEvaluation:
-    """Serve ``model_dir`` and answer the stages until ``stop`` says so; writes ``out_dir``
-    atomically (per-question scores, lm-eval's samples and results, the summary)."""
+    """Serve ``model_dir`` and answer the stages after ``prior``'s (all of them without one) up
+    to stage ``upto`` (all), until ``stop`` says so; writes ``out_dir`` atomically (per-question
+    scores, lm-eval's samples and results, the summary), ``prior``'s answers included."""
     started = time.monotonic()
     with_ = with_ if with_ is not None else evaluated_with(cfg, gate)
     with atomic_directory(out_dir) as tmp:
+        if prior is not None:  # its samples and results files; its scores are merged below
+            shutil.copytree(prior.result_dir, tmp, dirs_exist_ok=True)
         include = task_dir(cfg)
         rendered = render_task_dir(include, tmp / "tasks") if include else None
         sizes = task_sizes(cfg, rendered)
@@ -69,12 +76,13 @@ def evaluate_staged(
                 stop(evaluation, 0, 1)
         else:
             evaluation = _serve_stages(label, model_dir, cfg, gate, rendered, sizes, with_,
-                                       tmp, out_dir, on_gpu, report, stop)
+                                       tmp, out_dir, on_gpu, report, stop, upto, prior)
+        total = round(time.monotonic() - started + (prior.timings_s.get("total", 0.0)
+                                                    if prior else 0.0), 1)
         evaluation = ModelEvaluation(
             evaluation.label, evaluation.model, evaluation.per_doc, evaluation.totals,
             evaluation.evaluated_with, out_dir, False,
-            evaluation.timings_s | {"total": round(time.monotonic() - started, 1)},
-            evaluation.stages)
+            evaluation.timings_s | {"total": total}, evaluation.stages)
         save_record(tmp, evaluation)
     return evaluation
 
@@ -82,14 +90,19 @@ def evaluate_staged(
 def _serve_stages(label: str, model_dir: Path, cfg: EvaluationSettings, gate: GateSettings,
                   rendered: Path | None, sizes: dict[str, int], with_: dict[str, Any],
                   tmp: Path, out_dir: Path, on_gpu: bool, report: Report,
-                  stop: StopRule | None) -> ModelEvaluation:
+                  stop: StopRule | None, upto: int | None,
+                  prior: ModelEvaluation | None) -> ModelEvaluation:
     plan = stage_plan(sizes, effective_looks(cfg, gate), gate.order_seed)
-    per_doc: dict[str, dict[int, float]] = {}
-    timings: dict[str, float] = {}
+    first = prior.stages if prior else 0
+    per_doc = {k: dict(v) for k, v in prior.per_doc.items()} if prior else {}
+    timings = {k: v for k, v in (prior.timings_s if prior else {}).items() if k != "total"}
+    evaluation = prior
     with running_server(model_dir, cfg.server, tmp / "server.log",
                         served_name=f"requant-{label}", on_gpu=on_gpu) as server:
-        timings["server_startup"] = server.startup_s
-        for k, stage in enumerate(plan):
+        timings["server_startup"] = round(timings.get("server_startup", 0.0)
+                                          + server.startup_s, 1)
+        for k in range(first, len(plan) if upto is None else min(upto, len(plan))):
+            stage = plan[k]
             samples = {}
             for task, questions in stage.items():
                 if not questions:
@@ -114,6 +127,7 @@ def _serve_stages(label: str, model_dir: Path, cfg: EvaluationSettings, gate: Ga
                                          timings_s=timings, stages=k + 1)
             if stop is not None and stop(evaluation, k, len(plan)):
                 break
+    assert evaluation is not None, "no stage left to answer"
     return evaluation
 
 
@@ -132,19 +146,26 @@ def _merge(per_doc: dict[str, dict[int, float]], samples: dict[str, list[dict[st
 def evaluate_baseline_cached(
     cfg: EvaluationSettings, gate: GateSettings, source_record: dict[str, Any], model_dir: Path,
     cache_dir: Path, out_dir: Path, on_gpu: bool, report: Report = no_progress,
+    upto: int | None = None,
 ) -> ModelEvaluation:
-    """The unquantized source on every stage, from the cache when nothing that determines it
-    changed (source identity + everything in ``evaluated_with``)."""
+    """The unquantized source's answers to the first ``upto`` stages (all by default): the
+    stages the cache holds are reused (the key: source identity + everything in
+    ``evaluated_with``), the missing ones answered and added to it."""
     with_ = evaluated_with(cfg, gate)
     key = baseline_cache_key(source_record, with_)
     cached = Path(cache_dir) / "baseline-eval" / key
-    if (cached / "summary.json").is_file():
+    have = load_record("baseline", cached, cached=True) \
+        if (cached / "summary.json").is_file() else None
+    stages = len(effective_looks(cfg, gate))
+    need = stages if upto is None else min(upto, stages)
+    if have is not None and have.stages >= need:
         with atomic_directory(out_dir) as tmp:
             shutil.copytree(cached, tmp, dirs_exist_ok=True)
-            write_json_atomic(tmp / "cache.json", {"key": key, "from": str(cached)})
+            write_json_atomic(tmp / "cache.json", {"key": key, "from": str(cached),
+                                                   "stages": have.stages})
         return load_record("baseline", out_dir, cached=True)
     result = evaluate_staged("baseline", model_dir, cfg, gate, out_dir, on_gpu=on_gpu,
-                             report=report, with_=with_)
+                             report=report, with_=with_, upto=need, prior=have)
     with atomic_directory(cached) as tmp:
         shutil.copytree(out_dir, tmp, dirs_exist_ok=True)
     return result
@@ -173,21 +194,39 @@ def check_baseline(baseline: ModelEvaluation, gate: GateSettings) -> None:
                             + "\n  - ".join(problems))
 
 
+def gate_stop_rule(baseline: EvidenceRecord, gate: GateSettings, looks: list[float],
+                   record: Callable[[GateDecision], None]) -> Callable[[EvidenceRecord, int],
+                                                                        bool]:
+    """After stage k (0-based): the gate's decision with look k's own critical value (spent
+    over ``looks`` at 1 - confidence); True when it is final."""
+    zs = critical_values(tuple(looks), 1 - gate.confidence)
+
+    def stop(candidate: EvidenceRecord, k: int) -> bool:
+        decision = decide(baseline, candidate, gate, look=k + 1, looks=len(zs), z=zs[k])
+        record(decision)
+        return decision.final
+
+    return stop
+
+
 def evaluate_candidate_gated(
     cfg: EvaluationSettings, gate: GateSettings, baseline: ModelEvaluation, checkpoint: Path,
     out_dir: Path, on_gpu: bool, report: Report = no_progress,
-) -> tuple[ModelEvaluation, GateDecision]:
-    """The candidate, stage by stage, stopping as soon as the gate's decision is clear."""
+    more_baseline: Callable[[], ModelEvaluation] | None = None,
+) -> tuple[ModelEvaluation, GateDecision, ModelEvaluation]:
+    """The candidate, stage by stage, stopping as soon as the gate's decision is clear. When it
+    reaches the stages the baseline has not answered, ``more_baseline`` answers them all (one
+    server start, cached for later runs) and the candidate continues where it stopped.
+    Returns (candidate, decision, the baseline as far as it was answered)."""
     looks = effective_looks(cfg, gate)
-    zs = critical_values(tuple(looks), 1 - gate.confidence)
     decisions: list[GateDecision] = []
-
-    def stop(evaluation: ModelEvaluation, k: int, stages: int) -> bool:
-        decision = decide(baseline.evidence(), evaluation.evidence(), gate, look=k + 1,
-                          looks=stages, z=zs[k])
-        decisions.append(decision)
-        return decision.final
-
-    candidate = evaluate_staged("candidate", checkpoint, cfg, gate, out_dir, on_gpu=on_gpu,
-                                report=report, stop=stop)
-    return candidate, decisions[-1]
+    candidate: ModelEvaluation | None = None
+    while True:
+        rule = gate_stop_rule(baseline.evidence(), gate, looks, decisions.append)
+        candidate = evaluate_staged(
+            "candidate", checkpoint, cfg, gate, out_dir, on_gpu=on_gpu, report=report,
+            stop=lambda ev, k, _n, rule=rule: rule(ev.evidence(), k), upto=baseline.stages,
+            prior=candidate)
+        if decisions[-1].final or more_baseline is None or baseline.stages >= len(looks):
+            return candidate, decisions[-1], baseline
+        baseline = more_baseline()

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from requant.evaluation.gate import recovery_span
 from requant.quantization.recipes import modifiers
 
 TEMPLATE = """---
@@ -80,7 +81,10 @@ def render_card(
         EvalResult(task_type="text-generation", dataset_type=r["task"].removesuffix("_local"),
                    dataset_name=r["task"], metric_type=r["metric"].split(",")[0],
                    metric_value=round(r["candidate_score"], 4), metric_name=r["metric"])
-        for r in (gate or {}).get("rules", []) if r.get("candidate_score") is not None
+        # model-index means "this model's score on the task": only a whole-set score is one.
+        # After an early stop the card's table gives the subset's scores, labelled as such.
+        for r in (gate or {}).get("rules", [])
+        if r.get("candidate_score") is not None and r.get("questions") == r.get("total")
     ]
     data = ModelCardData(
         base_model=base_model, base_model_relation="quantized" if base_model else None,
@@ -115,27 +119,27 @@ def render_card(
 
 def eval_table(gate: dict[str, Any] | None, baseline: dict[str, Any] | None,
                candidate: dict[str, Any] | None) -> str:
-    """Every gate rule's numbers: the scores on the questions the candidate answered, the
-    paired interval and the tolerance it had to clear."""
+    """Every gate rule's numbers on the questions the candidate answered (never a subset's
+    score passed off as the whole set's), the recovery interval and the bar it had to clear."""
     if not (gate and gate.get("rules")):
         return "Not evaluated."
     rows = []
     for r in gate["rules"]:
-        iv = r.get("interval") or {}
         rec = f"{r['recovery']:.2%}" if r.get("recovery") is not None else "n/a"
         cand = f"{r['candidate_score']:.4f}" if r.get("candidate_score") is not None else "n/a"
-        base = (f"{r['baseline_on_evaluated']:.4f}" if r.get("baseline_on_evaluated")
-                is not None else f"{r['baseline_score']:.4f}")
-        span = f"[{iv['low']:+.4f}, {iv['high']:+.4f}]" if iv else "n/a"
-        rows.append(f"| {r['task']} | {r['metric']} | {base} | {cand} | {rec} | {span} | "
-                    f"{-r['delta']:+.4f} | {r['status']} | {r['questions']} of {r['total']} |")
+        base = f"{r['baseline_score']:.4f}" if r.get("baseline_score") is not None else "n/a"
+        subset = "" if r["questions"] == r["total"] else " (a subset: the gate stopped early)"
+        rows.append(f"| {r['task']} | {r['metric']} | {r['questions']} of {r['total']}{subset} "
+                    f"| {base} | {cand} | {rec} | {recovery_span(r.get('interval') or {})} | "
+                    f"{r['min_recovery']} | {r['status']} |")
     return "\n".join([
-        "| task | metric | baseline | this model | recovery | paired interval | -δ | rule | "
-        "questions |",
+        "| task | metric | questions | baseline | this model | recovery | recovery interval | "
+        "min_recovery | rule |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |", *rows, "",
-        "lm-eval against the model served by vLLM; baseline and this model answered the same "
-        "questions. A rule passes when the paired interval (this model - baseline) lies above "
-        "-δ.",
+        "lm-eval against the model served by vLLM; both scores are on the same questions (the "
+        "gate's seeded order; after an early stop, the questions answered so far, not the whole "
+        "set). A rule passes when the recovery interval (this model / baseline, a repeated "
+        "interval valid at every look) lies above min_recovery.",
     ])
 
 
