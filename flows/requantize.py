@@ -1,7 +1,8 @@
 """The main pipeline, as in docs/architecture.md:
 
-    preflight -> source -> recipe fitted to the architecture -> calibration -> [candidate ledger]
-      -> baseline evaluation (cached; a source that cannot do the task ends the run here)
+    preflight -> source -> recipe fitted to the architecture -> memory plan (refused if it
+      cannot fit) -> calibration -> [candidate ledger]
+      -> baseline's first stage (cached; a source that cannot do the task ends the run here)
       -> quantization -> candidate evaluation, staged, the gate looking after each stage
       -> publish -> rollout
 
@@ -53,7 +54,7 @@ from requant.tasks.evaluation import evaluate_baseline, evaluate_candidate
 from requant.tasks.gate import record_gate
 from requant.tasks.preflight import preflight
 from requant.tasks.publish import publish
-from requant.tasks.quantization import fit_recipe, quantize
+from requant.tasks.quantization import fit_recipe, plan_quantization_memory, quantize
 from requant.tasks.source import resolve_source
 
 
@@ -68,6 +69,7 @@ def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any
     check_gpu_limit(settings.quantization.gpus)
     source = resolve_source(settings.source)
     recipe = fit_recipe(recipe, source)
+    plan_quantization_memory(settings, source, recipe, acc)  # refused here if it cannot fit
     run_id = str(flow_run.get_id() or datetime.now(UTC).strftime("local-%Y%m%dT%H%M%SZ"))
     run_dir = RunDir.create(settings.output_dir, run_id)  # only once the inputs are sound
     get_run_logger().info("run directory: %s", run_dir.root)

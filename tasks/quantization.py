@@ -10,9 +10,16 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from requant.calibration import CalibrationSet
+from requant.gpu_memory import gpu_memory
 from requant.progress import StageProgress
 from requant.quantization.checkpoint import QuantizedCheckpoint, quantize_checkpoint
-from requant.quantization.hardware import Accelerator
+from requant.quantization.hardware import Accelerator, cpu_has_native_bf16
+from requant.quantization.memory_plan import (
+    MemoryPlan,
+    available_host_bytes,
+    check_memory_plan,
+    plan_for_source,
+)
 from requant.quantization.recipes import ResolvedRecipe, fit_to_model
 from requant.settings import PipelineSettings
 from requant.source import ResolvedSource
@@ -26,6 +33,22 @@ def fit_recipe(recipe: ResolvedRecipe, source: ResolvedSource) -> ResolvedRecipe
     if fitted is not recipe:
         get_run_logger().info("SmoothQuant mappings for %s named in the recipe", model_type)
     return fitted
+
+
+@task(name="plan-memory")
+def plan_quantization_memory(settings: PipelineSettings, source: ResolvedSource,
+                             recipe: ResolvedRecipe, acc: Accelerator) -> MemoryPlan:
+    """Seconds, before loading: what the stage will hold in host and GPU memory, refused with
+    the numbers and the setting to change when it cannot fit."""
+    on_gpu = acc.kind == "cuda"
+    gpu = gpu_memory() if on_gpu else None
+    plan = plan_for_source(source.path, settings, on_gpu,
+                           fp32=not on_gpu and not cpu_has_native_bf16(),
+                           gpu_total=gpu[1] if gpu else None,
+                           calibrates=recipe.needs_calibration_data)
+    get_run_logger().info("memory plan: %s", plan.describe())
+    check_memory_plan(plan, available_host_bytes(), gpu[1] if gpu else None)
+    return plan
 
 
 @task(name="quantize")

@@ -1,0 +1,65 @@
+"""The quantization stage's memory plan, from config.json and the settings, before anything is
+loaded: what cannot fit is refused with the numbers and the setting to change, and the plan for
+a real model is an upper bound of what the stage measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from requant.errors import SettingsError
+from requant.gpu_memory import GIB
+from requant.quantization.memory_plan import check_memory_plan, count_params, plan_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA3_70B = {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+              "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
+              "tie_word_embeddings": False}
+LLAMA3_8B = LLAMA3_70B | {"hidden_size": 4096, "intermediate_size": 14336,
+                          "num_hidden_layers": 32, "num_attention_heads": 32}
+
+
+def test_parameter_counts_match_the_published_sizes_of_llama3_8b_and_70b():
+    assert count_params(LLAMA3_8B) == pytest.approx(8.03e9, rel=0.005)
+    assert count_params(LLAMA3_70B) == pytest.approx(70.55e9, rel=0.005)
+
+
+def test_a_70b_job_that_cannot_fit_this_host_is_refused_with_the_numbers_and_the_settings():
+    plan = plan_memory(LLAMA3_70B, gpus=2, on_gpu=True, fp32=False, samples=512,
+                       max_seq_len=2048, gpu_total=141 * GIB)
+    assert plan.copies == 2 and plan.weight_bytes == pytest.approx(141e9, rel=0.01)
+    with pytest.raises(SettingsError) as err:
+        check_memory_plan(plan, host_available=256 * GIB, gpu_total=141 * GIB)
+    message = str(err.value)
+    assert message.startswith("quantization: the plan needs")
+    assert "256.0 GiB available" in message and "quantization.gpus=1" in message
+    assert "calibration.num_samples" in message and "\n" not in message
+    one = plan_memory(LLAMA3_70B, gpus=1, on_gpu=True, fp32=False, samples=512,
+                      max_seq_len=2048, gpu_total=141 * GIB)
+    check_memory_plan(one, host_available=256 * GIB, gpu_total=141 * GIB)  # one copy fits
+    assert one.activations_on_gpu  # 16 GiB of hidden states fit half the H200
+
+
+def test_a_gpu_too_small_for_a_replica_per_rank_is_refused_naming_the_gpu_figure():
+    plan = plan_memory(LLAMA3_70B, gpus=2, on_gpu=True, fp32=False, samples=64,
+                       max_seq_len=2048, gpu_total=80 * GIB)
+    with pytest.raises(SettingsError, match=r"per GPU and each has 80\.0 GiB.*gpus=1"):
+        check_memory_plan(plan, host_available=2048 * GIB, gpu_total=80 * GIB)
+
+
+def test_the_demo_models_plan_bounds_its_measured_peak_on_this_cpu():
+    """SmolLM2-135M, 64 x 512, fp32 on a CPU without native bf16: the flow's measured peak RSS
+    (benchmarks/bench_quantization_cpu.py) must be inside the plan, and the plan not absurd."""
+    config = json.loads((ROOT / "models" / "SmolLM2-135M-Instruct" / "config.json").read_text()) \
+        if (ROOT / "models" / "SmolLM2-135M-Instruct" / "config.json").is_file() else {
+            "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+            "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+            "tie_word_embeddings": True}
+    measured = json.loads((ROOT / "docs" / "measurements" / "cpu-quantization.json")
+                          .read_text())["median"]["flow"]["peak_rss_gib"] * GIB
+    plan = plan_memory(config, gpus=1, on_gpu=False, fp32=True, samples=64, max_seq_len=512,
+                       gpu_total=None)
+    assert count_params(config) == pytest.approx(134.5e6, rel=0.01)
+    assert measured <= plan.host_bytes <= 3 * measured
