@@ -96,7 +96,22 @@ def main() -> None:
     print("min_recovery  good (0.995, 8 %) promoted  bad (0.95, 12 %) promoted")
     for s in scan:
         print(f"{s['min_recovery']:>12} {s['good_promoted']:>25.3f} {s['bad_promoted']:>24.3f}")
+    print(markdown(out))
     print(f"wrote {out_path} ({out['seconds']} s)")
+
+
+def markdown(out: dict) -> str:
+    """The tables as docs/evaluation.md shows them."""
+    head = ("| true recovery | flip | promoted | failed | inconclusive | median candidate "
+            "questions |\n| --- | --- | --- | --- | --- | --- |")
+    rows = [f"| {r['recovery']:.3f} | {r['discordance'] * 100:.1f} % | {r['promoted']:.4f} | "
+            f"{r['failed']:.3f} | {r['inconclusive']:.3f} | {r['median_questions']:.0f} |"
+            for r in out["margin"] + out["good"] + out["bad"]]
+    scan = ["| min_recovery | good promoted (≥ 0.95 wanted) | bad promoted (≤ 0.02 wanted) |",
+            "| --- | --- | --- |"]
+    scan += [f"| {x['min_recovery']} | {x['good_promoted']:.3f} | {x['bad_promoted']:.3f} |"
+             for x in out["min_recovery_scan"]]
+    return "\n".join([head, *rows, "", *scan])
 
 
 if __name__ == "__main__":

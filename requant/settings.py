@@ -217,9 +217,9 @@ class EvaluationSettings(_Section):
         None, gt=0, description="Evaluate only the first N documents per task (None: all)."
     )
     task_limits: dict[str, int | None] = Field(
-        default_factory=lambda: {"gsm8k_local": 20, "gsm8k_cloze_local": 652},
+        default_factory=lambda: {"gsm8k_local": 8, "gsm8k_cloze_local": 652},
         description="Per-task override of limit, e.g. {gsm8k_local: 100} (null: all). The "
-        "demo's: 20 gsm8k questions (evaluated, not gated), 652 of the cloze task's 1302.",
+        "demo's: 8 gsm8k questions (evaluated, not gated), 652 of the cloze task's 1302.",
     )
     num_concurrent: int = Field(8, gt=0, description="Concurrent requests to the server.")
     max_gen_toks: int = Field(256, gt=0, description="Generation budget per answer.")
@@ -242,8 +242,9 @@ class GateRule(_Section):
     )
     min_recovery: float = Field(
         0.957, gt=0.0, le=1.0,
-        description="Tolerated loss δ = (1 - min_recovery) x baseline score. The default is the "
-        "tightest that holds the gate's error rates on gsm8k (docs/evaluation.md).",
+        description="The candidate must recover at least this share of the baseline's score on "
+        "the same questions (a ratio-form non-inferiority test). The default is the tightest "
+        "that holds the gate's error rates on gsm8k (docs/evaluation.md).",
     )
     min_candidate_score: float | None = Field(
         None, ge=0.0, le=1.0, description="Optional absolute floor on the candidate's score."
@@ -278,13 +279,16 @@ class GateSettings(_Section):
     )
     confidence: float = Field(
         0.95, gt=0.5, lt=1.0,
-        description="One-sided level of each decision: a candidate exactly δ worse passes a "
-        "rule with probability at most 1 - confidence, whatever the number of looks.",
+        description="One-sided level of each decision: a candidate recovering exactly "
+        "min_recovery passes a rule with probability at most 1 - confidence, whatever the "
+        "number of looks.",
     )
     looks: list[float] = Field(
-        default_factory=lambda: [0.25, 0.5, 0.75, 1.0], min_length=1,
+        default_factory=lambda: [0.5, 1.0], min_length=1,
         description="Fractions of the questions after which the candidate's evaluation may stop "
-        "early (the last must be 1.0). [1.0]: one look, no early stop.",
+        "early (the last must be 1.0). [1.0]: one look, no early stop. Each look costs a "
+        "server start on each side when undecided; two looks suit a few hundred questions "
+        "(the demo), four a full gsm8k (the production file).",
     )
     order_seed: int = Field(
         1234, description="Seed of the fixed question order the stages follow."

@@ -61,14 +61,15 @@ def evaluate_candidate(
     cache_dir: Path,
 ) -> tuple[ModelEvaluation, GateDecision, ModelEvaluation]:
     """Never cached: the candidate is new by definition. Stops when the gate's answer is clear;
-    the baseline answers its remaining stages only if the candidate needs them."""
+    the baseline answers a further stage only when the candidate needs it."""
     progress = StageProgress("evaluation-candidate", "evaluating the candidate")
 
-    def more_baseline() -> ModelEvaluation:
-        get_run_logger().info("the first look is undecided: the baseline answers the remaining "
-                              "stages (cached for later runs), then the candidate continues")
+    def more_baseline(upto: int) -> ModelEvaluation:
+        get_run_logger().info("look %d is undecided: the baseline answers stage %d (cached for "
+                              "later runs), then the candidate continues", upto - 1, upto)
         return evaluate_baseline_cached(cfg, gate, source_record, source_dir, cache_dir,
-                                        baseline.result_dir, on_gpu, report=progress)
+                                        baseline.result_dir, on_gpu, report=progress,
+                                        upto=upto)
 
     result, decision, baseline = evaluate_candidate_gated(
         cfg, gate, baseline, checkpoint, out_dir, on_gpu, report=progress,

@@ -143,3 +143,14 @@ def test_a_rule_metric_the_task_does_not_report_is_named_with_what_it_does_repor
     with pytest.raises(SettingsError, match=r"gate\.rules\.0\.metric: t reports "
                                             r"\['exact_match,strict-match'\]"):
         check_baseline(evaluation({"t|exact_match,strict-match": {0: 1.0}}), gate)
+
+
+def test_a_record_keeps_its_prompt_hashes_through_save_and_load(tmp_path):
+    """The pairing proof survives the cache: a baseline read back still has its hashes."""
+    from requant.evaluation.lmeval import ModelEvaluation, load_record, save_record
+
+    record = ModelEvaluation("baseline", "m", {"t|acc,none": {3: 1.0}}, {"t": 10}, {"x": 1},
+                             tmp_path, stages=1, prompts={"t": {3: "d3/p3"}})
+    save_record(tmp_path, record)
+    again = load_record("baseline", tmp_path, cached=True)
+    assert again.prompts == {"t": {3: "d3/p3"}} and again.evidence().prompts == again.prompts

@@ -100,6 +100,24 @@ def test_a_candidate_document_the_baseline_never_answered_is_refused():
     assert (d.status, d.promote) == ("fail", False) and "not comparable" in d.reasons[0]
 
 
+def test_a_question_asked_with_another_prompt_is_a_hard_fail_naming_the_first_one():
+    base = EvidenceRecord({rule_key(T, M): {i: 1.0 for i in range(10)}}, WITH, {T: 10},
+                          {T: {i: f"d{i}/p{i}" for i in range(10)}})
+    cand_prompts = {i: f"d{i}/p{i}" for i in range(10)} | {3: "d3/OTHER", 7: "d7/OTHER"}
+    cand = EvidenceRecord({rule_key(T, M): {i: 1.0 for i in range(10)}}, WITH, {T: 10},
+                          {T: cand_prompts})
+    d = decide(base, cand, gate(allow_inconclusive=True), look=1, looks=1, z=1.645)
+    assert (d.status, d.promote) == ("fail", False)
+    assert "question 3 was asked with a different prompt" in d.reasons[0]
+    assert "2 question(s) differ" in d.reasons[0]
+    paired = EvidenceRecord(cand.per_doc, WITH, {T: 10}, {T: dict(base.prompts[T])})
+    assert decide(base, paired, gate(allow_inconclusive=True), look=1, looks=1,
+                  z=1.645).status != "fail"
+    unhashed = EvidenceRecord(cand.per_doc, WITH)
+    assert "only the baseline record has prompt hashes" in decide(
+        base, unhashed, gate(), look=1, looks=1, z=1.645).reasons[0]
+
+
 def test_a_metric_the_records_lack_is_refused_with_the_name_to_fix():
     g = GateSettings(rules=[GateRule(task=T, metric="exact_match,flexible-extract")])
     d = decide(record([1] * 10), record([1] * 10), g, look=1, looks=1, z=1.645)
@@ -142,6 +160,8 @@ def test_boundaries_are_the_exact_obrien_fleming_constants_and_one_look_is_the_f
                       axis=1)
     assert (paths.max(axis=1) > c).mean() == pytest.approx(0.05, abs=0.0015)
     assert critical_values((1.0,), 0.05)[0] == pytest.approx(1.6449, abs=1e-4)
+    # the integration itself, at one look, is the normal tail (not only the shortcut above)
+    assert crossing_probability((1.0,), 1.6449) == pytest.approx(0.05, abs=1e-4)
     assert critical_values(looks, 0.05) == pytest.approx([c / 0.5, c / 0.5**0.5,
                                                           c / 0.75**0.5, c])
 

@@ -139,3 +139,34 @@ def test_staged_gsm8k_slice_gated_with_bos_the_baseline_answering_stages_only_as
     # both stages were cached, the second one added by the candidate's undecided look
     assert again.per_doc == base.per_doc and again.evaluated_with == base.evaluated_with
     assert (tmp_path / "run2" / "baseline" / "cache.json").is_file()
+
+
+def test_add_bos_token_false_is_the_negative_control_no_prompt_starts_with_bos(
+        vllm_tiny_w8a8, tmp_path, monkeypatch):
+    from requant.evaluation.staged import evaluate_staged
+
+    monkeypatch.chdir(ROOT)
+    cfg = EvaluationSettings(tasks=["gsm8k_local"], task_limits={}, limit=4, num_fewshot=2, max_gen_toks=8, add_bos_token=False,
+                             server=logging_server())
+    result = evaluate_staged("candidate", vllm_tiny_w8a8, cfg, GateSettings(looks=[1.0]),
+                             tmp_path / "candidate", on_gpu=False)
+    firsts = bos_first(result.result_dir)
+    assert len(firsts) >= 4 and "1" not in firsts, firsts  # the same path, no BOS this time
+
+
+def test_in_process_vllm_backend_runs_the_seed_command_in_the_serving_env(vllm_tiny_w8a8,
+                                                                          tmp_path, monkeypatch):
+    """evaluation.backend=vllm: `lm_eval --model vllm ... add_bos_token=True` as the seed ran it."""
+    from requant.evaluation.staged import evaluate_staged
+
+    monkeypatch.chdir(ROOT)
+    cfg = EvaluationSettings(backend="vllm", tasks=["gsm8k_local"], task_limits={}, limit=4, num_fewshot=1, max_gen_toks=16,
+                             server=tiny_server_settings(max_model_len=2048))
+    result = evaluate_staged("candidate", vllm_tiny_w8a8, cfg, GateSettings(), tmp_path /
+                             "candidate", on_gpu=False)
+    assert result.stages == 1  # one go: a stage would reload the model in-process
+    assert sorted(result.per_doc["gsm8k_local|exact_match,strict-match"]) == [0, 1, 2, 3]
+    log = (tmp_path / "candidate" / "lm_eval.log").read_text()
+    assert "add_bos_token=True" in log or "'add_bos_token': True" in log
+    assert (tmp_path / "candidate" / "results_stage1.json").is_file()
+    assert (tmp_path / "candidate" / "per_doc.json").is_file()

@@ -40,6 +40,7 @@ class EvidenceRecord:
     per_doc: dict[str, dict[int, float]]  # rule_key -> doc id -> score
     evaluated_with: dict[str, Any]
     totals: dict[str, int] = field(default_factory=dict)  # task -> its questions, all stages
+    prompts: dict[str, dict[int, str]] = field(default_factory=dict)  # task -> doc -> hash
 
 
 @dataclass
@@ -97,6 +98,31 @@ def comparability_problems(baseline: EvidenceRecord, candidate: EvidenceRecord,
             extra = len(set(candidate.per_doc[key]) - set(baseline.per_doc[key]))
             problems.append(f"{rule.task} {rule.metric}: the candidate answered {extra} "
                             "documents the baseline did not: not comparable.")
+    return problems + unpaired_prompts(baseline, candidate, {r.task for r in rules})
+
+
+def unpaired_prompts(baseline: EvidenceRecord, candidate: EvidenceRecord,
+                     tasks: set[str]) -> list[str]:
+    """Each question must have been asked with the same prompt on both sides (lm-eval's doc and
+    prompt hashes): the pairing is checked, not assumed. A record with no hashes at all is a
+    synthetic one (simulations); one side without them is a problem."""
+    problems = []
+    for task in sorted(tasks):
+        b, c = baseline.prompts.get(task), candidate.prompts.get(task)
+        if b is None and c is None:
+            continue
+        if b is None or c is None:
+            problems.append(f"{task}: only the {'candidate' if b is None else 'baseline'} "
+                            "record has prompt hashes, so the pairing cannot be checked. "
+                            "Re-evaluate the baseline (delete its cache entry).")
+            continue
+        differing = [d for d in sorted(c) if b.get(d) != c[d]]
+        if differing:
+            d = differing[0]
+            problems.append(f"{task}: question {d} was asked with a different prompt or "
+                            f"document ({b.get(d)} vs {c[d]}; {len(differing)} question(s) "
+                            "differ): the records are not paired. Check the task files and "
+                            "few-shot settings, and re-evaluate the baseline.")
     return problems
 
 

@@ -47,6 +47,7 @@ class ModelEvaluation:
     cached: bool = False
     timings_s: dict[str, float] = field(default_factory=dict)
     stages: int = 0
+    prompts: dict[str, dict[int, str]] = field(default_factory=dict)  # task -> question -> hash
 
     def scores(self) -> dict[str, float]:
         return {k: sum(v.values()) / len(v) for k, v in self.per_doc.items() if v}
@@ -55,7 +56,7 @@ class ModelEvaluation:
         return self.scores().get(rule_key(task, metric))
 
     def evidence(self) -> EvidenceRecord:
-        return EvidenceRecord(self.per_doc, self.evaluated_with, self.totals)
+        return EvidenceRecord(self.per_doc, self.evaluated_with, self.totals, self.prompts)
 
     def as_record(self) -> dict[str, Any]:
         return {"label": self.label, "model": self.model, "scores": self.scores(),
@@ -69,15 +70,21 @@ def save_record(folder: Path, evaluation: ModelEvaluation) -> None:
     write_json_atomic(folder / "summary.json", evaluation.as_record())
     write_json_atomic(folder / "per_doc.json", {k: {str(d): s for d, s in v.items()}
                                                 for k, v in evaluation.per_doc.items()})
+    write_json_atomic(folder / "prompts.json", {k: {str(d): h for d, h in v.items()}
+                                                for k, v in evaluation.prompts.items()})
 
 
 def load_record(label: str, folder: Path, *, cached: bool) -> ModelEvaluation:
     summary = json.loads((folder / "summary.json").read_text())
     per_doc = {k: {int(d): s for d, s in v.items()}
                for k, v in json.loads((folder / "per_doc.json").read_text()).items()}
+    prompts_file = folder / "prompts.json"
+    prompts = {k: {int(d): h for d, h in v.items()}
+               for k, v in json.loads(prompts_file.read_text()).items()} \
+        if prompts_file.is_file() else {}
     return ModelEvaluation(label, summary["model"], per_doc, summary["totals"],
                            summary["evaluated_with"], folder, cached, summary["timings_s"],
-                           summary["stages"])
+                           summary["stages"], prompts)
 
 
 @lru_cache(maxsize=8)
@@ -102,12 +109,46 @@ def evaluated_with(cfg: EvaluationSettings, gate: GateSettings) -> dict[str, Any
         "server": server.model_dump(mode="json", include={
             "max_model_len", "max_num_seqs", "max_num_batched_tokens", "enforce_eager",
             "extra_args"}),
+        "server_env": dict(sorted(server.env.items())),  # batch invariance, attention backend
         "lm_eval": metadata.version("lm_eval"),
+        "transformers": metadata.version("transformers"),  # the prompts' tokenizer code
+        "datasets": metadata.version("datasets"),
         "vllm": serving_vllm_version(str(serving_python(server))),
+        "hardware": hardware_name(),
         "cpu_native_bf16": cpu_has_native_bf16(),  # else CPU servers compute in fp32
         "looks": effective_looks(cfg, gate),
         "order_seed": gate.order_seed,
     }
+
+
+def hardware_name() -> str:
+    """What the evaluation servers compute on: scores move with the kernels (a cached baseline
+    from another GPU model or CPU is never reused, nor compared)."""
+    from requant.quantization.hardware import detect_accelerator
+
+    acc = detect_accelerator("auto")
+    return f"{acc.kind}: {acc.name}"
+
+
+def tokenizer_fingerprint(model_dir: Path) -> str:
+    """What the model's tokenizer does, not how its files are formatted (a quantized checkpoint
+    re-saves them): vocabulary, special tokens, and the ids of a probe text. The requests are
+    tokenized on our side, so two models compared must tokenize alike."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    probe = "Natalia sold clips to 48 of her friends in April. 12 + 7 = 19\n\nQ: A:"
+    return fingerprint({"vocab": sorted(tok.get_vocab().items()),
+                        "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
+                        "bos": tok.bos_token_id, "eos": tok.eos_token_id,
+                        "probe": tok(probe)["input_ids"]})[:16]
+
+
+def prompt_hashes(samples: list[dict[str, Any]]) -> dict[int, str]:
+    """question -> lm-eval's hash of the question and of the exact prompt it was asked with
+    (few-shot examples included): the proof that two records are paired question by question."""
+    return {int(row["doc_id"]): f"{row.get('doc_hash', '')}/{row.get('prompt_hash', '')}"
+            for row in samples if row.get("prompt_hash")}
 
 
 def baseline_cache_key(source_record: dict[str, Any], with_: dict[str, Any]) -> str:

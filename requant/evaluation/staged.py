@@ -2,8 +2,8 @@
 seeded order, a look after each stage.
 
 The baseline answers only the stages the decision needs: its first stage before quantization
-(enough to refuse a source that cannot do the task), more only when the candidate's first look
-is undecided, and each answered stage is cached and reused by later runs. The gate's ratio-form
+(enough to refuse a source that cannot do the task), the next one only when the candidate's
+look is undecided, and each answered stage is cached and reused by later runs. The gate's ratio-form
 test compares the two on the questions both answered, so no whole-set baseline score is needed:
 a clear decision at look 1 costs look 1 on both. Both are asked the same stages, so every
 question sees the same prompt (few-shot draws included) on both sides.
@@ -15,6 +15,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,11 @@ from requant.evaluation.lmeval import (
     evaluated_with,
     load_record,
     per_doc_scores,
+    prompt_hashes,
     run_lm_eval_in_vllm,
     run_lm_eval_on_server,
     save_record,
+    tokenizer_fingerprint,
 )
 from requant.evaluation.sequential import critical_values
 from requant.evaluation.tasks import (
@@ -57,7 +60,8 @@ def evaluate_staged(
     to stage ``upto`` (all), until ``stop`` says so; writes ``out_dir`` atomically (per-question
     scores, lm-eval's samples and results, the summary), ``prior``'s answers included."""
     started = time.monotonic()
-    with_ = with_ if with_ is not None else evaluated_with(cfg, gate)
+    with_ = (with_ if with_ is not None else evaluated_with(cfg, gate)) | {
+        "tokenizer": tokenizer_fingerprint(model_dir)}
     with atomic_directory(out_dir) as tmp:
         if prior is not None:  # its samples and results files; its scores are merged below
             shutil.copytree(prior.result_dir, tmp, dirs_exist_ok=True)
@@ -71,7 +75,9 @@ def evaluate_staged(
             write_json_atomic(tmp / "results_stage1.json", results)
             per_doc = _merge({}, {t: samples.get(t, []) for t in cfg.tasks}, tmp, 0)
             evaluation = ModelEvaluation(label, str(model_dir), per_doc, sizes, with_, out_dir,
-                                         timings_s={}, stages=1)
+                                         timings_s={}, stages=1,
+                                         prompts={t: prompt_hashes(samples.get(t, []))
+                                                  for t in cfg.tasks})
             if stop:
                 stop(evaluation, 0, 1)
         else:
@@ -79,10 +85,8 @@ def evaluate_staged(
                                        tmp, out_dir, on_gpu, report, stop, upto, prior)
         total = round(time.monotonic() - started + (prior.timings_s.get("total", 0.0)
                                                     if prior else 0.0), 1)
-        evaluation = ModelEvaluation(
-            evaluation.label, evaluation.model, evaluation.per_doc, evaluation.totals,
-            evaluation.evaluated_with, out_dir, False,
-            evaluation.timings_s | {"total": total}, evaluation.stages)
+        evaluation = replace(evaluation, result_dir=out_dir, cached=False,
+                             timings_s=evaluation.timings_s | {"total": total})
         save_record(tmp, evaluation)
     return evaluation
 
@@ -95,6 +99,7 @@ def _serve_stages(label: str, model_dir: Path, cfg: EvaluationSettings, gate: Ga
     plan = stage_plan(sizes, effective_looks(cfg, gate), gate.order_seed)
     first = prior.stages if prior else 0
     per_doc = {k: dict(v) for k, v in prior.per_doc.items()} if prior else {}
+    prompts = {k: dict(v) for k, v in prior.prompts.items()} if prior else {}
     timings = {k: v for k, v in (prior.timings_s if prior else {}).items() if k != "total"}
     evaluation = prior
     with running_server(model_dir, cfg.server, tmp / "server.log",
@@ -123,8 +128,10 @@ def _serve_stages(label: str, model_dir: Path, cfg: EvaluationSettings, gate: Ga
             # that died meanwhile would otherwise look like a model scoring zero.
             server.check_alive()
             per_doc = _merge(per_doc, samples, tmp, k)
+            for task, rows in samples.items():
+                prompts.setdefault(task, {}).update(prompt_hashes(rows))
             evaluation = ModelEvaluation(label, str(model_dir), per_doc, sizes, with_, out_dir,
-                                         timings_s=timings, stages=k + 1)
+                                         timings_s=timings, stages=k + 1, prompts=prompts)
             if stop is not None and stop(evaluation, k, len(plan)):
                 break
     assert evaluation is not None, "no stage left to answer"
@@ -212,11 +219,12 @@ def gate_stop_rule(baseline: EvidenceRecord, gate: GateSettings, looks: list[flo
 def evaluate_candidate_gated(
     cfg: EvaluationSettings, gate: GateSettings, baseline: ModelEvaluation, checkpoint: Path,
     out_dir: Path, on_gpu: bool, report: Report = no_progress,
-    more_baseline: Callable[[], ModelEvaluation] | None = None,
+    more_baseline: Callable[[int], ModelEvaluation] | None = None,
 ) -> tuple[ModelEvaluation, GateDecision, ModelEvaluation]:
     """The candidate, stage by stage, stopping as soon as the gate's decision is clear. When it
-    reaches the stages the baseline has not answered, ``more_baseline`` answers them all (one
-    server start, cached for later runs) and the candidate continues where it stopped.
+    reaches a stage the baseline has not answered, ``more_baseline(k)`` answers the baseline's
+    stages up to k (cached for later runs), and the candidate continues where it stopped: the
+    baseline never answers a question the decision did not need.
     Returns (candidate, decision, the baseline as far as it was answered)."""
     looks = effective_looks(cfg, gate)
     decisions: list[GateDecision] = []
@@ -229,4 +237,4 @@ def evaluate_candidate_gated(
             prior=candidate)
         if decisions[-1].final or more_baseline is None or baseline.stages >= len(looks):
             return candidate, decisions[-1], baseline
-        baseline = more_baseline()
+        baseline = more_baseline(candidate.stages + 1)
