@@ -60,7 +60,11 @@ def test_a_source_that_cannot_do_the_task_ends_before_quantization_and_inconclus
         "calibration", "checkpoint", "eval", "gate", "summary.json"]
     decision = json.loads((run_dir / "gate" / "decision.json").read_text())
     assert decision["status"] == "inconclusive" and decision["promote"] is False
-    assert decision["baseline"]["cached"] is True  # evaluated once, by the first run
+    # the first run's baseline stage came from the cache (the same file, byte for byte); look 1
+    # undecided, the baseline then answered stage 2 only, and the candidate continued
+    stage1 = "eval/baseline/results_gsm8k_local_stage1.json"
+    assert (run_dir / stage1).read_bytes() == (run1 / stage1).read_bytes()
+    assert decision["baseline"]["stages"] == decision["candidate"]["stages"] == 2
     assert decision["questions"] == decision["total"] == 4 and decision["look"] == 2
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["gate"]["promote"] is False
