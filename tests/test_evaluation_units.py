@@ -100,7 +100,12 @@ def test_baseline_cache_key_covers_source_and_everything_the_scores_depend_on(mo
                                                        "server": {"max_model_len": 1024}})):
         assert baseline_cache_key(src, evaluated_with(changed, gate)) != key, changed
     assert baseline_cache_key(src, evaluated_with(
-        EvaluationSettings(task_limits={}, limit=10), GateSettings(looks=[0.5, 1.0]))) != key
+        EvaluationSettings(task_limits={}, limit=10), GateSettings(looks=[0.25, 1.0]))) != key
+    for changed_env in ({"VLLM_BATCH_INVARIANT": "1"}, {}):  # server env, not only flags
+        other = EvaluationSettings.model_validate({"limit": 10, "task_limits": {},
+                                                   "server": {"env": changed_env}})
+        assert baseline_cache_key(src, evaluated_with(other, gate)) != key
+    assert {"server_env", "hardware", "transformers", "datasets"} <= set(with_)
 
 
 def test_stage_plan_partitions_each_task_in_its_seeded_order():

@@ -52,6 +52,7 @@ def test_flow_writes_run_dir_checkpoint_summary_and_artifacts(tiny_model, chat_f
     assert summary["verification"]["ok"] is True
     assert summary["manifest_run"]["flow_run_id"] == summary["run_id"]
     assert _task_names(summary["run_id"]) == {"preflight", "resolve-source", "fit-recipe",
+                                               "plan-memory",
                                                "prepare-calibration", "quantize"}
     manifest = json.loads((run_dir / "checkpoint" / "manifest.json").read_text())
     check = manifest["smoothing_check"]  # SmoothQuant proven exact before GPTQ, on every run

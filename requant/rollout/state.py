@@ -38,9 +38,11 @@ class Release:
         return f"{self.repo_id}@{self.revision}" if self.repo_id else self.revision
 
     def identities(self) -> tuple[str, ...]:
-        """What a ledger record may name this release by: its revision, its folder."""
-        return (self.revision, *([str(Path(self.checkpoint).resolve())]
-                                 if self.checkpoint else []))
+        """What a ledger record may name this release by: a Hub commit by its SHA (the folder
+        it was fetched to is a cache), a local checkpoint by its revision and its folder."""
+        if self.repo_id or not self.checkpoint:
+            return (self.revision,)
+        return (self.revision, str(Path(self.checkpoint).resolve()))
 
 
 @dataclass(frozen=True)
