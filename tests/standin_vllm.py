@@ -3,12 +3,18 @@ orchestration (kill points, recovery, router switching), not vLLM: it starts in 
 instead of ~40 s on these CPUs. The worker's ``REQUANT_SERVING_PYTHON`` points at a wrapper
 that runs this file with vLLM's arguments (``standin_python``), exactly as an operator points
 it at a serving environment, so the code under test starts, watches and stops it as it does
-vLLM. Real vLLM runs the same rollout path end to end in test_e2e_demo and test_rollout_local.
+vLLM. Real vLLM runs the same rollout path end to end in test_e2e_demo and test_rollout_local,
+and the same evaluation path in test_e2e_demo and test_vllm_integration.
 
 Behaves like vLLM where those tests depend on it: it listens only after a start-up delay
 (``STANDIN_STARTUP_S``), ``/health``, ``/v1/models`` (``root`` is the model path, as vLLM's),
 chat and text completions with ``max_tokens`` tokens, streaming as server-sent events ending in
-``[DONE]``, 404 for an unknown model, and it dies like a process (SIGTERM, SIGKILL).
+``[DONE]``, 404 for an unknown model, and it dies like a process (SIGTERM, SIGKILL). For lm-eval's
+``local-completions``: a prompt may be text, token ids, or a batch of either (one choice each,
+``index`` in order); ``echo`` with ``logprobs`` returns a log-probability for every prompt token
+(equal ones: a model that knows nothing, as the tests' random tiny model); ``/metrics`` counts
+finished requests as ``vllm:request_success_total``. The serving environment's version probe
+(``python -c ...``) answers ``0+standin``.
 """
 
 from __future__ import annotations
@@ -44,13 +50,44 @@ def _args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def prompts_of(body: dict[str, Any]) -> list[list[int] | str]:
+    """One entry per prompt: text, token ids, or a batch of either."""
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], list | str):
+        return list(prompt)
+    return [prompt]
+
+
+def text_choice(index: int, prompt: list[int] | str, n: int, body: dict[str, Any]) -> dict:
+    choice: dict[str, Any] = {"index": index, "text": "ok " * n, "finish_reason": "length"}
+    if body.get("echo") and body.get("logprobs") is not None:
+        tokens = len(prompt) if isinstance(prompt, list) else len(prompt.split())
+        positions = tokens + n  # the prompt's tokens, then the generated ones
+        choice["logprobs"] = {"tokens": ["ok"] * positions,
+                              "token_logprobs": [None] + [-1.0] * (positions - 1),
+                              "top_logprobs": [None] + [{"ok": -1.0}] * (positions - 1),
+                              "text_offset": list(range(positions))}
+    return choice
+
+
 def handler(model: str, served: str) -> type[BaseHTTPRequestHandler]:
+    finished = [0]
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
             if self.path == "/health":
                 return self._json(200, {})
+            if self.path == "/metrics":
+                data = (f'vllm:request_success_total{{finished_reason="length",'
+                        f'model_name="{served}"}} {float(finished[0])}\n').encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return None
             if self.path == "/v1/models":
                 return self._json(200, {"object": "list", "data": [
                     {"id": served, "object": "model", "root": model, "owned_by": "vllm"}]})
@@ -67,17 +104,26 @@ def handler(model: str, served: str) -> type[BaseHTTPRequestHandler]:
                     "type": "NotFoundError", "code": 404}})
             n = max(1, int(body.get("max_tokens") or 16))
             if body.get("stream"):
-                return self._stream(kind, n)
-            choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
-            if kind == "chat":
-                choice["message"] = {"role": "assistant", "content": "ok " * n}
+                self._stream(kind, n)
+            elif kind == "chat":
+                self._json(200, {**self._head("chat.completion"), "choices": [
+                    {"index": 0, "finish_reason": "length",
+                     "message": {"role": "assistant", "content": "ok " * n}}],
+                    "usage": {"prompt_tokens": 8, "completion_tokens": n,
+                              "total_tokens": 8 + n}})
             else:
-                choice["text"] = "ok " * n
-            self._json(200, {"id": "cmpl-standin", "object": "chat.completion" if kind == "chat"
-                             else "text_completion", "created": int(time.time()),
-                             "model": served, "choices": [choice],
-                             "usage": {"prompt_tokens": 8, "completion_tokens": n,
-                                       "total_tokens": 8 + n}})
+                prompts = prompts_of(body)
+                self._json(200, {**self._head("text_completion"), "choices": [
+                    text_choice(i, prompt, n, body) for i, prompt in enumerate(prompts)],
+                    "usage": {"prompt_tokens": 8 * len(prompts),
+                              "completion_tokens": n * len(prompts),
+                              "total_tokens": (8 + n) * len(prompts)}})
+            finished[0] += 1
+            return None
+
+        def _head(self, obj: str) -> dict[str, Any]:
+            return {"id": "cmpl-standin", "object": obj, "created": int(time.time()),
+                    "model": served}
 
         def _stream(self, kind: str, n: int) -> None:
             self.send_response(200)
@@ -114,6 +160,9 @@ def handler(model: str, served: str) -> type[BaseHTTPRequestHandler]:
 
 
 def main(argv: list[str]) -> None:
+    if argv[:1] == ["-c"]:  # the serving environment's vLLM version probe
+        print("0+standin")
+        return
     args = _args(argv)
     served = args.served_model_name or args.model
     print(f"stand-in for vLLM: {args.model} as {served}, listening after "

@@ -47,6 +47,15 @@ def test_known_tasks_pass_validation(monkeypatch):
     validate_tasks(EvaluationSettings(tasks=["gsm8k_local", "gsm8k"]))
 
 
+def test_bundled_tasks_index_only_their_folder_and_a_built_in_name_indexes_lm_evals_too():
+    from requant.evaluation.tasks import task_manager
+
+    bundled = ["gsm8k_local", "gsm8k_cloze_local"]
+    assert sorted(task_manager(TASKS, bundled).all_tasks) == sorted(bundled)
+    both = set(task_manager(TASKS, ["gsm8k_local", "gsm8k"]).all_tasks)
+    assert {"gsm8k_local", "gsm8k", "mmlu"} <= both
+
+
 def test_unknown_task_name_is_refused_with_suggestions(monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(SettingsError, match=r"evaluation\.tasks: lm-eval has no task 'gsm8kk'.*gsm8k"):

@@ -1,4 +1,10 @@
-"""The whole flow with evaluation and gate, on a tiny model served by real vLLM (slow)."""
+"""The whole flow with evaluation and gate on a tiny model (slow): real Prefect, llm-compressor,
+lm-eval and Hub client; the model servers are the stand-in (tests/standin_vllm.py, through the
+worker's REQUANT_SERVING_PYTHON), because the subject is the flow's decisions and records, not
+vLLM: it answers as the random tiny model does (score 0) in a second instead of ~45 s per
+start. The same flow runs on real vLLM servers in test_e2e_demo (`make demo`) and the
+evaluation path in test_vllm_integration.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,17 @@ import pytest
 
 from requant.errors import GateFailed, RolloutFailed
 from requant.settings import PipelineSettings
-from tests.conftest import ROOT, gsm8k_rows, needs_vllm, processes_mentioning, write_jsonl
+from tests.conftest import ROOT, gsm8k_rows, processes_mentioning, write_jsonl
+from tests.standin_vllm import standin_python
 
-pytestmark = [pytest.mark.slow, needs_vllm, pytest.mark.usefixtures("prefect_server")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server", "standin_servers")]
+
+
+@pytest.fixture
+def standin_servers(tmp_path, monkeypatch):
+    """The worker's operator points the serving Python at the stand-in."""
+    monkeypatch.setenv("REQUANT_SERVING_PYTHON",
+                       str(standin_python(tmp_path / "serving-env" / "bin")))
 
 
 def test_a_source_that_cannot_do_the_task_ends_before_quantization_and_inconclusive_fails_closed(

@@ -46,6 +46,26 @@ def test_cpu_servers_run_eager_by_default_and_never_get_gpu_flags():
     assert "--enforce-eager" not in cmd
 
 
+def test_cpu_servers_start_with_the_worker_in_the_engine_process_unless_server_env_says_not(
+        tmp_path, monkeypatch):
+    from requant.serving.server import running_server
+    from tests.standin_vllm import standin_python
+
+    monkeypatch.setenv("REQUANT_SERVING_PYTHON", str(standin_python(tmp_path / "py")))
+    monkeypatch.setenv("STANDIN_STARTUP_S", "0")
+
+    def server_environ(cfg: ServerSettings, on_gpu: bool) -> dict[str, str]:
+        with running_server("/ckpt", cfg, tmp_path / "server.log", served_name="m",
+                            on_gpu=on_gpu) as server:
+            raw = Path(f"/proc/{server.process.pid}/environ").read_bytes()
+        return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+    fast = ServerSettings(startup_timeout_s=30, stop_grace_s=5)
+    assert server_environ(fast, on_gpu=False)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    own = fast.model_copy(update={"env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}})
+    assert server_environ(own, on_gpu=False)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+
+
 def test_port_in_use_is_refused_before_anything_starts():
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

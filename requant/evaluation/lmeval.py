@@ -28,6 +28,7 @@ from requant.evaluation.tasks import (
     task_dir,
     task_fewshot,
     task_limit,
+    task_manager,
 )
 from requant.hashing import fingerprint
 from requant.progress import Report, no_progress, polling
@@ -176,7 +177,6 @@ def run_lm_eval_on_server(
 ) -> dict[str, Any]:
     """One task, the given questions (lm-eval's ``samples``), through the running server."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     counter = RequestCounter(base_url, f"{label} {task}", report)
     model = counting_completions_model(
@@ -190,7 +190,7 @@ def run_lm_eval_on_server(
         results = lm_eval.simple_evaluate(
             model=model, tasks=[task], num_fewshot=task_fewshot(cfg, task),
             samples={task: questions}, log_samples=True,
-            task_manager=TaskManager(include_path=str(include_path) if include_path else None),
+            task_manager=task_manager(include_path, [task]),
         )
     counter.poll()
     return results

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import difflib
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -15,6 +16,9 @@ from requant.evaluation.sequential import look_sizes, question_order
 from requant.hashing import hash_files, sha256_file
 from requant.serving.server import serving_python
 from requant.settings import EvaluationSettings, GateSettings
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
 
 
 def task_dir(cfg: EvaluationSettings) -> Path | None:
@@ -59,17 +63,29 @@ def task_data_hashes(src: Path | None) -> dict[str, str]:
     return hashes
 
 
-def validate_tasks(cfg: EvaluationSettings) -> None:
-    """Unknown task names fail now, with the closest real names, before any server starts."""
+def task_manager(include_path: Path | None, names: Iterable[str]) -> TaskManager:
+    """lm-eval's index of task YAMLs. Indexing its thousands of built-in tasks takes ~15 s on
+    2 cores, every time (each stage and task asks again); when ``include_path`` holds every task
+    named, as the bundled ones do, only that folder is indexed. The YAMLs, and so the prompts,
+    are the same either way."""
     from lm_eval.tasks import TaskManager
 
+    if include_path is not None:
+        local = TaskManager(include_path=str(include_path), include_defaults=False)
+        if set(names) <= set(local.all_tasks):
+            return local
+    return TaskManager(include_path=str(include_path) if include_path else None)
+
+
+def validate_tasks(cfg: EvaluationSettings) -> None:
+    """Unknown task names fail now, with the closest real names, before any server starts."""
     src = task_dir(cfg)
     if src is not None and not src.is_dir():
         raise SettingsError(
             f"evaluation.task_dir: {src} is not a directory. Point it at lm-eval task YAMLs "
             "or set it to null."
         )
-    known = set(TaskManager(include_path=str(src) if src else None).all_tasks)
+    known = set(task_manager(src, [*cfg.tasks, *cfg.task_limits, *cfg.task_fewshot]).all_tasks)
     for name in cfg.tasks:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=3)
@@ -104,10 +120,9 @@ def task_fewshot(cfg: EvaluationSettings, name: str) -> int:
 
 def task_sizes(cfg: EvaluationSettings, include_path: Path | None) -> dict[str, int]:
     """Questions per task after its limit (lm-eval's own count of the evaluation split)."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import get_task_dict
 
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
-    loaded = get_task_dict(list(cfg.tasks), manager)
+    loaded = get_task_dict(list(cfg.tasks), task_manager(include_path, cfg.tasks))
     sizes = {}
     for name in cfg.tasks:
         n = len(loaded[name].eval_docs)

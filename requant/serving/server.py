@@ -121,6 +121,14 @@ def serving_dtype(cfg: ServerSettings, on_gpu: bool) -> str | None:
     return None if cpu_has_native_bf16() else "float32"
 
 
+def cpu_defaults(on_gpu: bool) -> dict[str, str]:
+    """On a CPU host vLLM runs its one worker in a process of its own, which imports torch and
+    vLLM a third time: ~14 s of every start on 2 cores. In the engine's process it starts that
+    much sooner, answers the same, and is as fast (benchmarks/bench_server_start.py,
+    docs/evaluation.md). ``server.env`` may set it back."""
+    return {} if on_gpu else {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
 def log_tail(path: Path, lines: int = 40) -> str:
     try:
         text = Path(path).read_text(errors="replace").splitlines()
@@ -163,7 +171,7 @@ def start_server(
         check_port_free(cfg.host, port)
     cmd = build_command(python, str(model), cfg, served_name, port, revision, on_gpu)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **cfg.env, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **cpu_defaults(on_gpu), **cfg.env, "PYTHONUNBUFFERED": "1"}
     env.pop("PREFECT_API_URL", None)  # the server has no business with our orchestrator
     log = log_path.open("ab")
     log.write(f"$ {' '.join(cmd)}\n".encode())
