@@ -10,6 +10,9 @@ weights (same seed):
   requant-two-pass  the same call with ``pipeline="llm-compressor"``: llm-compressor's own
             pipeline, one pass per modifier (the pipeline's call until 2026-11-26)
   requant-notf32 / requant-cpucache: one choice at a time, to attribute the gain
+  requant-store  the single pass keeping each finished layer under --store (quantization.resume):
+            its cost; run again after a kill (REQUANT_KILL_AT=layer-15-recorded) it resumes
+            (benchmarks/bench_quantization_resume_gpu.sh)
 
 Per run: wall time, peak GPU memory, the time of each modifier's calibration pass and GPTQ's
 solve time (from llm-compressor's own log lines). With --compare A B, the int8 weights of two
@@ -116,6 +119,7 @@ def run_variant(name: str, args, config_dir: Path, tokenizer, recipe_text: str, 
     from requant.memory import peak_rss_gib
     from requant.quantization.hardware import detect_accelerator
     from requant.quantization.oneshot import quantize_model
+    from requant.quantization.resume import LayerStore
 
     model = build_model(TINY if args.tiny else LLAMA3_8B, config_dir, device)
     dataset = random_dataset(args.samples, args.seq_len, model.config.vocab_size)
@@ -136,6 +140,7 @@ def run_variant(name: str, args, config_dir: Path, tokenizer, recipe_text: str, 
             allow_tf32=name != "requant-notf32",
             activation_cache="cpu" if name == "requant-cpucache" else "auto",
             pipeline="llm-compressor" if name == "requant-two-pass" else "single-pass",
+            store=LayerStore(args.store) if name == "requant-store" else None,
         )
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -204,6 +209,8 @@ def main() -> None:
     p.add_argument("--tokenizer", default=None,
                    help="a tokenizer folder; default: a small BPE trained here on GSM8K text "
                    "(calibration uses random token ids, the tokenizer only rides along)")
+    p.add_argument("--store", type=Path, default=ROOT / "runs" / "bench-layer-store",
+                   help="requant-store: where finished layers are kept (a rerun resumes there)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
 

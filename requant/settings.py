@@ -143,6 +143,13 @@ class QuantizationSettings(_Section):
         description="Where layer-to-layer activations wait during calibration. auto: on the GPU "
         "when they take at most half its free memory (saves host<->GPU copies), else host RAM.",
     )
+    resume: bool = Field(
+        True,
+        description="single-pass: keep each finished decoder layer under "
+        "cache_dir/quantization-resume/<key of the inputs> as it completes, so a run killed "
+        "midway continues at the first unfinished layer, with the same checkpoint to the bit. "
+        "Costs disk up to one copy of the model; deleted once the checkpoint is verified.",
+    )
     verify_reload: bool = Field(
         True, description="After saving, reload the checkpoint and run a forward pass."
     )

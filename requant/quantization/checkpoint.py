@@ -36,6 +36,7 @@ from requant.quantization.oneshot import (
     restore_source_dtype,
 )
 from requant.quantization.recipes import ResolvedRecipe
+from requant.quantization.resume import RESUME_DIR, LayerStore, weights_key
 from requant.quantization.single_pass import BATCH_TOKENS
 from requant.quantization.verification import CheckpointReport, ExpectedScheme, verify_checkpoint
 from requant.settings import PipelineSettings
@@ -71,7 +72,9 @@ def quantize_checkpoint(
         if q.gpus > 1:
             choices = calibrate_on_ranks(settings, source, calib, recipe, acc, tmp, report)
         else:
-            choices = calibrate_in_process(settings, source, calib, recipe, acc, tmp, report)
+            store = layer_store(settings, source, calib, recipe, acc)
+            choices = calibrate_in_process(settings, source, calib, recipe, acc, tmp, report,
+                                           store)
         smoothing = choices.pop("smoothing_check", None)
         distributed = choices.pop("distributed", {"ranks": 1})
         t_oneshot = choices.pop("oneshot_s")
@@ -107,12 +110,31 @@ def quantize_checkpoint(
         manifest["smoothing_check"] = smoothing
         manifest["distributed"] = distributed
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
+    if q.gpus == 1 and (store := layer_store(settings, source, calib, recipe, acc)):
+        store.remove()  # the checkpoint is verified and in place: nothing left to resume
     return QuantizedCheckpoint(Path(out_dir), manifest, source)
+
+
+def layer_store(settings: PipelineSettings, source: ResolvedSource,
+                calib: CalibrationSet | None, recipe: ResolvedRecipe,
+                acc: Accelerator) -> LayerStore | None:
+    """Where this exact quantization keeps its finished layers (``quantization.resume``)."""
+    q = settings.quantization
+    if not q.resume or calib is None:
+        return None
+    key = weights_key(
+        {"revision": source.revision} if source.revision else {"files": source.files},
+        recipe.sha256, calib.fingerprint,
+        q.model_dump(mode="json", exclude={"device", "recipe", "resume", "verify_reload",
+                                           "gpu_memory_wait_s"}),
+        {k: v for k, v in library_versions().items() if k != "requant"}, (acc.kind, acc.name))
+    return LayerStore(Path(settings.cache_dir) / RESUME_DIR / key)
 
 
 def calibrate_in_process(
     settings: PipelineSettings, source: ResolvedSource, calib: CalibrationSet | None,
     recipe: ResolvedRecipe, acc: Accelerator, save_to: Path, report: Report,
+    store: LayerStore | None = None,
 ) -> dict[str, Any]:
     """One process, one device: oneshot, then save into the directory being built."""
     q = settings.quantization
@@ -128,7 +150,8 @@ def calibrate_in_process(
         model, tokenizer, recipe.text, load_prepared(calib) if calib is not None else None,
         settings.calibration.max_seq_len, acc,
         allow_tf32=q.allow_tf32, activation_cache=q.activation_cache,
-        smoothing_tolerance=q.smoothing_tolerance, pipeline=q.pipeline, report=report,
+        smoothing_tolerance=q.smoothing_tolerance, pipeline=q.pipeline, store=store,
+        report=report,
     )
     choices["oneshot_s"] = round(time.perf_counter() - t0, 2)
     choices |= restore_source_dtype(model, source.path, compute)

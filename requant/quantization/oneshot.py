@@ -25,6 +25,7 @@ from typing import Any, Literal
 from requant.progress import Report, no_progress
 from requant.quantization.hardware import Accelerator
 from requant.quantization.progress import calibration_passes, layer_progress
+from requant.quantization.resume import LayerStore
 from requant.quantization.single_pass import plan, quantize_single_pass
 from requant.quantization.smoothing import (
     ARCHITECTURES,
@@ -113,6 +114,7 @@ def quantize_model(
     activation_cache: ActivationCache = "auto",
     smoothing_tolerance: float | None = None,
     pipeline: str = "single-pass",
+    store: LayerStore | None = None,
     report: Report = no_progress,
 ) -> dict[str, Any]:
     """Quantize ``model`` in place (requant's single pass when it covers the recipe, else
@@ -140,7 +142,7 @@ def quantize_model(
     if single is not None:
         return choices | quantize_single_pass(
             model, single, dataset, acc.torch_device, kwargs["sequential_offload_device"],
-            tolerance=smoothing_tolerance, report=report)
+            tolerance=smoothing_tolerance, store=store, report=report)
     choices["pipeline"] = "llm-compressor"
     smooth_text, rest_text = split_recipe(recipe_text)
 

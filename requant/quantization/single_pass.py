@@ -40,6 +40,7 @@ from requant.quantization.hessians import (
     smoothing_scales,
 )
 from requant.quantization.recipes import modifiers
+from requant.quantization.resume import LayerStore
 from requant.quantization.smoothing import (
     ARCHITECTURES,
     MAPPINGS_HELP,
@@ -104,10 +105,12 @@ def _scheme_fits(gptq_args: dict[str, Any]) -> bool:
 
 def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, device: str,
                          cache_device: str, *, tolerance: float | None = None,
-                         batch_tokens: int = BATCH_TOKENS,
+                         batch_tokens: int = BATCH_TOKENS, store: LayerStore | None = None,
                          report: Report = no_progress) -> dict[str, Any]:
     """Quantize ``model`` (on the host) in place, one decoder layer at a time on ``device``;
-    returns the smoothing check's record and GPTQ's summed loss, for the manifest."""
+    returns the smoothing check's record and GPTQ's summed loss, for the manifest. With a
+    ``store``, each finished layer is kept there, and the layers it already holds are read back
+    instead of calibrated (``requant.quantization.resume``)."""
     import torch
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.transformers.compression.compressed_tensors_utils import (
@@ -129,23 +132,60 @@ def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, dev
             batches = layer_inputs(model, dataset, device, cache_device, batch_tokens)
         layers = decoder_layers(model)
         names = {m: name for name, m in model.named_modules()}
+        done = store.finished(len(layers)) if store is not None else []
+        if done:
+            report(0.0, f"resumed at layer {len(done) + 1} of {len(layers)}: {len(done)} "
+                   f"finished layers read back from {store.folder if store else ''}")
         for index, layer in enumerate(layers):
             with phases("layer to device"):
                 layer.to(device)
-            mappings = layer_mappings(layer, names[layer], the_plan.mappings) \
-                if the_plan.strength is not None else []
-            loss += calibrate_layer(layer, index, batches, mappings, the_plan.strength or 0.0,
-                                    gptq, check, phases)
+            if index < len(done):
+                layer_loss = resume_layer(layer, index, batches, done[index], store, check,
+                                          phases)
+            else:
+                mappings = layer_mappings(layer, names[layer], the_plan.mappings) \
+                    if the_plan.strength is not None else []
+                layer_loss = calibrate_layer(layer, index, batches, mappings,
+                                             the_plan.strength or 0.0, gptq, check, phases)
+            loss += layer_loss
             with phases("layer back to host"):
                 layer.to("cpu")
+            if store is not None and index >= len(done):
+                with phases("layer kept for resuming (the previous write's wait)"):
+                    store.save(index, layer, {"gptq_loss": layer_loss,
+                                              "check": check.layer_record(index)})
             fraction = (index + 1) / len(layers)
-            report(min(fraction, 0.99), f"calibrated layer {index + 1} of {len(layers)}, "
+            report(min(fraction, 0.99), f"calibrated layer {index + 1} of {len(layers)}"
+                   f"{f' (resumed at layer {len(done) + 1})' if done else ''}, "
                    f"{eta_text(started, fraction)}")
+        if store is not None:
+            with phases("layer kept for resuming (the previous write's wait)"):
+                store.wait()
     gptq.end_calibration(model)
     modify_save_pretrained(model)  # saves compressed, as oneshot leaves a model
     return {"smoothing_check": check.record() if the_plan.strength is not None else None,
             "gptq_loss": round(loss, 4), "pipeline": "single-pass",
-            "batches": len(batches), "phases_s": phases.record()}
+            "batches": len(batches), "phases_s": phases.record(),
+            "resumed_at_layer": len(done) if store is not None else None}
+
+
+def resume_layer(layer: Any, index: int, batches: list[list[Any]], record: dict[str, Any],
+                 store: LayerStore | None, check: LayerCheck, phases: Phases) -> float:
+    """A finished layer read back: its stored state, its recorded check and loss, and the next
+    layer's inputs made by running it exactly as the run that finished it did."""
+    assert store is not None
+    with phases("layer read back"):
+        store.load(index, layer)
+        check.restore(index, record["check"])
+    propagate(layer, index, batches, phases)
+    return float(record["gptq_loss"])
+
+
+def propagate(layer: Any, index: int, batches: list[list[Any]], phases: Phases) -> None:
+    """The next layer's inputs: this layer, quantized, run over every batch."""
+    with phases("propagate"):
+        for batch in batches:
+            batch[0] = run_layer(layer, index, batch).to(batch[0].device)
 
 
 class _Caught(Exception):
@@ -296,10 +336,8 @@ def calibrate_layer(layer: Any, index: int, batches: list[list[Any]],
     with phases("gptq solves"):
         loss = sum(gptq_group(group, hessians.normalized(owner), gptq.block_size,
                               gptq.dampening_frac) for owner, group in hessians.groups())
-    with phases("propagate"):
-        for batch in batches:
-            batch[0] = run_layer(layer, index, batch).to(batch[0].device)
-    return loss
+    propagate(layer, index, batches, phases)
+    return float(loss)
 
 
 def calibrate(layer: Any, index: int, batches: list[list[Any]], hessians: SharedHessians,
@@ -414,6 +452,19 @@ class LayerCheck:
             f"compute something else (relative change {change:.3g}; rounding allows "
             f"{self.layer_tol:.3g}). {fault}. Nothing was written. Fix: {MAPPINGS_HELP}.",
             self.record())
+
+    def layer_record(self, index: int) -> dict[str, Any]:
+        """What ``restore`` needs to report this layer as if it had been checked again."""
+        return {"layer_change": self.layer_changes[index] if self.layer_changes else None,
+                "first_layer": self.first_layer if index == 0 else None,
+                "tokens": self.tokens}
+
+    def restore(self, index: int, record: dict[str, Any]) -> None:
+        if record["layer_change"] is not None:
+            self.layer_changes.append(record["layer_change"])
+        if index == 0 and record["first_layer"] is not None:
+            self.first_layer = dict(record["first_layer"])
+        self.tokens = record["tokens"]
 
     def record(self) -> dict[str, Any]:
         return {"logits_rel_change": None,
