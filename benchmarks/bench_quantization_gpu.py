@@ -45,6 +45,10 @@ LLAMA3_8B = dict(  # meta-llama/Meta-Llama-3-8B-Instruct config.json
     rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128009,
     tie_word_embeddings=False,
 )
+LLAMA3_70B = dict(  # meta-llama/Meta-Llama-3-70B-Instruct config.json
+    LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+    num_attention_heads=64, num_key_value_heads=8,
+)
 TINY = dict(LLAMA3_8B, vocab_size=4096, hidden_size=256, intermediate_size=512,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -121,7 +125,10 @@ def run_variant(name: str, args, config_dir: Path, tokenizer, recipe_text: str, 
     from requant.quantization.oneshot import quantize_model
     from requant.quantization.resume import LayerStore
 
-    model = build_model(TINY if args.tiny else LLAMA3_8B, config_dir, device)
+    shape = TINY if args.tiny else LLAMA3_70B if args.shape == "70b" else LLAMA3_8B
+    if args.layers:  # the first N decoder layers of the shape: per-layer cost, projected
+        shape = dict(shape, num_hidden_layers=args.layers)
+    model = build_model(shape, config_dir, device)
     dataset = random_dataset(args.samples, args.seq_len, model.config.vocab_size)
     clock = LogClock()
     sink = logger.add(clock, level="INFO")
@@ -152,6 +159,8 @@ def run_variant(name: str, args, config_dir: Path, tokenizer, recipe_text: str, 
         passes[label[:80]] = round(t1 - t0, 1)
     result = {
         "variant": name, "samples": args.samples, "seq_len": args.seq_len,
+        "shape": "tiny" if args.tiny else args.shape,
+        "layers": model.config.num_hidden_layers,
         "wall_s": round(wall, 1), "per_sample_s": round(wall / args.samples, 3),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if device.startswith("cuda") else None,
@@ -206,6 +215,11 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["seed", "requant"])
     p.add_argument("--compare", nargs=2, metavar=("A", "B"))
     p.add_argument("--tiny", action="store_true", help="a 2-layer model: a CPU smoke test")
+    p.add_argument("--shape", choices=["8b", "70b"], default="8b",
+                   help="Llama-3-8B's or Llama-3-70B's config")
+    p.add_argument("--layers", type=int, default=None,
+                   help="only the first N decoder layers (per-layer time and memory at a shape "
+                   "too big for one bounded run)")
     p.add_argument("--tokenizer", default=None,
                    help="a tokenizer folder; default: a small BPE trained here on GSM8K text "
                    "(calibration uses random token ids, the tokenizer only rides along)")
