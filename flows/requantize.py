@@ -33,6 +33,7 @@ from requant.atomic import write_json_atomic
 from requant.calibration import CalibrationSet
 from requant.errors import GateFailed, RolloutFailed
 from requant.evaluation.gate import GateDecision
+from requant.evaluation.noise import noise_for_source
 from requant.gpu_limit import GPU_LIMIT, check_gpu_limit, gpu_slots_needed
 from requant.ledger import (
     candidate_key,
@@ -140,7 +141,8 @@ def gpu_stages(
         candidate, decision, baseline = evaluate_candidate(
             ev, settings.gate, baseline, ckpt.path, eval_dir / "candidate", on_gpu,
             source.as_record(), source.path, settings.cache_dir)
-        record_gate(decision, baseline, candidate, run_dir.stage("gate"))
+        record_gate(decision, baseline, candidate, run_dir.stage("gate"),
+                    noise_for_source(settings.cache_dir, source.as_record(), ev, settings.gate))
     return ckpt, decision, {"evaluate_baseline": round(t1 - t0, 2),
                             "quantize": round(t2 - t1, 2),
                             "evaluate_candidate_and_gate": round(time.perf_counter() - t2, 2)}

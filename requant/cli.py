@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from requant.errors import EXIT_OK, explain
+from requant.errors import EXIT_OK, SettingsError, explain
 from requant.policy import check_run_policy
 from requant.settings import PipelineSettings, load_settings
 
@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--older-than", help="delete runs (and cache entries) older than this, "
                    "e.g. 14d, 12h")
     p.add_argument("--dry-run", action="store_true", help="only list what would go")
+    p = sub.add_parser("noise", help="measure the baseline's noise (A/A: the source evaluated "
+                       "twice as the gate evaluates it); later runs' gate records carry it")
+    _settings_args(p)
+    p.add_argument("--stages", type=int, default=1, help="the gate's stages to answer twice")
     sub.add_parser("settings-schema", help="the JSON schema of the settings (YAML configs, "
                    "--set keys, the Prefect UI form)")
     return parser
@@ -183,6 +187,30 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_noise(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    from requant.evaluation.lmeval import baseline_cache_key, evaluated_with
+    from requant.evaluation.noise import measure_noise, noise_line, save_noise
+    from requant.evaluation.tasks import effective_looks, validate_tasks
+    from requant.quantization.hardware import detect_accelerator
+    from requant.source import resolve_source_files
+
+    ev = settings.evaluation
+    stages = len(effective_looks(ev, settings.gate))
+    if not 1 <= args.stages <= stages:
+        raise SettingsError(f"--stages: the gate has {stages} stage(s); choose 1 to {stages}.")
+    validate_tasks(ev)
+    source = resolve_source_files(settings.source, with_weights=True)
+    key = baseline_cache_key(source.as_record(), evaluated_with(ev, settings.gate))
+    record = measure_noise(ev, settings.gate, source.path, stages=args.stages,
+                           on_gpu=detect_accelerator(settings.quantization.device).kind == "cuda")
+    path = save_noise(settings.cache_dir, key, record)
+    print(noise_line(record))
+    print(f"prompts paired: {record['prompts_paired']}; the gate on A vs A: "
+          f"{record['decision_against_itself']['status']}\nrecorded in {path}")
+    return EXIT_OK
+
+
 def cmd_settings_schema(args: argparse.Namespace) -> int:
     print(json.dumps(PipelineSettings.model_json_schema(), indent=2))
     return EXIT_OK
@@ -190,7 +218,7 @@ def cmd_settings_schema(args: argparse.Namespace) -> int:
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "promote": cmd_promote, "status": cmd_status, "down": cmd_down,
-    "runs": cmd_runs, "settings-schema": cmd_settings_schema,
+    "runs": cmd_runs, "noise": cmd_noise, "settings-schema": cmd_settings_schema,
 }
 
 

@@ -30,7 +30,7 @@ def settings_for(tmp_path: Path) -> list[str]:
 def test_console_script_help_lists_every_operator_command():
     out = subprocess.run([REQUANT, "--help"], capture_output=True, text=True, check=True,
                          timeout=60).stdout
-    for command in ("run", "promote", "status", "down", "runs", "settings-schema"):
+    for command in ("run", "promote", "status", "down", "runs", "noise", "settings-schema"):
         assert f"    {command}" in out
     assert "2  bad input" in out and "1  refused" in out
 
@@ -44,10 +44,17 @@ def test_settings_schema_is_the_json_schema_the_error_hint_points_to(capsys):
 
 def test_bad_settings_exit_2_naming_the_field_for_every_command_that_reads_them(tmp_path, capsys):
     for argv in (["run"], ["status"], ["down"], ["runs", "prune", "--keep", "1"],
-                 ["promote", "--rollback"]):  # each refuses before Prefect or a model loads
+                 ["promote", "--rollback"], ["noise"]):  # refused before Prefect or a model
         assert main([*argv, "--set", "calibration.max_seq_len=0"]) == EXIT_BAD_INPUT
         assert "calibration.max_seq_len" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_noise_for_a_stage_the_gate_does_not_have_is_bad_input_before_any_server(tmp_path,
+                                                                                  capsys):
+    assert main(["noise", "--stages", "3", *settings_for(tmp_path)]) == EXIT_BAD_INPUT
+    assert "--stages: the gate has 2 stage(s); choose 1 to 2." in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
 
 
 def test_prune_without_a_rule_is_bad_input(tmp_path, capsys):

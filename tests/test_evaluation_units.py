@@ -168,3 +168,21 @@ def test_a_record_keeps_its_prompt_hashes_through_save_and_load(tmp_path):
     save_record(tmp_path, record)
     again = load_record("baseline", tmp_path, cached=True)
     assert again.prompts == {"t": {3: "d3/p3"}} and again.evidence().prompts == again.prompts
+
+
+def test_a_runs_gate_record_gets_the_noise_measured_for_exactly_its_evaluation(tmp_path):
+    from requant.evaluation.noise import noise_for, noise_line, noise_path, save_noise
+
+    measured = {"measured": True, "measured_at": "2026-11-30T12:00:00+00:00", "hardware": "cpu",
+                "rules": [{"task": "gsm8k_cloze_local", "metric": "acc,none", "questions": 163,
+                           "flips": 0}], "evaluated_with": {"hardware": "cpu"}}
+    save_noise(tmp_path, "k1", measured)
+    found = noise_for(tmp_path, "k1")
+    assert found["measured"] and found["rules"][0]["flips"] == 0 and "evaluated_with" not in found
+    assert "gsm8k_cloze_local acc,none: 0 of 163 flipped" in noise_line(found)
+    # another evaluation (other key), or a record that names another key, never applies
+    assert noise_for(tmp_path, "k2")["measured"] is False
+    noise_path(tmp_path, "k2").write_text(noise_path(tmp_path, "k1").read_text())
+    missing = noise_for(tmp_path, "k2")
+    assert missing["measured"] is False and "requant noise" in missing["measure_with"]
+    assert "not measured" in noise_line(missing)

@@ -58,6 +58,13 @@ def test_a_source_that_cannot_do_the_task_ends_before_quantization_and_inconclus
         assert not (run1 / "checkpoint").exists()  # no quantization was spent on it
         assert (run1 / "eval" / "baseline" / "summary.json").is_file()
 
+        # the operator measures the baseline's noise (A/A) for this evaluation: later runs'
+        # gate records carry it
+        from requant.cli import main
+        config = tmp_path / "settings.yaml"
+        config.write_text(json.dumps(base | {"output_dir": str(tmp_path / "runs1")}))
+        assert main(["noise", "--config", str(config)]) == 0
+
         # with no minimum, the same zero scores decide nothing: inconclusive fails closed
         with pytest.raises(GateFailed) as err:
             requantize(PipelineSettings.model_validate(base | {
@@ -74,6 +81,9 @@ def test_a_source_that_cannot_do_the_task_ends_before_quantization_and_inconclus
         "calibration", "checkpoint", "eval", "gate", "summary.json"]
     decision = json.loads((run_dir / "gate" / "decision.json").read_text())
     assert decision["status"] == "inconclusive" and decision["promote"] is False
+    assert decision["noise"]["measured"] is True and decision["noise"]["prompts_paired"]
+    assert decision["noise"]["rules"][0]["questions"] == 2  # the first stage of 4 questions
+    assert decision["noise"]["rules"][0]["flips"] == 0  # the stand-in answers alike each time
     # the first run's baseline stage came from the cache (the same file, byte for byte); look 1
     # undecided, the baseline then answered stage 2 only, and the candidate continued
     stage1 = "eval/baseline/results_gsm8k_local_stage1.json"
@@ -178,6 +188,9 @@ def test_passing_run_publishes_and_a_failed_rollout_is_retried_by_the_next_run_t
     with get_client(sync_client=True) as client:
         events = wait_events(client, "requant.gate.",
                              lambda e: e["payload"].get("run_id") == publisher)
+    gate_record = json.loads((tmp_path / "runs" / publisher / "gate" / "decision.json")
+                             .read_text())
+    assert gate_record["noise"]["measured"] is False  # none measured for this evaluation
     passed = [e for e in events if e["event"] == "requant.gate.passed"
               and e["payload"]["run_id"] == publisher]
     assert passed and passed[0]["payload"]["revision"] == sha
