@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,42 @@ def test_a_runs_gate_record_gets_the_noise_measured_for_exactly_its_evaluation(t
     missing = noise_for(tmp_path, "k2")
     assert missing["measured"] is False and "requant noise" in missing["measure_with"]
     assert "not measured" in noise_line(missing)
+
+
+def test_a_model_whose_stages_are_all_answered_starts_no_server(tmp_path, monkeypatch):
+    from requant.evaluation.staged import evaluate_staged
+    from requant.settings import GateSettings
+
+    monkeypatch.chdir(ROOT)
+    # a server start would fail here: no serving Python
+    monkeypatch.setenv("REQUANT_SERVING_PYTHON", str(tmp_path / "no-python"))
+    monkeypatch.setattr("requant.evaluation.staged.tokenizer_fingerprint", lambda _: "tok")
+    (tmp_path / "prior").mkdir()
+    cfg = EvaluationSettings(tasks=["gsm8k_local"], limit=4)
+    gate = GateSettings(rules=[GateRule(task="gsm8k_local")], looks=[0.5, 1.0])
+    prior = ModelEvaluation("candidate", "m", {"gsm8k_local|exact_match,strict-match": {0: 1.0}},
+                            {"gsm8k_local": 4}, {"x": 1}, tmp_path / "prior", stages=1)
+    again = evaluate_staged("candidate", tmp_path, cfg, gate, tmp_path / "out", on_gpu=False,
+                            with_={"x": 1}, upto=1, prior=prior)
+    assert again.stages == 1 and again.per_doc == prior.per_doc
+    assert (tmp_path / "out" / "summary.json").is_file()
+
+
+def test_the_tokenizer_fingerprint_is_read_once_per_folder_state_and_follows_a_new_tokenizer(
+        tiny_model, tmp_path):
+    import shutil
+
+    from requant.evaluation.lmeval import _tokenizer_fingerprint, tokenizer_fingerprint
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model, folder)
+    first = tokenizer_fingerprint(folder)
+    hits = _tokenizer_fingerprint.cache_info().hits
+    assert tokenizer_fingerprint(folder) == first
+    assert _tokenizer_fingerprint.cache_info().hits == hits + 1
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        data = json.loads((folder / name).read_text())
+        if name == "tokenizer.json":
+            data["model"]["vocab"]["zzzz-new-token"] = len(data["model"]["vocab"])
+        (folder / name).write_text(json.dumps(data))
+    assert tokenizer_fingerprint(folder) != first

@@ -134,10 +134,19 @@ def hardware_name() -> str:
 def tokenizer_fingerprint(model_dir: Path) -> str:
     """What the model's tokenizer does, not how its files are formatted (a quantized checkpoint
     re-saves them): vocabulary, special tokens, and the ids of a probe text. The requests are
-    tokenized on our side, so two models compared must tokenize alike."""
+    tokenized on our side, so two models compared must tokenize alike. Loaded once per folder
+    and state of its files (a candidate resumed stage by stage asks again)."""
+    folder = Path(model_dir)
+    files = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                         for p in folder.iterdir() if p.is_file() and p.suffix != ".safetensors"))
+    return _tokenizer_fingerprint(str(folder.resolve()), files)
+
+
+@lru_cache(maxsize=16)
+def _tokenizer_fingerprint(model_dir: str, files: tuple[tuple[str, int, int], ...]) -> str:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok = AutoTokenizer.from_pretrained(model_dir)
     probe = "Natalia sold clips to 48 of her friends in April. 12 + 7 = 19\n\nQ: A:"
     return fingerprint({"vocab": sorted(tok.get_vocab().items()),
                         "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},

@@ -98,6 +98,11 @@ def _serve_stages(label: str, model_dir: Path, cfg: EvaluationSettings, gate: Ga
                   prior: ModelEvaluation | None) -> ModelEvaluation:
     plan = stage_plan(sizes, effective_looks(cfg, gate), gate.order_seed)
     first = prior.stages if prior else 0
+    last = len(plan) if upto is None else min(upto, len(plan))
+    if first >= last:  # nothing left to answer: no server started for nothing
+        if prior is None:
+            raise ValueError(f"no stage to answer (upto={upto}, {len(plan)} stages)")
+        return prior
     per_doc = {k: dict(v) for k, v in prior.per_doc.items()} if prior else {}
     prompts = {k: dict(v) for k, v in prior.prompts.items()} if prior else {}
     timings = {k: v for k, v in (prior.timings_s if prior else {}).items() if k != "total"}
@@ -106,7 +111,7 @@ def _serve_stages(label: str, model_dir: Path, cfg: EvaluationSettings, gate: Ga
                         served_name=f"requant-{label}", on_gpu=on_gpu) as server:
         timings["server_startup"] = round(timings.get("server_startup", 0.0)
                                           + server.startup_s, 1)
-        for k in range(first, len(plan) if upto is None else min(upto, len(plan))):
+        for k in range(first, last):
             stage = plan[k]
             samples = {}
             for task, questions in stage.items():
