@@ -211,83 +211,104 @@ class HealthWatch:
                     payload=record)
 
 
-def create_app(state_file: Path | None, token: str, timeout_s: float = 600) -> Starlette:
-    if not token:
-        raise StateFileError("the router needs a non-empty admin token (--token-file)")
-    state = RouterState(state_file)
-    client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10),
-                               limits=httpx.Limits(max_connections=None,
-                                                   max_keepalive_connections=256,
-                                                   keepalive_expiry=KEEPALIVE_EXPIRY_S))
+def admin_refusal(request: Request) -> Response | None:
+    """The admin API answers loopback clients only."""
+    host = request.client.host if request.client else ""
+    if host not in LOOPBACK:
+        return JSONResponse({"error": "the admin API answers loopback clients only"}, 403)
+    return None
 
-    def admin_only(request: Request) -> Response | None:
-        host = request.client.host if request.client else ""
-        if host not in LOOPBACK:
-            return JSONResponse({"error": "the admin API answers loopback clients only"}, 403)
-        return None
 
-    async def status(request: Request) -> Response:
-        return admin_only(request) or JSONResponse(state.status())
+def switch_problem(body: Any) -> str | None:
+    """What is wrong with a ``PUT /-/backend`` body, in one line, or None."""
+    url = body.get("url") if isinstance(body, dict) else None
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        return "body.url: an http(s) URL of a vLLM server"
+    fallback = body.get("fallback")
+    if fallback is not None and not (isinstance(fallback, dict) and str(
+            fallback.get("url", "")).startswith(("http://", "https://"))):
+        return "body.fallback: null, or {url, revision} of the previous revision's server"
+    return None
 
-    async def set_backend(request: Request) -> Response:
-        if refused := admin_only(request):
+
+class InflightSlot:
+    """One request counted on its backend from before the first await until its response
+    ends, released exactly once (completed, failed upstream, or the client gone)."""
+
+    def __init__(self, state: RouterState, backend: str) -> None:
+        self.state, self.backend, self.released = state, backend, False
+        state.inflight[backend] += 1  # before the first await: a drain can't miss it
+
+    async def release(self, upstream: httpx.Response | None, served: bool) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.state.inflight[self.backend] -= 1
+        self.state.served[self.backend] += int(served)
+        if upstream is not None:
+            await upstream.aclose()
+
+
+class Router:
+    """The app's handlers around one state, one upstream client and one health watch."""
+
+    def __init__(self, state_file: Path | None, token: str, timeout_s: float = 600) -> None:
+        if not token:
+            raise StateFileError("the router needs a non-empty admin token (--token-file)")
+        self.token = token
+        self.state = RouterState(state_file)
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10),
+                                        limits=httpx.Limits(max_connections=None,
+                                                            max_keepalive_connections=256,
+                                                            keepalive_expiry=KEEPALIVE_EXPIRY_S))
+        self.watch = HealthWatch(self.state, self.client)
+
+    async def status(self, request: Request) -> Response:
+        return admin_refusal(request) or JSONResponse(self.state.status())
+
+    async def set_backend(self, request: Request) -> Response:
+        if refused := admin_refusal(request):
             return refused
         given = request.headers.get("authorization", "").removeprefix("Bearer ")
-        if not hmac.compare_digest(given.encode(), token.encode()):
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
             return JSONResponse({"error": "switching the backend needs the router's token "
                                  "(Authorization: Bearer <the --token-file's content>)"}, 401)
         body = await request.json()
-        url = body.get("url")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            return JSONResponse({"error": "body.url: an http(s) URL of a vLLM server"}, 400)
-        fallback = body.get("fallback")
-        if fallback is not None and not (isinstance(fallback, dict) and str(
-                fallback.get("url", "")).startswith(("http://", "https://"))):
-            return JSONResponse({"error": "body.fallback: null, or {url, revision} of the "
-                                 "previous revision's server"}, 400)
-        previous = state.backend
-        state.switch(url, body.get("revision"), fallback)
-        return JSONResponse(state.status() | {"previous": previous})
+        if problem := switch_problem(body):
+            return JSONResponse({"error": problem}, 400)
+        previous = self.state.backend
+        self.state.switch(body["url"], body.get("revision"), body.get("fallback"))
+        return JSONResponse(self.state.status() | {"previous": previous})
 
-    async def proxy(request: Request) -> Response:
-        if state.backend is None:
-            return JSONResponse({"error": state.state_error or "no backend deployed yet"}, 503)
+    async def proxy(self, request: Request) -> Response:
+        if self.state.backend is None:
+            return JSONResponse({"error": self.state.state_error or "no backend deployed yet"},
+                                503)
         body = await request.body()
         for _attempt in range(2):  # a refused connection marks the backend down: once more
-            target = state.route()
+            target = self.state.route()
             if target is None:
                 return JSONResponse(
-                    {"error": f"no healthy backend: {state.backend} (revision {state.revision})"
-                     f" is down and no previous revision is kept warm; retry shortly"}, 503,
-                    headers={"Retry-After": str(RETRY_AFTER_S)})
+                    {"error": f"no healthy backend: {self.state.backend} (revision "
+                     f"{self.state.revision}) is down and no previous revision is kept warm; "
+                     "retry shortly"}, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
             try:
-                return await forward(request, body, *target)
+                return await self.forward(request, body, *target)
             except httpx.ConnectError:  # nothing listens: down now, not after two checks
-                watch.observe(target[0], False, conclusive=True)
+                self.watch.observe(target[0], False, conclusive=True)
         return JSONResponse({"error": "no backend accepted the connection; retry shortly"},
                             503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
-    async def forward(request: Request, body: bytes, backend: str,
+    async def forward(self, request: Request, body: bytes, backend: str,
                       revision: str | None) -> Response:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        url = f"{backend}{request.url.path}"
-        if request.url.query:
-            url += f"?{request.url.query}"
-        state.inflight[backend] += 1  # counted before the first await: a drain can't miss it
-        released = False
-
-        async def release(upstream: httpx.Response | None, served: bool) -> None:
-            nonlocal released
-            if not released:
-                released = True
-                state.inflight[backend] -= 1
-                state.served[backend] += int(served)
-                if upstream is not None:
-                    await upstream.aclose()
+        url = f"{backend}{request.url.path}" + (f"?{request.url.query}"
+                                                if request.url.query else "")
+        slot = InflightSlot(self.state, backend)
 
         def send() -> Any:
-            return client.send(client.build_request(request.method, url, headers=headers,
-                                                    content=body), stream=True)
+            return self.client.send(self.client.build_request(
+                request.method, url, headers=headers, content=body), stream=True)
 
         try:
             try:
@@ -295,35 +316,33 @@ def create_app(state_file: Path | None, token: str, timeout_s: float = 600) -> S
             except STALE_CONNECTION:  # see STALE_CONNECTION; a dead backend fails again
                 upstream = await send()
         except BaseException as exc:  # upstream error, or the client left while we waited
-            await release(None, False)
+            await slot.release(None, False)
             if isinstance(exc, httpx.HTTPError) and not isinstance(exc, httpx.ConnectError):
                 return JSONResponse({"error": f"backend {backend} failed: {exc!r}"}, 502)
             raise
-
         out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
         out_headers[REVISION_HEADER] = revision or ""
         return CountedStreamingResponse(upstream.aiter_raw(), status_code=upstream.status_code,
                                         headers=out_headers,
-                                        on_close=lambda: release(upstream, True))
-
-    watch = HealthWatch(state, client)
+                                        on_close=lambda: slot.release(upstream, True))
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        checks = asyncio.create_task(watch.run())
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        checks = asyncio.create_task(self.watch.run())
         yield
         checks.cancel()
-        await client.aclose()
+        await self.client.aclose()
 
-    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
-    return Starlette(
-        routes=[
-            Route("/-/status", status, methods=["GET"]),
-            Route("/-/backend", set_backend, methods=["PUT"]),
-            Route("/{path:path}", proxy, methods=methods),
-        ],
-        lifespan=lifespan,
-    )
+    def app(self) -> Starlette:
+        methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+        return Starlette(routes=[Route("/-/status", self.status, methods=["GET"]),
+                                 Route("/-/backend", self.set_backend, methods=["PUT"]),
+                                 Route("/{path:path}", self.proxy, methods=methods)],
+                         lifespan=self.lifespan)
+
+
+def create_app(state_file: Path | None, token: str, timeout_s: float = 600) -> Starlette:
+    return Router(state_file, token, timeout_s).app()
 
 
 def parser() -> argparse.ArgumentParser:
