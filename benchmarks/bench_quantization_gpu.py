@@ -231,7 +231,8 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from requant.quantization.recipes import fit_to_model, resolve_recipe
+    from requant.quantization.recipes import resolve_recipe
+    from requant.quantization.smoothing import fit_to_model
     from requant.settings import QuantizationSettings
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -61,7 +61,8 @@ def prepare(cache: Path, args: argparse.Namespace, device: str) -> tuple[Path, P
 
 
 def recipe_text() -> str:
-    from requant.quantization.recipes import fit_to_model, resolve_recipe
+    from requant.quantization.recipes import resolve_recipe
+    from requant.quantization.smoothing import fit_to_model
     from requant.settings import QuantizationSettings
 
     return fit_to_model(resolve_recipe(QuantizationSettings()), "llama").text

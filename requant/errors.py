@@ -9,11 +9,21 @@ happen and re-raised as one of these, naming the field and the fix.
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from requant.evaluation.gate import GateDecision
-    from requant.rollout.state import Release
+
+class Decision(Protocol):
+    """What an error needs of a gate decision (requant.evaluation.gate.GateDecision); a
+    protocol, so this module imports nothing of the project."""
+
+    status: str
+    reasons: list[str]
+
+
+class Labelled(Protocol):
+    """What an error needs of a release (requant.rollout.state.Release)."""
+
+    def label(self) -> str: ...
 
 
 EXIT_OK, EXIT_REFUSED, EXIT_BAD_INPUT = 0, 1, 2
@@ -69,7 +79,7 @@ class QuantizationFailed(RequantError, RuntimeError):
 class GateFailed(RequantError, RuntimeError):
     """The candidate did not pass the gate; nothing was published or promoted."""
 
-    def __init__(self, decision: GateDecision) -> None:
+    def __init__(self, decision: Decision) -> None:
         self.decision = decision
         super().__init__(
             f"gate {decision.status}: nothing leaves the machine.\n  - "
@@ -80,7 +90,7 @@ class GateFailed(RequantError, RuntimeError):
 class RolloutFailed(RequantError, RuntimeError):
     """The new revision was not put into service; what served before still does."""
 
-    def __init__(self, release: Release, check: str, reason: str,
+    def __init__(self, release: Labelled, check: str, reason: str,
                  report: dict[str, Any] | None = None) -> None:
         super().__init__(f"rollout of {release.label()} rolled back ({check}): {reason}")
         self.release, self.check, self.reason, self.report = release, check, reason, report or {}

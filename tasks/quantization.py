@@ -20,7 +20,8 @@ from requant.quantization.memory_plan import (
     check_memory_plan,
     plan_for_source,
 )
-from requant.quantization.recipes import ResolvedRecipe, fit_to_model
+from requant.quantization.recipes import ResolvedRecipe
+from requant.quantization.smoothing import fit_to_model
 from requant.settings import PipelineSettings
 from requant.source import ResolvedSource
 

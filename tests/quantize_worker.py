@@ -12,7 +12,8 @@ from requant.calibration import build_calibration_set
 from requant.quantization.checkpoint import quantize_checkpoint
 from requant.quantization.hardware import Accelerator
 from requant.quantization.manifest import MANIFEST_NAME
-from requant.quantization.recipes import fit_to_model, resolve_recipe
+from requant.quantization.recipes import resolve_recipe
+from requant.quantization.smoothing import fit_to_model
 from requant.settings import PipelineSettings
 from requant.source import resolve_source_files
 

@@ -12,7 +12,7 @@ import torch
 
 from requant.errors import SmoothingNotExact
 from requant.quantization.hardware import Accelerator
-from requant.quantization.recipes import fit_to_model, resolve_recipe
+from requant.quantization.recipes import resolve_recipe
 from requant.quantization.single_pass import (
     LayerCheck,
     calibrate,
@@ -22,6 +22,7 @@ from requant.quantization.single_pass import (
     plan,
     quantize_single_pass,
 )
+from requant.quantization.smoothing import fit_to_model
 from requant.settings import QuantizationSettings
 from tests.tinymodels import build_tiny_model
 

@@ -128,16 +128,3 @@ def _check_with_llmcompressor(text: str, origin: str) -> None:
             "quant_stage: {quant_modifiers: {GPTQModifier: {...}}}."
         )
 
-
-def fit_to_model(recipe: ResolvedRecipe, model_type: str) -> ResolvedRecipe:
-    """The recipe as it will run on this architecture: SmoothQuant's mappings spelled out (so
-    ``recipe.yaml`` and the candidate key record them), or a SettingsError for an architecture
-    without verified mappings, before any calibration."""
-    from dataclasses import replace
-
-    from requant.quantization.smoothing import fit_recipe
-
-    text, _ = fit_recipe(recipe.text, model_type)
-    if text == recipe.text:
-        return recipe
-    return replace(recipe, text=text, sha256=fingerprint(yaml.safe_load(text)))

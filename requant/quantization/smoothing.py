@@ -20,13 +20,14 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import yaml
 
 from requant.errors import SettingsError, SmoothingNotExact
-from requant.quantization.recipes import modifiers
+from requant.hashing import fingerprint
+from requant.quantization.recipes import ResolvedRecipe, modifiers
 
 QKV = ["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$"]
 GATE_UP = ["re:.*gate_proj$", "re:.*up_proj$"]
@@ -306,3 +307,13 @@ def check_smoothing(model: Any, before: dict[str, Any], after: dict[str, Any],
             f"{tolerance[1]:.3g}). {fault}. Nothing was written. Fix: {MAPPINGS_HELP}.",
             check.as_record())
     return check
+
+
+def fit_to_model(recipe: ResolvedRecipe, model_type: str) -> ResolvedRecipe:
+    """The recipe as it will run on this architecture: SmoothQuant's mappings spelled out (so
+    ``recipe.yaml`` and the candidate key record them), or a SettingsError for an architecture
+    without verified mappings, before any calibration."""
+    text, _ = fit_recipe(recipe.text, model_type)
+    if text == recipe.text:
+        return recipe
+    return replace(recipe, text=text, sha256=fingerprint(yaml.safe_load(text)))
