@@ -19,13 +19,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from requant.evaluation.lmeval import (  # noqa: E402
-    evaluate_model,
-    extract_scores,
-    render_task_dir,
-    task_dir,
+from requant.evaluation.staged import evaluate_staged  # noqa: E402
+from requant.evaluation.tasks import render_task_dir, task_dir  # noqa: E402
+from requant.settings import (  # noqa: E402
+    EvaluationSettings,
+    GateRule,
+    GateSettings,
+    ServerSettings,
 )
-from requant.settings import EvaluationSettings, ServerSettings  # noqa: E402
+
+TASK, METRIC = "gsm8k_local", "exact_match,strict-match"
 
 
 def main() -> None:
@@ -41,12 +44,13 @@ def main() -> None:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    cfg = EvaluationSettings(limit=args.limit, num_fewshot=args.fewshot,
-                             server=ServerSettings(max_model_len=2048,
-                                                   env={"VLLM_CPU_KVCACHE_SPACE": "4"}))
+    cfg = EvaluationSettings(tasks=[TASK], task_limits={}, limit=args.limit,
+                             num_fewshot=args.fewshot, server=ServerSettings(max_model_len=2048))
+    gate = GateSettings(rules=[GateRule(task=TASK, metric=METRIC, min_baseline=0.0)],
+                        looks=[1.0])
     work = Path(tempfile.mkdtemp(prefix="requant-evalspeed-"))
     started = time.perf_counter()
-    served = evaluate_model("baseline", args.model, cfg, work / "server", on_gpu=False)
+    served = evaluate_staged("baseline", args.model, cfg, gate, work / "server", on_gpu=False)
     server_s = time.perf_counter() - started
 
     tasks = render_task_dir(task_dir(cfg), work / "tasks")
@@ -55,17 +59,17 @@ def main() -> None:
         model="hf",
         model_args={"pretrained": str(args.model), "add_bos_token": True, "dtype": "bfloat16",
                     "device": "cpu"},
-        tasks=list(cfg.tasks), num_fewshot=args.fewshot, limit=args.limit,
+        tasks=[TASK], num_fewshot=args.fewshot, limit=args.limit,
         batch_size=args.hf_batch_size, gen_kwargs="max_gen_toks=256",
         task_manager=TaskManager(include_path=str(tasks)),
     )
     hf_s = time.perf_counter() - started
     report = {
-        "task": cfg.tasks[0], "limit": args.limit, "num_fewshot": args.fewshot,
+        "task": TASK, "limit": args.limit, "num_fewshot": args.fewshot,
         "vllm_server": {"wall_s": round(server_s, 1), "startup_s": served.timings_s.get(
-            "server_startup"), "score": served.score},
+            "server_startup"), "score": served.score(TASK, METRIC)},
         "hf_backend": {"wall_s": round(hf_s, 1), "batch_size": args.hf_batch_size,
-                       "score": extract_scores(hf)[cfg.tasks[0]][cfg.gate_metric]},
+                       "score": hf["results"][TASK][METRIC]},
         "hf_over_server": round(hf_s / server_s, 2),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
