@@ -17,11 +17,14 @@ from typing import Any
 
 from requant.atomic import read_json
 from requant.errors import SettingsError
+from requant.quantization.resume import RESUME_DIR
 from requant.rollout.state import load_state
 from requant.settings import PipelineSettings
 
 TARGETS = ("local", "kubernetes")
-CACHE_FOLDERS = ("calibration", "baseline-eval", "releases")
+#: Cache folders whose entries ``runs prune --older-than`` may delete (a killed quantization's
+#: kept layers included: a rerun of the same inputs within the age still resumes from them).
+CACHE_FOLDERS = ("calibration", "baseline-eval", "releases", RESUME_DIR)
 
 
 @dataclass(frozen=True)

@@ -117,10 +117,13 @@ def test_prune_by_age_spares_the_last_published_run_and_cleans_old_caches(tmp_pa
         "checkpoint": str(published / "checkpoint")}))
     stale = s.cache_dir / "calibration" / "abc"
     stale.mkdir(parents=True)
+    killed = s.cache_dir / "quantization-resume" / "def"  # a killed quantization's layers
+    killed.mkdir(parents=True)
     then = time.time() - 30 * 86400
     os.utime(stale, (then, then))
+    os.utime(killed, (then, then))
     doomed = prune_candidates(s, keep_last=None, older_than_s=14 * 86400)
-    assert set(doomed) == {old.resolve(), stale.resolve()}
+    assert set(doomed) == {old.resolve(), stale.resolve(), killed.resolve()}
     assert new.exists() and published.exists()
 
 
