@@ -62,6 +62,7 @@ class Upstream:
                     pass
 
             def _answer(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))  # as a server does
                 if self.path == "/stream":
                     return self._stream()
                 time.sleep(outer.delay_s)
@@ -520,3 +521,41 @@ def test_a_corrupt_router_state_file_serves_503s_that_name_it_and_a_switch_repai
         assert client.get("/v1/models").json()["backend"] == "B"
         assert client.get("/-/status").json()["state_error"] is None
     assert json.loads(state.read_text())["revision"] == "rev-b"
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """One sample's value from a Prometheus text page, or None."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
+
+
+def test_metrics_count_answers_and_latency_per_revision_and_show_the_routing_state(tmp_path):
+    b = Upstream("B")
+    try:
+        with TestClient(create_app(tmp_path / "router.json", TOKEN)) as client:
+            assert client.get("/v1/models").status_code == 503  # nothing deployed yet
+            client.put("/-/backend", json={"url": b.url, "revision": "rev-b"},
+                       headers=ADMIN).raise_for_status()
+            for _ in range(3):
+                assert client.post("/v1/completions", json={}).status_code == 200
+            page = client.get("/-/metrics", headers={"Authorization": ""})
+            assert page.status_code == 200 and page.headers["content-type"].startswith(
+                "text/plain")
+            text = page.text
+    finally:
+        b.close()
+    assert metric(text, "requant_router_requests_total", revision="rev-b", backend=b.url,
+                  code="200") == 3
+    assert metric(text, "requant_router_requests_total", revision="none", backend="none",
+                  code="503") == 1
+    assert metric(text, "requant_router_request_duration_seconds_count", revision="rev-b") == 3
+    assert metric(text, "requant_router_backend_up", role="active", backend=b.url,
+                  revision="rev-b") == 1
+    assert metric(text, "requant_router_routable") == 1
+    assert metric(text, "requant_router_inflight", backend=b.url) == 0
+    assert TOKEN not in text

@@ -53,6 +53,7 @@ from starlette.routing import Route
 
 from requant.atomic import create_exclusive, read_json, write_json_atomic
 from requant.errors import StateFileError
+from requant.serving.metrics import RouterMetrics
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
               "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
@@ -262,6 +263,19 @@ class Router:
                                                             max_keepalive_connections=256,
                                                             keepalive_expiry=KEEPALIVE_EXPIRY_S))
         self.watch = HealthWatch(self.state, self.client)
+        self.metrics = RouterMetrics(self.state)
+
+    async def metrics_page(self, request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    def refuse(self, status: int, error: str, started: float, revision: str | None = None,
+               backend: str | None = None, retry: bool = False) -> Response:
+        """An answer the router gives itself (no backend, or one that failed), counted."""
+        self.metrics.observe(revision, backend, status, time.monotonic() - started)
+        return JSONResponse({"error": error}, status,
+                            headers={"Retry-After": str(RETRY_AFTER_S)} if retry else None)
 
     async def status(self, request: Request) -> Response:
         return admin_refusal(request) or JSONResponse(self.state.status())
@@ -281,26 +295,26 @@ class Router:
         return JSONResponse(self.state.status() | {"previous": previous})
 
     async def proxy(self, request: Request) -> Response:
+        started = time.monotonic()
         if self.state.backend is None:
-            return JSONResponse({"error": self.state.state_error or "no backend deployed yet"},
-                                503)
+            return self.refuse(503, self.state.state_error or "no backend deployed yet", started)
         body = await request.body()
         for _attempt in range(2):  # a refused connection marks the backend down: once more
             target = self.state.route()
             if target is None:
-                return JSONResponse(
-                    {"error": f"no healthy backend: {self.state.backend} (revision "
-                     f"{self.state.revision}) is down and no previous revision is kept warm; "
-                     "retry shortly"}, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
+                return self.refuse(
+                    503, f"no healthy backend: {self.state.backend} (revision "
+                    f"{self.state.revision}) is down and no previous revision is kept warm; "
+                    "retry shortly", started, self.state.revision, retry=True)
             try:
-                return await self.forward(request, body, *target)
+                return await self.forward(request, body, *target, started)
             except httpx.ConnectError:  # nothing listens: down now, not after two checks
                 self.watch.observe(target[0], False, conclusive=True)
-        return JSONResponse({"error": "no backend accepted the connection; retry shortly"},
-                            503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        return self.refuse(503, "no backend accepted the connection; retry shortly", started,
+                           self.state.revision, retry=True)
 
     async def forward(self, request: Request, body: bytes, backend: str,
-                      revision: str | None) -> Response:
+                      revision: str | None, started: float) -> Response:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         url = f"{backend}{request.url.path}" + (f"?{request.url.query}"
                                                 if request.url.query else "")
@@ -318,13 +332,19 @@ class Router:
         except BaseException as exc:  # upstream error, or the client left while we waited
             await slot.release(None, False)
             if isinstance(exc, httpx.HTTPError) and not isinstance(exc, httpx.ConnectError):
-                return JSONResponse({"error": f"backend {backend} failed: {exc!r}"}, 502)
+                return self.refuse(502, f"backend {backend} failed: {exc!r}", started,
+                                   revision, backend)
             raise
         out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
         out_headers[REVISION_HEADER] = revision or ""
+
+        async def done() -> None:
+            await slot.release(upstream, True)
+            self.metrics.observe(revision, backend, upstream.status_code,
+                                 time.monotonic() - started)
+
         return CountedStreamingResponse(upstream.aiter_raw(), status_code=upstream.status_code,
-                                        headers=out_headers,
-                                        on_close=lambda: slot.release(upstream, True))
+                                        headers=out_headers, on_close=done)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -336,6 +356,7 @@ class Router:
     def app(self) -> Starlette:
         methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
         return Starlette(routes=[Route("/-/status", self.status, methods=["GET"]),
+                                 Route("/-/metrics", self.metrics_page, methods=["GET"]),
                                  Route("/-/backend", self.set_backend, methods=["PUT"]),
                                  Route("/{path:path}", self.proxy, methods=methods)],
                          lifespan=self.lifespan)

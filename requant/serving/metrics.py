@@ -1,0 +1,81 @@
+"""The router's Prometheus metrics (``GET /-/metrics``): what it answered, how fast, for which
+revision, and the state it routes by.
+
+Counts and latencies are recorded when a response is over (however it ended: completed, the
+upstream failed mid-stream, the client left), per revision and backend, so two revisions behind
+one endpoint can be compared on live traffic; in-flight counts, backend health and the routing
+state are read from the router's own state at scrape time, so they are never stale. The names
+are listed in docs/rollout.md ("Metrics"). Nothing here carries a secret: the endpoint answers
+any client, as vLLM's ``/metrics`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+#: LLM requests last from milliseconds (a 404, a health probe) to minutes (a long stream).
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+
+
+class RoutingState(Protocol):
+    backend: str | None
+    revision: str | None
+    fallback: str | None
+    fallback_revision: str | None
+    inflight: Any  # Counter[str]
+
+    def healthy(self, url: str | None) -> bool: ...
+
+
+class RouterMetrics:
+    """One registry per router app (tests start several in one process)."""
+
+    def __init__(self, state: RoutingState) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "requant_router_requests", "Responses the router finished, by revision, backend "
+            "and status code (the router's own 502/503 have backend \"none\" when no backend "
+            "took the request).", ["revision", "backend", "code"], registry=self.registry)
+        self.latency = Histogram(
+            "requant_router_request_duration_seconds", "From the request's arrival to the "
+            "end of its response (the whole stream), by revision.", ["revision"],
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(_StateCollector(state))
+
+    def observe(self, revision: str | None, backend: str | None, code: int,
+                seconds: float) -> None:
+        self.requests.labels(revision or "none", backend or "none", str(code)).inc()
+        self.latency.labels(revision or "none").observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector:
+    """Gauges read from the routing state when scraped."""
+
+    def __init__(self, state: RoutingState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.state
+        inflight = GaugeMetricFamily("requant_router_inflight", "Requests in flight, by "
+                                     "backend.", labels=["backend"])
+        for backend, n in sorted(s.inflight.items()):
+            inflight.add_metric([backend], n)
+        up = GaugeMetricFamily("requant_router_backend_up", "1 when the backend answers its "
+                               "health checks (unknown counts as up), by role.",
+                               labels=["role", "backend", "revision"])
+        for role, url, revision in (("active", s.backend, s.revision),
+                                    ("fallback", s.fallback, s.fallback_revision)):
+            if url:
+                up.add_metric([role, url, revision or ""], 1.0 if s.healthy(url) else 0.0)
+        routable = GaugeMetricFamily("requant_router_routable", "1 when a request arriving "
+                                     "now has a backend to go to.")
+        routable.add_metric([], 1.0 if (s.backend and s.healthy(s.backend)) or (
+            s.fallback and s.healthy(s.fallback)) else 0.0)
+        yield from (inflight, up, routable)
