@@ -189,8 +189,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_noise(args: argparse.Namespace) -> int:
     settings = _load(args)
-    from requant.evaluation.lmeval import baseline_cache_key, evaluated_with
-    from requant.evaluation.noise import measure_noise, noise_line, save_noise
+    from requant.evaluation.noise import measure_noise, noise_key, noise_line, save_noise
     from requant.evaluation.tasks import effective_looks, validate_tasks
     from requant.quantization.hardware import detect_accelerator
     from requant.source import resolve_source_files
@@ -201,7 +200,7 @@ def cmd_noise(args: argparse.Namespace) -> int:
         raise SettingsError(f"--stages: the gate has {stages} stage(s); choose 1 to {stages}.")
     validate_tasks(ev)
     source = resolve_source_files(settings.source, with_weights=True)
-    key = baseline_cache_key(source.as_record(), evaluated_with(ev, settings.gate))
+    key = noise_key(source.as_record(), ev, settings.gate)
     record = measure_noise(ev, settings.gate, source.path, stages=args.stages,
                            on_gpu=detect_accelerator(settings.quantization.device).kind == "cuda")
     path = save_noise(settings.cache_dir, key, record)

@@ -82,10 +82,15 @@ def noise_for(cache_dir: Path, key: str) -> dict[str, Any]:
                             "source's first stage; the next runs' gate records carry it)"}
 
 
+def noise_key(source_record: dict[str, Any], cfg: EvaluationSettings,
+              gate: GateSettings) -> str:
+    """The key the baseline cache gives this source and evaluation."""
+    return baseline_cache_key(source_record, evaluated_with(cfg, gate))
+
+
 def noise_for_source(cache_dir: Path, source_record: dict[str, Any], cfg: EvaluationSettings,
                      gate: GateSettings) -> dict[str, Any]:
-    """``noise_for`` under the key the baseline cache gives this source and evaluation."""
-    return noise_for(cache_dir, baseline_cache_key(source_record, evaluated_with(cfg, gate)))
+    return noise_for(cache_dir, noise_key(source_record, cfg, gate))
 
 
 def noise_line(noise: dict[str, Any]) -> str:

@@ -68,11 +68,11 @@ def quantize_checkpoint(
     reset_gpu_peak()
     source = fetch_weights(settings.source, source)
     t_fetch = time.perf_counter()
+    store = layer_store(settings, source, calib, recipe, acc) if q.gpus == 1 else None
     with atomic_directory(out_dir) as tmp:
         if q.gpus > 1:
             choices = calibrate_on_ranks(settings, source, calib, recipe, acc, tmp, report)
         else:
-            store = layer_store(settings, source, calib, recipe, acc)
             choices = calibrate_in_process(settings, source, calib, recipe, acc, tmp, report,
                                            store)
         smoothing = choices.pop("smoothing_check", None)
@@ -110,7 +110,7 @@ def quantize_checkpoint(
         manifest["smoothing_check"] = smoothing
         manifest["distributed"] = distributed
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
-    if q.gpus == 1 and (store := layer_store(settings, source, calib, recipe, acc)):
+    if store is not None:
         store.remove()  # the checkpoint is verified and in place: nothing left to resume
     return QuantizedCheckpoint(Path(out_dir), manifest, source)
 

@@ -133,13 +133,13 @@ def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, dev
         layers = decoder_layers(model)
         names = {m: name for name, m in model.named_modules()}
         done = store.finished(len(layers)) if store is not None else []
-        if done:
+        if store is not None and done:
             report(0.0, f"resumed at layer {len(done) + 1} of {len(layers)}: {len(done)} "
-                   f"finished layers read back from {store.folder if store else ''}")
+                   f"finished layers read back from {store.folder}")
         for index, layer in enumerate(layers):
             with phases("layer to device"):
                 layer.to(device)
-            if index < len(done):
+            if store is not None and index < len(done):
                 layer_loss = resume_layer(layer, index, batches, done[index], store, check,
                                           phases)
             else:
@@ -170,10 +170,9 @@ def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, dev
 
 
 def resume_layer(layer: Any, index: int, batches: list[list[Any]], record: dict[str, Any],
-                 store: LayerStore | None, check: LayerCheck, phases: Phases) -> float:
+                 store: LayerStore, check: LayerCheck, phases: Phases) -> float:
     """A finished layer read back: its stored state, its recorded check and loss, and the next
     layer's inputs made by running it exactly as the run that finished it did."""
-    assert store is not None
     with phases("layer read back"):
         store.load(index, layer)
         check.restore(index, record["check"])
