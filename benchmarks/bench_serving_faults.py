@@ -8,12 +8,13 @@ order, each in its own window:
   failed-rollout    to C, whose server is SIGKILLed once ready, during its verification
   kill-router       SIGKILL of the router (supervisord starts it again)
   kill-active-warm  a rollout to B whose server is SIGKILLed after the switch, while A is warm
-  kill-active-cold  SIGKILL of the serving vLLM with nothing warm: 503 + Retry-After until a
-                    promote brings a server back (this script runs one at once)
+  kill-active-cold  SIGKILL of the serving vLLM alone with nothing warm: 503 + Retry-After
+                    until its keeper has started it again (no promote, no person)
 Per window: requests started, failed (by kind), the longest time with no successful answer, and
 for the kills the time from the kill to the first success. Result: docs/measurements/.
 
 Usage: .venvs/pipeline/bin/python benchmarks/bench_serving_faults.py
+       [--only kill-active-cold --out docs/measurements/cpu-server-restart.json]
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from requant.errors import RolloutFailed  # noqa: E402
 from requant.rollout.local import rollout_local, router_status, shutdown_local  # noqa: E402
 from requant.rollout.release import resolve_release  # noqa: E402
 from requant.rollout.state import load_state  # noqa: E402
+from requant.serving.keeper import read_status  # noqa: E402
 from requant.serving.server import free_port  # noqa: E402
 from requant.settings import load_settings  # noqa: E402
 
@@ -148,11 +150,13 @@ def in_thread(fn, *args) -> tuple[threading.Thread, dict]:
 
 
 def scenarios(settings, warm_settings, load: Load, a, b, c, settle_s: float,
-              only_switches: bool = False) -> dict:
+              only: set[str]) -> dict:
     url = f"http://127.0.0.1:{settings.rollout.local.port}"
     out: dict = {}
 
     def timed(name: str, body) -> None:
+        if only and name not in only:
+            return
         t0 = time.time()
         fault_at, outcome = body()
         time.sleep(settle_s)
@@ -161,8 +165,6 @@ def scenarios(settings, warm_settings, load: Load, a, b, c, settle_s: float,
 
     timed("rollout", lambda: (None, _outcome(rollout_local, settings, b, "bench-b")))
     timed("rollback", lambda: (None, _outcome(rollout_local, settings, a, "bench-back")))
-    if only_switches:
-        return out
 
     def failed_rollout():
         t, res = in_thread(rollout_local, settings, c, "bench-c")
@@ -190,12 +192,20 @@ def scenarios(settings, warm_settings, load: Load, a, b, c, settle_s: float,
     timed("kill-active-warm", kill_active_warm)
 
     def kill_active_cold():
-        pid = load_state(settings.rollout.state_dir, "local").active.server["pid"]
-        os.killpg(pid, signal.SIGKILL)
+        active = load_state(settings.rollout.state_dir, "local").active
+        before = read_status(active.server["keeper"]) or {}
+        os.kill(before["server_pid"], signal.SIGKILL)  # vLLM alone: its keeper restarts it
         at = time.time()
-        time.sleep(10)  # what clients see with nothing warm
-        restored = _outcome(rollout_local, settings, a, "bench-restore")
-        return at, f"killed pid {pid}; restored by a promote: {restored}"
+        deadline = time.monotonic() + 600
+        while (read_status(active.server["keeper"]) or {}).get("restarts") == \
+                before["restarts"] or router_status(url)["health"].get(
+                    active.server["url"], {}).get("healthy") is not True:
+            if time.monotonic() > deadline:
+                return at, "not restarted within 600 s"
+            time.sleep(0.2)
+        after = read_status(active.server["keeper"])
+        return at, (f"killed vLLM pid {before['server_pid']}; its keeper started pid "
+                    f"{after['server_pid']} (restarts {after['restarts']}), no promote")
 
     timed("kill-active-cold", kill_active_cold)
     return out
@@ -218,8 +228,8 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--settle-s", type=float, default=20)
-    p.add_argument("--only-switches", action="store_true",
-                   help="only the rollout and the rollback windows")
+    p.add_argument("--only", default="",
+                   help="comma-separated scenario names to run (default: all, in order)")
     p.add_argument("--out", type=Path,
                    default=ROOT / "docs" / "measurements" / "cpu-serving-faults.json")
     args = p.parse_args()
@@ -241,7 +251,7 @@ def main() -> None:
         load.thread.start()
         time.sleep(args.settle_s)
         result = scenarios(settings, warm, load, a, b, c, args.settle_s,
-                           args.only_switches)
+                           {n for n in args.only.split(",") if n})
     finally:
         load.stop.set()
         load.thread.join(600)

@@ -378,6 +378,13 @@ class LocalTargetSettings(_Section):
         "go back to the previous one and the rollout is undone. 0: stop it as soon as it is "
         "drained.",
     )
+    restart_server: bool = Field(
+        True,
+        description="A serving revision's vLLM that dies after it was ready is started again "
+        "on the same port by a keeper process (requant.serving.keeper); the router answers 503 "
+        "with Retry-After meanwhile, or sends requests to a still-warm previous revision. A "
+        "server that never became ready, or fails 3 starts in a row, is not restarted.",
+    )
     supervisor: Literal["supervisord", "external"] = Field(
         "supervisord",
         description="What keeps the router up. supervisord: requant starts the router under "

@@ -35,20 +35,41 @@ def _deployed(d: Deployed | None) -> dict[str, Any] | None:
 
 
 def local_status(settings: PipelineSettings) -> dict[str, Any]:
-    from requant.processes import pid_running
     from requant.rollout.local import router_status, router_url
 
     state = load_state(settings.rollout.state_dir, "local")
     url = router_url(settings)
     router = router_status(url, timeout_s=2)
     active = state.active
-    pid = int(active.server["pid"]) if active and active.server.get("pid") else None
     return {"endpoint": f"{url}/v1", "active": _deployed(active),
             "previous": _deployed(state.previous), "pending": _deployed(state.pending),
             "withdrawn": state.withdrawn,
             "router": {"alive": router is not None, "url": url, "status": router,
                        "supervisor": _supervisor(settings)},
-            "server": {"pid": pid, "alive": bool(pid and pid_running(pid))}}
+            "server": _server(active, settings.rollout.served_model_name)}
+
+
+def _server(active: Deployed | None, served_name: str) -> dict[str, Any]:
+    """The process asked, not the record: is the recorded pid (the keeper) alive, does the
+    server answer now, and what the keeper says of its restarts."""
+    import httpx
+
+    from requant.processes import pid_running
+    from requant.serving.checks import not_ready_reason
+    from requant.serving.keeper import read_status
+
+    if active is None or not active.server.get("pid"):
+        return {"pid": None, "alive": False, "answers": False}
+    pid = int(active.server["pid"])
+    alive = pid_running(pid)
+    with httpx.Client(timeout=2) as client:
+        why = not_ready_reason(client, active.server.get("url", ""), served_name) if alive \
+            else "not running"
+    keeper = read_status(active.server.get("keeper")) if alive else None
+    return {"pid": pid, "alive": alive, "answers": why is None, "not_ready": why,
+            "keeper": keeper and {k: keeper.get(k) for k in
+                                  ("state", "server_pid", "restarts", "last_exit",
+                                   "ready_since")}}
 
 
 def _supervisor(settings: PipelineSettings) -> dict[str, str]:
@@ -109,10 +130,8 @@ def render_status(status: dict[str, Any]) -> str:
         lines.append(f"endpoint: {s['endpoint']} (router "
                      f"{'up' if s['router']['alive'] else 'DOWN'}; supervisord: {sup['state']}"
                      f"{', ' + sup['detail'] if sup['detail'] else ''})")
-        lines.append("serving: " + (f"{a['revision']} since {a['since']} (server pid "
-                                    f"{s['server']['pid']}, "
-                                    f"{'alive' if s['server']['alive'] else 'NOT RUNNING'})"
-                                    if a else "nothing"))
+        lines.append("serving: " + (f"{a['revision']} since {a['since']} ("
+                                    f"{_server_words(s['server'])})" if a else "nothing"))
         if (s["router"]["status"] or {}).get("state_error"):
             lines.append(f"ROUTER STATE UNREADABLE: {s['router']['status']['state_error']}")
         lines += _marker_lines(a)
@@ -146,3 +165,15 @@ def _marker_lines(active: dict[str, Any] | None) -> list[str]:
     return [f"PRODUCTION MARKER NOT MOVED: {active['repo_id']}'s production branch does not "
             f"point at {active['revision']} yet (its move failed or was cut short). `requant "
             f"promote --revision {active['revision']}` moves it; nothing is rolled out again."]
+
+
+def _server_words(server: dict[str, Any]) -> str:
+    if not server["alive"]:
+        return f"server pid {server['pid']} NOT RUNNING"
+    keeper = server.get("keeper") or {}
+    restarts = (f", restarted {keeper['restarts']} time(s), last exit "
+                f"{(keeper.get('last_exit') or {}).get('code')}"
+                if keeper.get("restarts") else "")
+    answering = "answering" if server["answers"] else \
+        f"NOT ANSWERING ({keeper.get('state') or server.get('not_ready')})"
+    return f"server pid {server['pid']}, {answering}{restarts}"

@@ -81,9 +81,11 @@ class Endpoint:
         return named[revision]
 
     def vllm_servers(self) -> list[int]:
-        """Pids of the model servers serving either checkpoint."""
-        return sorted(p.pid for p in processes_mentioning(str(self.config.parent / "models"))
-                      if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline()))
+        """The model servers serving either checkpoint, by process group: a server's keeper
+        (the recorded pid) leads the group its vLLM runs in."""
+        return sorted({os.getpgid(p.pid)
+                       for p in processes_mentioning(str(self.config.parent / "models"))
+                       if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())})
 
 
 @pytest.fixture(scope="module")

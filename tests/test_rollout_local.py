@@ -22,6 +22,7 @@ from requant.processes import pid_running
 from requant.rollout.local import rollout_local, shutdown_local
 from requant.rollout.release import resolve_release
 from requant.rollout.state import load_state
+from requant.serving.keeper import read_status
 from requant.serving.router import REVISION_HEADER
 from requant.serving.server import free_port
 from requant.settings import PipelineSettings
@@ -210,8 +211,8 @@ def test_new_server_killed_during_verification_rolls_back_and_leaves_no_process(
     assert not pid_running(killed)
     after = load_state(settings.rollout.state_dir, "local")
     assert after.pending is None and after.active.release == before.release
-    servers = [p for p in processes_mentioning(release.checkpoint)
-               if p.pid != after.active.server["pid"]]
+    servers = [p for p in processes_mentioning(release.checkpoint)  # not the serving group
+               if os.getpgid(p.pid) != after.active.server["pid"]]
     assert servers == []
 
 
@@ -247,3 +248,36 @@ def test_new_server_killed_after_the_switch_fails_over_to_the_warm_previous_and_
     assert after.active.release == before.release and after.history[-1]["event"] == "rolled-back"
     events = (settings.rollout.state_dir / "local" / "router-events.jsonl").read_text()
     assert '"failover"' in events
+
+
+def test_the_only_serving_vllm_killed_is_restarted_by_its_keeper_and_serves_again_unattended(
+        deployment):
+    """kill -9 of the serving vLLM alone (not its keeper) with no previous revision warm: the
+    router answers 503 + Retry-After in the gap, the keeper starts the same server on the same
+    port, and the same revision answers again with nobody running a promote."""
+    settings, _ = deployment
+    url = f"http://127.0.0.1:{settings.rollout.local.port}"
+    active = load_state(settings.rollout.state_dir, "local").active
+    before = read_status(active.server["keeper"])
+    assert before["state"] == "serving"
+    with ClientLoad(url, pause_s=0.2) as load:
+        time.sleep(1)
+        os.kill(before["server_pid"], signal.SIGKILL)
+        killed_at = time.monotonic()
+        while not load.failures:
+            assert time.monotonic() < killed_at + 30, "the kill was not seen by any client"
+            time.sleep(0.1)
+        answered = load.ok
+        while load.ok == answered:
+            assert time.monotonic() < killed_at + 300, "not serving again within 300 s"
+            time.sleep(0.2)
+        print(f"kill -9 -> served again: {time.monotonic() - killed_at:.1f} s")  # -rP shows it
+    refused = [f for f in load.failures if f.startswith("HTTP 503") and "retry shortly" in f]
+    assert len(load.failures) - len(refused) <= 1, load.failures[:5]  # only one in flight
+    assert set(load.revisions) == {active.release.revision}
+    after = read_status(active.server["keeper"])
+    assert after["restarts"] == before["restarts"] + 1
+    assert after["server_pid"] != before["server_pid"]
+    state = load_state(settings.rollout.state_dir, "local")
+    assert state.active.server["pid"] == active.server["pid"] and state.pending is None
+

@@ -33,7 +33,7 @@ from requant.rollout.state import (
     load_state,
     save_state,
 )
-from requant.serving.checks import verify_deployment
+from requant.serving.checks import not_ready_reason, verify_deployment
 from requant.serving.server import log_tail, start_server, stop_server
 from requant.settings import PipelineSettings
 
@@ -179,6 +179,23 @@ def _server_alive(d: Deployed | None) -> bool:
     return bool(d and d.server.get("pid") and pid_running(int(d.server["pid"])))
 
 
+def answers(d: Deployed, settings: PipelineSettings) -> bool:
+    """Ask the process, not the record: ready now, or within the server's start-up time while
+    its keeper restarts it (a nightly no-op must not start a second copy of a server that is
+    coming back by itself, nor call a dead one serving)."""
+    timeout_s = settings.rollout.local.server.startup_timeout_s
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=5) as client:
+        while _server_alive(d):
+            if not_ready_reason(client, d.server["url"], settings.rollout.served_model_name) \
+                    is None:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1)
+    return False
+
+
 def recover(settings: PipelineSettings, state: DeployState, url: str, flow_run_id: str | None,
             log: Log) -> None:
     """Finish what a killed rollout left, from what the router actually serves. The state is
@@ -240,8 +257,8 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
     recover(settings, state, url, flow_run_id, log)
     current = router_status(url) or {}
     if (state.active and state.active.release.revision == release.revision
-            and _server_alive(state.active)
-            and current.get("backend") == state.active.server.get("url")):
+            and current.get("backend") == state.active.server.get("url")
+            and answers(state.active, settings)):
         log(f"{release.label()} is already serving at {url}; nothing to do")
         return state.active, False
 
@@ -262,14 +279,16 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
     def record_spawned(handle: Any) -> None:  # before the wait: a kill from here on is reaped
         state.pending = Deployed(release, _now(), flow_run_id, url,
                                  {"pid": handle.process.pid, "url": handle.base_url,
-                                  "log": str(log_path)},
+                                  "log": str(log_path),
+                                  "keeper": str(handle.keeper_status or "") or None},
                                  rollback=intent.rollback, forced=intent.forced)
         save_state(rcfg.state_dir, state)
         kill_point("spawned")
 
     try:
         green = start_server(release.checkpoint, server_cfg, log_path, on_spawn=record_spawned,
-                             served_name=rcfg.served_model_name, die_with_parent=False)
+                             served_name=rcfg.served_model_name, die_with_parent=False,
+                             keep_running=cfg.restart_server)
     except ServerError as exc:
         state.pending = None
         _record_failure(settings, state, release, flow_run_id, "readiness", str(exc))

@@ -27,6 +27,7 @@ from requant.gpu_memory import gpu_memory, wait_for_gpu_memory
 from requant.processes import die_with_parent as kill_with_parent
 from requant.processes import terminate_group
 from requant.serving.checks import not_ready_reason
+from requant.serving.keeper import keeper_command
 from requant.settings import PROJECT_ROOT, ServerSettings
 
 DEFAULT_SERVING_PYTHON = PROJECT_ROOT / ".venvs" / "serving" / "bin" / "python"
@@ -40,6 +41,7 @@ class ServerHandle:
     process: subprocess.Popen
     startup_s: float = 0.0
     command: list[str] = field(default_factory=list)
+    keeper_status: Path | None = None  # the keeper's record, when one restarts the server
 
     @property
     def completions_url(self) -> str:
@@ -153,6 +155,7 @@ def start_server(
     revision: str | None = None,
     on_gpu: bool = False,
     die_with_parent: bool = True,
+    keep_running: bool = False,
     on_spawn: Callable[[ServerHandle], None] | None = None,
 ) -> ServerHandle:
     """Launch the server and wait until it is ready; on any failure it is stopped again.
@@ -160,7 +163,9 @@ def start_server(
     ``die_with_parent=False`` is for servers that must outlive this process (a rollout's new
     revision); the rollout records their pid in ``on_spawn``, called right after the process
     exists and before the minutes of waiting for it, so a crashed rollout's server is reaped by
-    the next one whenever the crash comes."""
+    the next one whenever the crash comes. ``keep_running`` puts a keeper
+    (``requant.serving.keeper``) in front: the recorded pid is the keeper's, and a server that
+    dies after it was ready is started again on the same port."""
     python = serving_python(cfg)
     if on_gpu:  # vLLM refuses to start unless its whole share is free: wait for it
         total = (gpu_memory() or (0, 0))[1]
@@ -170,6 +175,10 @@ def start_server(
     if cfg.port:
         check_port_free(cfg.host, port)
     cmd = build_command(python, str(model), cfg, served_name, port, revision, on_gpu)
+    base_url = f"http://{cfg.host}:{port}"
+    keeper_status = log_path.with_name(log_path.stem + ".keeper.json") if keep_running else None
+    launched = cmd if keeper_status is None else keeper_command(
+        sys.executable, cmd, f"{base_url}/health", keeper_status)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **cpu_defaults(on_gpu), **cfg.env, "PYTHONUNBUFFERED": "1"}
     env.pop("PREFECT_API_URL", None)  # the server has no business with our orchestrator
@@ -178,14 +187,14 @@ def start_server(
     log.flush()
     started = time.monotonic()
     process = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        launched, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         start_new_session=True,  # its own process group: stop_server signals all of it
         preexec_fn=kill_with_parent if die_with_parent and sys.platform.startswith("linux")
         else None,
     )
     log.close()
-    handle = ServerHandle(f"http://{cfg.host}:{port}", served_name, log_path, process,
-                          command=cmd)
+    handle = ServerHandle(base_url, served_name, log_path, process, command=cmd,
+                          keeper_status=keeper_status)
     try:
         if on_spawn is not None:
             on_spawn(handle)

@@ -1,0 +1,171 @@
+"""The serving revision's model server heals itself: a ``kill -9`` of the server alone is
+followed by the same server on the same port, with the router answering 503 + Retry-After only
+in the gap, and the nightly's no-op check asks the server rather than the record.
+
+Real router under supervisord, real keeper processes; the model server is the stand-in
+(tests/standin_vllm.py, through REQUANT_SERVING_PYTHON, as the operator points it at a serving
+environment). The same restart on real vLLM: test_rollout_local."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from requant.processes import pid_running, stop_process_group
+from requant.rollout.local import rollout_local, shutdown_local
+from requant.rollout.release import resolve_release
+from requant.rollout.state import load_state
+from requant.serving.keeper import keeper_command, read_status
+from requant.serving.router import REVISION_HEADER
+from requant.serving.server import free_port
+from requant.settings import PipelineSettings
+from requant.status import collect_status, render_status
+from tests.conftest import processes_mentioning
+from tests.standin_vllm import standin_python
+
+
+def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.1):
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        time.sleep(every_s)
+    return value
+
+
+def chat(url: str) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", timeout=10, json={
+        "model": "tiny-chat", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    """A checkpoint rolled out on the local target (stand-in server, started in ~1 s)."""
+    monkeypatch.setenv("REQUANT_SERVING_PYTHON", str(standin_python(tmp_path / "env" / "bin")))
+    monkeypatch.setenv("STANDIN_STARTUP_S", "1")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    settings = PipelineSettings.model_validate({"rollout": {
+        "target": "local", "served_model_name": "tiny-chat", "state_dir": str(tmp_path / "st"),
+        "local": {"port": free_port(), "keep_previous_s": 0, "drain_timeout_s": 5,
+                  "server": {"startup_timeout_s": 5, "stop_grace_s": 2}},
+        "slo": {"requests": 4, "concurrency": 2, "max_tokens": 4}}})
+    release = resolve_release(settings, checkpoint=model)
+    try:
+        deployed, _ = rollout_local(settings, release, "run-1", log=lambda _m: None)
+        yield settings, release, deployed, f"http://127.0.0.1:{settings.rollout.local.port}"
+    finally:
+        shutdown_local(settings)
+    assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_a_killed_serving_server_is_restarted_on_its_port_and_the_router_serves_it_again(
+        served):
+    settings, release, deployed, url = served
+    keeper_pid = int(deployed.server["pid"])
+    first = read_status(deployed.server["keeper"])
+    assert first["state"] == "serving" and first["restarts"] == 0
+    assert chat(url).status_code == 200
+    os.kill(first["server_pid"], signal.SIGKILL)  # the server alone, not its keeper
+    gap = wait_for(lambda: (r := chat(url)).status_code == 503 and r, 10, "a 503 in the gap")
+    assert gap.headers["Retry-After"] and "retry shortly" in gap.json()["error"]
+    back = wait_for(lambda: (r := chat(url)).status_code == 200 and r, 30, "served again")
+    assert back.headers[REVISION_HEADER] == release.revision
+    after = wait_for(lambda: (r := read_status(deployed.server["keeper"]))["state"] == "serving"
+                     and r, 10, "the keeper's record: serving again")
+    assert after["restarts"] == 1
+    assert after["server_pid"] != first["server_pid"] and after["last_exit"]["code"] == 137
+    state = load_state(settings.rollout.state_dir, "local")
+    assert int(state.active.server["pid"]) == keeper_pid and state.pending is None
+    status = collect_status(settings)["serving"]["server"]
+    assert status["answers"] is True and status["keeper"]["restarts"] == 1
+    assert "answering, restarted 1 time(s), last exit 137" in render_status(
+        collect_status(settings))
+    # the nightly's check asks the process: it serves, so nothing is rolled out again
+    assert rollout_local(settings, release, "run-2", log=lambda _m: None)[1] is False
+
+
+def test_a_serving_server_that_does_not_answer_is_not_taken_as_serving_by_the_nightly(served):
+    settings, release, deployed, url = served
+    stuck = read_status(deployed.server["keeper"])["server_pid"]
+    os.kill(stuck, signal.SIGSTOP)  # alive on record and by pid, answering nothing
+    try:
+        status = collect_status(settings)["serving"]["server"]
+        assert status["alive"] is True and status["answers"] is False
+        redeployed, changed = rollout_local(settings, release, "run-2", log=lambda _m: None)
+    finally:
+        if pid_running(stuck):
+            os.kill(stuck, signal.SIGCONT)
+    assert changed and redeployed.server["pid"] != deployed.server["pid"]
+    assert chat(url).status_code == 200
+    assert not pid_running(int(deployed.server["pid"])) and not pid_running(stuck)
+
+
+def keeper(tmp_path: Path, server: list[str], **kw) -> tuple[subprocess.Popen, Path]:
+    status = tmp_path / "keeper.json"
+    port = kw.get("port", free_port())
+    proc = subprocess.Popen(keeper_command(sys.executable, server,
+                                           f"http://127.0.0.1:{port}/", status,
+                                           kw.get("max_failed_starts", 3)),
+                            start_new_session=True, stdout=subprocess.DEVNULL)
+    return proc, status
+
+
+def http_server(port: int) -> list[str]:
+    return [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+
+
+def test_a_server_that_never_became_ready_is_not_restarted(tmp_path):
+    proc, status = keeper(tmp_path, [sys.executable, "-c", "raise SystemExit(3)"])
+    assert proc.wait(30) == 3
+    record = json.loads(status.read_text())
+    assert record["state"] == "gave-up" and record["starts"] == 1 and record["restarts"] == 0
+
+
+def test_stopping_the_keepers_group_stops_the_server_without_a_restart(tmp_path):
+    port = free_port()
+    proc, status = keeper(tmp_path, http_server(port), port=port)
+    server = wait_for(lambda: (read_status(status) or {}).get("state") == "serving"
+                      and read_status(status)["server_pid"], 20, "the server ready")
+    stop_process_group(proc.pid, grace_s=5)
+    assert proc.wait(5) == 0 and not pid_running(server)
+    record = read_status(status)
+    assert record["state"] == "stopped" and record["restarts"] == 0
+
+
+def test_a_killed_keeper_takes_its_server_down_so_nothing_runs_unrecorded(tmp_path):
+    port = free_port()
+    proc, status = keeper(tmp_path, http_server(port), port=port)
+    server = wait_for(lambda: (read_status(status) or {}).get("server_pid"), 20, "spawned")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(5)
+    wait_for(lambda: not pid_running(server), 10, "the server gone with its keeper")
+
+
+def test_a_server_that_keeps_failing_after_it_was_ready_is_given_up_after_its_failed_starts(
+        tmp_path):
+    port = free_port()
+    # ready once, then every later start fails at once: the keeper stops trying
+    marker = tmp_path / "started-once"
+    script = (f"import pathlib,sys,runpy; m=pathlib.Path({str(marker)!r})\n"
+              "if m.exists(): sys.exit(5)\n"
+              "m.touch(); sys.argv=['http.server','" + str(port) + "','--bind','127.0.0.1']\n"
+              "runpy.run_module('http.server', run_name='__main__')")
+    proc, status = keeper(tmp_path, [sys.executable, "-c", script], port=port,
+                          max_failed_starts=2)
+    server = wait_for(lambda: (read_status(status) or {}).get("state") == "serving"
+                      and read_status(status)["server_pid"], 20, "ready once")
+    os.kill(server, signal.SIGKILL)
+    assert proc.wait(30) == 1  # 0 + 2 s of back-off: ready once, then 2 failed starts
+    record = read_status(status)
+    assert record["state"] == "gave-up" and record["starts"] == 3 and record["restarts"] == 2
+    assert record["last_exit"]["code"] == 5
