@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from requant.alerts import HEARTBEAT_S
 from requant.errors import EXIT_OK, SettingsError, explain
 from requant.policy import check_run_policy
 from requant.settings import PipelineSettings, load_settings
@@ -68,12 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", type=int, default=1, help="the gate's stages to answer twice")
     sub.add_parser("settings-schema", help="the JSON schema of the settings (YAML configs, "
                    "--set keys, the Prefect UI form)")
+    sub.add_parser("automations", help="create or replace the automations that mark silent "
+                   "runs Crashed and tell the team (REQUANT_NOTIFY_WEBHOOK_URL) about failed runs "
+                   "and gates; make prefect-apply runs it")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = HANDLERS[args.command]
+    # before Prefect reads its settings: runs started here send heartbeats as often as the
+    # workers' runs do, so the silent-run automation marks them Crashed as quickly
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_S))
     if not args.debug and args.command in ("run", "promote"):  # the two that run flows
         _console_without_tracebacks()
     try:
@@ -210,6 +218,13 @@ def cmd_noise(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_automations(args: argparse.Namespace) -> int:
+    from requant.alerts import apply_automations
+
+    apply_automations()
+    return EXIT_OK
+
+
 def cmd_settings_schema(args: argparse.Namespace) -> int:
     print(json.dumps(PipelineSettings.model_json_schema(), indent=2))
     return EXIT_OK
@@ -218,6 +233,7 @@ def cmd_settings_schema(args: argparse.Namespace) -> int:
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "promote": cmd_promote, "status": cmd_status, "down": cmd_down,
     "runs": cmd_runs, "noise": cmd_noise, "settings-schema": cmd_settings_schema,
+    "automations": cmd_automations,
 }
 
 

@@ -3,7 +3,9 @@
 #   work pools requant-gpu and requant-serving,
 #   the global concurrency limit requant-gpu with REQUANT_GPUS slots (default 1): it counts GPUs;
 #   a run holds quantization.gpus of them while it quantizes and evaluates (requant/gpu_limit.py),
-#   the deployments of prefect.yaml and the automation declared there (promote's trigger).
+#   the deployments of prefect.yaml and the automation declared there (promote's trigger),
+#   and requant's own automations (`requant automations`: silent runs marked Crashed; with
+#   REQUANT_NOTIFY_WEBHOOK_URL set, failed runs and gates sent to the team's webhook).
 # REQUANT_POOL_KIND=process (default, this machine) | docker | kubernetes picks the worker type;
 # docker/kubernetes pools take their base job templates from deployments/work-pools/.
 set -euo pipefail
@@ -37,4 +39,7 @@ for target in local kubernetes; do  # one rollout per target, inline promotes in
   fi
 done
 "$PREFECT" --no-prompt deploy --all
-echo "applied: pools requant-gpu ($POOL_RUNS run(s) at once), requant-serving ($KIND); limit requant-gpu=$GPUS GPU(s); deployments + automation from prefect.yaml"
+# silent runs marked Crashed; failed runs and gates to the team's webhook when
+# REQUANT_NOTIFY_WEBHOOK_URL is set here (requant/alerts.py)
+"$(dirname "$PREFECT")/requant" automations
+echo "applied: pools requant-gpu ($POOL_RUNS run(s) at once), requant-serving ($KIND); limit requant-gpu=$GPUS GPU(s); deployments + automations"

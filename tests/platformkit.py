@@ -5,13 +5,17 @@ pool. Used by test_prefect_platform.py."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -130,3 +134,46 @@ def tiny_settings(tmp_path: Path, model: Path, **sections) -> dict:
     return base | sections
 
 
+
+
+class WebhookListener:
+    """A chat webhook on this host: it records every JSON body POSTed to its secret path and
+    answers 404 elsewhere, as a real one refuses a wrong URL."""
+
+    def __init__(self) -> None:
+        self.secret = secrets.token_hex(12)
+        self.received: list[dict] = []
+        listener = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if self.path != f"/hooks/{listener.secret}":
+                    self.send_response(404)
+                else:
+                    listener.received.append(json.loads(body or b"{}"))
+                    self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/{self.secret}"
+
+    def __enter__(self) -> WebhookListener:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+
+    def wait(self, match, timeout_s: float) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = [m for m in self.received if match(m)]
+            if found:
+                return found[0]
+            assert time.monotonic() < deadline, (
+                f"no matching notification in {timeout_s} s; received: {self.received[-5:]}")
+            time.sleep(0.5)

@@ -30,7 +30,14 @@ from tests.conftest import (
 )
 from tests.fakehub import FakeHub
 from tests.pgserver import pg_bin, postgres_server
-from tests.platformkit import TOKEN, running_platform, tiny_settings, wait_events, wait_final
+from tests.platformkit import (
+    TOKEN,
+    WebhookListener,
+    running_platform,
+    tiny_settings,
+    wait_events,
+    wait_final,
+)
 
 pytestmark = [pytest.mark.slow, needs_vllm,
               pytest.mark.skipif(pg_bin() is None, reason="scripts/setup_system.sh installs "
@@ -48,7 +55,14 @@ def team_hub(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory, team_hub):
+def team_webhook():
+    """The team's chat webhook (its URL carries a secret, as Slack's do)."""
+    with WebhookListener() as hook:
+        yield hook
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory, team_hub, team_webhook):
     # PostgreSQL runs as its own user: its folder must not sit under pytest's root-only tmp.
     root = Path(tempfile.mkdtemp(prefix="requant-pg-"))
     root.chmod(0o755)  # mkdtemp makes it root-only; the cluster's own folder is the private one
@@ -56,7 +70,9 @@ def platform(tmp_path_factory, team_hub):
         with postgres_server(root / "cluster") as url, running_platform(
                 tmp_path_factory.mktemp("prefect-home"),
                 {"HF_ENDPOINT": team_hub.endpoint,
-                 "PREFECT_API_DATABASE_CONNECTION_URL": url}) as running:
+                 "PREFECT_API_DATABASE_CONNECTION_URL": url,
+                 # the operator's environment where make prefect-apply runs
+                 "REQUANT_NOTIFY_WEBHOOK_URL": team_webhook.url}) as running:
             running.database_url = url
             yield running
     finally:
@@ -160,7 +176,6 @@ def ui_created_run(deployment_id, before: set, timeout_s: float = 60):
         time.sleep(1)
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
 def running_progress(run_id) -> dict[str, float]:
     """key -> percent of the run's progress artifacts, read while the run is not final."""
     from prefect.client.orchestration import get_client
@@ -174,6 +189,7 @@ def running_progress(run_id) -> dict[str, float]:
             if a.type == "progress"}
 
 
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
 def test_ui_custom_run_with_a_changed_parameter_completes_showing_progress(
         platform, vllm_tiny_source, tmp_path):
     from playwright.sync_api import sync_playwright
@@ -259,3 +275,93 @@ def assert_recorded_in_postgresql(platform, run_id) -> None:
     assert int(psql(url, f"select count(*) from artifact where flow_run_id = '{run_id}'")) \
         >= len(keys)
     assert not list(platform.home.glob("*.db"))
+
+
+def promote_cli(platform, config: Path, checkpoint: Path, serving_python: Path,
+                kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """`requant promote` as an operator types it, against the platform's server."""
+    from requant.killpoints import ENV
+
+    env = {**platform.env, "REQUANT_SERVING_PYTHON": str(serving_python)}
+    if kill_at:
+        env[ENV] = kill_at
+    return subprocess.run([str(Path(os.sys.executable).parent / "requant"), "promote",
+                           "--config", str(config), "--checkpoint", str(checkpoint), "--force"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+
+
+def promote_run_of(client, checkpoint: Path):
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["promote"])))
+    (run,) = [r for r in runs if r.parameters.get("checkpoint") == str(checkpoint)]
+    return run
+
+
+def test_a_killed_run_is_marked_crashed_and_the_team_is_told_as_of_a_failed_gate(
+        platform, team_webhook, tmp_path):
+    """kill -9 of a run (no final state is ever sent): the automation `make prefect-apply`
+    made marks it Crashed from its missing heartbeats, and the team's webhook hears of it; a
+    run that completed stays Completed; a failed gate is told too. The subject is Prefect's
+    side, so the model server is the stand-in."""
+    from prefect.client.orchestration import get_client
+
+    from requant.alerts import HEARTBEAT_S, SILENT_AFTER_S
+    from tests.standin_vllm import standin_python
+
+    models = {}
+    for name in ("done", "killed"):
+        models[name] = tmp_path / name
+        models[name].mkdir()
+        (models[name] / "config.json").write_text(json.dumps({"name": name}))
+    config = tmp_path / "settings.yaml"
+    config.write_text(json.dumps({"rollout": {
+        "target": "local", "served_model_name": "tiny-chat", "state_dir": str(tmp_path / "st"),
+        "local": {"port": free_port(), "keep_previous_s": 0, "drain_timeout_s": 5,
+                  "server": {"startup_timeout_s": 60, "stop_grace_s": 2}},
+        "slo": {"requests": 4, "concurrency": 2, "max_tokens": 4}}}))
+    serving = standin_python(tmp_path / "env" / "bin")
+    try:
+        done = promote_cli(platform, config, models["done"], serving)
+        assert done.returncode == 0, done.stderr[-2000:]
+        killed = promote_cli(platform, config, models["killed"], serving, kill_at="spawned")
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        with platform.client_settings(), get_client(sync_client=True) as client:
+            run = promote_run_of(client, models["killed"])
+            assert run.state.is_running()  # what the UI showed forever before the automation
+            deadline = time.monotonic() + SILENT_AFTER_S + HEARTBEAT_S + 60
+            while not (run := client.read_flow_run(run.id)).state.is_crashed():
+                assert time.monotonic() < deadline, f"still {run.state.name}"
+                time.sleep(2)
+            assert "No heartbeat" in run.state.message
+            completed = promote_run_of(client, models["done"])
+            assert completed.state.is_completed()  # its heartbeats ended with a final state
+            block = client.read_block_document_by_name("requant-team-webhook", "custom-webhook",
+                                                       include_secrets=False)
+        told = team_webhook.wait(lambda m: run.name in m.get("text", ""), 60)
+        assert "promote" in told["text"] and "Crashed" in told["text"]
+        assert team_webhook.secret not in json.dumps(block.model_dump(mode="json"))
+        emit_failed_gate(platform, "run-that-failed")
+        gate = team_webhook.wait(lambda m: "run-that-failed" in m.get("text", ""), 60)
+        assert "gate failed" in gate["text"] and "nothing was published" in gate["text"]
+    finally:
+        shutdown_local(PipelineSettings.model_validate(json.loads(config.read_text())))
+    assert processes_mentioning(str(tmp_path)) == []
+
+
+def emit_failed_gate(platform, run_id: str) -> None:
+    """The event the requantize flow emits when its gate fails (flows/requantize.py), sent
+    by its own function from a process of its own, as a run would."""
+    script = (
+        "import sys; sys.path.insert(0, '.')\n"
+        "from flows.requantize import emit_gate_event\n"
+        "from prefect.events.worker import EventsWorker\n"
+        "from requant.settings import PipelineSettings\n"
+        "s = PipelineSettings()\n"
+        f"summary = {{'run_id': {run_id!r}, 'source': {{'model': s.source.model}},\n"
+        "           'publish': None, 'gate': {'status': 'fail', 'rules': [{'recovery': 0.9}]}}\n"
+        "emit_gate_event(s, summary, passed=False)\n"
+        "EventsWorker.drain_all()\n")
+    done = subprocess.run([os.sys.executable, "-c", script], env=platform.env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
