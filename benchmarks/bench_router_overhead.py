@@ -4,9 +4,10 @@ One vLLM server (the demo model, as the local rollout starts it); closed-loop cl
 streaming, chat and plain completions alternating, 16 tokens, as bench_serving_faults.py) for
 ``--seconds`` each, in turn: straight to vLLM, through requant's router, through vllm-router
 (``--vllm-router``: its binary, installed apart from the project, see docs/rollout.md), and
-straight to vLLM again (drift). Per path and client count: requests, failures, latency p50/p95
-and the difference to the direct path's. Also records what vllm-router exposes about its
-workers (``/list_workers``, ``/get_loads``) for the "keep or replace" question.
+straight to vLLM again (drift). Per path and client count: requests, failures (their text),
+latency p50/p95, the difference to the direct path's, and the share of a core the proxy used.
+Also records what vllm-router exposes about its workers (``/list_workers``, ``/get_loads``)
+for the "keep or replace" question.
 
 Usage: .venvs/pipeline/bin/python benchmarks/bench_router_overhead.py \
            [--vllm-router /tmp/vr/bin/vllm-router] [--clients 1,64] [--seconds 45]
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -85,21 +88,32 @@ def vllm_router_version(binary: str) -> str:
                           capture_output=True, text=True, timeout=60).stdout.strip()
 
 
-def measure(url: str, clients: int, seconds: float) -> dict:
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process so far (0 for none)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(url: str, clients: int, seconds: float, proxy_pid: int | None = None) -> dict:
     load = Load(url, NAME, clients)
     load.thread.start()
     time.sleep(3)  # connections and the server's batch settle before the window
-    t0 = time.time()
+    t0, cpu0 = time.time(), cpu_seconds(proxy_pid)
     time.sleep(seconds)
-    t1 = time.time()
+    t1, cpu1 = time.time(), cpu_seconds(proxy_pid)
     load.stop.set()
     load.thread.join(300)
     rows = [r for r in load.records if t0 <= r[0] < t1]
     latencies = sorted(r[1] - r[0] for r in rows if r[2])
     q = statistics.quantiles(latencies, n=20) if len(latencies) >= 20 else [float("nan")] * 19
+    errors = Counter(r[4][:200] for r in rows if not r[2])
     return {"requests": len(rows), "failed": sum(1 for r in rows if not r[2]),
+            "errors": dict(errors.most_common(5)),
             "p50_s": round(statistics.median(latencies), 4) if latencies else None,
-            "p95_s": round(q[18], 4), "per_s": round(len(rows) / seconds, 2)}
+            "p95_s": round(q[18], 4), "per_s": round(len(rows) / seconds, 2),
+            "proxy_cpu_share": round((cpu1 - cpu0) / (t1 - t0), 3)}
 
 
 def main() -> None:
@@ -108,6 +122,8 @@ def main() -> None:
     p.add_argument("--vllm-router", help="vllm-router's binary (left out: not measured)")
     p.add_argument("--clients", default="1,64")
     p.add_argument("--seconds", type=float, default=45)
+    p.add_argument("--paths", default="direct,requant-router,vllm-router,direct-again",
+                   help="which windows to run, in order")
     p.add_argument("--out", type=Path,
                    default=ROOT / "docs" / "measurements" / "cpu-router-overhead.json")
     args = p.parse_args()
@@ -118,20 +134,25 @@ def main() -> None:
     with running_server(args.model, settings.rollout.local.server, work / "vllm.log",
                         served_name=NAME) as server:
         paths = {"direct": server.base_url}
+        pids: dict[str, int] = {}  # the proxy's CPU time is measured per window
         proc, paths["requant-router"] = requant_router(server.base_url, work)
         procs.append(proc)
+        pids["requant-router"] = proc.pid
         if args.vllm_router:
             proc, paths["vllm-router"] = vllm_router(args.vllm_router, server.base_url)
             procs.append(proc)
+            pids["vllm-router"] = proc.pid
         try:
             for clients in (int(c) for c in args.clients.split(",")):
                 rows = {}
-                for name in [*paths, "direct-again"]:
+                for name in args.paths.split(","):
+                    if name.removesuffix("-again") not in paths:
+                        continue
                     rows[name] = measure(paths[name.removesuffix("-again")], clients,
-                                         args.seconds)
+                                         args.seconds, pids.get(name))
                     print(clients, name, json.dumps(rows[name]), flush=True)
-                base = rows["direct"]
-                for row in rows.values():
+                base = rows.get("direct") or rows.get("direct-again")
+                for row in rows.values() if base else []:
                     row["added_p50_s"] = round(row["p50_s"] - base["p50_s"], 4)
                     row["added_p95_s"] = round(row["p95_s"] - base["p95_s"], 4)
                 result[str(clients)] = rows
