@@ -19,6 +19,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Prefect's console log handler writes to the sys.stderr of the moment Prefect sets up its
+# logging. Set up here, while pytest collects, that is pytest's own capture stream, open for the
+# whole session. Set up first inside a test (the CLI imports Prefect lazily) it was that test's
+# capsys stream, closed when the test ended, and every later test in the same xdist worker then
+# failed on logging to it ("I/O operation on closed file"), depending on test order.
+import prefect.main  # noqa: E402, F401
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
