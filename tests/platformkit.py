@@ -134,8 +134,6 @@ def tiny_settings(tmp_path: Path, model: Path, **sections) -> dict:
     return base | sections
 
 
-
-
 class WebhookListener:
     """A chat webhook on this host: it records every JSON body POSTed to its secret path and
     answers 404 elsewhere, as a real one refuses a wrong URL."""
@@ -158,7 +156,7 @@ class WebhookListener:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/{self.secret}"
 
     def __enter__(self) -> WebhookListener:
@@ -167,6 +165,7 @@ class WebhookListener:
 
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
+        self.server.server_close()
 
     def wait(self, match, timeout_s: float) -> dict:
         deadline = time.monotonic() + timeout_s

@@ -33,7 +33,7 @@ from requant.rollout.state import (
     load_state,
     save_state,
 )
-from requant.serving.checks import not_ready_reason, verify_deployment
+from requant.serving.checks import verify_deployment, wait_until_ready
 from requant.serving.server import log_tail, start_server, stop_server
 from requant.settings import PipelineSettings
 
@@ -183,17 +183,13 @@ def answers(d: Deployed, settings: PipelineSettings) -> bool:
     """Ask the process, not the record: ready now, or within the server's start-up time while
     its keeper restarts it (a nightly no-op must not start a second copy of a server that is
     coming back by itself, nor call a dead one serving)."""
-    timeout_s = settings.rollout.local.server.startup_timeout_s
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(timeout=5) as client:
-        while _server_alive(d):
-            if not_ready_reason(client, d.server["url"], settings.rollout.served_model_name) \
-                    is None:
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(1)
-    return False
+    try:
+        wait_until_ready(d.server["url"], settings.rollout.served_model_name,
+                         settings.rollout.local.server.startup_timeout_s,
+                         alive=lambda: _server_alive(d))
+    except DeploymentCheckFailed:
+        return False
+    return True
 
 
 def recover(settings: PipelineSettings, state: DeployState, url: str, flow_run_id: str | None,
@@ -280,7 +276,8 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
         state.pending = Deployed(release, _now(), flow_run_id, url,
                                  {"pid": handle.process.pid, "url": handle.base_url,
                                   "log": str(log_path),
-                                  "keeper": str(handle.keeper_status or "") or None},
+                                  "keeper": str(handle.keeper_status)
+                                  if handle.keeper_status else None},
                                  rollback=intent.rollback, forced=intent.forced)
         save_state(rcfg.state_dir, state)
         kill_point("spawned")
