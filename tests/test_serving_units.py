@@ -66,6 +66,49 @@ def test_cpu_servers_start_with_the_worker_in_the_engine_process_unless_server_e
     assert server_environ(own, on_gpu=False)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
 
 
+def test_a_picked_port_taken_before_the_bind_is_retried_on_another_and_only_that_is_retried(
+        tmp_path, monkeypatch):
+    """The race CI lost once: our free port, taken by another process before the server bound
+    it. Three starts at most; a server that fails for any other reason starts once."""
+    import requant.serving.server as server_module
+    from requant.errors import ServerError
+    from tests.standin_vllm import standin_python
+
+    monkeypatch.setenv("REQUANT_SERVING_PYTHON", str(standin_python(tmp_path / "py")))
+    monkeypatch.setenv("STANDIN_STARTUP_S", "0")
+    real_free_port = server_module.free_port
+    cfg = ServerSettings(startup_timeout_s=30, stop_grace_s=5)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        picks = iter([taken])
+        monkeypatch.setattr(server_module, "free_port",
+                            lambda host="127.0.0.1": next(picks, None) or real_free_port(host))
+        log = tmp_path / "raced.log"
+        handle = server_module.start_server("/ckpt", cfg, log, served_name="m",
+                                            keep_running=True)
+        try:
+            assert handle.base_url != f"http://127.0.0.1:{taken}"
+            assert handle.alive()
+        finally:
+            stop_server(handle, 5)
+        text = log.read_text()
+        assert f"port {taken} was taken before the server bound it (attempt 1 of 3)" in text
+        assert text.count("$ ") == 2
+
+        monkeypatch.setattr(server_module, "free_port", lambda host="127.0.0.1": taken)
+        with pytest.raises(ServerError, match="Address already in use"):
+            server_module.start_server("/ckpt", cfg, tmp_path / "lost.log", served_name="m")
+        assert (tmp_path / "lost.log").read_text().count("$ ") == 3
+
+    monkeypatch.setattr(server_module, "free_port", real_free_port)
+    broken = cfg.model_copy(update={"extra_args": ["--port", "not-a-port"]})  # exits 2
+    with pytest.raises(ServerError, match="exited with code 2"):
+        server_module.start_server("/ckpt", broken, tmp_path / "broken.log", served_name="m")
+    assert (tmp_path / "broken.log").read_text().count("$ ") == 1
+
+
 def test_port_in_use_is_refused_before_anything_starts():
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

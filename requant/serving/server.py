@@ -146,6 +146,9 @@ def _note(log_path: Path, message: str) -> None:
         fh.write(message + "\n")
 
 
+PORT_ATTEMPTS = 3  # a port we picked ourselves, lost to another process before the bind
+
+
 def start_server(
     model: str | Path,
     cfg: ServerSettings,
@@ -165,21 +168,52 @@ def start_server(
     exists and before the minutes of waiting for it, so a crashed rollout's server is reaped by
     the next one whenever the crash comes. ``keep_running`` puts a keeper
     (``requant.serving.keeper``) in front: the recorded pid is the keeper's, and a server that
-    dies after it was ready is started again on the same port."""
+    dies after it was ready is started again on the same port.
+
+    With no port set we pick a free one, and between that pick and vLLM's bind any process on
+    the host may take it (an outgoing connection's ephemeral port, another server): that loss
+    alone is retried on a newly picked port. A port the settings chose is checked once and never
+    changed, since something outside points at it."""
     python = serving_python(cfg)
     if on_gpu:  # vLLM refuses to start unless its whole share is free: wait for it
         total = (gpu_memory() or (0, 0))[1]
         wait_for_gpu_memory(int(cfg.gpu_memory_utilization * total), f"vLLM for {served_name}",
                             cfg.startup_timeout_s, lambda message: _note(log_path, message))
-    port = cfg.port or free_port(cfg.host)
     if cfg.port:
-        check_port_free(cfg.host, port)
-    cmd = build_command(python, str(model), cfg, served_name, port, revision, on_gpu)
-    base_url = f"http://{cfg.host}:{port}"
+        check_port_free(cfg.host, cfg.port)
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        port = cfg.port or free_port(cfg.host)
+        cmd = build_command(python, str(model), cfg, served_name, port, revision, on_gpu)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_start = log_path.stat().st_size if log_path.exists() else 0
+        try:
+            return _launch(cmd, cfg, log_path, served_name, on_gpu=on_gpu,
+                           die_with_parent=die_with_parent, keep_running=keep_running,
+                           on_spawn=on_spawn)
+        except ServerError:
+            if cfg.port or attempt == PORT_ATTEMPTS or not _lost_port(log_path, log_start):
+                raise
+            _note(log_path, f"[requant] port {port} was taken before the server bound it "
+                            f"(attempt {attempt} of {PORT_ATTEMPTS}): starting on another")
+    raise AssertionError("unreachable")
+
+
+def _lost_port(log_path: Path, since: int) -> bool:
+    """True when this attempt's part of the log ends in a failed bind."""
+    with log_path.open("rb") as fh:
+        fh.seek(since)
+        return b"Address already in use" in fh.read()
+
+
+def _launch(
+    cmd: list[str], cfg: ServerSettings, log_path: Path, served_name: str, *, on_gpu: bool,
+    die_with_parent: bool, keep_running: bool,
+    on_spawn: Callable[[ServerHandle], None] | None,
+) -> ServerHandle:
+    base_url = f"http://{cfg.host}:{cmd[cmd.index('--port') + 1]}"
     keeper_status = log_path.with_name(log_path.stem + ".keeper.json") if keep_running else None
     launched = cmd if keeper_status is None else keeper_command(
         sys.executable, cmd, f"{base_url}/health", keeper_status)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **cpu_defaults(on_gpu), **cfg.env, "PYTHONUNBUFFERED": "1"}
     env.pop("PREFECT_API_URL", None)  # the server has no business with our orchestrator
     log = log_path.open("ab")
