@@ -3,7 +3,9 @@
 Variants, all on the same random bf16 weights and random tokens (see bench_quantization_gpu.py):
   1      the pipeline's single-GPU call (``quantize_model`` in this process, weights in host RAM)
   N > 1  ``requant.quantization.distributed.run_ranks`` with N ranks, exactly as the
-         quantization stage launches them (torchrun, NCCL, one weight replica per GPU)
+         quantization stage launches them (torchrun, NCCL): requant's single pass, data-parallel
+         (``--pipeline single-pass``, the default), or llm-compressor's pipeline with one weight
+         replica per GPU (``--pipeline llm-compressor``)
 
 Per variant: wall time of the calibration call (model load by the ranks included: the stage pays
 it), speed-up and scaling efficiency against the single-GPU call of the same invocation or of
@@ -76,7 +78,7 @@ def run_single(model_dir: Path, data_dir: Path, args: argparse.Namespace) -> tup
 
     from requant.memory import peak_rss_gib
     from requant.quantization.hardware import detect_accelerator
-    from requant.quantization.oneshot import load_model, quantize_model
+    from requant.quantization.oneshot import compute_dtype, load_model, quantize_model
 
     on_gpu = torch.cuda.is_available()
     if on_gpu:
@@ -84,15 +86,18 @@ def run_single(model_dir: Path, data_dir: Path, args: argparse.Namespace) -> tup
     clock = LogClock()
     sink = logger.add(clock, level="INFO")
     start = time.perf_counter()
-    model, tokenizer = load_model(model_dir)
+    acc = detect_accelerator("auto")
+    model, tokenizer = load_model(model_dir, dtype=compute_dtype(acc) or "auto")  # as the stage
     choices = quantize_model(model, tokenizer, recipe_text(), load_from_disk(str(data_dir)),
-                             args.seq_len, detect_accelerator("auto"))
+                             args.seq_len, acc)
     if on_gpu:
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
     logger.remove(sink)
     result = {"gpus": 1, "call": "in-process quantize_model (the gpus=1 stage)",
-              "wall_s": round(wall, 1), "gptq_error_sum": round(clock.gptq_error, 2),
+              "pipeline": choices.get("pipeline"), "phases_s": choices.get("phases_s"),
+              "wall_s": round(wall, 1),
+              "gptq_error_sum": round(choices.get("gptq_loss") or clock.gptq_error, 2),
               "peak_gpu_gib": [round(torch.cuda.max_memory_allocated() / 2**30, 2)
                                if on_gpu else None],
               "peak_host_rss_gib": [peak_rss_gib()],
@@ -108,7 +113,7 @@ def run_multi(n: int, model_dir: Path, data_dir: Path, args: argparse.Namespace,
     save_to.mkdir(parents=True)
     job = RankJob(model_dir=str(model_dir), calibration_dir=str(data_dir),
                   recipe_text=recipe_text(), max_seq_len=args.seq_len, device=device, world=n,
-                  save_to=str(save_to), work_dir=str(work / "ranks"))
+                  save_to=str(save_to), work_dir=str(work / "ranks"), pipeline=args.pipeline)
     start = time.perf_counter()
     out = run_ranks(job)
     wall = time.perf_counter() - start
@@ -116,7 +121,9 @@ def run_multi(n: int, model_dir: Path, data_dir: Path, args: argparse.Namespace,
     error = sum(float(m.group(1)) for log in logs
                 for m in METRIC_ERROR.finditer(log.read_text(errors="replace")))
     result = {"gpus": n, "call": "run_ranks (torchrun, NCCL), as the stage launches it",
-              "wall_s": round(wall, 1), "gptq_error_sum": round(error, 2),
+              "pipeline": out.get("pipeline"), "phases_s": out.get("phases_s"),
+              "wall_s": round(wall, 1),
+              "gptq_error_sum": round(out.get("gptq_loss") or error, 2),
               "peak_gpu_gib": [r["gpu_allocated"] for r in out["ranks"]],
               "peak_host_rss_gib": [r["host_rss"] for r in out["ranks"]],
               "smoothing_check": out.get("smoothing_check")}
@@ -159,6 +166,8 @@ def main() -> None:
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeat", action="store_true", help="run each N > 1 twice, compare bits")
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--pipeline", choices=["single-pass", "llm-compressor"], default="single-pass",
+                   help="what the N > 1 ranks run (1 GPU: always the stage's own choice)")
     p.add_argument("--cache", type=Path, default=ROOT / ".bench-cache" / "multigpu")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
@@ -170,7 +179,7 @@ def main() -> None:
     model_dir, data_dir = prepare(cache, args, device)
     report = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
     runs = report.setdefault("runs", [])
-    codes_dir = cache / f"codes-{args.samples}x{args.seq_len}"
+    codes_dir = cache / f"codes-{args.samples}x{args.seq_len}-{args.pipeline}"
     codes_dir.mkdir(exist_ok=True)
     for n in args.gpus:
         for attempt in range(2 if args.repeat and n > 1 else 1):

@@ -185,7 +185,8 @@ def calibrate_on_ranks(
         recipe_text=recipe.text, max_seq_len=settings.calibration.max_seq_len, device=acc.kind,
         world=q.gpus, save_to=str(save_to), work_dir=str(work),
         trust_remote_code=settings.source.trust_remote_code, allow_tf32=q.allow_tf32,
-        activation_cache=q.activation_cache, smoothing_tolerance=q.smoothing_tolerance)
+        activation_cache=q.activation_cache, smoothing_tolerance=q.smoothing_tolerance,
+        pipeline=q.pipeline)
     try:
         result = run_ranks(job, report)
     finally:

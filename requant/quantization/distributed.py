@@ -51,6 +51,7 @@ class RankJob:
     allow_tf32: bool = True
     activation_cache: str = "auto"
     smoothing_tolerance: float | None = None
+    pipeline: str = "single-pass"
 
     def write(self) -> Path:
         return write_json_atomic(Path(self.work_dir) / "job.json", asdict(self))

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from requant.progress import Report, no_progress
 from requant.quantization.hardware import Accelerator
 from requant.quantization.progress import calibration_passes, layer_progress
+from requant.quantization.ranks import Ranks
 from requant.quantization.resume import LayerStore
 from requant.quantization.single_pass import plan, quantize_single_pass
 from requant.quantization.smoothing import (
@@ -137,12 +138,11 @@ def quantize_model(
         kwargs = calibration_kwargs(model, dataset, max_seq_len, acc, activation_cache)
         choices["activation_cache"] = kwargs["sequential_offload_device"]
     samples = len(dataset) if dataset is not None else 0
-    single = plan(recipe_text) if pipeline == "single-pass" and dataset is not None \
-        and not torch.distributed.is_initialized() else None
-    if single is not None:
+    single = plan(recipe_text) if pipeline == "single-pass" and dataset is not None else None
+    if single is not None:  # under torchrun: this rank's shard, merged per layer with the others
         return choices | quantize_single_pass(
             model, single, dataset, acc.torch_device, kwargs["sequential_offload_device"],
-            tolerance=smoothing_tolerance, store=store, report=report)
+            tolerance=smoothing_tolerance, store=store, ranks=Ranks.current(), report=report)
     choices["pipeline"] = "llm-compressor"
     smooth_text, rest_text = split_recipe(recipe_text)
 

@@ -1,10 +1,12 @@
 """One calibration rank: ``torchrun ... -m requant.quantization.rank JOB.json``.
 
-Each rank loads the model (onto its own GPU), takes its contiguous shard of the calibration set
-and runs the same ``quantize_model`` as a single process; llm-compressor merges the statistics
-across ranks. Every rank calls ``save_pretrained`` (its compression step is collective); only
-rank 0 writes. A rank that fails writes its error where the parent finds it, then fails for
-torchrun to see.
+Each rank loads the model, takes its contiguous shard of the calibration set and runs the same
+``quantize_model`` as a single process. With requant's single pass (the recipes it covers) the
+model rests in host memory as in one process and the ranks merge each layer's statistics and
+share its solves (``requant.quantization.ranks``); with llm-compressor's pipeline each rank keeps
+a replica on its GPU and llm-compressor merges. Every rank calls ``save_pretrained`` (its
+compression step is collective); only rank 0 writes. A rank that fails writes its error where
+the parent finds it, then fails for torchrun to see.
 """
 
 from __future__ import annotations
@@ -83,10 +85,12 @@ def calibrate_shard(job: RankJob, acc: Accelerator, rank: int, world: int) -> di
         quantize_model,
         restore_source_dtype,
     )
+    from requant.quantization.single_pass import plan
 
     compute = compute_dtype(acc)  # every rank computes as the single process would
-    model, tokenizer = load_model(Path(job.model_dir), job.trust_remote_code,
-                                  weights_device(acc, weights_bytes(Path(job.model_dir))),
+    single = job.pipeline == "single-pass" and plan(job.recipe_text) is not None
+    home = "cpu" if single else weights_device(acc, weights_bytes(Path(job.model_dir)))
+    model, tokenizer = load_model(Path(job.model_dir), job.trust_remote_code, home,
                                   dtype=compute or "auto")
     data = load_from_disk(job.calibration_dir)
     start, end = shard_bounds(len(data), world)[rank]
@@ -94,7 +98,7 @@ def calibrate_shard(job: RankJob, acc: Accelerator, rank: int, world: int) -> di
         model, tokenizer, job.recipe_text, data.select(range(start, end)), job.max_seq_len,
         acc, allow_tf32=job.allow_tf32,
         activation_cache=job.activation_cache,  # type: ignore[arg-type]
-        smoothing_tolerance=job.smoothing_tolerance,
+        smoothing_tolerance=job.smoothing_tolerance, pipeline=job.pipeline,
         report=progress_file(Path(job.work_dir)) if rank == 0 else no_progress)
     choices |= restore_source_dtype(model, Path(job.model_dir), compute)
     model.save_pretrained(job.save_to, save_compressed=True)

@@ -39,6 +39,7 @@ from requant.quantization.hessians import (
     gptq_group,
     smoothing_scales,
 )
+from requant.quantization.ranks import SINGLE, Ranks, solve_cost
 from requant.quantization.recipes import modifiers
 from requant.quantization.resume import LayerStore
 from requant.quantization.smoothing import (
@@ -106,11 +107,16 @@ def _scheme_fits(gptq_args: dict[str, Any]) -> bool:
 def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, device: str,
                          cache_device: str, *, tolerance: float | None = None,
                          batch_tokens: int = BATCH_TOKENS, store: LayerStore | None = None,
+                         ranks: Ranks = SINGLE,
                          report: Report = no_progress) -> dict[str, Any]:
     """Quantize ``model`` (on the host) in place, one decoder layer at a time on ``device``;
     returns the smoothing check's record and GPTQ's summed loss, for the manifest. With a
     ``store``, each finished layer is kept there, and the layers it already holds are read back
-    instead of calibrated (``requant.quantization.resume``)."""
+    instead of calibrated (``requant.quantization.resume``). With several ``ranks``, ``dataset``
+    is this rank's shard and the layer's statistics and solves are shared
+    (``requant.quantization.ranks``); every rank ends with the same model."""
+    if store is not None and ranks.world > 1:
+        raise ValueError("resuming a data-parallel single pass is not supported: store=None")
     import torch
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.transformers.compression.compressed_tensors_utils import (
@@ -146,7 +152,8 @@ def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, dev
                 mappings = layer_mappings(layer, names[layer], the_plan.mappings) \
                     if the_plan.strength is not None else []
                 layer_loss = calibrate_layer(layer, index, batches, mappings,
-                                             the_plan.strength or 0.0, gptq, check, phases)
+                                             the_plan.strength or 0.0, gptq, check, phases,
+                                             ranks)
             loss += layer_loss
             with phases("layer back to host"):
                 layer.to("cpu")
@@ -317,14 +324,18 @@ def _device(layer: Any) -> Any:
 
 def calibrate_layer(layer: Any, index: int, batches: list[list[Any]],
                     mappings: list[tuple[str, Any, list[Any]]], strength: float, gptq: Any,
-                    check: LayerCheck, phases: Phases) -> float:
-    """Calibrate, smooth, check, GPTQ and propagate one decoder layer; returns GPTQ's loss."""
+                    check: LayerCheck, phases: Phases, ranks: Ranks = SINGLE) -> float:
+    """Calibrate, smooth, check, GPTQ and propagate one decoder layer; returns GPTQ's loss
+    (summed over ranks). Each rank checks smoothing on its own probe sample."""
     hessians = SharedHessians(layer_targets(layer))
     ranges = {label: ChannelRange() for label, _, _ in mappings}
     probe_out: dict[str, Any] = {}
     with phases("calibrate (forward, Hessians, ranges)"):
         reference = calibrate(layer, index, batches, hessians, mappings, ranges,
                               check.balance_hooks(mappings, probe_out, "before"), check)
+    if ranks.world > 1:
+        with phases("merge statistics across ranks"):
+            merge_statistics(hessians, ranges, ranks)
     with phases("smooth and check"):
         for label, norm, balance in mappings:
             scales = smoothing_scales(ranges[label].dynamic_range(), balance, strength)
@@ -333,10 +344,40 @@ def calibrate_layer(layer: Any, index: int, batches: list[list[Any]],
         if mappings:
             check.verify(layer, index, batches[0], reference, mappings, probe_out)
     with phases("gptq solves"):
-        loss = sum(gptq_group(group, hessians.normalized(owner), gptq.block_size,
-                              gptq.dampening_frac) for owner, group in hessians.groups())
+        loss = solve_layer(hessians, gptq, ranks)
     propagate(layer, index, batches, phases)
-    return float(loss)
+    return loss
+
+
+def merge_statistics(hessians: SharedHessians, ranges: dict[str, ChannelRange],
+                     ranks: Ranks) -> None:
+    """Every rank's shard into one statistic: Hessian sums and sample counts added, channel
+    ranges widened to the union. Same order of collectives on every rank (forward order)."""
+    hessians.samples = int(ranks.total(hessians.samples))
+    for owner, _ in hessians.groups():
+        ranks.sum_(hessians.sums[owner])
+    for label in sorted(ranges):
+        ranks.min_(ranges[label].low)
+        ranks.max_(ranges[label].high)
+
+
+def solve_layer(hessians: SharedHessians, gptq: Any, ranks: Ranks) -> float:
+    """GPTQ on each Hessian group, each solved by one rank and its result sent to the others;
+    returns the loss summed over the layer (and the ranks)."""
+    groups = hessians.groups()
+    owners = ranks.assign([solve_cost(sum(m.weight.shape[0] for m in group),
+                                      group[0].weight.shape[1]) for _, group in groups])
+    loss = 0.0
+    for (owner, group), rank in zip(groups, owners, strict=True):
+        hessian = hessians.normalized(owner)
+        if rank == ranks.rank:
+            loss += gptq_group(group, hessian, gptq.block_size, gptq.dampening_frac)
+        del hessian
+    for (_, group), rank in zip(groups, owners, strict=True):
+        for module in group:
+            for name in ("weight", "weight_scale", "weight_zero_point"):
+                ranks.broadcast_(getattr(module, name).data, rank)
+    return ranks.total(loss)
 
 
 def calibrate(layer: Any, index: int, batches: list[list[Any]], hessians: SharedHessians,
