@@ -40,9 +40,10 @@ from bench_quantization_gpu import (  # noqa: E402
     LogClock,
     build_model,
     make_tokenizer,
-    quantized_codes,
     random_dataset,
 )
+
+from requant.quantization.single_pass import BATCH_TOKENS  # noqa: E402
 
 METRIC_ERROR = re.compile(r"\| METRIC - error ([0-9.]+)")
 
@@ -70,7 +71,8 @@ def recipe_text() -> str:
     return fit_to_model(resolve_recipe(QuantizationSettings()), "llama").text
 
 
-def run_single(model_dir: Path, data_dir: Path, args: argparse.Namespace) -> tuple[dict, dict]:
+def run_single(model_dir: Path, data_dir: Path, args: argparse.Namespace,
+               work: Path, batch_tokens: int) -> tuple[dict, dict]:
     import llmcompressor.logger  # noqa: F401 - it resets loguru's sinks when first imported
     import torch
     from datasets import load_from_disk
@@ -78,7 +80,12 @@ def run_single(model_dir: Path, data_dir: Path, args: argparse.Namespace) -> tup
 
     from requant.memory import peak_rss_gib
     from requant.quantization.hardware import detect_accelerator
-    from requant.quantization.oneshot import compute_dtype, load_model, quantize_model
+    from requant.quantization.oneshot import (
+        compute_dtype,
+        load_model,
+        quantize_model,
+        restore_source_dtype,
+    )
 
     on_gpu = torch.cuda.is_available()
     if on_gpu:
@@ -88,21 +95,29 @@ def run_single(model_dir: Path, data_dir: Path, args: argparse.Namespace) -> tup
     start = time.perf_counter()
     acc = detect_accelerator("auto")
     model, tokenizer = load_model(model_dir, dtype=compute_dtype(acc) or "auto")  # as the stage
+    loaded = time.perf_counter()
     choices = quantize_model(model, tokenizer, recipe_text(), load_from_disk(str(data_dir)),
-                             args.seq_len, acc)
+                             args.seq_len, acc, batch_tokens=batch_tokens)
     if on_gpu:
         torch.cuda.synchronize()
+    calibrated = time.perf_counter()
+    restore_source_dtype(model, model_dir, compute_dtype(acc))
+    model.save_pretrained(work / "checkpoint", save_compressed=True)  # the stage saves too
     wall = time.perf_counter() - start
     logger.remove(sink)
-    result = {"gpus": 1, "call": "in-process quantize_model (the gpus=1 stage)",
+    result = {"gpus": 1, "call": "in-process quantize_model + save (the gpus=1 stage)",
+              "batch_tokens": batch_tokens,
               "pipeline": choices.get("pipeline"), "phases_s": choices.get("phases_s"),
-              "wall_s": round(wall, 1),
+              "wall_s": round(wall, 1), "calibrate_s": round(calibrated - loaded, 1),
+              "seconds": {"load": round(loaded - start, 2),
+                          "calibrate": round(calibrated - loaded, 2),
+                          "save": round(wall - (calibrated - start), 2)},
               "gptq_error_sum": round(choices.get("gptq_loss") or clock.gptq_error, 2),
               "peak_gpu_gib": [round(torch.cuda.max_memory_allocated() / 2**30, 2)
                                if on_gpu else None],
               "peak_host_rss_gib": [peak_rss_gib()],
               "smoothing_check": choices.get("smoothing_check")}
-    return result, quantized_codes(model)
+    return result, saved_codes(work / "checkpoint")  # as saved, like the ranks' checkpoint
 
 
 def run_multi(n: int, model_dir: Path, data_dir: Path, args: argparse.Namespace,
@@ -122,7 +137,8 @@ def run_multi(n: int, model_dir: Path, data_dir: Path, args: argparse.Namespace,
                 for m in METRIC_ERROR.finditer(log.read_text(errors="replace")))
     result = {"gpus": n, "call": "run_ranks (torchrun, NCCL), as the stage launches it",
               "pipeline": out.get("pipeline"), "phases_s": out.get("phases_s"),
-              "wall_s": round(wall, 1),
+              "wall_s": round(wall, 1), "seconds": out.get("rank_seconds"),
+              "calibrate_s": (out.get("rank_seconds") or {}).get("calibrate"),
               "gptq_error_sum": round(out.get("gptq_loss") or error, 2),
               "peak_gpu_gib": [r["gpu_allocated"] for r in out["ranks"]],
               "peak_host_rss_gib": [r["host_rss"] for r in out["ranks"]],
@@ -131,7 +147,7 @@ def run_multi(n: int, model_dir: Path, data_dir: Path, args: argparse.Namespace,
 
 
 def saved_codes(path: Path) -> dict:
-    """INT8 codes as saved (compressed checkpoint), keyed like quantized_codes()."""
+    """INT8 codes as saved (compressed checkpoint), keyed by module name."""
     from safetensors import safe_open
 
     codes = {}
@@ -165,6 +181,9 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeat", action="store_true", help="run each N > 1 twice, compare bits")
+    p.add_argument("--batch-tokens", type=int, nargs="+", default=[BATCH_TOKENS],
+                   help="1 GPU: one run per value; the codes of each are compared with the "
+                        "first's (how far a mere change of summation order moves them)")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--pipeline", choices=["single-pass", "llm-compressor"], default="single-pass",
                    help="what the N > 1 ranks run (1 GPU: always the stage's own choice)")
@@ -181,21 +200,21 @@ def main() -> None:
     runs = report.setdefault("runs", [])
     codes_dir = cache / f"codes-{args.samples}x{args.seq_len}-{args.pipeline}"
     codes_dir.mkdir(exist_ok=True)
-    for n in args.gpus:
-        for attempt in range(2 if args.repeat and n > 1 else 1):
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                if n == 1:
-                    result, codes = run_single(model_dir, data_dir, args)
-                else:
-                    result, codes = run_multi(n, model_dir, data_dir, args, Path(tmp), device)
-            result.update(samples=args.samples, seq_len=args.seq_len, attempt=attempt,
-                          gpu=torch.cuda.get_device_name(0) if device == "cuda" else "cpu")
-            mine = codes_dir / f"gpus-{n}.pt"
-            if attempt == 1:
-                result["codes_vs_attempt_0"] = agreement(torch.load(mine), codes)
-            torch.save(codes, mine)
-            runs.append(result)
-            print(json.dumps(result), flush=True)
+    for n, attempt, batch_tokens in variants(args):
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            if n == 1:
+                result, codes = run_single(model_dir, data_dir, args, Path(tmp), batch_tokens)
+            else:
+                result, codes = run_multi(n, model_dir, data_dir, args, Path(tmp), device)
+        result.update(samples=args.samples, seq_len=args.seq_len, attempt=attempt,
+                      gpu=torch.cuda.get_device_name(0) if device == "cuda" else "cpu")
+        first_1 = n == 1 and batch_tokens == args.batch_tokens[0]
+        mine = codes_dir / (f"gpus-{n}.pt" if n > 1 or first_1 else f"gpus-1-bt{batch_tokens}.pt")
+        if attempt == 1:
+            result["codes_vs_attempt_0"] = agreement(torch.load(mine), codes)
+        torch.save(codes, mine)
+        runs.append(result)
+        print(json.dumps(result), flush=True)
     one = codes_dir / "gpus-1.pt"
     if one.exists():  # whichever call ran the single-GPU variant
         report[f"codes_vs_1_gpu_{args.samples}x{args.seq_len}"] = {
@@ -206,10 +225,22 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=2))
 
 
+def variants(args: argparse.Namespace) -> list[tuple[int, int, int]]:
+    """(GPUs, attempt, batch tokens) of each run, in order."""
+    out = []
+    for n in args.gpus:
+        if n == 1:
+            out += [(1, 0, bt) for bt in args.batch_tokens]
+        else:
+            out += [(n, attempt, args.batch_tokens[0])
+                    for attempt in range(2 if args.repeat else 1)]
+    return out
+
+
 def add_scaling(report: dict) -> None:
     """Speed-up and efficiency of each N > 1 run against the single-GPU call of the same shape."""
     for r in report["runs"]:
-        base = next((b for b in report["runs"] if b["gpus"] == 1
+        base = next((b for b in report["runs"] if b["gpus"] == 1 and b.get("attempt") == 0
                      and (b["samples"], b["seq_len"]) == (r["samples"], r["seq_len"])), None)
         if base and r["gpus"] > 1:
             r["speedup_vs_1_gpu"] = round(base["wall_s"] / r["wall_s"], 2)

@@ -27,7 +27,7 @@ from requant.quantization.hardware import Accelerator
 from requant.quantization.progress import calibration_passes, layer_progress
 from requant.quantization.ranks import Ranks
 from requant.quantization.resume import LayerStore
-from requant.quantization.single_pass import plan, quantize_single_pass
+from requant.quantization.single_pass import BATCH_TOKENS, plan, quantize_single_pass
 from requant.quantization.smoothing import (
     ARCHITECTURES,
     Architecture,
@@ -116,6 +116,7 @@ def quantize_model(
     smoothing_tolerance: float | None = None,
     pipeline: str = "single-pass",
     store: LayerStore | None = None,
+    batch_tokens: int = BATCH_TOKENS,
     report: Report = no_progress,
 ) -> dict[str, Any]:
     """Quantize ``model`` in place (requant's single pass when it covers the recipe, else
@@ -142,7 +143,8 @@ def quantize_model(
     if single is not None:  # under torchrun: this rank's shard, merged per layer with the others
         return choices | quantize_single_pass(
             model, single, dataset, acc.torch_device, kwargs["sequential_offload_device"],
-            tolerance=smoothing_tolerance, store=store, ranks=Ranks.current(), report=report)
+            tolerance=smoothing_tolerance, store=store, ranks=Ranks.current(),
+            batch_tokens=batch_tokens, report=report)
     choices["pipeline"] = "llm-compressor"
     smooth_text, rest_text = split_recipe(recipe_text)
 

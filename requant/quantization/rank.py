@@ -57,9 +57,11 @@ def calibrate(job: RankJob, rank: int, world: int, local_rank: int) -> None:
         write_json_atomic(Path(job.work_dir) / f"rank-{rank}.memory.json", {
             "rank": rank, "device": acc.torch_device, "host_rss": peak_rss_gib(),
             "gpu_allocated": peak_gpu_gib(acc.index) if acc.kind == "cuda" else None})
-        dist.barrier()
+        if dist.is_initialized():
+            dist.barrier()
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def init_group(job: RankJob, local_rank: int) -> Accelerator:
@@ -87,12 +89,14 @@ def calibrate_shard(job: RankJob, acc: Accelerator, rank: int, world: int) -> di
     )
     from requant.quantization.single_pass import plan
 
+    started = time.perf_counter()
     compute = compute_dtype(acc)  # every rank computes as the single process would
     single = job.pipeline == "single-pass" and plan(job.recipe_text) is not None
     home = "cpu" if single else weights_device(acc, weights_bytes(Path(job.model_dir)))
     model, tokenizer = load_model(Path(job.model_dir), job.trust_remote_code, home,
                                   dtype=compute or "auto")
     data = load_from_disk(job.calibration_dir)
+    loaded = time.perf_counter()
     start, end = shard_bounds(len(data), world)[rank]
     choices = quantize_model(
         model, tokenizer, job.recipe_text, data.select(range(start, end)), job.max_seq_len,
@@ -100,10 +104,24 @@ def calibrate_shard(job: RankJob, acc: Accelerator, rank: int, world: int) -> di
         activation_cache=job.activation_cache,  # type: ignore[arg-type]
         smoothing_tolerance=job.smoothing_tolerance, pipeline=job.pipeline,
         report=progress_file(Path(job.work_dir)) if rank == 0 else no_progress)
+    calibrated = time.perf_counter()
     choices |= restore_source_dtype(model, Path(job.model_dir), compute)
-    model.save_pretrained(job.save_to, save_compressed=True)
+    if choices.get("pipeline") == "single-pass":
+        # every rank holds the same model now: rank 0 saves it as one process does, with no
+        # collective compression moving every module's state between the ranks
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+        if rank == 0:
+            model.save_pretrained(job.save_to, save_compressed=True)
+    else:
+        model.save_pretrained(job.save_to, save_compressed=True)  # collective: every rank
     if rank == 0:
         tokenizer.save_pretrained(job.save_to)
+    choices["rank_seconds"] = {"load": round(loaded - started, 2),
+                               "calibrate": round(calibrated - loaded, 2),
+                               "save": round(time.perf_counter() - calibrated, 2)}
     return choices
 
 
