@@ -150,7 +150,8 @@ class QuantizationSettings(_Section):
         description="single-pass: keep each finished decoder layer under "
         "cache_dir/quantization-resume/<key of the inputs> as it completes, so a run killed "
         "midway continues at the first unfinished layer, with the same checkpoint to the bit. "
-        "Costs disk up to one copy of the model; deleted once the checkpoint is verified.",
+        "Costs disk up to one copy of the model; deleted once the checkpoint is verified. "
+        "One GPU only for now: with quantization.gpus > 1 a killed run starts again.",
     )
     verify_reload: bool = Field(
         True, description="After saving, reload the checkpoint and run a forward pass."

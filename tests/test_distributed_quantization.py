@@ -162,6 +162,18 @@ def test_llm_compressors_two_rank_pipeline_repeats_bit_identically_and_matches_c
     assert share >= 0.95 and worst <= 3, (share, worst)
 
 
+def test_solves_go_largest_first_to_the_least_loaded_rank_the_same_on_every_rank():
+    from requant.quantization.ranks import Ranks, solve_cost
+
+    # a Llama-3-8B layer's four Hessian groups: q/k/v, o, gate/up, down
+    costs = [solve_cost(6144, 4096), solve_cost(4096, 4096), solve_cost(28672, 4096),
+             solve_cost(4096, 14336)]
+    assert [Ranks(r, 2).assign(costs) for r in (0, 1)] == [[1, 1, 1, 0]] * 2  # down alone
+    assert Ranks(0, 4).assign(costs) == [2, 3, 1, 0]
+    assert Ranks(0, 1).assign(costs) == [0, 0, 0, 0]
+    assert Ranks(0, 3).assign([1.0, 1.0, 1.0]) == [0, 1, 2]  # ties: in order, lower rank first
+
+
 def test_gpus_above_one_without_a_gpu_is_a_settings_error_naming_the_fix():
     with pytest.raises(SettingsError, match=r"quantization.gpus=2 but torch sees no GPU"):
         check_gpu_count(2, "auto", CPU)

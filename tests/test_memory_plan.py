@@ -42,11 +42,28 @@ def test_a_70b_job_that_cannot_fit_this_host_is_refused_with_the_numbers_and_the
     assert one.activations_on_gpu  # 16 GiB of hidden states fit half the H200
 
 
-def test_a_gpu_too_small_for_a_replica_per_rank_is_refused_naming_the_gpu_figure():
+def test_only_llm_compressors_ranks_put_a_weight_replica_on_each_gpu_and_only_when_it_fits():
+    """The single pass's ranks keep the weights in host memory; llm-compressor's pipeline puts
+    a replica on each GPU when it takes at most 40 % of it (8B on 80 GB: yes; 70B: no)."""
+    def gpu(config: dict, pipeline: str) -> float:
+        return plan_memory(config, gpus=2, on_gpu=True, fp32=False, samples=64,
+                           max_seq_len=2048, gpu_total=80 * GIB,
+                           pipeline=pipeline).gpu_bytes_per_rank / GIB
+
+    weights_8b = count_params(LLAMA3_8B) * 2 / GIB
+    assert gpu(LLAMA3_8B, "llm-compressor") - gpu(LLAMA3_8B, "single-pass") == pytest.approx(
+        weights_8b)
+    assert gpu(LLAMA3_70B, "llm-compressor") == gpu(LLAMA3_70B, "single-pass") < 80
     plan = plan_memory(LLAMA3_70B, gpus=2, on_gpu=True, fp32=False, samples=64,
                        max_seq_len=2048, gpu_total=80 * GIB)
-    with pytest.raises(SettingsError, match=r"per GPU and each has 80\.0 GiB.*gpus=1"):
-        check_memory_plan(plan, host_available=2048 * GIB, gpu_total=80 * GIB)
+    check_memory_plan(plan, host_available=2048 * GIB, gpu_total=80 * GIB)  # fits: no replica
+
+
+def test_a_gpu_too_small_for_one_layer_is_refused_naming_the_gpu_figure():
+    plan = plan_memory(LLAMA3_70B, gpus=1, on_gpu=True, fp32=False, samples=64,
+                       max_seq_len=2048, gpu_total=4 * GIB)
+    with pytest.raises(SettingsError, match=r"per GPU and each has 4\.0 GiB"):
+        check_memory_plan(plan, host_available=2048 * GIB, gpu_total=4 * GIB)
 
 
 def test_the_demo_models_plan_bounds_its_measured_peak_on_this_cpu():

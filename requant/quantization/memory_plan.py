@@ -6,8 +6,10 @@ What the single pass holds (docs/quantization.md, "Memory"): the model's weights
 in the dtype calibration computes in (bf16 on a GPU or a CPU with native bf16, fp32 otherwise),
 one copy per calibration rank (each rank loads the model); the hidden states of every calibration
 token between two layers (on the GPU when they fit half of it, else in host memory); on the GPU,
-one decoder layer, its Hessians and a batch (``gpu_memory.quantization_need_bytes``), plus a full
-weight replica per rank when ``quantization.gpus`` > 1. The figure is an upper-bound estimate:
+one decoder layer, its Hessians and a batch (``gpu_memory.quantization_need_bytes``). Ranks
+running the single pass keep their copy in host memory like one process; only llm-compressor's
+pipeline puts a weight replica on each GPU, and only when it takes at most 40 % of the GPU
+(``requant.quantization.rank.weights_device``). The figure is an upper-bound estimate:
 the demo model's plan is checked against its measured peak (tests/test_memory_plan.py).
 """
 
@@ -26,6 +28,9 @@ from requant.gpu_memory import GIB, quantization_need_bytes
 PROCESS_BYTES = 2 * GIB
 #: Tokens per calibration forward in the single pass (requant.quantization.single_pass).
 BATCH_TOKENS = 16_384
+#: Share of a GPU's memory a replica of the weights may take (llm-compressor's ranks); the
+#: rest is for activations.
+REPLICA_BUDGET = 0.4
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,8 @@ def count_params(config: dict[str, Any]) -> int:
 
 
 def plan_memory(config: dict[str, Any], *, gpus: int, on_gpu: bool, fp32: bool, samples: int,
-                max_seq_len: int, gpu_total: int | None) -> MemoryPlan:
+                max_seq_len: int, gpu_total: int | None,
+                pipeline: str = "single-pass") -> MemoryPlan:
     params = count_params(config)
     weights = params * (4 if fp32 else 2)
     ranks = max(gpus, 1)
@@ -75,9 +81,11 @@ def plan_memory(config: dict[str, Any], *, gpus: int, on_gpu: bool, fp32: bool, 
 
     acts_on_gpu = on_gpu and gpu_total is not None and \
         per_rank_acts <= GPU_CACHE_BUDGET * max(gpu_total - layer_need, 0)
+    replica = ranks > 1 and pipeline == "llm-compressor" and gpu_total is not None and \
+        weights <= REPLICA_BUDGET * gpu_total
     gpu = None
     if on_gpu:
-        gpu = layer_need + (per_rank_acts if acts_on_gpu else 0) + (weights if ranks > 1 else 0)
+        gpu = layer_need + (per_rank_acts if acts_on_gpu else 0) + (weights if replica else 0)
     host = weights * ranks + (0 if acts_on_gpu else activations) + PROCESS_BYTES * ranks
     return MemoryPlan(params, weights, ranks, activations, acts_on_gpu, host, gpu)
 
@@ -114,11 +122,9 @@ def check_memory_plan(plan: MemoryPlan, host_available: int | None,
             f"{fixes}{more}.")
     if plan.gpu_bytes_per_rank is not None and gpu_total is not None \
             and plan.gpu_bytes_per_rank > gpu_total:
-        replica = (" or quantization.gpus=1 (no weight replica per GPU)"
-                   if plan.copies > 1 else "")
         raise SettingsError(
             f"quantization: the plan needs {plan.gpu_bytes_per_rank / GIB:.1f} GiB per GPU and "
-            f"each has {gpu_total / GIB:.1f} GiB ({plan.describe()}). {fixes}{replica}.")
+            f"each has {gpu_total / GIB:.1f} GiB ({plan.describe()}). {fixes}.")
 
 
 def plan_for_source(model_dir: Path, settings: Any, on_gpu: bool, fp32: bool,
@@ -127,4 +133,5 @@ def plan_for_source(model_dir: Path, settings: Any, on_gpu: bool, fp32: bool,
     config = config if "hidden_size" in config else config.get("text_config", config)
     return plan_memory(config, gpus=settings.quantization.gpus, on_gpu=on_gpu, fp32=fp32,
                        samples=settings.calibration.num_samples if calibrates else 0,
-                       max_seq_len=settings.calibration.max_seq_len, gpu_total=gpu_total)
+                       max_seq_len=settings.calibration.max_seq_len, gpu_total=gpu_total,
+                       pipeline=settings.quantization.pipeline)

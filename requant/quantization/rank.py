@@ -26,6 +26,7 @@ from requant.processes import die_with_parent
 from requant.progress import Report, no_progress
 from requant.quantization.distributed import RankJob, shard_bounds
 from requant.quantization.hardware import Accelerator, detect_accelerator
+from requant.quantization.memory_plan import REPLICA_BUDGET
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,8 +126,6 @@ def calibrate_shard(job: RankJob, acc: Accelerator, rank: int, world: int) -> di
     return choices
 
 
-#: Share of a GPU's memory a replica of the weights may take; the rest is for activations.
-REPLICA_BUDGET = 0.4
 
 
 def weights_bytes(model_dir: Path) -> int:
