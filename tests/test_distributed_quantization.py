@@ -174,6 +174,50 @@ def test_solves_go_largest_first_to_the_least_loaded_rank_the_same_on_every_rank
     assert Ranks(0, 3).assign([1.0, 1.0, 1.0]) == [0, 1, 2]  # ties: in order, lower rank first
 
 
+MERGE_RANK = """
+import sys, torch, torch.distributed as dist
+from requant.errors import QuantizationFailed
+from requant.quantization.hessians import ChannelRange, SharedHessians
+from requant.quantization.ranks import Ranks
+from requant.quantization.single_pass import merge_statistics
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+ranks = Ranks.current()
+h = SharedHessians([], owner={0: 0}, sums={0: torch.full((2, 2), rank + 1.0)}, samples=rank + 1)
+r = {"norm": ChannelRange(torch.tensor([-1.0 - rank, 0.0]), torch.tensor([1.0, 2.0 * rank]))}
+merge_statistics(h, r, ranks, 0)
+print("merged", h.sums[0].tolist(), h.samples, r["norm"].low.tolist(), r["norm"].high.tolist())
+uneven = SharedHessians([], owner={i: i for i in range(rank + 1)},
+                        sums={i: torch.zeros(2, 2) for i in range(rank + 1)})
+try:
+    merge_statistics(uneven, {}, ranks, 3)
+except QuantizationFailed as exc:
+    print("refused", exc)
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_merge_sums_and_ranges_and_refuse_a_layer_whose_work_differs_between_them(
+        tmp_path):
+    """Two real gloo processes (a file store: no port to race for) run the merge the single
+    pass runs per layer: Hessians and counts add, ranges widen, and a layer with more Hessian
+    groups on one rank than the other (experts routed unevenly) stops both, never half-merged."""
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    procs = [subprocess.Popen([sys.executable, "-c", MERGE_RANK, str(rank),
+                               str(tmp_path / "store")], cwd=root, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONPATH": root})
+             for rank in (0, 1)]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    for out in outputs:
+        assert "merged [[3.0, 3.0], [3.0, 3.0]] 3 [-2.0, 0.0] [1.0, 2.0]" in out, out
+        assert "refused decoder layer 3: some Linears saw calibration tokens on some ranks " \
+            "only" in out and "quantization.gpus=1" in out, out
+
+
 def test_gpus_above_one_without_a_gpu_is_a_settings_error_naming_the_fix():
     with pytest.raises(SettingsError, match=r"quantization.gpus=2 but torch sees no GPU"):
         check_gpu_count(2, "auto", CPU)

@@ -65,6 +65,17 @@ class Ranks:
         return float(self.sum_(torch.tensor([float(value)], dtype=torch.float64,
                                             device=self._device()))[0])
 
+    def agree(self, value: int) -> bool:
+        """Whether every rank holds this same number. Collectives must match one for one, so a
+        layer whose shape of work differs between ranks is refused, never merged."""
+        if self.world == 1:
+            return True
+        import torch
+
+        both = self.max_(torch.tensor([value, -value], dtype=torch.int64,
+                                      device=self._device()))
+        return int(both[0]) == -int(both[1]) == value
+
     def broadcast_(self, tensor: Any, src: int) -> None:
         if self.world == 1:
             return

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from requant.errors import SmoothingNotExact
+from requant.errors import QuantizationFailed, SmoothingNotExact
 from requant.progress import Report, eta_text, no_progress
 from requant.quantization.hessians import (
     ChannelRange,
@@ -335,7 +335,7 @@ def calibrate_layer(layer: Any, index: int, batches: list[list[Any]],
                               check.balance_hooks(mappings, probe_out, "before"), check)
     if ranks.world > 1:
         with phases("merge statistics across ranks"):
-            merge_statistics(hessians, ranges, ranks)
+            merge_statistics(hessians, ranges, ranks, index)
     with phases("smooth and check"):
         for label, norm, balance in mappings:
             scales = smoothing_scales(ranges[label].dynamic_range(), balance, strength)
@@ -350,9 +350,15 @@ def calibrate_layer(layer: Any, index: int, batches: list[list[Any]],
 
 
 def merge_statistics(hessians: SharedHessians, ranges: dict[str, ChannelRange],
-                     ranks: Ranks) -> None:
+                     ranks: Ranks, index: int) -> None:
     """Every rank's shard into one statistic: Hessian sums and sample counts added, channel
-    ranges widened to the union. Same order of collectives on every rank (forward order)."""
+    ranges widened to the union. Same order of collectives on every rank (forward order); a
+    Linear that ran on some ranks' samples only (a mixture of experts' router) stops the run."""
+    if not ranks.agree(len(hessians.sums)):
+        raise QuantizationFailed(
+            f"decoder layer {index}: some Linears saw calibration tokens on some ranks only "
+            "(a mixture-of-experts router?), so their statistics cannot be merged. Set "
+            "quantization.gpus=1, or quantization.pipeline=llm-compressor.", ranks.rank)
     hessians.samples = int(ranks.total(hessians.samples))
     for owner, _ in hessians.groups():
         ranks.sum_(hessians.sums[owner])
