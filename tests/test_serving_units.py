@@ -109,6 +109,22 @@ def test_a_picked_port_taken_before_the_bind_is_retried_on_another_and_only_that
     assert (tmp_path / "broken.log").read_text().count("$ ") == 1
 
 
+def test_picked_ports_are_free_and_outside_the_range_outgoing_connections_take_theirs():
+    from requant.serving.server import ephemeral_range, free_port
+
+    low, high = ephemeral_range()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        picks = {free_port() for _ in range(20)}
+    assert taken not in picks
+    assert all(port < low or port > high for port in picks), (picks, low, high)
+    for port in picks:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free, as promised
+
+
 def test_port_in_use_is_refused_before_anything_starts():
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -69,10 +70,36 @@ def serving_python(cfg: ServerSettings) -> Path:
     return python
 
 
+#: Where picked ports come from: below the kernel's ephemeral range, which outgoing
+#: connections draw from and so can take a picked port before its server binds it.
+PICK_SPAN = 8000
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now, for a server about to bind it: picked below the ephemeral range when
+    one there is free (no outgoing connection can take it meanwhile), else the kernel's pick.
+    ``start_server`` still retries a port lost before the bind."""
+    low = ephemeral_range()[0]
+    candidates = list(range(max(1024, low - PICK_SPAN), low))
+    for port in random.sample(candidates, min(32, len(candidates))):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; its default elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def check_port_free(host: str, port: int) -> None:
