@@ -22,12 +22,11 @@ from typing import Any
 
 from requant.errors import SettingsError
 from requant.gpu_memory import GIB, quantization_need_bytes
+from requant.quantization.single_pass import BATCH_TOKENS  # tokens per calibration forward
 
 #: Python, torch, transformers and llm-compressor themselves, before any tensor (the demo's
 #: process measures ~1 GiB of it).
 PROCESS_BYTES = 2 * GIB
-#: Tokens per calibration forward in the single pass (requant.quantization.single_pass).
-BATCH_TOKENS = 16_384
 #: Share of a GPU's memory a replica of the weights may take (llm-compressor's ranks); the
 #: rest is for activations.
 REPLICA_BUDGET = 0.4

@@ -4,9 +4,10 @@ Each rank loads the model, takes its contiguous shard of the calibration set and
 ``quantize_model`` as a single process. With requant's single pass (the recipes it covers) the
 model rests in host memory as in one process and the ranks merge each layer's statistics and
 share its solves (``requant.quantization.ranks``); with llm-compressor's pipeline each rank keeps
-a replica on its GPU and llm-compressor merges. Every rank calls ``save_pretrained`` (its
-compression step is collective); only rank 0 writes. A rank that fails writes its error where
-the parent finds it, then fails for torchrun to see.
+a replica on its GPU and llm-compressor merges. After the single pass every rank holds the same
+model and rank 0 saves it alone; after llm-compressor's pipeline every rank calls
+``save_pretrained`` (its compression step is collective) and only rank 0 writes. A rank that
+fails writes its error where the parent finds it, then fails for torchrun to see.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def calibrate_shard(job: RankJob, acc: Accelerator, rank: int, world: int) -> di
         report=progress_file(Path(job.work_dir)) if rank == 0 else no_progress)
     calibrated = time.perf_counter()
     choices |= restore_source_dtype(model, Path(job.model_dir), compute)
-    if choices.get("pipeline") == "single-pass":
+    if single:
         # every rank holds the same model now: rank 0 saves it as one process does, with no
         # collective compression moving every module's state between the ranks
         import torch.distributed as dist
@@ -124,8 +125,6 @@ def calibrate_shard(job: RankJob, acc: Accelerator, rank: int, world: int) -> di
                                "calibrate": round(calibrated - loaded, 2),
                                "save": round(time.perf_counter() - calibrated, 2)}
     return choices
-
-
 
 
 def weights_bytes(model_dir: Path) -> int:

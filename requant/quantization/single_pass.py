@@ -375,10 +375,11 @@ def solve_layer(hessians: SharedHessians, gptq: Any, ranks: Ranks) -> float:
                                       group[0].weight.shape[1]) for _, group in groups])
     loss = 0.0
     for (owner, group), rank in zip(groups, owners, strict=True):
-        hessian = hessians.normalized(owner)
         if rank == ranks.rank:
-            loss += gptq_group(group, hessian, gptq.block_size, gptq.dampening_frac)
-        del hessian
+            loss += gptq_group(group, hessians.normalized(owner), gptq.block_size,
+                               gptq.dampening_frac)
+        else:
+            del hessians.sums[owner]  # another rank solves it: free the memory now
     for (_, group), rank in zip(groups, owners, strict=True):
         for module in group:
             for name in ("weight", "weight_scale", "weight_zero_point"):

@@ -214,9 +214,9 @@ def start_server(
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_start = log_path.stat().st_size if log_path.exists() else 0
         try:
-            return _launch(cmd, cfg, log_path, served_name, on_gpu=on_gpu,
-                           die_with_parent=die_with_parent, keep_running=keep_running,
-                           on_spawn=on_spawn)
+            return _launch(cmd, f"http://{cfg.host}:{port}", cfg, log_path, served_name,
+                           on_gpu=on_gpu, die_with_parent=die_with_parent,
+                           keep_running=keep_running, on_spawn=on_spawn)
         except ServerError:
             if cfg.port or attempt == PORT_ATTEMPTS or not _lost_port(log_path, log_start):
                 raise
@@ -233,11 +233,10 @@ def _lost_port(log_path: Path, since: int) -> bool:
 
 
 def _launch(
-    cmd: list[str], cfg: ServerSettings, log_path: Path, served_name: str, *, on_gpu: bool,
-    die_with_parent: bool, keep_running: bool,
+    cmd: list[str], base_url: str, cfg: ServerSettings, log_path: Path, served_name: str, *,
+    on_gpu: bool, die_with_parent: bool, keep_running: bool,
     on_spawn: Callable[[ServerHandle], None] | None,
 ) -> ServerHandle:
-    base_url = f"http://{cfg.host}:{cmd[cmd.index('--port') + 1]}"
     keeper_status = log_path.with_name(log_path.stem + ".keeper.json") if keep_running else None
     launched = cmd if keeper_status is None else keeper_command(
         sys.executable, cmd, f"{base_url}/health", keeper_status)
