@@ -150,4 +150,10 @@ def render_rollout(settings: PipelineSettings, release: Release, deployed: Deplo
         lines += ["", "| load test | value |", "|---|---|",
                   *[f"| {key} | {load.get(key)} |" for key in
                     ("requests", "concurrency", "errors", "p50_s", "p95_s", "tokens_per_s")]]
+    if phases := (deployed.verification.get("canary") if deployed else None):
+        lines += ["", "| canary phase | weight | requests | 5xx (serving) | p95 s (serving) |",
+                  "|---|---|---|---|---|",
+                  *[f"| {c['phase']} | {c['weight']:.0%} | {c['requests']:.0f} | "
+                    f"{c['error_rate']:.1%} ({c['serving_error_rate']:.1%}) | "
+                    f"{c['p95_s']} ({c['serving_p95_s']}) |" for c in phases]]
     return "\n".join(lines)

@@ -361,6 +361,61 @@ class SLOSettings(_Section):
     timeout_s: float = Field(300, gt=0, description="Per-request timeout of the load test.")
 
 
+class CanaryPhase(_Section):
+    weight: float = Field(gt=0, lt=1, description="Share of live requests the new revision "
+                          "answers in this phase (the serving revision answers the rest).")
+    seconds: float = Field(gt=0, description="How long the phase lasts; it is judged all along.")
+
+
+class _LiveRules(_Section):
+    """What a live phase compares, new revision against serving revision, on the router's
+    metrics; judged once the new revision answered ``min_requests`` in the phase."""
+
+    min_requests: int = Field(
+        20, gt=0, description="Requests the new revision must answer in the phase before it "
+        "is judged, and by the phase's end (fewer: rolled back, not enough evidence).",
+    )
+    max_error_rate_increase: float = Field(
+        0.01, ge=0, le=1, description="How much larger the new revision's share of failed "
+        "answers may be than the serving revision's (in a shadow: copies it failed, or answered "
+        "with another status, where the serving revision answered).",
+    )
+    max_p95_latency_ratio: float | None = Field(
+        2.0, gt=0, description="The new revision's p95 latency at most this multiple of the "
+        "serving revision's (in a shadow: on the same requests). None: not compared.",
+    )
+
+
+class CanarySettings(_LiveRules):
+    """Live traffic in steps between the load test (or the shadow phase) and the switch (local
+    target). Each phase rolls back at the first breach. No phases: no canary."""
+
+    phases: list[CanaryPhase] = Field(
+        default_factory=list,
+        description="e.g. [{weight: 0.05, seconds: 120}, {weight: 0.25, seconds: 300}], then "
+        "the switch (100 %). Empty: blue/green with no canary.",
+    )
+    poll_s: float = Field(1.0, gt=0, description="How often the router's metrics are read "
+                          "(shadow and canary phases).")
+
+
+class ShadowSettings(_LiveRules):
+    """Copies of live requests answered by the new revision before it serves anyone (local
+    target): its answers are compared with the serving revision's and thrown away."""
+
+    seconds: float = Field(0, ge=0, description="How long the shadow phase lasts, before any "
+                           "canary phase (0: no shadow phase).")
+    share: float = Field(
+        1.0, gt=0, le=1, description="Share of completion requests copied. Each copy is a "
+        "second computation: on a host the two servers share, copy less.",
+    )
+    min_agreement: float | None = Field(
+        0.8, ge=0, le=1, description="Share of greedy requests (temperature 0, not streamed) "
+        "both revisions answer with the same text, judged on at least min_requests of them. "
+        "None: not measured (traffic that samples).",
+    )
+
+
 class LocalTargetSettings(_Section):
     """Blue/green on this host: vLLM servers behind one stable router endpoint."""
 
@@ -388,6 +443,8 @@ class LocalTargetSettings(_Section):
         "with Retry-After meanwhile, or sends requests to a still-warm previous revision. A "
         "server that never became ready, or fails 3 starts in a row, is not restarted.",
     )
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings)
+    canary: CanarySettings = Field(default_factory=CanarySettings)
     supervisor: Literal["supervisord", "external"] = Field(
         "supervisord",
         description="What keeps the router up. supervisord: requant starts the router under "

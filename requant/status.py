@@ -132,6 +132,9 @@ def render_status(status: dict[str, Any]) -> str:
                      f"{', ' + sup['detail'] if sup['detail'] else ''})")
         lines.append("serving: " + (f"{a['revision']} since {a['since']} ("
                                     f"{_server_words(s['server'])})" if a else "nothing"))
+        if canary := (s["router"]["status"] or {}).get("canary"):
+            lines.append(f"canary: {canary['revision']} answers {canary['weight']:.0%} of "
+                         f"requests ({canary['url']}), a rollout's phase")
         if (s["router"]["status"] or {}).get("state_error"):
             lines.append(f"ROUTER STATE UNREADABLE: {s['router']['status']['state_error']}")
         lines += _marker_lines(a)

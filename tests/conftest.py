@@ -167,13 +167,17 @@ def tiny_server_settings(**overrides):
                              "startup_timeout_s": 300, "stop_grace_s": 15, **overrides})
 
 
-def processes_mentioning(text: str) -> list:
+def processes_mentioning(*texts: str) -> list:
+    """Processes whose command line mentions every one of ``texts``. Name what only this test
+    started (its tmp_path, its model's path): a bare served-model name also matches servers
+    that something else on the machine started (another test session, a demo)."""
     import psutil
 
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if any(text in part for part in (proc.info["cmdline"] or [])):
+            parts = proc.info["cmdline"] or []
+            if all(any(text in part for part in parts) for text in texts):
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

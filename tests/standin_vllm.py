@@ -15,6 +15,11 @@ chat and text completions with ``max_tokens`` tokens, streaming as server-sent e
 (equal ones: a model that knows nothing, as the tests' random tiny model); ``/metrics`` counts
 finished requests as ``vllm:request_success_total``. The serving environment's version probe
 (``python -c ...``) answers ``0+standin``.
+
+A checkpoint that fails only on live traffic (what a canary phase exists to catch): a
+``standin-faults.json`` in the model folder, ``{"when_body_contains": "...", "status": 500,
+"delay_s": 0.5, "content": "..."}``, answers completion requests whose body contains the text
+late, with that status, or (a chat) with that content instead of "ok ok ..."; the smoke and load tests' prompts do not contain it, so the checkpoint passes them.
 """
 
 from __future__ import annotations
@@ -72,6 +77,8 @@ def text_choice(index: int, prompt: list[int] | str, n: int, body: dict[str, Any
 
 def handler(model: str, served: str) -> type[BaseHTTPRequestHandler]:
     finished = [0]
+    faults_file = Path(model) / "standin-faults.json"
+    faults = json.loads(faults_file.read_text()) if faults_file.is_file() else {}
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -94,7 +101,14 @@ def handler(model: str, served: str) -> type[BaseHTTPRequestHandler]:
             return self._json(404, {"error": {"message": f"no route {self.path}"}})
 
         def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            body = json.loads(raw or b"{}")
+            faulty = faults.get("when_body_contains", "\0") in raw.decode(errors="replace")
+            if faulty:
+                time.sleep(float(faults.get("delay_s", 0)))
+                if faults.get("status"):
+                    return self._json(int(faults["status"]), {"error": {
+                        "message": "stand-in fault", "type": "InternalServerError"}})
             kind = {"/v1/chat/completions": "chat", "/v1/completions": "text"}.get(self.path)
             if kind is None:
                 return self._json(404, {"error": {"message": f"no route {self.path}"}})
@@ -108,7 +122,8 @@ def handler(model: str, served: str) -> type[BaseHTTPRequestHandler]:
             elif kind == "chat":
                 self._json(200, {**self._head("chat.completion"), "choices": [
                     {"index": 0, "finish_reason": "length",
-                     "message": {"role": "assistant", "content": "ok " * n}}],
+                     "message": {"role": "assistant", "content": faults["content"]
+                                 if faulty and "content" in faults else "ok " * n}}],
                     "usage": {"prompt_tokens": 8, "completion_tokens": n,
                               "total_tokens": 8 + n}})
             else:

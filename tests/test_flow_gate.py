@@ -92,7 +92,8 @@ def test_a_source_that_cannot_do_the_task_ends_before_quantization_and_inconclus
     assert decision["questions"] == decision["total"] == 4 and decision["look"] == 2
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["gate"]["promote"] is False
-    assert processes_mentioning("requant-baseline") == processes_mentioning("requant-candidate") == []
+    assert processes_mentioning("requant-baseline", str(vllm_tiny_source)) == []
+    assert processes_mentioning("requant-candidate", str(tmp_path)) == []
 
 
 def test_bad_task_name_fails_in_preflight_before_any_quantization(vllm_tiny_source, tmp_path,

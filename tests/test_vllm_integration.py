@@ -66,8 +66,9 @@ def test_server_killed_mid_evaluation_is_reported_as_a_server_failure(vllm_tiny_
                 pass
             time.sleep(0.5)
         time.sleep(3)  # evaluation requests are in flight by now
-        for proc in processes_mentioning(f"{port}"):
-            if "vllm.entrypoints.openai.api_server" in " ".join(proc.cmdline()):
+        for proc in processes_mentioning("vllm.entrypoints.openai.api_server", str(port)):
+            cmd = proc.cmdline()
+            if cmd[cmd.index("--port") + 1] == str(port):  # not another test's server
                 os.killpg(proc.pid, signal.SIGKILL)
 
     killer = threading.Thread(target=kill_when_busy, daemon=True)
@@ -78,7 +79,7 @@ def test_server_killed_mid_evaluation_is_reported_as_a_server_failure(vllm_tiny_
                         on_gpu=False)
     killer.join(5)
     assert not out.exists()  # no result directory that could be mistaken for a finished one
-    assert processes_mentioning("requant-candidate") == []
+    assert processes_mentioning("requant-candidate", str(vllm_tiny_w8a8)) == []
 
 
 def bos_first(result_dir: Path) -> list[str]:

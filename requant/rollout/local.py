@@ -25,6 +25,7 @@ import httpx
 from requant.errors import DeploymentCheckFailed, RolloutFailed, ServerError, SettingsError
 from requant.killpoints import kill_point
 from requant.processes import pid_running, stop_process_group
+from requant.rollout.live_phases import NewRevision, put_phase, run_phases, run_shadow
 from requant.rollout.state import (
     Deployed,
     DeployState,
@@ -205,7 +206,13 @@ def recover(settings: PipelineSettings, state: DeployState, url: str, flow_run_i
       stopping it after a switch (maybe inside the keep-warm window: the router's fallback is
       released first); drain and stop it (rollback starts a fresh server anyway)."""
     grace = settings.rollout.local.server.stop_grace_s
-    backend = (router_status(url) or {}).get("backend")
+    routed = router_status(url) or {}
+    for kind in ("shadow", "canary"):  # only a killed rollout leaves one: rollouts hold the lock
+        if routed.get(kind):
+            log(f"removing the {kind} a killed rollout left ({routed[kind]['url']}): its "
+                "requests go to the serving revision alone")
+            put_phase(url, router_token(settings), kind, None)
+    backend = routed.get("backend")
     pending = state.pending
     if pending is not None and backend == pending.server.get("url") and _server_alive(pending):
         log(f"recovering: {pending.release.label()} was switched to before the rollout that "
@@ -296,10 +303,15 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
     save_state(rcfg.state_dir, state)
     kill_point("ready")
 
+    blue, earlier = state.active, state.previous
     try:
         report = verify_deployment(green.base_url, rcfg.served_model_name, rcfg.slo,
                                    rcfg.smoke_prompt, cfg.server.startup_timeout_s, green.alive)
+        kill_point("verified")
+        phases = _live_phases(settings, url, green, release, blue, log)
     except DeploymentCheckFailed as exc:
+        if exc.check == "canary":  # its share already goes to the serving revision: let the
+            drain(url, green.base_url, cfg.drain_timeout_s)  # requests it has finish first
         stop_server(green, cfg.server.stop_grace_s)
         state.pending = None
         _record_failure(settings, state, release, flow_run_id, exc.check, exc.reason)
@@ -309,16 +321,14 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
         state.pending = None
         save_state(rcfg.state_dir, state)
         raise
-    kill_point("verified")
 
-    blue, earlier = state.active, state.previous
     warm = blue if blue is not None and cfg.keep_previous_s > 0 and _server_alive(blue) else None
     token = router_token(settings)
     switched = switch_router(url, green.base_url, release.revision, token, fallback=warm)
     kill_point("switched")
     shifted_s = round(time.monotonic() - started, 2)
     log(f"traffic shifted to {release.label()} after {shifted_s} s")
-    pending.verification = report.as_record() | {"rollout_to_shift_s": shifted_s}
+    pending.verification = report.as_record() | {"rollout_to_shift_s": shifted_s, **phases}
     pending.deployed_at = _now()
     state.activate(pending)
     state.record_event("deployed", release, flow_run_id, pending.deployed_at)
@@ -334,6 +344,26 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
     kill_point("unwarmed")
     _retire(settings, url, switched.get("previous"), blue, log)
     return pending, True
+
+
+def _live_phases(settings: PipelineSettings, url: str, green: Any, release: Release,
+                 blue: Deployed | None, log: Log) -> dict[str, Any]:
+    """The shadow phase, then the canary phases, where configured and a serving revision is
+    there to compare with (the first rollout, or a redeploy of the serving revision itself,
+    has none: it switches after the load test)."""
+    cfg = settings.rollout.local
+    records: dict[str, Any] = {"shadow": None, "canary": []}
+    if not cfg.shadow.seconds and not cfg.canary.phases:
+        return records
+    if blue is None or not _server_alive(blue) or blue.release.revision == release.revision:
+        log("no serving revision to compare live traffic with: switching after the load test")
+        return records
+    phase = NewRevision(url, router_token(settings), green.base_url, release.revision,
+                   blue.release.revision, green.alive)
+    if cfg.shadow.seconds:
+        records["shadow"] = run_shadow(phase, cfg.shadow, cfg.canary.poll_s, log)
+    records["canary"] = run_phases(phase, cfg.canary, log)
+    return records
 
 
 def stays_healthy(url: str, backend: str, seconds: float) -> bool:

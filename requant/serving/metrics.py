@@ -26,6 +26,8 @@ class RoutingState(Protocol):
     revision: str | None
     fallback: str | None
     fallback_revision: str | None
+    canary: dict[str, Any] | None
+    shadow: dict[str, Any] | None
     inflight: Any  # Counter[str]
 
     def healthy(self, url: str | None) -> bool: ...
@@ -78,4 +80,21 @@ class _StateCollector:
                                      "now has a backend to go to.")
         routable.add_metric([], 1.0 if (s.backend and s.healthy(s.backend)) or (
             s.fallback and s.healthy(s.fallback)) else 0.0)
-        yield from (inflight, up, routable)
+        canary = GaugeMetricFamily("requant_router_canary_weight", "Share of requests sent to "
+                                   "a rollout's canary (absent: no canary phase), by its revision "
+                                   "and backend.", labels=["revision", "backend"])
+        if s.canary:
+            canary.add_metric([s.canary.get("revision") or "", s.canary["url"]],
+                              float(s.canary["weight"]))
+            up.add_metric(["canary", s.canary["url"], s.canary.get("revision") or ""],
+                          1.0 if s.healthy(s.canary["url"]) else 0.0)
+        shadow = GaugeMetricFamily("requant_router_shadow_share", "Share of completion "
+                                   "requests copied to a rollout's shadow (absent: no shadow "
+                                   "phase), by its revision and backend.",
+                                   labels=["revision", "backend"])
+        if s.shadow:
+            shadow.add_metric([s.shadow.get("revision") or "", s.shadow["url"]],
+                              float(s.shadow["share"]))
+            up.add_metric(["shadow", s.shadow["url"], s.shadow.get("revision") or ""],
+                          1.0 if s.healthy(s.shadow["url"]) else 0.0)
+        yield from (inflight, up, routable, canary, shadow)

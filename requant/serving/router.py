@@ -5,7 +5,10 @@ server beside the old one, verifies it, then switches the router's backend. The 
 assignment: requests already in flight finish on the old server (the router counts them per
 backend, so the rollout can drain before stopping it), and every request that starts after the
 switch goes to the new one. No request is refused at any point, which is the whole point of
-blue/green.
+blue/green. Before the switch a rollout may have the router copy live requests to the new
+server (a shadow: its answers compared, never sent to a client; ``requant.serving.shadow``) and
+then send it an exact share of them (a canary), each judged on the metrics below
+(``requant.rollout.live_phases``).
 
 Why our own proxy rather than vllm-router or production-stack's router: they route among a
 pool and do not expose "switch, then tell me when the old backend has no requests left", a warm
@@ -54,7 +57,14 @@ from starlette.routing import Route
 
 from requant.atomic import create_exclusive, read_json, write_json_atomic
 from requant.errors import StateFileError
-from requant.serving.metrics import RouterMetrics
+from requant.serving.metrics import LATENCY_BUCKETS, RouterMetrics
+from requant.serving.shadow import (
+    CAPTURE_LIMIT,
+    Answer,
+    Shadowing,
+    ShadowMetrics,
+    wants_copy,
+)
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
               "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
@@ -98,6 +108,10 @@ class RouterState:
         self.fallback: str | None = None  # the previous revision, kept warm for a while
         self.fallback_revision: str | None = None
         self.switched_at: float | None = None
+        self.canary: dict[str, Any] | None = None  # {url, revision, weight}: a rollout's phase
+        self.canary_turns = 0  # requests routed since the canary's weight was set
+        self.shadow: dict[str, Any] | None = None  # {url, revision, share}: copies go there
+        self.shadow_turns = 0
         self.inflight: Counter[str] = Counter()
         self.served: Counter[str] = Counter()
         self.health: dict[str, dict[str, Any]] = {}
@@ -112,36 +126,78 @@ class RouterState:
             self.fallback, self.fallback_revision = saved.get("fallback"), saved.get(
                 "fallback_revision")
             self.switched_at = saved.get("switched_at")
+            self.canary, self.shadow = saved.get("canary"), saved.get("shadow")
 
     def switch(self, backend: str, revision: str | None,
                fallback: dict[str, Any] | None = None) -> None:
         self.backend, self.revision, self.switched_at = backend.rstrip("/"), revision, time.time()
         self.fallback = fallback["url"].rstrip("/") if fallback else None
         self.fallback_revision = fallback.get("revision") if fallback else None
+        self.canary = self.shadow = None  # a switch ends the live phases: it serves, or not
         self.health = {url: h for url, h in self.health.items()
                        if url in (self.backend, self.fallback)}
         self.state_error = None
+        self.save()
+
+    def set_canary(self, canary: dict[str, Any] | None) -> None:
+        """Send ``weight`` of the requests to the canary's server (None: none), persisted so a
+        restarted router keeps the phase the rollout is judging."""
+        self.canary = None if canary is None else {
+            "url": canary["url"].rstrip("/"), "revision": canary.get("revision"),
+            "weight": float(canary["weight"])}
+        self.canary_turns = 0
+        self.save()
+
+    def set_shadow(self, shadow: dict[str, Any] | None) -> None:
+        """Copy ``share`` of the completion requests to the shadow's server (None: none)."""
+        self.shadow = None if shadow is None else {
+            "url": shadow["url"].rstrip("/"), "revision": shadow.get("revision"),
+            "share": float(shadow.get("share", 1.0))}
+        self.shadow_turns = 0
+        self.save()
+
+    def shadow_turn(self, share: float) -> bool:
+        n = self.shadow_turns = self.shadow_turns + 1
+        return int(n * share) > int((n - 1) * share)
+
+    def save(self) -> None:
         if self.state_file:
             write_json_atomic(self.state_file, {
-                "backend": self.backend, "revision": revision, "switched_at": self.switched_at,
-                "fallback": self.fallback, "fallback_revision": self.fallback_revision})
+                "backend": self.backend, "revision": self.revision,
+                "switched_at": self.switched_at, "fallback": self.fallback,
+                "fallback_revision": self.fallback_revision, "canary": self.canary,
+                "shadow": self.shadow})
 
     def healthy(self, url: str | None) -> bool:
         """Unknown counts as healthy: a backend is only avoided once checks saw it fail."""
         return url is not None and self.health.get(url, {}).get("healthy", True)
 
     def route(self) -> tuple[str, str | None] | None:
-        """Where a request goes now: the active backend, else a healthy fallback, else None."""
-        if self.backend is not None and self.healthy(self.backend):
-            return self.backend, self.revision
-        if self.fallback is not None and self.healthy(self.fallback):
-            return self.fallback, self.fallback_revision
+        """Where a request goes now: the canary on its turns, else the active backend, else a
+        healthy fallback, else a healthy canary, else None."""
+        canary = self.canary
+        if canary is not None and self.healthy(canary["url"]) and self.canary_turn(
+                canary["weight"]):
+            return canary["url"], canary["revision"]
+        for url, revision in ((self.backend, self.revision),
+                              (self.fallback, self.fallback_revision),
+                              ((canary or {}).get("url"), (canary or {}).get("revision"))):
+            if url is not None and self.healthy(url):
+                return url, revision
         return None
+
+    def canary_turn(self, weight: float) -> bool:
+        """Exactly ``weight`` of the requests, evenly spread (every 20th at 0.05), so a short
+        phase already sees its share: the n-th request is the canary's when floor(n * weight)
+        steps up."""
+        n = self.canary_turns = self.canary_turns + 1
+        return int(n * weight) > int((n - 1) * weight)
 
     def status(self) -> dict[str, Any]:
         return {"backend": self.backend, "revision": self.revision,
                 "fallback": self.fallback, "fallback_revision": self.fallback_revision,
-                "switched_at": self.switched_at, "inflight": dict(self.inflight),
+                "switched_at": self.switched_at, "canary": self.canary, "shadow": self.shadow,
+                "inflight": dict(self.inflight),
                 "served": dict(self.served), "health": self.health, "pid": os.getpid(),
                 "state_error": self.state_error}
 
@@ -173,7 +229,8 @@ class HealthWatch:
 
     async def run(self) -> None:
         while True:
-            for url in [u for u in (self.state.backend, self.state.fallback) if u]:
+            extra = [(self.state.canary or {}).get("url"), (self.state.shadow or {}).get("url")]
+            for url in [u for u in (self.state.backend, self.state.fallback, *extra) if u]:
                 await self.check(url)
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
@@ -233,6 +290,21 @@ def switch_problem(body: Any) -> str | None:
     return None
 
 
+def phase_problem(kind: str, body: Any) -> str | None:
+    """What is wrong with a ``PUT /-/canary`` or ``/-/shadow`` body, in one line, or None."""
+    if not isinstance(body, dict) or not str(body.get("url", "")).startswith(
+            ("http://", "https://")):
+        return "body.url: an http(s) URL of the new revision's server"
+    field, share = ("weight", body.get("weight")) if kind == "canary" else (
+        "share", body.get("share", 1.0))
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1 or (
+            kind == "canary" and share == 1):
+        return (f"body.{field}: the share of requests for the canary, above 0 and below 1"
+                if kind == "canary" else
+                f"body.{field}: the share of completion requests copied, above 0, at most 1")
+    return None
+
+
 class InflightSlot:
     """One request counted on its backend from before the first await until its response
     ends, released exactly once (completed, failed upstream, or the client gone)."""
@@ -265,6 +337,8 @@ class Router:
                                                             keepalive_expiry=KEEPALIVE_EXPIRY_S))
         self.watch = HealthWatch(self.state, self.client)
         self.metrics = RouterMetrics(self.state)
+        self.shadowing = Shadowing(self.client, ShadowMetrics(self.metrics.registry,
+                                                              LATENCY_BUCKETS))
 
     async def metrics_page(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
@@ -281,19 +355,41 @@ class Router:
     async def status(self, request: Request) -> Response:
         return admin_refusal(request) or JSONResponse(self.state.status())
 
-    async def set_backend(self, request: Request) -> Response:
+    def unauthorized(self, request: Request) -> Response | None:
+        """Changing where requests go: loopback clients with the router's token only."""
         if refused := admin_refusal(request):
             return refused
         given = request.headers.get("authorization", "").removeprefix("Bearer ")
         if not hmac.compare_digest(given.encode(), self.token.encode()):
-            return JSONResponse({"error": "switching the backend needs the router's token "
+            return JSONResponse({"error": "changing the routing needs the router's token "
                                  "(Authorization: Bearer <the --token-file's content>)"}, 401)
+        return None
+
+    async def set_backend(self, request: Request) -> Response:
+        if refused := self.unauthorized(request):
+            return refused
         body = await request.json()
         if problem := switch_problem(body):
             return JSONResponse({"error": problem}, 400)
         previous = self.state.backend
         self.state.switch(body["url"], body.get("revision"), body.get("fallback"))
         return JSONResponse(self.state.status() | {"previous": previous})
+
+    async def set_phase(self, request: Request) -> Response:
+        """``PUT /-/canary`` {url, revision, weight} sends the new revision that share of the
+        requests, ``PUT /-/shadow`` {url, revision, share} copies of that share of them;
+        ``DELETE`` ends either at once (its requests go to the active backend alone)."""
+        if refused := self.unauthorized(request):
+            return refused
+        kind = request.url.path.rsplit("/", 1)[-1]
+        body = await request.json() if request.method == "PUT" else None
+        if request.method == "PUT" and (problem := phase_problem(kind, body)):
+            return JSONResponse({"error": problem}, 400)
+        if body is not None and self.state.backend is None:
+            return JSONResponse({"error": f"a {kind} needs an active backend to compare with: "
+                                 "switch to the first revision instead"}, 409)
+        (self.state.set_canary if kind == "canary" else self.state.set_shadow)(body)
+        return JSONResponse(self.state.status())
 
     async def proxy(self, request: Request) -> Response:
         started = time.monotonic()
@@ -320,6 +416,10 @@ class Router:
         url = f"{backend}{request.url.path}" + (f"?{request.url.query}"
                                                 if request.url.query else "")
         slot = InflightSlot(self.state, backend)
+        shadow = self.state.shadow
+        copy = self.shadowing.send(shadow, url.removeprefix(backend), headers, body) if (
+            shadow and wants_copy(request.method, request.url.path)
+            and self.state.shadow_turn(shadow["share"])) else None
 
         def send() -> Any:
             return self.client.send(self.client.build_request(
@@ -332,19 +432,35 @@ class Router:
                 upstream = await send()
         except BaseException as exc:  # upstream error, or the client left while we waited
             await slot.release(None, False)
+            if copy is not None and isinstance(exc, httpx.ConnectError):
+                copy.cancel()  # proxy() sends the request again, and copies it again
+            elif copy is not None:
+                self.shadowing.compare_later(shadow["revision"], body, Answer(
+                    None, b"", time.monotonic() - started), copy)
             if isinstance(exc, httpx.HTTPError) and not isinstance(exc, httpx.ConnectError):
                 return self.refuse(502, f"backend {backend} failed: {exc!r}", started,
                                    revision, backend)
             raise
         out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
         out_headers[REVISION_HEADER] = revision or ""
+        served = bytearray()
+
+        async def relay() -> AsyncIterator[bytes]:  # only for a copied request: a copy of
+            async for chunk in upstream.aiter_raw():  # its answer for the comparison
+                if len(served) < CAPTURE_LIMIT:
+                    served.extend(chunk)
+                yield chunk
 
         async def done() -> None:
             await slot.release(upstream, True)
-            self.metrics.observe(revision, backend, upstream.status_code,
-                                 time.monotonic() - started)
+            seconds = time.monotonic() - started
+            self.metrics.observe(revision, backend, upstream.status_code, seconds)
+            if copy is not None:
+                self.shadowing.compare_later(shadow["revision"], body, Answer(
+                    upstream.status_code, bytes(served), seconds), copy)
 
-        return CountedStreamingResponse(upstream.aiter_raw(), status_code=upstream.status_code,
+        return CountedStreamingResponse(upstream.aiter_raw() if copy is None else relay(),
+                                        status_code=upstream.status_code,
                                         headers=out_headers, on_close=done)
 
     @contextlib.asynccontextmanager
@@ -352,6 +468,7 @@ class Router:
         checks = asyncio.create_task(self.watch.run())
         yield
         checks.cancel()
+        await self.shadowing.close()
         await self.client.aclose()
 
     def app(self) -> Starlette:
@@ -359,6 +476,10 @@ class Router:
         return Starlette(routes=[Route("/-/status", self.status, methods=["GET"]),
                                  Route("/-/metrics", self.metrics_page, methods=["GET"]),
                                  Route("/-/backend", self.set_backend, methods=["PUT"]),
+                                 Route("/-/canary", self.set_phase,
+                                       methods=["PUT", "DELETE"]),
+                                 Route("/-/shadow", self.set_phase,
+                                       methods=["PUT", "DELETE"]),
                                  Route("/{path:path}", self.proxy, methods=methods)],
                          lifespan=self.lifespan)
 
