@@ -84,6 +84,15 @@ class Pairs:
     def total(self) -> float:
         return self.count(*(outcome for outcome, _ in self.outcomes))
 
+    @property
+    def judged(self) -> float:
+        """Copies the serving revision answered: those it failed are not the shadow's."""
+        return self.total - self.count("serving_error")
+
+    @property
+    def greedy(self) -> float:
+        return self.count("agree", "differ")
+
     def minus(self, earlier: Pairs) -> Pairs:
         before = dict(earlier.outcomes)
         return Pairs(tuple((o, n - before.get(o, 0.0)) for o, n in self.outcomes),
@@ -131,19 +140,29 @@ def parse_traffic(text: str) -> dict[str, Traffic]:
             for rev in set(requests) | set(buckets)}
 
 
-def scrape(url: str, attempts: int = 6) -> str:
-    """The router's metrics page; retried over ~15 s, the time supervisord takes to restart a
-    router that died (its counters then start again at zero: the phases see it)."""
+def router_call(method: str, url: str, path: str, *, what: str, token: str | None = None,
+                body: Any = None, attempts: int = 5) -> httpx.Response:
+    """A call to the local router, retried with back-off (0.5, 1, 2, ... s): a momentary
+    hiccup, or a router that supervisord is restarting. ``what`` names it when all fail."""
+    last: Exception | None = None
     for attempt in range(attempts):
         try:
-            response = httpx.get(f"{url}/-/metrics", timeout=10)
+            response = httpx.request(method, f"{url}{path}", json=body, timeout=10, headers={
+                "Authorization": f"Bearer {token}"} if token else None)
             response.raise_for_status()
-            return response.text
-        except httpx.HTTPError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.5 * 2 ** attempt)
-    raise AssertionError("unreachable")
+            return response
+        except httpx.HTTPError as exc:
+            last = exc
+            if attempt < attempts - 1:
+                time.sleep(0.5 * 2 ** attempt)
+    raise RuntimeError(f"could not {what} at {url}: {last}")
+
+
+def scrape(url: str) -> str:
+    """The router's metrics page; retried over ~15 s, the time supervisord takes to restart a
+    router that died (its counters then start again at zero: the phases see it)."""
+    return router_call("GET", url, "/-/metrics", what="read the router's metrics",
+                       attempts=6).text
 
 
 def breach(canary: Traffic, serving: Traffic, cfg: CanarySettings) -> str | None:
@@ -170,7 +189,7 @@ def breach(canary: Traffic, serving: Traffic, cfg: CanarySettings) -> str | None
 def shadow_breach(pairs: Pairs, cfg: ShadowSettings) -> str | None:
     """Why the shadow must go, judged once ``min_requests`` copies were answered by both
     sides (those the serving revision failed are not the shadow's to answer for)."""
-    judged = pairs.total - pairs.count("serving_error")
+    judged, greedy = pairs.judged, pairs.greedy
     if judged < cfg.min_requests:
         return None
     failed = pairs.count("shadow_error", "status")
@@ -178,7 +197,6 @@ def shadow_breach(pairs: Pairs, cfg: ShadowSettings) -> str | None:
         return (f"{failed:.0f} of {judged:.0f} copies failed on the new revision (5xx, no "
                 f"answer, or another status) where the serving revision answered: more than "
                 f"rollout.local.shadow.max_error_rate_increase ({cfg.max_error_rate_increase:.1%})")
-    greedy = pairs.count("agree", "differ")
     if cfg.min_agreement is not None and greedy >= cfg.min_requests and (
             pairs.count("agree") / greedy < cfg.min_agreement):
         return (f"the two revisions gave the same answer to {pairs.count('agree'):.0f} of "
@@ -195,21 +213,9 @@ def shadow_breach(pairs: Pairs, cfg: ShadowSettings) -> str | None:
 
 
 def put_phase(url: str, token: str, kind: str, body: dict[str, Any] | None) -> None:
-    """Set (a body) or remove (None) the router's ``kind`` (canary, shadow); a local admin
-    call, retried."""
-    last: Exception | None = None
-    for attempt in range(5):
-        try:
-            headers = {"Authorization": f"Bearer {token}"}
-            response = (httpx.put(f"{url}/-/{kind}", json=body, headers=headers, timeout=10)
-                        if body is not None else
-                        httpx.delete(f"{url}/-/{kind}", headers=headers, timeout=10))
-            response.raise_for_status()
-            return
-        except httpx.HTTPError as exc:
-            last = exc
-            time.sleep(0.5 * 2 ** attempt)
-    raise RuntimeError(f"could not {'set' if body else 'remove'} the {kind} at {url}: {last}")
+    """Set (a body) or remove (None) the router's ``kind`` (canary, shadow)."""
+    router_call("PUT" if body is not None else "DELETE", url, f"/-/{kind}", token=token,
+                body=body, what=f"{'set' if body else 'remove'} the {kind}")
 
 
 @dataclass(frozen=True)
@@ -246,7 +252,7 @@ def run_shadow(c: NewRevision, cfg: ShadowSettings, poll_s: float, log: Log) -> 
                       lambda measured: shadow_breach(measured, cfg))
     finally:
         put_phase(c.router, c.token, "shadow", None)
-    judged, greedy = pairs.total - pairs.count("serving_error"), pairs.count("agree", "differ")
+    judged, greedy = pairs.judged, pairs.greedy
     if judged < cfg.min_requests or (cfg.min_agreement is not None
                                      and greedy < cfg.min_requests):
         raise DeploymentCheckFailed(

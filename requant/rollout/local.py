@@ -25,7 +25,13 @@ import httpx
 from requant.errors import DeploymentCheckFailed, RolloutFailed, ServerError, SettingsError
 from requant.killpoints import kill_point
 from requant.processes import pid_running, stop_process_group
-from requant.rollout.live_phases import NewRevision, put_phase, run_phases, run_shadow
+from requant.rollout.live_phases import (
+    NewRevision,
+    put_phase,
+    router_call,
+    run_phases,
+    run_shadow,
+)
 from requant.rollout.state import (
     Deployed,
     DeployState,
@@ -126,17 +132,8 @@ def switch_router(url: str, backend: str, revision: str, token: str,
     body: dict[str, Any] = {"url": backend, "revision": revision, "fallback": None}
     if fallback is not None:
         body["fallback"] = {"url": fallback.server["url"], "revision": fallback.release.revision}
-    last: Exception | None = None
-    for attempt in range(5):  # the admin call is local; a retry covers a momentary hiccup
-        try:
-            response = httpx.put(f"{url}/-/backend", json=body,
-                                 headers={"Authorization": f"Bearer {token}"}, timeout=10)
-            response.raise_for_status()
-            return response.json()
-        except httpx.HTTPError as exc:
-            last = exc
-            time.sleep(0.5 * 2 ** attempt)
-    raise RuntimeError(f"could not switch the router at {url}: {last}")
+    return router_call("PUT", url, "/-/backend", token=token, body=body,
+                       what="switch the router").json()
 
 
 def drain(url: str, backend: str, timeout_s: float) -> int | None:

@@ -109,9 +109,8 @@ class RouterState:
         self.fallback_revision: str | None = None
         self.switched_at: float | None = None
         self.canary: dict[str, Any] | None = None  # {url, revision, weight}: a rollout's phase
-        self.canary_turns = 0  # requests routed since the canary's weight was set
         self.shadow: dict[str, Any] | None = None  # {url, revision, share}: copies go there
-        self.shadow_turns = 0
+        self.turns = {"canary": 0, "shadow": 0}  # requests seen since each phase was set
         self.inflight: Counter[str] = Counter()
         self.served: Counter[str] = Counter()
         self.health: dict[str, dict[str, Any]] = {}
@@ -139,25 +138,22 @@ class RouterState:
         self.state_error = None
         self.save()
 
-    def set_canary(self, canary: dict[str, Any] | None) -> None:
-        """Send ``weight`` of the requests to the canary's server (None: none), persisted so a
-        restarted router keeps the phase the rollout is judging."""
-        self.canary = None if canary is None else {
-            "url": canary["url"].rstrip("/"), "revision": canary.get("revision"),
-            "weight": float(canary["weight"])}
-        self.canary_turns = 0
+    def set_phase(self, kind: str, body: dict[str, Any] | None) -> None:
+        """A canary (``weight`` of the requests sent to its server) or a shadow (``share`` of
+        the completion requests copied to it); None ends it. Persisted, so a restarted router
+        keeps the phase the rollout is judging."""
+        key = "weight" if kind == "canary" else "share"
+        setattr(self, kind, None if body is None else {
+            "url": body["url"].rstrip("/"), "revision": body.get("revision"),
+            key: float(body.get(key, 1.0))})
+        self.turns[kind] = 0
         self.save()
 
-    def set_shadow(self, shadow: dict[str, Any] | None) -> None:
-        """Copy ``share`` of the completion requests to the shadow's server (None: none)."""
-        self.shadow = None if shadow is None else {
-            "url": shadow["url"].rstrip("/"), "revision": shadow.get("revision"),
-            "share": float(shadow.get("share", 1.0))}
-        self.shadow_turns = 0
-        self.save()
-
-    def shadow_turn(self, share: float) -> bool:
-        n = self.shadow_turns = self.shadow_turns + 1
+    def turn(self, kind: str, share: float) -> bool:
+        """Exactly ``share`` of the requests, evenly spread (every 20th at 0.05), so a short
+        phase already sees its share: the n-th request is the phase's when floor(n * share)
+        steps up."""
+        n = self.turns[kind] = self.turns[kind] + 1
         return int(n * share) > int((n - 1) * share)
 
     def save(self) -> None:
@@ -176,8 +172,8 @@ class RouterState:
         """Where a request goes now: the canary on its turns, else the active backend, else a
         healthy fallback, else a healthy canary, else None."""
         canary = self.canary
-        if canary is not None and self.healthy(canary["url"]) and self.canary_turn(
-                canary["weight"]):
+        if canary is not None and self.healthy(canary["url"]) and self.turn(
+                "canary", canary["weight"]):
             return canary["url"], canary["revision"]
         for url, revision in ((self.backend, self.revision),
                               (self.fallback, self.fallback_revision),
@@ -185,13 +181,6 @@ class RouterState:
             if url is not None and self.healthy(url):
                 return url, revision
         return None
-
-    def canary_turn(self, weight: float) -> bool:
-        """Exactly ``weight`` of the requests, evenly spread (every 20th at 0.05), so a short
-        phase already sees its share: the n-th request is the canary's when floor(n * weight)
-        steps up."""
-        n = self.canary_turns = self.canary_turns + 1
-        return int(n * weight) > int((n - 1) * weight)
 
     def status(self) -> dict[str, Any]:
         return {"backend": self.backend, "revision": self.revision,
@@ -388,7 +377,7 @@ class Router:
         if body is not None and self.state.backend is None:
             return JSONResponse({"error": f"a {kind} needs an active backend to compare with: "
                                  "switch to the first revision instead"}, 409)
-        (self.state.set_canary if kind == "canary" else self.state.set_shadow)(body)
+        self.state.set_phase(kind, body)
         return JSONResponse(self.state.status())
 
     async def proxy(self, request: Request) -> Response:
@@ -419,7 +408,7 @@ class Router:
         shadow = self.state.shadow
         copy = self.shadowing.send(shadow, url.removeprefix(backend), headers, body) if (
             shadow and wants_copy(request.method, request.url.path)
-            and self.state.shadow_turn(shadow["share"])) else None
+            and self.state.turn("shadow", shadow["share"])) else None
 
         def send() -> Any:
             return self.client.send(self.client.build_request(
