@@ -4,6 +4,7 @@
       cannot fit) -> calibration -> [candidate ledger]
       -> baseline's first stage (cached; a source that cannot do the task ends the run here)
       -> quantization -> candidate evaluation, staged, the gate looking after each stage
+         (search.candidates set: flows/search.py, each candidate in turn, the best that passes)
       -> publish -> rollout
 
 A gate that does not pass raises GateFailed after recording its decision (and emitting
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +36,7 @@ from requant.calibration import CalibrationSet
 from requant.errors import GateFailed, RolloutFailed
 from requant.evaluation.gate import GateDecision
 from requant.evaluation.noise import noise_for_source
+from requant.flows.search import Entry, candidate_dir, run_search
 from requant.gpu_limit import GPU_LIMIT, check_gpu_limit, gpu_slots_needed
 from requant.ledger import (
     candidate_key,
@@ -48,12 +51,13 @@ from requant.quantization.recipes import ResolvedRecipe
 from requant.report import build_summary, render_no_op, render_summary
 from requant.rollout.state import load_state
 from requant.rundir import RunDir
+from requant.search import Outcome, table_rows
 from requant.settings import PipelineSettings, validate_settings
 from requant.source import ResolvedSource, fetch_weights
 from requant.tasks.calibration import prepare_calibration
 from requant.tasks.evaluation import evaluate_baseline, evaluate_candidate
 from requant.tasks.gate import record_gate
-from requant.tasks.preflight import preflight
+from requant.tasks.preflight import preflight, preflight_candidates
 from requant.tasks.publish import publish
 from requant.tasks.quantization import fit_recipe, plan_quantization_memory, quantize
 from requant.tasks.source import resolve_source
@@ -62,35 +66,39 @@ from requant.tasks.source import resolve_source
 @flow(name="requantize", log_prints=True)
 def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any]:
     """Quantize a Hugging Face causal LM to a verified W8A8 checkpoint, evaluate it as vLLM serves
-    it against its source, gate it, and publish it to the Hub (or a dry run)."""
+    it against its source, gate it, and publish it to the Hub (or a dry run). With
+    ``search.candidates``, several candidates against one baseline, the best that passes wins."""
     started = time.perf_counter()
     settings = validate_settings(settings)
     check_run_policy(settings)  # the run's parameters are untrusted: docs/trust.md
     recipe, acc = preflight(settings)
+    trials = preflight_candidates(settings, acc) if settings.search.candidates else []
     check_gpu_limit(settings.quantization.gpus)
     source = resolve_source(settings.source)
     recipe = fit_recipe(recipe, source)
+    trials = [(c, s, fit_recipe(r, source)) for c, s, r in trials]
     plan_quantization_memory(settings, source, recipe, acc)  # refused here if it cannot fit
     run_id = str(flow_run.get_id() or datetime.now(UTC).strftime("local-%Y%m%dT%H%M%SZ"))
     run_dir = RunDir.create(settings.output_dir, run_id)  # only once the inputs are sound
     get_run_logger().info("run directory: %s", run_dir.root)
     calib = (prepare_calibration(settings.calibration, source, settings.cache_dir,
                                  run_dir.stage("calibration"))
-             if recipe.needs_calibration_data else None)
+             if recipe.needs_calibration_data
+             or any(r.needs_calibration_data for _, _, r in trials) else None)
     if source.revision is None:
         # A local folder is identified by every file's bytes, weights included; hashed here
         # once, quantization reuses it. (A Hub commit pins its weights.)
         source = fetch_weights(settings.source, source)
-    key = candidate_key(settings, source.files, source.revision, recipe.sha256,
-                        calib.fingerprint if calib else None)
-    if not settings.force and (hit := find_published(settings.cache_dir, key)):
-        if settings.rollout.target != "none":
-            args, why = pending_rollout(hit, load_state(settings.rollout.state_dir,
-                                                        settings.rollout.target))
-            if args is not None:  # published, never served: roll it out, no requantization
-                return promote_published(settings, run_dir, run_id, key, hit, args, why,
-                                         started)
-        return finish_no_op(run_dir, run_id, key, hit, started)
+    fp = calib.fingerprint if calib else None
+    key = candidate_key(settings, source.files, source.revision, recipe.sha256, fp)
+    entries = [Entry(c, s, r, candidate_key(s, source.files, source.revision, r.sha256, fp),
+                     Outcome(c.name, c.changes(), i)) for i, (c, s, r) in enumerate(trials)]
+    keys = [e.key for e in entries] or [key]  # a search's winner is published under its own
+    if not settings.force and (hit := next(filter(None, (
+            find_published(settings.cache_dir, k) for k in keys)), None)):
+        return finish_published(settings, run_dir, run_id, hit, started)
+    if entries:
+        return search_and_promote(settings, source, calib, entries, acc, run_dir, started)
 
     t_gpu = time.perf_counter()
     # Held while a run uses its GPUs (quantization + evaluation): the limit counts GPUs, so runs
@@ -116,6 +124,54 @@ def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any
     get_run_logger().info("done: checkpoint %s (verified), summary %s", ckpt.path,
                           run_dir.root / "summary.json")
     return summary
+
+
+def search_and_promote(settings: PipelineSettings, source: ResolvedSource,
+                       calib: CalibrationSet | None, entries: list[Entry], acc: Accelerator,
+                       run_dir: RunDir, started: float) -> dict[str, Any]:
+    """The search (flows/search.py), then the winner goes the way a single candidate goes; no
+    winner fails the run with the table, nothing published."""
+    t_gpu = time.perf_counter()
+    with concurrency(GPU_LIMIT, occupy=gpu_slots_needed(settings.quantization.gpus),
+                     strict=False):
+        found = run_search(settings, source, calib, entries, acc, run_dir)
+    run_id = run_dir.root.name
+    timings = {"prepare": round(t_gpu - started, 2), **found.timings}
+    if found.winner is None:
+        summary = {"run_id": run_id, "run_dir": str(run_dir.root), "no_op": False,
+                   "checkpoint": None, "source": source.as_record(), "gate": None,
+                   "search": found.record, "candidate_key": None, "publish": None,
+                   "rollout": None, "timings_s": timings
+                   | {"flow": round(time.perf_counter() - started, 2)}}
+        write_json_atomic(run_dir.root / "summary.json", summary)
+        emit_gate_event(settings, summary, passed=False)
+        raise GateFailed(NoWinner(found.record))
+    w = found.winner
+    assert w.ckpt is not None and w.decision is not None
+    get_run_logger().info("search: %s wins (objective %s)", w.candidate.name,
+                          settings.search.objective)
+    summary = build_summary(run_id, run_dir.root, w.ckpt, source, w.recipe, calib, w.key,
+                            w.decision, timings | {"flow": round(time.perf_counter() - started,
+                                                                 2)})
+    summary["search"] = found.record
+    publish_and_promote(w.settings, run_dir, w.ckpt, w.decision, summary, w.key, started,
+                        stages=candidate_dir(run_dir, w.candidate.name))
+    summary["timings_s"]["flow"] = round(time.perf_counter() - started, 2)
+    finish(run_dir, summary)
+    return summary
+
+
+@dataclass
+class NoWinner:
+    """The gate's refusal of a whole search: every candidate's why."""
+
+    record: dict[str, Any]
+    status: str = "fail"
+
+    @property
+    def reasons(self) -> list[str]:
+        return [f"{o['name']}: {o['status']} ({o['why'] or 'no reason recorded'})"
+                for o in self.record["outcomes"]]
 
 
 def gpu_stages(
@@ -150,15 +206,19 @@ def gpu_stages(
 
 def publish_and_promote(settings: PipelineSettings, run_dir: RunDir, ckpt: QuantizedCheckpoint,
                         decision: GateDecision, summary: dict[str, Any], key: str,
-                        started: float) -> None:
+                        started: float, stages: RunDir | None = None) -> None:
     """Publish (retried on transient errors only), record it in the ledger, announce the gate's
-    pass, then roll out inline / through the promote deployment, or leave it to the automation."""
+    pass, then roll out inline / through the promote deployment, or leave it to the automation.
+    ``stages``: where the evaluation and gate records are (a search's winner's own folder)."""
+    stages = stages or run_dir
+    gate = decision.as_record() | ({"search": summary["search"]} if summary.get("search")
+                                   else {})
     published = publish.with_options(
         retries=settings.hub.retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=settings.hub.retry_delay_s)
         if settings.hub.retry_delay_s else 0,
-    )(settings.hub, ckpt.path, run_dir.stage("eval"), run_dir.stage("gate"), ckpt.manifest,
-      decision.as_record(), run_dir.stage("publish"))
+    )(settings.hub, ckpt.path, stages.stage("eval"), stages.stage("gate"), ckpt.manifest,
+      gate, run_dir.stage("publish"))
     summary["publish"] = published.as_record()
     summary["timings_s"]["publish"] = round(
         time.perf_counter() - started - summary["timings_s"]["flow"], 2)
@@ -232,11 +292,26 @@ def emit_gate_event(settings: PipelineSettings, summary: dict[str, Any], passed:
             "status": gate.get("status", ""),
             "recovery": ",".join(str(r.get("recovery")) for r in gate.get("rules", [])),
             "run_id": summary["run_id"], "source": summary["source"]["model"],
+            # a search's table: every candidate's decision and why (empty without a search)
+            "candidates": table_rows(summary["search"]) if summary.get("search") else [],
             # the run's own settings (no secret is ever a setting), so the promote run uses
             # the same hub and rollout settings as the run that passed the gate
             "settings": settings.model_dump(mode="json"),
         },
     )
+
+
+def finish_published(settings: PipelineSettings, run_dir: RunDir, run_id: str,
+                     hit: dict[str, Any], started: float) -> dict[str, Any]:
+    """This exact candidate was published before: nothing to do, or, when it does not serve on
+    the configured target, its rollout (no requantization)."""
+    if settings.rollout.target != "none":
+        args, why = pending_rollout(hit, load_state(settings.rollout.state_dir,
+                                                    settings.rollout.target))
+        if args is not None:
+            return promote_published(settings, run_dir, run_id, hit["candidate_key"], hit,
+                                     args, why, started)
+    return finish_no_op(run_dir, run_id, hit["candidate_key"], hit, started)
 
 
 def finish_no_op(run_dir: RunDir, run_id: str, key: str, hit: dict[str, Any],

@@ -4,6 +4,7 @@ fails in seconds, not after an hour of calibration."""
 
 from __future__ import annotations
 
+from requant.errors import SettingsError
 from requant.evaluation.tasks import validate_tasks
 from requant.gpu_memory import check_gpu_budget
 from requant.hub.client import check_publish_settings
@@ -16,7 +17,7 @@ from requant.quantization.hardware import (
 )
 from requant.quantization.recipes import ResolvedRecipe, resolve_recipe
 from requant.serving.server import serving_python
-from requant.settings import PipelineSettings
+from requant.settings import Candidate, PipelineSettings
 
 
 def run_preflight(settings: PipelineSettings) -> tuple[ResolvedRecipe, Accelerator]:
@@ -40,3 +41,21 @@ def run_preflight(settings: PipelineSettings) -> tuple[ResolvedRecipe, Accelerat
 
         check_local_settings(settings)
     return recipe, acc
+
+
+def check_candidates(settings: PipelineSettings, acc: Accelerator
+                     ) -> list[tuple[Candidate, PipelineSettings, ResolvedRecipe]]:
+    """Each search candidate's recipe and scheme, checked as the run's own are, before anything
+    is loaded: one bad candidate is bad input (exit 2 naming it), not a result found an hour in."""
+    from requant.search import candidate_settings
+
+    checked = []
+    for i, cand in enumerate(settings.search.candidates):
+        try:
+            s = candidate_settings(settings, cand)
+            recipe = resolve_recipe(s.quantization)
+            check_scheme_supported(recipe.scheme, acc)
+        except SettingsError as exc:
+            raise SettingsError(f"search.candidates.{i} ({cand.name}): {exc}") from None
+        checked.append((cand, s, recipe))
+    return checked

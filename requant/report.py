@@ -81,6 +81,7 @@ def render_summary(summary: dict[str, Any]) -> str:
         "- **stages (s)**: " + ", ".join(
             f"{k} {t[k]}" for k in ("prepare", "quantize", "evaluate_and_gate", "publish")
             if k in t),
+        search_line(summary.get("search")),
         gate_line(summary["gate"]),
         publish_line(summary["publish"]),
         rollout_line(summary.get("rollout")),
@@ -109,6 +110,15 @@ def publish_line(p: dict[str, Any] | None) -> str:
         return f"- **publish**: DRY RUN, nothing was published (record: `{p['folder']}`)"
     state = "already published, no new commit" if p["no_op"] else "committed"
     return f"- **publish**: {state}: `{p['repo_id']}` @ `{p['commit_sha']}`, tag `{p['tag']}`"
+
+
+def search_line(record: dict[str, Any] | None) -> str:
+    if not record:
+        return "- **candidates**: one (no search)"
+    tried = ", ".join(f"{o['name']} {o['status']}" for o in record["outcomes"])
+    return (f"- **search**: winner **{record['winner']}** by `{record['objective']}` of "
+            f"{record['candidates']} ({tried}); each gated at "
+            f"{record['candidate_confidence']:.2%} (the 'search' artifact has the table)")
 
 
 def gate_line(g: dict[str, Any] | None) -> str:

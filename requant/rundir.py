@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = ("calibration", "checkpoint", "eval", "gate", "publish", "rollout")
+STAGES = ("calibration", "checkpoint", "eval", "gate", "publish", "rollout", "candidates")
 
 
 @dataclass(frozen=True)

@@ -317,6 +317,58 @@ class GateSettings(_Section):
         return value
 
 
+class Candidate(_Section):
+    """One way of quantizing, tried against the same baseline in one run. A field left unset
+    keeps ``quantization``'s value, so a candidate names only what it changes."""
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9-]{0,39}$",
+        description="Short, unique: lowercase letters, digits and '-' (it names the "
+        "candidate's folder, its row in the table and, if it wins, the model card's choice).",
+    )
+    preset: QuantPreset | None = Field(None, description="Replaces quantization.preset.")
+    recipe: Path | None = Field(None, description="Replaces quantization.recipe.")
+    smoothing_strength: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Replaces quantization.smoothing_strength.")
+    dampening_frac: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Replaces quantization.dampening_frac.")
+    ignore: list[str] | None = Field(None, description="Replaces quantization.ignore.")
+
+    def changes(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"name"}, exclude_none=True)
+
+
+class SearchSettings(_Section):
+    """Several candidates in one run; the best one that passes the gate is published.
+
+    Each candidate is gated at the gate's level divided by the number of candidates
+    (Bonferroni), so the run as a whole promotes a candidate worse than the tolerance with at
+    most the gate's stated probability, however many are tried (docs/evaluation.md)."""
+
+    candidates: list[Candidate] = Field(
+        default_factory=list, max_length=8,
+        description="Empty: one candidate, quantization's settings (today's run). Otherwise "
+        "each is quantized, verified and gated against one baseline evaluation; one that fails "
+        "is recorded with why and does not stop the others.",
+    )
+    objective: Literal["order", "smallest", "accuracy"] = Field(
+        "order",
+        description="Which passing candidate wins. order: the first in the list (the search "
+        "stops at the first pass). smallest: the smallest checkpoint (all are quantized, then "
+        "gated smallest first, stopping at the first pass). accuracy: the highest recovery "
+        "(its worst rule's point estimate; every candidate is gated). Ties: list order.",
+    )
+
+    @field_validator("candidates")
+    @classmethod
+    def _unique_names(cls, value: list[Candidate]) -> list[Candidate]:
+        names = [c.name for c in value]
+        if dup := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"candidate names must be unique; {', '.join(dup)} repeats. "
+                             "Rename one")
+        return value
+
+
 class HubSettings(_Section):
     """Where a checkpoint that passed the gate is published."""
 
@@ -542,6 +594,7 @@ class PipelineSettings(_Section):
     gate: GateSettings = Field(default_factory=GateSettings)
     hub: HubSettings = Field(default_factory=HubSettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    search: SearchSettings = Field(default_factory=SearchSettings)
     force: bool = Field(
         False,
         description="Re-run every stage even when this exact candidate (same source, recipe, "
@@ -566,6 +619,14 @@ class PipelineSettings(_Section):
 
         if found := secret_like_fields(self):
             raise ValueError(refusal(found))
+        return self
+
+    @model_validator(mode="after")
+    def _search_needs_the_gate(self) -> PipelineSettings:
+        if self.search.candidates and not self.evaluation.enabled:
+            raise ValueError("search.candidates: the gate chooses between candidates, so a "
+                             "search needs evaluation.enabled=true; enable it or remove the "
+                             "candidates")
         return self
 
     @model_validator(mode="after")
@@ -628,6 +689,9 @@ def resolve_paths(settings: PipelineSettings, base: Path | None = None) -> Pipel
     base = Path.cwd() if base is None else base
     data = settings.model_dump()
     _absolute_in(PipelineSettings, data, base)
+    for cand in data["search"]["candidates"]:
+        if cand.get("recipe") is not None:
+            cand["recipe"] = _absolute(Path(cand["recipe"]), base)
     for section, key in (("source", "model"), ("calibration", "dataset")):
         value = data[section][key]
         if _looks_local(value, base):

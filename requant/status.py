@@ -115,10 +115,14 @@ def run_line(run_id: str, path: Path, summary: dict[str, Any] | None) -> dict[st
         return {"run_id": run_id, "path": str(path), "state": "no-op (already published)"}
     gate = summary.get("gate") or {}
     publish = summary.get("publish") or {}
+    search = summary.get("search") or {}
     return {"run_id": run_id, "path": str(path), "state": "finished",
-            "gate": gate.get("status"), "promote": gate.get("promote"),
+            "gate": gate.get("status") or ("fail" if search else None),
+            "promote": gate.get("promote"),
             "publish": ("dry run" if publish.get("dry_run") else publish.get("commit_sha"))
-            if publish else None}
+            if publish else None,
+            **({"search": {"winner": search.get("winner"), "objective": search["objective"],
+                           "candidates": search["candidates"]}} if search else {})}
 
 
 def render_status(status: dict[str, Any]) -> str:
@@ -156,6 +160,9 @@ def render_status(status: dict[str, Any]) -> str:
     lines.append("recent runs:" if status["runs"] else "recent runs: none")
     for r in status["runs"]:
         extra = (f" gate {r['gate']}, publish {r['publish']}" if r.get("gate") else "")
+        if search := r.get("search"):
+            extra += (f"; search of {search['candidates']} ({search['objective']}): winner "
+                      f"{search['winner'] or 'none'}")
         lines.append(f"  {r['run_id']}: {r['state']}{extra}")
     return "\n".join(lines)
 

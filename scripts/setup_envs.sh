@@ -27,6 +27,28 @@ make_venv() {  # name
   "$dir/bin/python" -m pip install -q --upgrade "pip>=24" >/dev/null
 }
 
+# Disk an environment takes once installed (measured: pipeline 2.5 GiB, serving-cpu 4.0 GiB)
+# plus pip's unpacking room. Checked before installing, counting the other environment too when
+# it is still to be made (`make` builds both side by side), so a small disk fails in one line
+# here instead of "No space left on device" halfway through a pip install.
+# REQUANT_ENV_DISK_GIB="pipeline serving" changes the figures (a CUDA serving env is larger).
+read -r NEED_PIPELINE NEED_SERVING <<< "${REQUANT_ENV_DISK_GIB:-3 5}"
+check_disk() {  # name: the environment about to be made
+  local need other free_kib tmp_free
+  if [ "$1" = pipeline ]; then need=$NEED_PIPELINE other=serving; else need=$NEED_SERVING other=pipeline; fi
+  [ -f "$VENVS/$other/.requant-stamp" ] || need=$((NEED_PIPELINE + NEED_SERVING))
+  free_kib=$(df -Pk "$VENVS" | awk 'NR==2 {print $4}')
+  if [ "$free_kib" -lt $((need * 1024 * 1024)) ]; then
+    echo "error: $VENVS has $((free_kib / 1024 / 1024)) GiB free; making the $1 environment needs about $need GiB (both environments: $((NEED_PIPELINE + NEED_SERVING)) GiB). Free space there (old runs: requant runs prune) or point REQUANT_VENVS at a larger disk." >&2
+    exit 2
+  fi
+  tmp_free=$(df -Pk "${TMPDIR:-/tmp}" | awk 'NR==2 {print $4}')
+  if [ "$tmp_free" -lt $((1024 * 1024)) ]; then
+    echo "error: ${TMPDIR:-/tmp} has $((tmp_free / 1024)) MiB free; pip unpacks wheels there and needs about 1 GiB. Free space there or set TMPDIR to a larger disk." >&2
+    exit 2
+  fi
+}
+
 has_nvidia_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
 setup_pipeline() {
@@ -35,6 +57,7 @@ setup_pipeline() {
   if [ "$(cat "$dir/.requant-stamp" 2>/dev/null)" = "$want" ]; then
     echo "pipeline env up to date: $dir"; return
   fi
+  check_disk pipeline
   echo "creating pipeline env in $dir (a few minutes the first time)"
   make_venv pipeline
   # shellcheck disable=SC2046
@@ -52,6 +75,7 @@ setup_serving() {
   if [ "$(cat "$dir/.requant-stamp" 2>/dev/null)" = "$want" ]; then
     echo "serving env up to date ($flavour): $dir"; return
   fi
+  check_disk serving
   echo "creating serving env ($flavour) in $dir (several minutes the first time)"
   make_venv serving
   if [ "$flavour" = cuda ]; then

@@ -20,6 +20,9 @@ A checkpoint that fails only on live traffic (what a canary phase exists to catc
 ``standin-faults.json`` in the model folder, ``{"when_body_contains": "...", "status": 500,
 "delay_s": 0.5, "content": "..."}``, answers completion requests whose body contains the text
 late, with that status, or (a chat) with that content instead of "ok ok ..."; the smoke and load tests' prompts do not contain it, so the checkpoint passes them.
+
+A model that does gsm8k as well as a test says (the search's tests): ``STANDIN_SKILL`` in the
+environment (``standin_python(..., skill=...)`` puts it in the wrapper), see ``Skill``.
 """
 
 from __future__ import annotations
@@ -35,11 +38,14 @@ from pathlib import Path
 from typing import Any
 
 
-def standin_python(folder: Path) -> Path:
-    """An executable that takes a Python's place for ``REQUANT_SERVING_PYTHON``."""
+def standin_python(folder: Path, skill: dict[str, Any] | None = None) -> Path:
+    """An executable that takes a Python's place for ``REQUANT_SERVING_PYTHON``; with ``skill``
+    (see ``Skill``) the servers it starts answer gsm8k questions that well."""
     folder.mkdir(parents=True, exist_ok=True)
     wrapper = folder / "python"
-    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{Path(__file__).resolve()}" "$@"\n')
+    env = f"export STANDIN_SKILL='{json.dumps(skill)}'\n" if skill else ""
+    wrapper.write_text(f'#!/bin/sh\n{env}exec "{sys.executable}" "{Path(__file__).resolve()}" '
+                       '"$@"\n')
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return wrapper
 
@@ -75,10 +81,44 @@ def text_choice(index: int, prompt: list[int] | str, n: int, body: dict[str, Any
     return choice
 
 
+class Skill:
+    """How well the served model does gsm8k, for tests whose subject is what the pipeline does
+    with scores (the search): ``{"answers": <gsm8k jsonl>, "share": {<text in the model's
+    path>: share, ...}}``. A question is answered right when its hash falls below the share
+    of the first entry whose text the model path contains ("" matches any), so two models with
+    the same share answer the same questions right, and a lower share answers a subset of
+    them: the scores are decided, the gate's arithmetic on them is real. Token-id prompts are
+    decoded with the model's own tokenizer, as vLLM would read them."""
+
+    def __init__(self, model: str, spec: dict[str, Any]) -> None:
+        import hashlib
+
+        self.share = next((v for k, v in spec["share"].items() if k in model), 0.0)
+        rows = [json.loads(line) for line in Path(spec["answers"]).read_text().splitlines()]
+        self.gold = {r["question"].strip(): r["answer"].split("####")[-1].strip() for r in rows}
+        self.hash = lambda q: int(hashlib.sha256(q.encode()).hexdigest()[:8], 16) / 16**8
+        self.model, self._tok = model, None
+
+    def answer(self, prompt: list[int] | str) -> str | None:
+        if isinstance(prompt, list):
+            if self._tok is None:
+                from transformers import AutoTokenizer
+
+                self._tok = AutoTokenizer.from_pretrained(self.model)
+            prompt = self._tok.decode(prompt, skip_special_tokens=True)
+        question = prompt.rsplit("Question:", 1)[-1].split("\nAnswer:", 1)[0].strip()
+        if question not in self.gold:
+            return None
+        right = self.hash(question) < self.share
+        return f" #### {self.gold[question] if right else '-12345'}"
+
+
 def handler(model: str, served: str) -> type[BaseHTTPRequestHandler]:
     finished = [0]
     faults_file = Path(model) / "standin-faults.json"
     faults = json.loads(faults_file.read_text()) if faults_file.is_file() else {}
+    skill = (Skill(model, json.loads(os.environ["STANDIN_SKILL"]))
+             if os.environ.get("STANDIN_SKILL") else None)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -128,8 +168,11 @@ def handler(model: str, served: str) -> type[BaseHTTPRequestHandler]:
                               "total_tokens": 8 + n}})
             else:
                 prompts = prompts_of(body)
-                self._json(200, {**self._head("text_completion"), "choices": [
-                    text_choice(i, prompt, n, body) for i, prompt in enumerate(prompts)],
+                choices = [text_choice(i, prompt, n, body) for i, prompt in enumerate(prompts)]
+                if skill and not body.get("echo"):
+                    for choice, prompt in zip(choices, prompts, strict=True):
+                        choice["text"] = skill.answer(prompt) or choice["text"]
+                self._json(200, {**self._head("text_completion"), "choices": choices,
                     "usage": {"prompt_tokens": 8 * len(prompts),
                               "completion_tokens": n * len(prompts),
                               "total_tokens": (8 + n) * len(prompts)}})

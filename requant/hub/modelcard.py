@@ -14,6 +14,7 @@ import yaml
 
 from requant.evaluation.gate import recovery_span
 from requant.quantization.recipes import modifiers
+from requant.search import alternatives_text
 
 TEMPLATE = """---
 {{ card_data }}
@@ -31,6 +32,7 @@ in the compressed-tensors format, made by requant with llm-compressor {{ version
 
 Gate: **{{ gate.status }}**{{ gate_note }}.
 
+{{ alternatives }}
 ## Serve it with vLLM
 
 ```bash
@@ -111,7 +113,8 @@ def render_card(
         base_revision_note=f" (revision `{source['revision'][:12]}`)" if source.get("revision")
         else "",
         eval_table=eval_table(gate, baseline, candidate), gate=gate or {"status": "not run"},
-        gate_note=gate_note(gate), recipe=manifest["recipe"], calibration_line=calibration_line,
+        gate_note=gate_note(gate), alternatives=alternatives_text((gate or {}).get("search")),
+        recipe=manifest["recipe"], calibration_line=calibration_line,
         versions={k: v for k, v in manifest["versions"].items() if v},
     )
     return str(card)
