@@ -67,6 +67,22 @@ def test_unreadable_recipe_is_rejected(tmp_path, text):
         resolve_recipe(QuantizationSettings(recipe=path))
 
 
+@pytest.mark.parametrize("text", [
+    "HF_TOKEN: hf_SECRETvalue123: oops\n",  # not YAML: PyYAML's message quotes this line
+    "quant_stage:\n  quant_modifiers:\n    GPTQModifier:\n      scheme: hf_SECRETvalue123\n",
+])
+def test_a_recipe_error_never_quotes_the_files_contents(tmp_path, text):
+    """The recipe path is a run parameter: pointed at a secrets file, the error (which reaches
+    the run's logs and its traceback) says what is wrong and where, not what the file holds."""
+    path = tmp_path / "secrets.env"
+    path.write_text(text)
+    with pytest.raises(SettingsError) as err:
+        resolve_recipe(QuantizationSettings(recipe=path))
+    assert "hf_SECRETvalue123" not in str(err.value)
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    assert str(err.value).startswith("quantization.recipe: ")
+
+
 def test_unknown_modifier_is_rejected_by_llmcompressor_before_any_work(tmp_path):
     path = tmp_path / "typo.yaml"
     path.write_text("quant_stage:\n  quant_modifiers:\n    GPTQModifer:\n      scheme: W8A8\n")

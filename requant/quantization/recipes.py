@@ -66,7 +66,9 @@ def resolve_recipe(q: QuantizationSettings) -> ResolvedRecipe:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise SettingsError(f"quantization.recipe: {path} is not valid YAML: {exc}") from exc
+            raise SettingsError(f"quantization.recipe: {path} is not valid YAML "
+                                f"({yaml_problem(exc)}). Fix the file, or unset it to use "
+                                "quantization.preset.") from None
         if not isinstance(data, dict) or not data:
             raise SettingsError(
                 f"quantization.recipe: {path} is not an llm-compressor recipe (expected a mapping "
@@ -110,6 +112,27 @@ def modifiers(data: Any) -> list[tuple[str, Any]]:
     return found
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where, never the file's text: a run's recipe path is a parameter
+    anyone with the Prefect UI sets, and PyYAML's message quotes the offending line, which from
+    a file that is not a recipe (a .env, a kubeconfig) could be a secret reaching the run's
+    logs."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or type(exc).__name__}{where}"
+
+
+def _problem(exc: Exception) -> str:
+    """pydantic's errors as field and message, without the input values its text quotes (the
+    same reason as ``yaml_problem``); anything else, its first line."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                         for e in exc.errors())[:500].rstrip(".")
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200].rstrip(".")
+
+
 def _check_with_llmcompressor(text: str, origin: str) -> None:
     """Let llm-compressor itself parse the recipe, so an unknown modifier fails now, not later."""
     from llmcompressor.recipe import Recipe
@@ -118,9 +141,10 @@ def _check_with_llmcompressor(text: str, origin: str) -> None:
         recipe = Recipe.create_instance(text)
     except Exception as exc:
         raise SettingsError(
-            f"quantization.recipe: llm-compressor cannot read {origin}: {exc}. Fix the recipe "
+            f"quantization.recipe: llm-compressor cannot read {origin}: {_problem(exc)}. Fix "
+            "the recipe "
             "(see llm-compressor's examples/) or use quantization.preset."
-        ) from exc
+        ) from None
     if not recipe.modifiers:
         raise SettingsError(
             f"quantization.recipe: {origin} defines no modifiers llm-compressor can see. Stage "
