@@ -24,7 +24,6 @@ A false promotion: the promoted candidate's true recovery is below ``min_recover
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.gate_simulation_args import gate_simulation_parser  # noqa: E402
 from requant.evaluation.gate import decide_rule  # noqa: E402
 from requant.evaluation.operating import cell_probabilities  # noqa: E402
 from requant.evaluation.sequential import critical_values, look_sizes  # noqa: E402
@@ -104,12 +104,7 @@ def simulate(gate: GateSettings, truths: list[float], procedure: str, *, baselin
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path,
-                        default=ROOT / "deployments" / "configs" / "production-llama3-8b.yaml")
-    parser.add_argument("--questions", type=int, default=1319)
-    parser.add_argument("--baseline", type=float, default=0.75)
-    parser.add_argument("--runs", type=int, default=2000)
+    parser = gate_simulation_parser(__doc__.split("\n\n")[0], runs=2000)
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

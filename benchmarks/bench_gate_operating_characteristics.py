@@ -15,7 +15,6 @@ ones; and a scan of min_recovery against the good/bad goals at their hardest poi
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.gate_simulation_args import gate_simulation_parser  # noqa: E402
 from requant.evaluation.operating import simulate  # noqa: E402
 from requant.settings import load_settings  # noqa: E402
 
@@ -35,12 +35,7 @@ SCAN = [0.95, 0.955, 0.957, 0.96]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path,
-                        default=ROOT / "deployments" / "configs" / "production-llama3-8b.yaml")
-    parser.add_argument("--questions", type=int, default=1319)
-    parser.add_argument("--baseline", type=float, default=0.75)
-    parser.add_argument("--runs", type=int, default=4000)
+    parser = gate_simulation_parser(__doc__.split("\n\n")[0], runs=4000)
     parser.add_argument("--agreement", type=float, default=0.9,
                         help="share of questions on which a further rule's outcome equals the "
                         "first rule's (strict-match vs flexible-extract)")

@@ -24,6 +24,7 @@ from prefect.runtime import flow_run
 
 from requant.atomic import write_text_atomic
 from requant.calibration import CalibrationSet
+from requant.errors import first_line
 from requant.evaluation.gate import GateDecision
 from requant.evaluation.lmeval import ModelEvaluation
 from requant.evaluation.noise import noise_for_source
@@ -35,7 +36,7 @@ from requant.search import (
     Outcome,
     checkpoint_bytes,
     choose,
-    evaluation_order,
+    order_key,
     plot_svg,
     render_search,
     search_record,
@@ -82,8 +83,7 @@ def run_search(settings: PipelineSettings, source: ResolvedSource, calib: Calibr
     if objective == "smallest":  # sizes are known only once quantized
         for e in entries:
             _quantize(e, source, calib, acc, run_dir)
-    for e in evaluation_order(objective, [e.outcome for e in entries]):
-        entry = next(x for x in entries if x.outcome is e)
+    for entry in sorted(entries, key=lambda e: order_key(objective)(e.outcome)):
         if entry.ckpt is None and entry.outcome.status == "not run":
             _quantize(entry, source, calib, acc, run_dir)
         if entry.ckpt is not None:
@@ -118,7 +118,7 @@ def _quantize(entry: Entry, source: ResolvedSource, calib: CalibrationSet | None
                               {"flow_run_id": str(flow_run.get_id() or ""),
                                "flow_run_name": flow_run.get_name(), "candidate": o.name})
     except Exception as exc:  # recorded; the run fails unless another passes
-        o.status, o.why = "error", f"quantization: {_first_line(exc)}"
+        o.status, o.why = "error", f"quantization: {first_line(exc)}"
         get_run_logger().warning("candidate %s: %s", o.name, o.why)
         return
     finally:
@@ -138,7 +138,7 @@ def _evaluate(entry: Entry, baseline: ModelEvaluation, source: ResolvedSource, o
         record_gate(decision, baseline, candidate, out.stage("gate"),
                     noise_for_source(s.cache_dir, source.as_record(), s.evaluation, s.gate))
     except Exception as exc:  # as in _quantize
-        o.status, o.why = "error", f"evaluation: {_first_line(exc)}"
+        o.status, o.why = "error", f"evaluation: {first_line(exc)}"
         get_run_logger().warning("candidate %s: %s", o.name, o.why)
         return baseline
     finally:
@@ -175,7 +175,3 @@ def show_search(record: dict[str, Any], run_dir: RunDir, min_recovery: float) ->
     create_markdown_artifact(key="search", markdown=render_search(record, plot),
                              description=f"search: winner {record['winner'] or 'none'}")
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

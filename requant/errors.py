@@ -105,6 +105,11 @@ class PublishError(RequantError, RuntimeError):
         self.status = status
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception in one line for a record or a message (its type when it says nothing)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
 def is_transient(exc: BaseException) -> bool:
     """Network faults and 5xx/429 are worth a retry; 4xx (bad token, no access) are not."""
     import httpx
@@ -166,7 +171,7 @@ def _explain_hub(exc: BaseException) -> tuple[int, str] | None:
     if not isinstance(exc, HfHubHTTPError):
         return None
     status = exc.response.status_code if exc.response is not None else None
-    first = str(exc).splitlines()[0][:300]
+    first = first_line(exc)
     if status in (401, 403):
         return EXIT_BAD_INPUT, (f"the Hub refused the token ({status}): {first}. Give the "
                                 "worker a token with write access to hub.repo_id.")

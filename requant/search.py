@@ -14,10 +14,12 @@ skips tests, so the bound still holds.
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from requant.evaluation.gate import recovery_span
 from requant.settings import Candidate, PipelineSettings
 
 Status = Literal["pass", "fail", "inconclusive", "error", "not run"]
@@ -59,28 +61,36 @@ class Outcome:
     scheme: str | None = None
     size_bytes: int | None = None
     checkpoint: str | None = None
-    key: str | None = None
     gate: dict[str, Any] | None = field(default=None, repr=False)
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def recovery(self) -> float | None:
         """The worst rule's point estimate: a candidate is as good as its weakest task."""
-        values = [r["recovery"] for r in (self.gate or {}).get("rules", [])
-                  if r.get("recovery") is not None]
-        return min(values) if values else None
+        worst = worst_rule(self.gate)
+        return worst["recovery"] if worst else None
 
     def as_record(self) -> dict[str, Any]:
         return asdict(self) | {"recovery": self.recovery}
 
 
-def evaluation_order(objective: str, outcomes: list[Outcome]) -> list[Outcome]:
+def worst_rule(gate: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The rule with the lowest recovery: where a candidate's point estimate and interval in
+    the table and plot come from."""
+    rules = [r for r in (gate or {}).get("rules", []) if r.get("recovery") is not None]
+    return min(rules, key=lambda r: r["recovery"]) if rules else None
+
+
+def order_key(objective: str) -> Callable[[Outcome], tuple[Any, ...]]:
     """smallest: gated smallest first (all are quantized before any is gated); else list order.
     A candidate whose quantization failed has no size and is never gated."""
     if objective == "smallest":
-        return sorted(outcomes, key=lambda o: (o.size_bytes is None, o.size_bytes or 0,
-                                               o.position))
-    return sorted(outcomes, key=lambda o: o.position)
+        return lambda o: (o.size_bytes is None, o.size_bytes or 0, o.position)
+    return lambda o: (o.position,)
+
+
+def evaluation_order(objective: str, outcomes: list[Outcome]) -> list[Outcome]:
+    return sorted(outcomes, key=order_key(objective))
 
 
 def stops_at_first_pass(objective: str) -> bool:
@@ -94,7 +104,7 @@ def choose(objective: str, outcomes: list[Outcome]) -> Outcome | None:
         return None
     if objective == "accuracy":
         return min(passed, key=lambda o: (-(o.recovery or 0.0), o.position))
-    return evaluation_order(objective, passed)[0]
+    return min(passed, key=order_key(objective))
 
 
 def search_record(objective: str, confidence: float, outcomes: list[Outcome],
@@ -128,10 +138,9 @@ def table_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _rule_cell(r: dict[str, Any]) -> str:
-    low, high = (r.get("interval") or {}).get("low"), (r.get("interval") or {}).get("high")
-    span = f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
     rec = f"{r['recovery']:.3f}" if r.get("recovery") is not None else "n/a"
-    return f"{r['task']} {r['metric']}: recovery {rec}{span} {r['status']}"
+    return (f"{r['task']} {r['metric']}: recovery {rec} "
+            f"{recovery_span(r.get('interval') or {})} {r['status']}")
 
 
 def render_search(record: dict[str, Any], plot: Path | None) -> str:
@@ -196,12 +205,7 @@ def plot_svg(record: dict[str, Any], min_recovery: float) -> str:
 
 
 def _interval(gate: dict[str, Any] | None) -> tuple[float | None, float | None]:
-    """The worst rule's interval (the one the point estimate comes from)."""
-    rules = [r for r in (gate or {}).get("rules", []) if r.get("recovery") is not None]
-    if not rules:
-        return None, None
-    worst = min(rules, key=lambda r: r["recovery"])
-    iv = worst.get("interval") or {}
+    iv = (worst_rule(gate) or {}).get("interval") or {}
     return iv.get("low"), iv.get("high")
 
 

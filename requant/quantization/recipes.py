@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from requant.errors import SettingsError
+from requant.errors import SettingsError, first_line
 from requant.hashing import fingerprint
 from requant.settings import QuantizationSettings
 
@@ -130,7 +130,7 @@ def _problem(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
                          for e in exc.errors())[:500].rstrip(".")
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200].rstrip(".")
+    return first_line(exc, 200).rstrip(".")
 
 
 def _check_with_llmcompressor(text: str, origin: str) -> None:
