@@ -2,6 +2,7 @@
 
     baseline (once) -> for each candidate, in the objective's order:
         quantize -> verify -> evaluate, staged, gated at its share of the error rate
+        [-> objective throughput, if it passed: served under the fixed load, measured]
       (a candidate that fails is recorded with why; the others go on)
     -> the winner by the objective, or none
 
@@ -36,18 +37,22 @@ from requant.search import (
     Outcome,
     checkpoint_bytes,
     choose,
+    is_measured,
     order_key,
+    plot_axis,
     plot_svg,
     render_search,
     search_record,
     stops_at_first_pass,
     table_rows,
+    throughput_problem,
 )
 from requant.settings import Candidate, PipelineSettings
 from requant.source import ResolvedSource
 from requant.tasks.evaluation import evaluate_baseline, evaluate_candidate
 from requant.tasks.gate import record_gate
 from requant.tasks.quantization import quantize
+from requant.tasks.throughput import measure_candidate_throughput
 
 
 @dataclass
@@ -88,6 +93,8 @@ def run_search(settings: PipelineSettings, source: ResolvedSource, calib: Calibr
             _quantize(entry, source, calib, acc, run_dir)
         if entry.ckpt is not None:
             baseline = _evaluate(entry, baseline, source, on_gpu, run_dir)
+        if entry.outcome.status == "pass" and is_measured(objective):
+            _measure(entry, on_gpu, run_dir)
         if entry.outcome.status == "pass" and stops_at_first_pass(objective):
             _mark_skipped(entries, entry.candidate.name, objective)
             break
@@ -149,6 +156,24 @@ def _evaluate(entry: Entry, baseline: ModelEvaluation, source: ResolvedSource, o
     return baseline
 
 
+def _measure(entry: Entry, on_gpu: bool, run_dir: RunDir) -> None:
+    """A passing candidate that cannot serve the load without a failed request is an error:
+    the objective has no figure to rank it by, and production would meet the same failures."""
+    o, s, t = entry.outcome, entry.settings, time.perf_counter()
+    try:
+        o.throughput = measure_candidate_throughput(
+            o.name, entry.ckpt.path, s.evaluation.server, s.search.load,
+            candidate_dir(run_dir, o.name).stage("throughput"), on_gpu)
+        problem = throughput_problem(o.throughput)
+    except Exception as exc:  # as in _quantize
+        problem = first_line(exc)
+    finally:
+        o.seconds["throughput"] = round(time.perf_counter() - t, 2)
+    if problem:
+        o.status, o.why = "error", f"throughput: {problem}"
+        get_run_logger().warning("candidate %s: %s", o.name, o.why)
+
+
 def link_baseline(eval_dir: Path, baseline_dir: Path) -> None:
     """The candidate's eval/ holds its baseline as a single run's does (what publish uploads),
     as a relative link to the one baseline every candidate was compared with."""
@@ -167,7 +192,7 @@ def _mark_skipped(entries: list[Entry], winner: str, objective: str) -> None:
 def show_search(record: dict[str, Any], run_dir: RunDir, min_recovery: float) -> None:
     """The table and the plot: a Prefect table artifact, a markdown one with the plot, and
     both as files in the run folder."""
-    plot = run_dir.stage("candidates") / "recovery-vs-size.svg"
+    plot = run_dir.stage("candidates") / f"{plot_axis(record['objective']).stem}.svg"
     plot.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(plot, plot_svg(record, min_recovery))
     create_table_artifact(key="search-candidates", table=table_rows(record),

@@ -53,9 +53,11 @@ def candidate_key(settings: PipelineSettings, source_files: dict[str, str],
         "hub": {"repo_id": settings.hub.repo_id, "branch": settings.hub.branch},
         "versions": {k: v for k, v in library_versions().items() if k != "requant"},
         # a search's winner was chosen among these: the same candidate won among others is
-        # another result (absent without a search, so a single run's key is unchanged)
+        # another result (absent without a search, so a single run's key is unchanged; the
+        # load only where the objective measures under it)
         **({"search": settings.search.model_dump(
-            mode="json", exclude={"candidates": {"__all__": {"recipe"}}})}
+            mode="json", exclude={"candidates": {"__all__": {"recipe"}}}
+            | ({} if settings.search.objective == "throughput" else {"load": True}))}
            if settings.search.candidates else {}),
     })
 

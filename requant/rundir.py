@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = ("calibration", "checkpoint", "eval", "gate", "publish", "rollout", "candidates")
+STAGES = ("calibration", "checkpoint", "eval", "gate", "publish", "rollout", "candidates",
+          "throughput")
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ class Outcome:
     size_bytes: int | None = None
     checkpoint: str | None = None
     gate: dict[str, Any] | None = field(default=None, repr=False)
+    throughput: dict[str, Any] | None = None  # the load test's record (objective throughput)
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -70,8 +71,12 @@ class Outcome:
         worst = worst_rule(self.gate)
         return worst["recovery"] if worst else None
 
+    @property
+    def tokens_per_s(self) -> float | None:
+        return (self.throughput or {}).get("tokens_per_s")
+
     def as_record(self) -> dict[str, Any]:
-        return asdict(self) | {"recovery": self.recovery}
+        return asdict(self) | {"recovery": self.recovery, "tokens_per_s": self.tokens_per_s}
 
 
 def worst_rule(gate: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -98,13 +103,31 @@ def stops_at_first_pass(objective: str) -> bool:
     return objective in ("order", "smallest")
 
 
+def is_measured(objective: str) -> bool:
+    """throughput: each candidate that passes is served and measured before one is chosen."""
+    return objective == "throughput"
+
+
 def choose(objective: str, outcomes: list[Outcome]) -> Outcome | None:
     passed = [o for o in outcomes if o.status == "pass"]
     if not passed:
         return None
     if objective == "accuracy":
         return min(passed, key=lambda o: (-(o.recovery or 0.0), o.position))
+    if objective == "throughput":  # a passing candidate is measured or marked an error
+        return min(passed, key=lambda o: (-(o.tokens_per_s or 0.0), o.position))
     return min(passed, key=order_key(objective))
+
+
+def throughput_problem(load: dict[str, Any]) -> str | None:
+    """Why a measurement cannot rank a candidate: one failed request means it did not serve
+    the load, and a faster figure bought with dropped requests is no figure."""
+    if load.get("errors"):
+        sample = (load.get("error_samples") or ["no sample"])[0]
+        return f"{load['errors']} of {load['requests']} requests failed (e.g. {sample})"
+    if not load.get("tokens_per_s"):
+        return "no tokens generated"
+    return None
 
 
 def search_record(objective: str, confidence: float, outcomes: list[Outcome],
@@ -133,6 +156,7 @@ def table_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
             "size_mb": round(o["size_bytes"] / 1e6, 2) if o["size_bytes"] else "",
             "rules": "; ".join(_rule_cell(r) for r in rules),
             "questions": (o.get("gate") or {}).get("questions", ""),
+            "tokens_per_s": o.get("tokens_per_s") or "",
             "decision": o["status"], "why": o["why"]})
     return rows
 
@@ -158,21 +182,40 @@ def render_search(record: dict[str, Any], plot: Path | None) -> str:
               for row in rows]
     if plot is not None and plot.is_file():
         data = base64.b64encode(plot.read_bytes()).decode()
-        lines += ["", f"![recovery vs size](data:image/svg+xml;base64,{data})", "",
+        lines += ["", f"![{plot.stem}](data:image/svg+xml;base64,{data})", "",
                   f"(plot: `{plot}`)"]
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Axis:
+    """The plot's x axis: the objective's own figure where it is measured, else the size (the
+    trade every search makes)."""
+
+    stem: str  # the plot's file name
+    label: str
+    unit: str
+    value: Callable[[dict[str, Any]], float | None]
+
+
+def plot_axis(objective: str) -> Axis:
+    if is_measured(objective):
+        return Axis("recovery-vs-throughput", "generated tokens/s (search.load)", "tok/s",
+                    lambda o: o.get("tokens_per_s"))
+    return Axis("recovery-vs-size", "checkpoint size (MB)", "MB",
+                lambda o: o["size_bytes"] / 1e6 if o["size_bytes"] else None)
+
+
 def plot_svg(record: dict[str, Any], min_recovery: float) -> str:
-    """Accuracy recovery against checkpoint size, one point per gated candidate with its
-    interval, the margin drawn: a picture of the trade the objective made. Plain SVG, so the
-    pipeline needs no plotting library."""
-    pts = [(o["name"], o["size_bytes"] / 1e6, o["recovery"],
-            _interval(o.get("gate")), o["status"])
-           for o in record["outcomes"] if o["size_bytes"] and o["recovery"] is not None]
+    """Accuracy recovery against size (or measured throughput), one point per gated candidate
+    with its interval, the margin drawn: a picture of the trade the objective made. Plain SVG,
+    so the pipeline needs no plotting library."""
+    axis = plot_axis(record["objective"])
+    pts = [(o["name"], axis.value(o), o["recovery"], _interval(o.get("gate")), o["status"])
+           for o in record["outcomes"] if axis.value(o) and o["recovery"] is not None]
     w, h, pad = 560, 320, 50
-    sizes = [p[1] for p in pts] or [0.0, 1.0]
-    lo_x, hi_x = min(sizes) * 0.95, max(sizes) * 1.05 or 1.0
+    xs = [p[1] for p in pts] or [0.0, 1.0]
+    lo_x, hi_x = min(xs) * 0.95, max(xs) * 1.05 or 1.0
     ys = [min_recovery] + [v for p in pts for v in (p[2], *p[3]) if v is not None]
     lo_y, hi_y = min(ys) - 0.02, max(ys) + 0.02
 
@@ -190,17 +233,17 @@ def plot_svg(record: dict[str, Any], min_recovery: float) -> str:
            f'y2="{y(min_recovery):.1f}" stroke="#888" stroke-dasharray="4"/>',
            f'<text x="{w - pad}" y="{y(min_recovery) - 4:.1f}" text-anchor="end">'
            f'min_recovery {min_recovery}</text>',
-           f'<text x="{w / 2}" y="{h - 10}" text-anchor="middle">checkpoint size (MB)</text>',
+           f'<text x="{w / 2}" y="{h - 10}" text-anchor="middle">{axis.label}</text>',
            f'<text x="12" y="{h / 2}" transform="rotate(-90 12 {h / 2})" '
            'text-anchor="middle">recovery (worst rule)</text>']
-    for name, size, rec, (low, high), status in pts:
+    for name, at, rec, (low, high), status in pts:
         c = colour.get(status, "#555")
         if low is not None and high is not None:
-            out.append(f'<line x1="{x(size):.1f}" y1="{y(low):.1f}" x2="{x(size):.1f}" '
+            out.append(f'<line x1="{x(at):.1f}" y1="{y(low):.1f}" x2="{x(at):.1f}" '
                        f'y2="{y(high):.1f}" stroke="{c}"/>')
-        out.append(f'<circle cx="{x(size):.1f}" cy="{y(rec):.1f}" r="4" fill="{c}"/>')
-        out.append(f'<text x="{x(size) + 6:.1f}" y="{y(rec) - 6:.1f}">{name} ({status}, '
-                   f'{size:.1f} MB)</text>')
+        out.append(f'<circle cx="{x(at):.1f}" cy="{y(rec):.1f}" r="4" fill="{c}"/>')
+        out.append(f'<text x="{x(at) + 6:.1f}" y="{y(rec) - 6:.1f}">{name} ({status}, '
+                   f'{at:.1f} {axis.unit})</text>')
     return "\n".join([*out, "</svg>", ""])
 
 
@@ -219,11 +262,12 @@ def alternatives_text(record: dict[str, Any] | None) -> str:
              f"`{record['objective']}` among those that passed the gate (each gated at "
              f"{record['candidate_confidence']:.2%}, so the run's error rate stays at "
              f"{1 - record['run_confidence']:.0%}).", "",
-             "| candidate | changes | size (MB) | recovery | decision | why |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| candidate | changes | size (MB) | recovery | tokens/s | decision | why |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for o in record["outcomes"]:
         size = f"{o['size_bytes'] / 1e6:.1f}" if o["size_bytes"] else "n/a"
         rec = f"{o['recovery']:.3f}" if o["recovery"] is not None else "n/a"
+        tps = f"{o['tokens_per_s']:.1f}" if o.get("tokens_per_s") else "n/a"
         lines.append(f"| {o['name']} | {describe_changes(o['changes'])} | {size} | {rec} | "
-                     f"{o['status']} | {o['why'].replace('|', '/')} |")
+                     f"{tps} | {o['status']} | {o['why'].replace('|', '/')} |")
     return "\n".join(lines) + "\n"

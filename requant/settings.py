@@ -338,6 +338,16 @@ class Candidate(_Section):
         return self.model_dump(exclude={"name"}, exclude_none=True)
 
 
+class LoadSettings(_Section):
+    """The seed's load test: the same fixed load wherever serving is measured, so figures
+    compare (a deployment before traffic moves to it, search candidates by throughput)."""
+
+    requests: int = Field(64, gt=0, description="Chat completions sent.")
+    concurrency: int = Field(64, gt=0, description="In flight at once.")
+    max_tokens: int = Field(64, gt=0, description="Tokens generated per request.")
+    timeout_s: float = Field(300, gt=0, description="Per-request timeout of the load test.")
+
+
 class SearchSettings(_Section):
     """Several candidates in one run; the best one that passes the gate is published.
 
@@ -351,12 +361,20 @@ class SearchSettings(_Section):
         "each is quantized, verified and gated against one baseline evaluation; one that fails "
         "is recorded with why and does not stop the others.",
     )
-    objective: Literal["order", "smallest", "accuracy"] = Field(
+    objective: Literal["order", "smallest", "accuracy", "throughput"] = Field(
         "order",
         description="Which passing candidate wins. order: the first in the list (the search "
         "stops at the first pass). smallest: the smallest checkpoint (all are quantized, then "
         "gated smallest first, stopping at the first pass). accuracy: the highest recovery "
-        "(its worst rule's point estimate; every candidate is gated). Ties: list order.",
+        "(its worst rule's point estimate; every candidate is gated). throughput: the most "
+        "generated tokens/s under search.load (every candidate is gated; each that passes is "
+        "served with evaluation.server's settings and measured). Ties: list order.",
+    )
+    load: LoadSettings = Field(
+        default_factory=LoadSettings,
+        description="The load each passing candidate is measured under when the objective is "
+        "throughput: the same for all, so the figures compare. A candidate with a failed "
+        "request cannot win.",
     )
 
     @field_validator("candidates")
@@ -397,12 +415,9 @@ class HubSettings(_Section):
     retry_delay_s: float = Field(10, ge=0)
 
 
-class SLOSettings(_Section):
+class SLOSettings(LoadSettings):
     """What a new deployment must sustain before traffic moves to it (the seed's load test)."""
 
-    requests: int = Field(64, gt=0, description="Chat completions sent.")
-    concurrency: int = Field(64, gt=0, description="In flight at once.")
-    max_tokens: int = Field(64, gt=0, description="Tokens generated per request.")
     max_error_rate: float = Field(0.0, ge=0.0, le=1.0, description="Failed / sent.")
     max_p95_latency_s: float | None = Field(
         120.0, gt=0, description="Ceiling on the p95 request latency (None: not checked)."
@@ -410,7 +425,6 @@ class SLOSettings(_Section):
     min_tokens_per_s: float | None = Field(
         None, gt=0, description="Floor on generated tokens per second (None: not checked)."
     )
-    timeout_s: float = Field(300, gt=0, description="Per-request timeout of the load test.")
 
 
 class CanaryPhase(_Section):

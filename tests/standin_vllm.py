@@ -88,12 +88,16 @@ class Skill:
     of the first entry whose text the model path contains ("" matches any), so two models with
     the same share answer the same questions right, and a lower share answers a subset of
     them: the scores are decided, the gate's arithmetic on them is real. Token-id prompts are
-    decoded with the model's own tokenizer, as vLLM would read them."""
+    decoded with the model's own tokenizer, as vLLM would read them. An optional
+    ``"seconds_per_token": {<text in the path>: s}`` makes that model generate chat answers
+    that slowly (the throughput objective's tests: a slower candidate, measured)."""
 
     def __init__(self, model: str, spec: dict[str, Any]) -> None:
         import hashlib
 
         self.share = next((v for k, v in spec["share"].items() if k in model), 0.0)
+        self.pace = next((v for k, v in spec.get("seconds_per_token", {}).items()
+                          if k in model), 0.0)
         rows = [json.loads(line) for line in Path(spec["answers"]).read_text().splitlines()]
         self.gold = {r["question"].strip(): r["answer"].split("####")[-1].strip() for r in rows}
         self.hash = lambda q: int(hashlib.sha256(q.encode()).hexdigest()[:8], 16) / 16**8
@@ -160,6 +164,7 @@ def handler(model: str, served: str) -> type[BaseHTTPRequestHandler]:
             if body.get("stream"):
                 self._stream(kind, n)
             elif kind == "chat":
+                time.sleep(skill.pace * n if skill else 0.0)
                 self._json(200, {**self._head("chat.completion"), "choices": [
                     {"index": 0, "finish_reason": "length",
                      "message": {"role": "assistant", "content": faults["content"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from requant.search import (
     plot_svg,
     render_search,
     search_record,
+    throughput_problem,
 )
 from requant.settings import PipelineSettings, load_settings
 from tests.conftest import ROOT
@@ -123,10 +125,62 @@ def test_the_objective_picks_the_winner_among_those_that_passed(objective, winne
     assert choose(objective, [o for o in outcomes if o.status != "pass"]) is None
 
 
+def _measured(name, position, status, tokens_per_s, recovery=0.99):
+    o = _outcome(name, position, status, 100, recovery)
+    o.throughput = {"tokens_per_s": tokens_per_s, "errors": 0, "requests": 8}
+    return o
+
+
+def test_throughput_picks_the_fastest_that_passed_and_never_a_faster_one_that_failed():
+    outcomes = [_measured("slow", 0, "pass", 50.0), _measured("fast-bad", 1, "fail", 500.0),
+                _measured("fast", 2, "pass", 120.0), _measured("twin", 3, "pass", 120.0)]
+    assert choose("throughput", outcomes).name == "fast"  # the tie to the earlier one
+    record = search_record("throughput", 0.95, outcomes, outcomes[2])
+    assert [o["tokens_per_s"] for o in record["outcomes"]] == [50.0, 500.0, 120.0, 120.0]
+    svg = plot_svg(record, 0.957)
+    assert "generated tokens/s" in svg and "fast (pass, 120.0 tok/s)" in svg
+
+
+def test_a_measurement_with_one_failed_request_or_no_tokens_cannot_rank_a_candidate():
+    ok = {"requests": 64, "errors": 0, "tokens_per_s": 80.0}
+    assert throughput_problem(ok) is None
+    failed = ok | {"errors": 1, "error_samples": ["HTTP 500: boom"]}
+    assert throughput_problem(failed) == "1 of 64 requests failed (e.g. HTTP 500: boom)"
+    assert throughput_problem(ok | {"tokens_per_s": 0.0}) == "no tokens generated"
+
+
+def test_measure_throughput_serves_the_checkpoint_under_the_load_and_stops_its_server(
+        tmp_path, monkeypatch):
+    """A real server process started and stopped by the pipeline's own code (the stand-in for
+    vLLM: the subject is the measurement, not vLLM's speed); a checkpoint that answers the
+    load's prompt with HTTP 500 is measured with its failures counted, not as fast."""
+    from requant.serving.throughput import measure_throughput
+    from requant.settings import LoadSettings, ServerSettings
+    from tests.standin_vllm import standin_python
+
+    monkeypatch.setenv("REQUANT_SERVING_PYTHON", str(standin_python(tmp_path / "env")))
+    model = tmp_path / "model"
+    model.mkdir()
+    load = LoadSettings(requests=8, concurrency=4, max_tokens=4, timeout_s=30)
+    record = measure_throughput(model, ServerSettings(), load, tmp_path / "a.log", on_gpu=False)
+    assert (record["requests"], record["errors"], record["completion_tokens"]) == (8, 0, 32)
+    assert record["tokens_per_s"] > 0 and record["load"] == load.model_dump()
+    assert record["p95_s"] is not None and throughput_problem(record) is None
+    still = subprocess.run(["pgrep", "-f", f"--model {model}"], capture_output=True, text=True)
+    assert still.stdout == ""  # the server was stopped, not left serving
+    (model / "standin-faults.json").write_text(json.dumps(
+        {"when_body_contains": "robot", "status": 500}))
+    broken = measure_throughput(model, ServerSettings(), load, tmp_path / "b.log", on_gpu=False)
+    assert broken["errors"] == 8 and "8 of 8 requests failed" in throughput_problem(broken)
+
+
 def test_ties_go_to_the_earlier_candidate_in_the_list():
     twins = [_outcome("x", 0, "pass", 100, 0.99), _outcome("y", 1, "pass", 100, 0.99)]
     for objective in ("order", "smallest", "accuracy"):
         assert choose(objective, twins[::-1]).name == "x"
+    for o in twins:
+        o.throughput = {"tokens_per_s": 10.0}
+    assert choose("throughput", twins[::-1]).name == "x"
 
 
 def test_smallest_is_gated_smallest_first_and_a_failed_quantization_never():
@@ -183,7 +237,8 @@ def test_a_search_gates_every_candidate_publishes_the_best_that_passes_then_no_o
     monkeypatch.setenv("REQUANT_SERVING_PYTHON", str(standin_python(
         tmp_path / "serving-env" / "bin",
         skill={"answers": str(ROOT / "data" / "gsm8k" / "test.jsonl"),
-               "share": {"candidates/damaged/": 0.3, "candidates/bad-": 0.3, "": 0.9}})))
+               "share": {"candidates/damaged/": 0.3, "candidates/bad-": 0.3, "": 0.9},
+               "seconds_per_token": {"candidates/slow/": 0.05}})))
     data = write_jsonl(tmp_path / "calib.jsonl", [{"text": r["question"]} for r in gsm8k_rows(8)])
     with FakeHub("hf_searchtest", tmp_path / "hub") as hub:
         monkeypatch.setenv("REQUANT_HUB_ENDPOINTS", hub.endpoint)  # allowed by the worker
@@ -213,6 +268,12 @@ def test_a_search_gates_every_candidate_publishes_the_best_that_passes_then_no_o
         with pytest.raises(GateFailed, match="bad-a: fail"):
             requantize(failing)
         assert len(hub.state.calls) == calls  # nothing published
+        fastest = requantize(PipelineSettings.model_validate(base | {
+            "hub": {"repo_id": "acme/search-speed", "endpoint": hub.endpoint},
+            "search": {"objective": "throughput", "candidates": [
+                {"name": "slow", "smoothing_strength": 0.7},
+                {"name": "quick", "smoothing_strength": 0.6}],
+                "load": {"requests": 8, "concurrency": 4, "max_tokens": 8}}}))
         api = HfApi(endpoint=hub.endpoint, token="hf_searchtest")
         card = Path(hf_hub_download("acme/search", "README.md", endpoint=hub.endpoint,
                                     token="hf_searchtest", cache_dir=tmp_path / "dl"))
@@ -255,6 +316,18 @@ def test_a_search_gates_every_candidate_publishes_the_best_that_passes_then_no_o
     rows = next(e for e in failed_events if e["payload"]["candidates"])["payload"]["candidates"]
     assert [(r["candidate"], r["decision"]) for r in rows] == [("bad-a", "fail")]
 
+    # throughput: both pass and are served under the same load; the faster one wins
+    speed = {o["name"]: o for o in fastest["search"]["outcomes"]}
+    assert fastest["search"]["winner"] == "quick"
+    assert speed["slow"]["status"] == speed["quick"]["status"] == "pass"
+    assert 0 < speed["slow"]["tokens_per_s"] < speed["quick"]["tokens_per_s"]
+    assert speed["slow"]["throughput"]["requests"] == 8 and not speed["quick"]["throughput"][
+        "errors"]
+    speed_dir = Path(fastest["run_dir"]) / "candidates"
+    assert json.loads((speed_dir / "quick" / "throughput" / "throughput.json").read_text())[
+        "tokens_per_s"] == speed["quick"]["tokens_per_s"]
+    assert "tok/s" in (speed_dir / "recovery-vs-throughput.svg").read_text()
+
     status = render_status(collect_status(settings))
     assert f"{summary['run_id']}: finished gate pass" in status
     assert "search of 3 (smallest): winner sq08" in status
@@ -275,3 +348,19 @@ def test_the_shipped_search_demo_config_loads_and_its_candidates_pass_preflight(
     assert [c.name for c, _, _ in checked] == ["w8a8-sq08", "w8a8-lm-head", "planted-broken"]
     assert checked[2][1].quantization.recipe == ROOT / "tests/data/broken-smoothing-recipe.yaml"
     assert s.search.objective == "smallest" and s.rollout.target == "none"
+
+
+def test_the_load_enters_the_ledger_key_only_where_the_objective_measures_under_it():
+    """A nightly search is a no-op when its definition is unchanged: the load a throughput
+    search ranks by is part of that definition; for any other objective it is never used, and
+    changing it must not redo (or, after an upgrade, re-publish) an existing search."""
+    from requant.ledger import candidate_key
+
+    def key(objective: str, requests: int) -> str:
+        s = load_settings(DEMO, [THREE, f"search.objective={objective}",
+                                 f"search.load.requests={requests}"])
+        return candidate_key(s, {"model.safetensors": "abc"}, None, "r" * 64, "c")
+
+    assert key("smallest", 64) == key("smallest", 16)
+    assert key("throughput", 64) != key("throughput", 16)
+    assert key("smallest", 64) != key("throughput", 64)
