@@ -159,12 +159,20 @@ def render_status(status: dict[str, Any]) -> str:
                                        if last else "nothing yet"))
     lines.append("recent runs:" if status["runs"] else "recent runs: none")
     for r in status["runs"]:
-        extra = (f" gate {r['gate']}, publish {r['publish']}" if r.get("gate") else "")
+        extra = (f" gate {r['gate']}, {_published_words(r['publish'])}" if r.get("gate")
+                 else "")
         if search := r.get("search"):
             extra += (f"; search of {search['candidates']} ({search['objective']}): winner "
                       f"{search['winner'] or 'none'}")
         lines.append(f"  {r['run_id']}: {r['state']}{extra}")
     return "\n".join(lines)
+
+
+def _published_words(publish: str | None) -> str:
+    """A run that published nothing says so, not "publish None"."""
+    if publish is None:
+        return "nothing published"
+    return "published as a dry run" if publish == "dry run" else f"published {publish}"
 
 
 def _marker_lines(active: dict[str, Any] | None) -> list[str]:

@@ -266,3 +266,18 @@ def test_promote_of_a_revision_the_hub_does_not_have_says_so(tmp_path):
     assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-3000:]
     assert f"revision: acme/model has no commit {'c' * 40}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_status_says_what_each_run_published_in_words():
+    from requant.status import render_status, run_line
+
+    def run(publish: dict | None, gate: str) -> dict:
+        return run_line(f"r-{gate}", Path("runs"), {"gate": {"status": gate, "promote": True},
+                                                     "publish": publish})
+
+    text = render_status({"serving": {"target": "none"}, "last_published": None, "runs": [
+        run({"commit_sha": "abc123"}, "pass"), run({"dry_run": True}, "pass"),
+        run(None, "fail")]})
+    assert "r-pass: finished gate pass, published abc123" in text
+    assert "gate pass, published as a dry run" in text
+    assert "r-fail: finished gate fail, nothing published" in text and "None" not in text

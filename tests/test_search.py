@@ -331,7 +331,7 @@ def test_a_search_gates_every_candidate_publishes_the_best_that_passes_then_no_o
     status = render_status(collect_status(settings))
     assert f"{summary['run_id']}: finished gate pass" in status
     assert "search of 3 (smallest): winner sq08" in status
-    assert "gate fail, publish None; search of 1 (order): winner none" in status
+    assert "gate fail, nothing published; search of 1 (order): winner none" in status
 
 
 def test_the_shipped_search_demo_config_loads_and_its_candidates_pass_preflight(monkeypatch):
