@@ -281,3 +281,122 @@ def test_the_only_serving_vllm_killed_is_restarted_by_its_keeper_and_serves_agai
     state = load_state(settings.rollout.state_dir, "local")
     assert state.active.server["pid"] == active.server["pid"] and state.pending is None
 
+
+
+# ---- live phases on real vLLM (#26 §3): shadow and canary judged on the router's metrics ----
+
+def phased(settings: PipelineSettings, **local: object) -> PipelineSettings:
+    """The deployment's settings with live phases; judged on agreement and errors only (on two
+    cores, two tiny servers' latencies are jitter, which the fast tests cover on purpose)."""
+    data = settings.model_dump()
+    data["rollout"]["local"] |= local
+    return PipelineSettings.model_validate(data)
+
+
+def test_shadow_then_canary_on_real_vllm_record_agreement_and_promote_a_revision_that_holds(
+        deployment, tmp_path):
+    """The serving weights as another release (one file added): the shadow's greedy answers
+    agree, recorded; the canary answers half the live requests and holds; then the switch.
+    No client request fails, and clients met the new revision only from the canary on."""
+    settings, _ = deployment
+    url = f"http://127.0.0.1:{settings.rollout.local.port}"
+    before = load_state(settings.rollout.state_dir, "local").active
+    twin = tmp_path / "twin"
+    shutil.copytree(before.release.checkpoint, twin)
+    (twin / "NOTES.md").write_text("the serving weights, released again\n")
+    live = phased(settings, shadow={"seconds": 6, "min_requests": 10,
+                                    "max_p95_latency_ratio": None},
+                  canary={"phases": [{"weight": 0.5, "seconds": 6}], "min_requests": 5,
+                          "max_p95_latency_ratio": None, "poll_s": 0.5})
+    release = resolve_release(live, checkpoint=twin)
+    with ClientLoad(url) as load:
+        deployed, changed = rollout_local(live, release, "test-live-phases")
+        time.sleep(1)
+    assert changed and load.failures == []
+    shadow = deployed.verification["shadow"]
+    assert shadow["copies"] >= 10 and shadow["agreement"] == 1.0, shadow
+    (canary,) = deployed.verification["canary"]
+    assert canary["requests"] >= 5 and canary["error_rate"] == 0, canary
+    first_new = load.revisions.index(release.revision)
+    assert before.release.revision in load.revisions[first_new:]  # the canary's share only
+    assert load.revisions[-1] == release.revision and served_root(url) == str(twin.resolve())
+
+
+def test_a_shadow_that_disagrees_with_the_serving_revision_is_rolled_back_unseen(
+        deployment, tmp_path):
+    """Another model (one layer more): it loads, passes the smoke and load tests, and answers
+    every copy differently; the shadow stops it on min_agreement before any client sees it."""
+    from tests.conftest import build_tiny_llama
+
+    settings, _ = deployment
+    url = f"http://127.0.0.1:{settings.rollout.local.port}"
+    before = load_state(settings.rollout.state_dir, "local").active
+    other = build_tiny_llama(tmp_path / "other", layers=3, hidden=256, heads=4, kv_heads=2,
+                             intermediate=512)
+    live = phased(settings, shadow={"seconds": 60, "min_requests": 10,
+                                    "max_p95_latency_ratio": None})
+    with ClientLoad(url) as load, pytest.raises(RolloutFailed) as err:
+        rollout_local(live, resolve_release(live, checkpoint=other), "test-shadow-disagrees")
+    assert err.value.check == "shadow", err.value.reason
+    assert "rollout.local.shadow.min_agreement" in err.value.reason
+    assert load.failures == [] and set(load.revisions) == {before.release.revision}
+    after = load_state(settings.rollout.state_dir, "local")
+    assert after.active.release == before.release and after.history[-1]["event"] == "rolled-back"
+    assert "min_agreement" in after.history[-1]["reason"]
+    assert processes_mentioning(str(other)) == []
+
+
+def test_a_canary_whose_vllm_fails_its_share_is_rolled_back_at_once_losing_only_that_share(
+        deployment, tmp_path):
+    """kill -9 of the canary's vLLM mid-phase: its share of live requests fails (5xx from the
+    router while its keeper restarts it), the phase breaches max_error_rate_increase, the canary
+    is removed and the rollout rolled back; clients lose requests only from the canary's share,
+    and the serving revision answers everything after."""
+    settings, _ = deployment
+    url = f"http://127.0.0.1:{settings.rollout.local.port}"
+    before = load_state(settings.rollout.state_dir, "local").active
+    twin = tmp_path / "twin-canary"
+    shutil.copytree(before.release.checkpoint, twin)
+    (twin / "NOTES.md").write_text("a canary that will crash\n")
+    live = phased(settings, canary={"phases": [{"weight": 0.5, "seconds": 120}],
+                                    "min_requests": 5, "max_p95_latency_ratio": None,
+                                    "poll_s": 0.5})
+    release = resolve_release(live, checkpoint=twin)
+
+    def canary_server(state):  # the canary's share goes to it now
+        status = httpx.get(f"{url}/-/status", timeout=5).json()
+        if not (status.get("canary") and state.pending is not None):
+            return None
+        time.sleep(1)
+        return read_status(state.pending.server["keeper"])["server_pid"]
+
+    with ClientLoad(url) as load:
+        outcome: dict[str, BaseException] = {}
+
+        def run() -> None:
+            try:
+                rollout_local(live, release, "test-canary-breach")
+            except BaseException as exc:  # handed to the test thread
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        deadline, killed = time.monotonic() + 300, None
+        while killed is None and time.monotonic() < deadline:
+            killed = canary_server(load_state(settings.rollout.state_dir, "local"))
+            time.sleep(0.2)
+        assert killed is not None, "the rollout never reached its canary phase"
+        os.kill(killed, signal.SIGKILL)
+        worker.join(120)
+        assert not worker.is_alive(), "the breach was not acted on within 120 s"
+        served_after = len(load.revisions)
+        time.sleep(2)
+    err = outcome.get("error")
+    assert isinstance(err, RolloutFailed) and err.check == "canary", outcome
+    assert "max_error_rate_increase" in err.reason or "exited" in err.reason, err.reason
+    assert all(f.startswith(("HTTP 502", "HTTP 503")) for f in load.failures), load.failures[:3]
+    assert set(load.revisions[served_after:]) == {before.release.revision}
+    assert served_root(url) == before.release.checkpoint
+    after = load_state(settings.rollout.state_dir, "local")
+    assert after.active.release == before.release and after.pending is None
+    assert processes_mentioning(str(twin)) == []

@@ -155,3 +155,28 @@ def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path):
     assert time.monotonic() - started < 10
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)
+
+
+def test_a_server_its_keeper_restarted_is_not_unbroken_though_it_is_alive(tmp_path):
+    """A rollout judges a new server by ``unbroken``: a crash its keeper hid by restarting it
+    mid-phase must still end the phase (the canary's test kills real vLLM for this)."""
+    import json
+
+    from requant.serving.server import ServerHandle
+
+    status = tmp_path / "server.keeper.json"
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        handle = ServerHandle("http://127.0.0.1:1", "m", tmp_path / "log", proc,
+                              keeper_status=status)
+        assert handle.unbroken()  # no record yet: a keeper still starting its server
+        status.write_text(json.dumps({"state": "serving", "restarts": 0}))
+        assert handle.unbroken()
+        status.write_text(json.dumps({"state": "serving", "restarts": 1}))
+        assert handle.alive() and not handle.unbroken()
+        status.write_text(json.dumps({"state": "serving", "restarts": 0}))
+        proc.kill()
+        proc.wait(10)
+        assert not handle.unbroken()
+    finally:
+        proc.kill()

@@ -27,7 +27,12 @@ from requant.quantization.hardware import Accelerator
 from requant.quantization.progress import calibration_passes, layer_progress
 from requant.quantization.ranks import Ranks
 from requant.quantization.resume import LayerStore
-from requant.quantization.single_pass import BATCH_TOKENS, plan, quantize_single_pass
+from requant.quantization.single_pass import (
+    BATCH_TOKENS,
+    outside_layers,
+    plan,
+    quantize_single_pass,
+)
 from requant.quantization.smoothing import (
     ARCHITECTURES,
     Architecture,
@@ -140,6 +145,11 @@ def quantize_model(
         choices["activation_cache"] = kwargs["sequential_offload_device"]
     samples = len(dataset) if dataset is not None else 0
     single = plan(recipe_text) if pipeline == "single-pass" and dataset is not None else None
+    if single is not None and (outside := outside_layers(model, single.gptq)):
+        choices["single_pass_declined"] = (f"quantizes {', '.join(outside[:3])} outside the "
+                                           "decoder layers, which the single pass does not "
+                                           "calibrate")
+        single = None
     if single is not None:  # under torchrun: this rank's shard, merged per layer with the others
         return choices | quantize_single_pass(
             model, single, dataset, acc.torch_device, kwargs["sequential_offload_device"],

@@ -108,7 +108,8 @@ def calibrate_shard(job: RankJob, acc: Accelerator, rank: int, world: int) -> di
         report=progress_file(Path(job.work_dir)) if rank == 0 else no_progress)
     calibrated = time.perf_counter()
     choices |= restore_source_dtype(model, Path(job.model_dir), compute)
-    if single:
+    if choices["pipeline"] == "single-pass":  # what ran (the plan may have been declined:
+        # a recipe quantizing lm_head), not what the home device was chosen for
         # every rank holds the same model now: rank 0 saves it as one process does, with no
         # collective compression moving every module's state between the ranks
         import torch.distributed as dist

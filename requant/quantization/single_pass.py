@@ -88,6 +88,21 @@ def plan(recipe_text: str) -> SinglePassPlan | None:
                           smooth["mappings"] if smooth else [], gptq)
 
 
+def outside_layers(model: Any, gptq_args: dict[str, Any]) -> list[str]:
+    """Linears the recipe quantizes outside the decoder layers (``lm_head`` when the ignore
+    list leaves it in). The single pass calibrates decoder layers only: it must not take such a
+    recipe, or those Linears keep the scales quantization was initialised with, which are
+    uninitialised memory (zeros and NaN, or finite garbage that passes a reload check)."""
+    from compressed_tensors.utils.match import match_named_modules
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    config = GPTQModifier(**gptq_args).resolve_quantization_config()
+    targets = sorted({t for scheme in config.config_groups.values() for t in scheme.targets})
+    inside = {id(m) for layer in decoder_layers(model) for m in layer.modules()}
+    return [name for name, module in match_named_modules(model, targets, config.ignore)
+            if id(module) not in inside]
+
+
 def _scheme_fits(gptq_args: dict[str, Any]) -> bool:
     from compressed_tensors.quantization import QuantizationStrategy
     from llmcompressor.modifiers.gptq import GPTQModifier

@@ -279,7 +279,8 @@ def watch(c: NewRevision, kind: str, where: str, seconds: float, poll_s: float,
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
         measured = since_start(scrape(c.router))
         if not c.alive():
-            raise DeploymentCheckFailed(kind, f"{where}: the new revision's server exited")
+            raise DeploymentCheckFailed(kind, f"{where}: the new revision's server exited "
+                                        "(or crashed and was restarted by its keeper)")
         if reason := judge(measured):
             raise DeploymentCheckFailed(kind, f"{where}: {reason}")
         if time.monotonic() >= deadline:

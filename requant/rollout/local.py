@@ -303,7 +303,7 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
     blue, earlier = state.active, state.previous
     try:
         report = verify_deployment(green.base_url, rcfg.served_model_name, rcfg.slo,
-                                   rcfg.smoke_prompt, cfg.server.startup_timeout_s, green.alive)
+                                   rcfg.smoke_prompt, cfg.server.startup_timeout_s, green.unbroken)
         kill_point("verified")
         phases = _live_phases(settings, url, green, release, blue, log)
     except DeploymentCheckFailed as exc:
@@ -356,7 +356,7 @@ def _live_phases(settings: PipelineSettings, url: str, green: Any, release: Rele
         log("no serving revision to compare live traffic with: switching after the load test")
         return records
     phase = NewRevision(url, router_token(settings), green.base_url, release.revision,
-                   blue.release.revision, green.alive)
+                   blue.release.revision, green.unbroken)
     if cfg.shadow.seconds:
         records["shadow"] = run_shadow(phase, cfg.shadow, cfg.canary.poll_s, log)
     records["canary"] = run_phases(phase, cfg.canary, log)

@@ -28,7 +28,7 @@ from requant.gpu_memory import gpu_memory, wait_for_gpu_memory
 from requant.processes import die_with_parent as kill_with_parent
 from requant.processes import terminate_group
 from requant.serving.checks import not_ready_reason
-from requant.serving.keeper import keeper_command
+from requant.serving.keeper import keeper_command, read_status
 from requant.settings import PROJECT_ROOT, ServerSettings
 
 DEFAULT_SERVING_PYTHON = PROJECT_ROOT / ".venvs" / "serving" / "bin" / "python"
@@ -50,6 +50,12 @@ class ServerHandle:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def unbroken(self) -> bool:
+        """Alive and never restarted by its keeper: what a rollout judging a new server needs
+        (a crash its keeper hid within a phase is still a crash on live traffic)."""
+        restarts = (read_status(self.keeper_status) or {}).get("restarts")
+        return self.alive() and not restarts
 
     def check_alive(self) -> None:
         if not self.alive():
