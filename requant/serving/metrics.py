@@ -80,21 +80,23 @@ class _StateCollector:
                                      "now has a backend to go to.")
         routable.add_metric([], 1.0 if (s.backend and s.healthy(s.backend)) or (
             s.fallback and s.healthy(s.fallback)) else 0.0)
-        canary = GaugeMetricFamily("requant_router_canary_weight", "Share of requests sent to "
-                                   "a rollout's canary (absent: no canary phase), by its revision "
-                                   "and backend.", labels=["revision", "backend"])
-        if s.canary:
-            canary.add_metric([s.canary.get("revision") or "", s.canary["url"]],
-                              float(s.canary["weight"]))
-            up.add_metric(["canary", s.canary["url"], s.canary.get("revision") or ""],
-                          1.0 if s.healthy(s.canary["url"]) else 0.0)
-        shadow = GaugeMetricFamily("requant_router_shadow_share", "Share of completion "
-                                   "requests copied to a rollout's shadow (absent: no shadow "
-                                   "phase), by its revision and backend.",
-                                   labels=["revision", "backend"])
-        if s.shadow:
-            shadow.add_metric([s.shadow.get("revision") or "", s.shadow["url"]],
-                              float(s.shadow["share"]))
-            up.add_metric(["shadow", s.shadow["url"], s.shadow.get("revision") or ""],
-                          1.0 if s.healthy(s.shadow["url"]) else 0.0)
+        canary = _phase_gauge("requant_router_canary_weight", "Share of requests sent to a "
+                              "rollout's canary (absent: no canary phase)", s, s.canary,
+                              "weight", up, "canary")
+        shadow = _phase_gauge("requant_router_shadow_share", "Share of completion requests "
+                              "copied to a rollout's shadow (absent: no shadow phase)", s,
+                              s.shadow, "share", up, "shadow")
         yield from (inflight, up, routable, canary, shadow)
+
+
+def _phase_gauge(name: str, doc: str, s: RoutingState, phase: dict[str, Any] | None, key: str,
+                 up: GaugeMetricFamily, role: str) -> GaugeMetricFamily:
+    """A live phase's share as a gauge, and its backend's health under ``role``: the canary
+    and the shadow are exported alike, so a dashboard reads them alike."""
+    gauge = GaugeMetricFamily(name, f"{doc}, by its revision and backend.",
+                              labels=["revision", "backend"])
+    if phase:
+        labels = [phase.get("revision") or "", phase["url"]]
+        gauge.add_metric(labels, float(phase[key]))
+        up.add_metric([role, phase["url"], labels[0]], 1.0 if s.healthy(phase["url"]) else 0.0)
+    return gauge
