@@ -437,7 +437,7 @@ def shadow_only(settings: PipelineSettings, **shadow) -> PipelineSettings:
 def test_a_shadow_that_agrees_is_rolled_out_unseen_by_clients_until_the_switch(endpoint):
     settings, a, url, root = endpoint
     # agreement is the subject: two stand-ins' p95 on two busy cores is jitter (the latency
-    # rule has its own tests), and it once failed this test under a concurrent demo run
+    # rule has its own tests); the likely cause of one failure here under a concurrent demo run
     settings = shadow_only(settings, max_p95_latency_ratio=None)
     b = resolve_release(settings, checkpoint=checkpoint(root, "b"))
     switched_at: list[int] = []
