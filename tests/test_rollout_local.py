@@ -293,6 +293,13 @@ def phased(settings: PipelineSettings, **local: object) -> PipelineSettings:
     return PipelineSettings.model_validate(data)
 
 
+def released_again(checkpoint: str, dest: Path) -> Path:
+    """The same weights as another release (a file added: a new revision, same answers)."""
+    shutil.copytree(checkpoint, dest)
+    (dest / "NOTES.md").write_text("the same weights, released again\n")
+    return dest
+
+
 def test_shadow_then_canary_on_real_vllm_record_agreement_and_promote_a_revision_that_holds(
         deployment, tmp_path):
     """The serving weights as another release (one file added): the shadow's greedy answers
@@ -301,9 +308,7 @@ def test_shadow_then_canary_on_real_vllm_record_agreement_and_promote_a_revision
     settings, _ = deployment
     url = f"http://127.0.0.1:{settings.rollout.local.port}"
     before = load_state(settings.rollout.state_dir, "local").active
-    twin = tmp_path / "twin"
-    shutil.copytree(before.release.checkpoint, twin)
-    (twin / "NOTES.md").write_text("the serving weights, released again\n")
+    twin = released_again(before.release.checkpoint, tmp_path / "twin")
     live = phased(settings, shadow={"seconds": 6, "min_requests": 10,
                                     "max_p95_latency_ratio": None},
                   canary={"phases": [{"weight": 0.5, "seconds": 6}], "min_requests": 5,
@@ -348,16 +353,15 @@ def test_a_shadow_that_disagrees_with_the_serving_revision_is_rolled_back_unseen
 
 def test_a_canary_whose_vllm_fails_its_share_is_rolled_back_at_once_losing_only_that_share(
         deployment, tmp_path):
-    """kill -9 of the canary's vLLM mid-phase: its share of live requests fails (5xx from the
-    router while its keeper restarts it), the phase breaches max_error_rate_increase, the canary
-    is removed and the rollout rolled back; clients lose requests only from the canary's share,
+    """kill -9 of the canary's vLLM mid-phase: the phase ends at the next poll (its server
+    crashed: restarted by its keeper, so not ``unbroken``; or its share's 5xx breach
+    max_error_rate_increase, whichever is seen first), the canary is removed and the rollout
+    rolled back; clients lose requests only from the canary's share (502/503 from the router),
     and the serving revision answers everything after."""
     settings, _ = deployment
     url = f"http://127.0.0.1:{settings.rollout.local.port}"
     before = load_state(settings.rollout.state_dir, "local").active
-    twin = tmp_path / "twin-canary"
-    shutil.copytree(before.release.checkpoint, twin)
-    (twin / "NOTES.md").write_text("a canary that will crash\n")
+    twin = released_again(before.release.checkpoint, tmp_path / "twin-canary")
     live = phased(settings, canary={"phases": [{"weight": 0.5, "seconds": 120}],
                                     "min_requests": 5, "max_p95_latency_ratio": None,
                                     "poll_s": 0.5})
