@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from requant.errors import DeploymentCheckFailed
-from requant.serving.loadtest import LoadResult, run_load
+from requant.serving.loadtest import LoadResult, run_configured_load
 from requant.settings import SLOSettings
 
 
@@ -135,8 +135,7 @@ def slo_violations(load: LoadResult, slo: SLOSettings) -> list[str]:
 
 
 def load_test(base_url: str, served_name: str, slo: SLOSettings) -> tuple[LoadResult, list[str]]:
-    result = run_load(base_url, served_name, requests=slo.requests, concurrency=slo.concurrency,
-                      max_tokens=slo.max_tokens, timeout_s=slo.timeout_s)
+    result = run_configured_load(base_url, served_name, slo)
     return result, slo_violations(result, slo)
 
 

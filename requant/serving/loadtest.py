@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from requant.settings import LoadSettings
+
 DEFAULT_PROMPT = "Write a short story about a robot learning to paint."
 
 
@@ -100,6 +102,13 @@ async def run_load_async(
 
 def run_load(base_url: str, model: str, **kwargs: Any) -> LoadResult:
     return asyncio.run(run_load_async(base_url, model, **kwargs))
+
+
+def run_configured_load(base_url: str, model: str, load: LoadSettings) -> LoadResult:
+    """The load a setting describes (``rollout.slo``, ``search.load``), read in one place so a
+    deployment's check and a search's throughput are measured alike."""
+    return run_load(base_url, model, requests=load.requests, concurrency=load.concurrency,
+                    max_tokens=load.max_tokens, timeout_s=load.timeout_s)
 
 
 def _round(value: float | None) -> float | None:

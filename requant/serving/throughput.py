@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from requant.serving.loadtest import run_load
+from requant.serving.loadtest import run_configured_load
 from requant.serving.server import running_server
 from requant.settings import LoadSettings, ServerSettings
 
@@ -22,9 +22,7 @@ def measure_throughput(model_dir: Path, server: ServerSettings, load: LoadSettin
     server's start time and what was measured under, for the candidate's record."""
     with running_server(model_dir, server, log_path, served_name="requant-throughput",
                         on_gpu=on_gpu) as handle:
-        result = run_load(handle.base_url, handle.served_model_name, requests=load.requests,
-                          concurrency=load.concurrency, max_tokens=load.max_tokens,
-                          timeout_s=load.timeout_s)
+        result = run_configured_load(handle.base_url, handle.served_model_name, load)
         handle.check_alive()  # a server that died under the load: its log, not a figure
         started = handle.startup_s
     return result.as_record() | {"server_startup_s": round(started, 1),
