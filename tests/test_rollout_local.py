@@ -51,6 +51,7 @@ class ClientLoad:
         self.url, self.max_requests, self.pause_s = url, max_requests, pause_s
         self.ok = 0
         self.failures: list[str] = []
+        self.failed_at: list[float] = []  # time.monotonic() of each failure's answer
         self.revisions: list[str] = []
         self.latencies: list[float] = []
         self._stop = threading.Event()
@@ -72,8 +73,10 @@ class ClientLoad:
                         self.latencies.append(time.perf_counter() - started)
                     else:
                         self.failures.append(f"HTTP {r.status_code}: {r.text[:200]}")
+                        self.failed_at.append(time.monotonic())
                 except (httpx.HTTPError, ValueError, KeyError) as exc:
                     self.failures.append(repr(exc))
+                    self.failed_at.append(time.monotonic())
                 self._stop.wait(self.pause_s)
 
     def __enter__(self) -> ClientLoad:
@@ -294,9 +297,11 @@ def phased(settings: PipelineSettings, **local: object) -> PipelineSettings:
 
 
 def released_again(checkpoint: str, dest: Path) -> Path:
-    """The same weights as another release (a file added: a new revision, same answers)."""
+    """The same weights as another release (a file added: a new revision, same answers). The
+    note names ``dest``: a note the serving copy already has would give the same revision
+    (a release is its files' digest), and a rollout of the serving revision has no phases."""
     shutil.copytree(checkpoint, dest)
-    (dest / "NOTES.md").write_text("the same weights, released again\n")
+    (dest / "NOTES.md").write_text(f"the same weights, released again as {dest.name}\n")
     return dest
 
 
@@ -349,3 +354,69 @@ def test_a_shadow_that_disagrees_with_the_serving_revision_is_rolled_back_unseen
     assert after.active.release == before.release and after.history[-1]["event"] == "rolled-back"
     assert "min_agreement" in after.history[-1]["reason"]
     assert processes_mentioning(str(other)) == []
+
+
+def test_a_canary_whose_vllm_fails_its_share_is_rolled_back_at_once_losing_only_that_share(
+        deployment, tmp_path):
+    """kill -9 of the canary's vLLM mid-phase: the phase ends at the next poll (its server
+    crashed: restarted by its keeper, so not ``unbroken``; or its share's 5xx breach
+    max_error_rate_increase, whichever is seen first), the canary is removed and the rollout
+    rolled back; clients lose requests only from the canary's share (502/503 from the router),
+    and the serving revision answers everything after."""
+    settings, _ = deployment
+    url = f"http://127.0.0.1:{settings.rollout.local.port}"
+    before = load_state(settings.rollout.state_dir, "local").active
+    twin = released_again(before.release.checkpoint, tmp_path / "twin-canary")
+    live = phased(settings, canary={"phases": [{"weight": 0.5, "seconds": 120}],
+                                    "min_requests": 5, "max_p95_latency_ratio": None,
+                                    "poll_s": 0.5})
+    release = resolve_release(live, checkpoint=twin)
+    assert release.revision != before.release.revision  # else no phases: nothing to compare
+
+    def canary_server() -> int | None:  # the canary's share goes to it now
+        state = load_state(settings.rollout.state_dir, "local")
+        status = httpx.get(f"{url}/-/status", timeout=5).json()
+        if not (status.get("canary") and state.pending is not None):
+            return None
+        return read_status(state.pending.server["keeper"])["server_pid"]
+
+    with ClientLoad(url) as load:
+        outcome: dict[str, BaseException] = {}
+
+        def run() -> None:
+            try:
+                rollout_local(live, release, "test-canary-breach")
+            except BaseException as exc:  # handed to the test thread
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        deadline, victim = time.monotonic() + 420, None
+        while victim is None:
+            assert worker.is_alive(), f"the rollout ended before its canary phase: {outcome}"
+            assert time.monotonic() < deadline, "no canary phase within 420 s"
+            victim = canary_server()
+            time.sleep(0.2)
+        time.sleep(1)  # the canary has its share of live requests
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        worker.join(120)
+        assert not worker.is_alive(), "the breach was not acted on within 120 s"
+        rolled_back_at = time.monotonic()
+        served_after = len(load.revisions)
+        time.sleep(2)
+    err = outcome.get("error")
+    assert isinstance(err, RolloutFailed) and err.check == "canary", outcome
+    assert "max_error_rate_increase" in err.reason or "restarted" in err.reason \
+        or "exited" in err.reason, err.reason
+    assert all(f.startswith(("HTTP 502", "HTTP 503")) for f in load.failures), load.failures[:3]
+    # only the canary's requests in the breach's seconds: none before the kill, none after
+    assert all(killed_at <= t <= rolled_back_at for t in load.failed_at), load.failures[:3]
+    print(f"kill -9 -> rolled back: {rolled_back_at - killed_at:.1f} s, "
+          f"{len(load.failures)} failed of {load.ok + len(load.failures)}")  # -rP shows it
+    assert set(load.revisions[served_after:]) == {before.release.revision}
+    assert served_root(url) == before.release.checkpoint
+    after = load_state(settings.rollout.state_dir, "local")
+    assert after.active.release == before.release and after.pending is None
+    assert after.history[-1]["event"] == "rolled-back"
+    assert processes_mentioning(str(twin)) == []

@@ -3,9 +3,11 @@ candidate ledger: fast, no vLLM (the router is tested against plain HTTP upstrea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -350,7 +352,10 @@ def test_candidate_key_changes_with_anything_that_changes_the_candidate(tmp_path
     assert find_published(tmp_path, key)["commit_sha"] == "s"
 
 
-def test_router_module_runs_as_a_process_and_answers_its_status(tmp_path):
+@contextlib.contextmanager
+def router_process(tmp_path: Path) -> Iterator[tuple[int, dict]]:
+    """The router as supervisord starts it (``python -m requant.serving.router``): its port
+    and first status, stopped at the end."""
     import subprocess
     import sys
 
@@ -370,6 +375,36 @@ def test_router_module_runs_as_a_process_and_answers_its_status(tmp_path):
             except httpx.HTTPError:
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
+        yield port, status
+    finally:
+        stop_process_group(proc.pid, 5)
+    assert proc.poll() is not None
+
+
+def test_router_process_keeps_a_clients_idle_connection_open_past_the_clients_own_expiry(
+        tmp_path):
+    """httpx (and the openai client) drop an idle connection after 5 s; the router must not
+    close it first (at 5 s both sides race: the client's next request meets a closed socket,
+    ReadError). Idle 6 s, the same connection answers again."""
+    import http.client
+
+    with router_process(tmp_path) as (port, _):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            sockets = []
+            for _ in range(2):
+                conn.request("GET", "/-/status")  # closed by the router: RemoteDisconnected
+                response = conn.getresponse()
+                assert response.status == 200 and json.loads(response.read())["pid"]
+                sockets.append(conn.sock)
+                time.sleep(6)
+            assert sockets[0] is sockets[1]  # the same connection, not a new one
+        finally:
+            conn.close()
+
+
+def test_router_module_runs_as_a_process_and_answers_its_status(tmp_path):
+    with router_process(tmp_path) as (port, status):
         assert status["backend"] is None
         token = tmp_path / "r.token"
         assert token.stat().st_mode & 0o777 == 0o600  # only the owner can read it
@@ -379,9 +414,6 @@ def test_router_module_runs_as_a_process_and_answers_its_status(tmp_path):
         ok = httpx.put(f"http://127.0.0.1:{port}/-/backend", json={"url": "http://127.0.0.1:9"},
                        headers={"Authorization": f"Bearer {token.read_text()}"}, timeout=5)
         assert ok.status_code == 200
-    finally:
-        stop_process_group(proc.pid, 5)
-    assert proc.poll() is not None
 
 
 def test_switching_the_backend_needs_the_token(upstreams, tmp_path):

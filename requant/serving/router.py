@@ -200,6 +200,12 @@ RETRY_AFTER_S = 5
 #: sent on a connection the server is closing failed with ReadError (measured: one 502 in a
 #: 64-client rollout window, docs/rollout.md).
 KEEPALIVE_EXPIRY_S = 2.0
+#: How long the router keeps a client's idle connection open. Longer than clients keep theirs
+#: (httpx and the openai client: 5 s; uvicorn's default is also 5 s): at equal timeouts a
+#: client reusing a connection just as the router closed it gets ReadError('') for a request
+#: the router never saw (measured: one failed streamed completion in a 64-client shadow
+#: window, docs/rollout.md). The side that closes idle connections must be the client.
+CLIENT_KEEPALIVE_S = 75
 #: What a reused connection that the backend closed looks like before any response: the backend
 #: never read the request, so sending it once more (on another connection) is safe.
 STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
@@ -495,7 +501,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     app = create_app(args.state_file, load_or_create_token(args.token_file), args.timeout_s)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                            access_log=False, timeout_graceful_shutdown=30)
+                            access_log=False, timeout_graceful_shutdown=30,
+                            timeout_keep_alive=CLIENT_KEEPALIVE_S)
     asyncio.run(uvicorn.Server(config).serve())
 
 
