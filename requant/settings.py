@@ -151,7 +151,8 @@ class QuantizationSettings(_Section):
         "cache_dir/quantization-resume/<key of the inputs> as it completes, so a run killed "
         "midway continues at the first unfinished layer, with the same checkpoint to the bit. "
         "Costs disk up to one copy of the model; deleted once the checkpoint is verified. "
-        "One GPU only for now: with quantization.gpus > 1 a killed run starts again.",
+        "With quantization.gpus > 1, rank 0 keeps the layers and a rerun on as many ranks "
+        "resumes.",
     )
     verify_reload: bool = Field(
         True, description="After saving, reload the checkpoint and run a forward pass."

@@ -8,7 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 wheels="${1:-.carry/wheels}"
-python -m pip install --quiet --no-index --no-deps "$wheels"/*.whl
+# requant's own wheel (FLOW=1 scripts/gpu_wheels.sh) says python 3.11, the version its CPU
+# environments are tested on; the quantization and flow code run on the box's 3.12 as well
+python -m pip install --quiet --no-index --no-deps --ignore-requires-python "$wheels"/*.whl
 python - <<'PY'
 import torch, transformers, llmcompressor, compressed_tensors
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s): "
@@ -17,3 +19,6 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, {torch.cuda.device
       f"compressed-tensors {compressed_tensors.__version__}")
 import requant.quantization.single_pass  # noqa: F401  the code the benchmarks time
 PY
+if ls "$wheels"/requant-*.whl >/dev/null 2>&1; then  # FLOW=1: the flow imports too
+    (cd /tmp && python -c "import prefect, requant.flows.requantize; print('prefect', prefect.__version__)")
+fi

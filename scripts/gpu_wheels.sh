@@ -5,6 +5,10 @@
 # the folder to the GPU box (or let the device tool carry it), then scripts/gpu_setup.sh there.
 #
 #   scripts/gpu_wheels.sh [OUT=.carry/wheels]      PYTHON_VERSION=3.12 by default
+#   FLOW=1 scripts/gpu_wheels.sh                   also what `requant run` needs on the box
+#                                                  (Prefect and its dependencies, pinned by the
+#                                                  same constraints, and requant's own wheel:
+#                                                  ~40 MiB more; benchmarks/bench_flow_gpu.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-.carry/wheels}"
@@ -21,4 +25,11 @@ mkdir -p "$out"
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$pyv" \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
     -d "$out" "${pins[@]}"
+if [ "${FLOW:-0}" = 1 ]; then
+    python3 -m pip download --quiet --only-binary=:all: --python-version "$pyv" \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_28_x86_64 --platform any \
+        -c constraints/pipeline.txt -d "$out" "$(grep -E '^prefect==' constraints/pipeline.txt)"
+    python3 -m pip wheel --quiet --no-deps -w "$out" .   # requant itself (pure Python)
+fi
 ls "$out"

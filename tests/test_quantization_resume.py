@@ -17,7 +17,7 @@ import pytest
 from requant.quantization.resume import RESUME_DIR
 from tests.conftest import ROOT, build_tiny_llama, gsm8k_rows, write_jsonl
 
-pytestmark = pytest.mark.slow  # processes killed and started again: about 2 minutes
+pytestmark = pytest.mark.slow  # processes killed and started again: about 3 minutes
 
 LAYERS = 4
 
@@ -113,3 +113,40 @@ def test_other_inputs_never_resume_from_these_layers(job_settings, uninterrupted
     assert weights(tmp_path) != weights(uninterrupted)
     # the killed run's layers stay for a rerun of its own inputs; the finished one's are gone
     assert len({p.parent for p in (tmp_path / "cache" / RESUME_DIR).glob("*/layer-*")}) == 1
+
+
+@pytest.fixture(scope="module")
+def two_ranks(job_settings):
+    """The same job on two gloo ranks (quantization.gpus=2 on the CPU, real torchrun)."""
+    return job_settings | {"quantization": {"gpus": 2, "device": "cpu"}}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_on_two_ranks(two_ranks, tmp_path_factory):
+    work = tmp_path_factory.mktemp("whole-2")
+    done = quantize(two_ranks, work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert manifest(work)["distributed"]["ranks"] == 2
+    return work
+
+
+def test_rank_0_killed_midway_the_two_rank_rerun_resumes_bit_identical(
+        two_ranks, uninterrupted_on_two_ranks, tmp_path):
+    """Rank 0 keeps the finished layers (every rank holds the same ones) and SIGKILLs itself
+    just after the second layer's record (index 1): torchrun takes rank 1 down, the stage fails
+    naming rank 0. The rerun on two ranks resumes at the third layer on both (the manifest's
+    ``resumed_at_layer`` counts the layers read back: 2) and writes the uninterrupted run's
+    bytes."""
+    killed = quantize(two_ranks, tmp_path, "layer-1-recorded")
+    assert killed.returncode != 0 and "rank 0 of 2 was killed by SIGKILL" in killed.stderr, \
+        killed.stderr[-3000:]
+    assert not (tmp_path / "checkpoint").exists()
+    assert "layer-00001.json" in stored_layers(tmp_path)
+
+    rerun = quantize(two_ranks, tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert manifest(tmp_path)["hardware"]["resumed_at_layer"] == 2
+    assert weights(tmp_path) == weights(uninterrupted_on_two_ranks)
+    whole = manifest(uninterrupted_on_two_ranks)
+    assert manifest(tmp_path)["hardware"]["gptq_loss"] == whole["hardware"]["gptq_loss"]
+    assert stored_layers(tmp_path) == []

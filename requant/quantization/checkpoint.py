@@ -68,10 +68,11 @@ def quantize_checkpoint(
     reset_gpu_peak()
     source = fetch_weights(settings.source, source)
     t_fetch = time.perf_counter()
-    store = layer_store(settings, source, calib, recipe, acc) if q.gpus == 1 else None
+    store = layer_store(settings, source, calib, recipe, acc)
     with atomic_directory(out_dir) as tmp:
         if q.gpus > 1:
-            choices = calibrate_on_ranks(settings, source, calib, recipe, acc, tmp, report)
+            choices = calibrate_on_ranks(settings, source, calib, recipe, acc, tmp, report,
+                                         store)
         else:
             choices = calibrate_in_process(settings, source, calib, recipe, acc, tmp, report,
                                            store)
@@ -170,6 +171,7 @@ def calibrate_in_process(
 def calibrate_on_ranks(
     settings: PipelineSettings, source: ResolvedSource, calib: CalibrationSet | None,
     recipe: ResolvedRecipe, acc: Accelerator, save_to: Path, report: Report,
+    store: LayerStore | None = None,
 ) -> dict[str, Any]:
     """``quantization.gpus`` ranks under torchrun; rank 0 saves into ``save_to``. The shards
     and every rank's peak memory go into the manifest, so a run can be reproduced exactly."""
@@ -186,7 +188,7 @@ def calibrate_on_ranks(
         world=q.gpus, save_to=str(save_to), work_dir=str(work),
         trust_remote_code=settings.source.trust_remote_code, allow_tf32=q.allow_tf32,
         activation_cache=q.activation_cache, smoothing_tolerance=q.smoothing_tolerance,
-        pipeline=q.pipeline)
+        pipeline=q.pipeline, resume_dir=str(store.folder) if store is not None else None)
     try:
         result = run_ranks(job, report)
     finally:

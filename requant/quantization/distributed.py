@@ -52,6 +52,7 @@ class RankJob:
     activation_cache: str = "auto"
     smoothing_tolerance: float | None = None
     pipeline: str = "single-pass"
+    resume_dir: str | None = None  # quantization.resume: the finished layers' store
 
     def write(self) -> Path:
         return write_json_atomic(Path(self.work_dir) / "job.json", asdict(self))

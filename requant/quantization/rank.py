@@ -28,6 +28,7 @@ from requant.progress import Report, no_progress
 from requant.quantization.distributed import RankJob, shard_bounds
 from requant.quantization.hardware import Accelerator, detect_accelerator
 from requant.quantization.memory_plan import REPLICA_BUDGET
+from requant.quantization.resume import LayerStore
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +106,7 @@ def calibrate_shard(job: RankJob, acc: Accelerator, rank: int, world: int) -> di
         acc, allow_tf32=job.allow_tf32,
         activation_cache=job.activation_cache,  # type: ignore[arg-type]
         smoothing_tolerance=job.smoothing_tolerance, pipeline=job.pipeline,
+        store=LayerStore(Path(job.resume_dir)) if job.resume_dir else None,
         report=progress_file(Path(job.work_dir)) if rank == 0 else no_progress)
     calibrated = time.perf_counter()
     choices |= restore_source_dtype(model, Path(job.model_dir), compute)

@@ -76,6 +76,15 @@ class Ranks:
                                       device=self._device()))
         return int(both[0]) == -int(both[1]) == value
 
+    def least(self, value: int) -> int:
+        """The smallest of this number over the ranks (how many stored layers all of them
+        see: the count a resume can start from on every rank)."""
+        if self.world == 1:
+            return value
+        import torch
+
+        return int(self.min_(torch.tensor([value], dtype=torch.int64, device=self._device()))[0])
+
     def broadcast_(self, tensor: Any, src: int) -> None:
         if self.world == 1:
             return

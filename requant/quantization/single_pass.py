@@ -129,9 +129,10 @@ def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, dev
     ``store``, each finished layer is kept there, and the layers it already holds are read back
     instead of calibrated (``requant.quantization.resume``). With several ``ranks``, ``dataset``
     is this rank's shard and the layer's statistics and solves are shared
-    (``requant.quantization.ranks``); every rank ends with the same model."""
-    if store is not None and ranks.world > 1:
-        raise ValueError("resuming a data-parallel single pass is not supported: store=None")
+    (``requant.quantization.ranks``); every rank ends with the same model. Resuming on ranks:
+    every rank holds the same finished layer, so rank 0 alone keeps it, and all ranks resume
+    from the count they all see (each then propagates its own shard through the stored layers,
+    as the uninterrupted run did)."""
     import torch
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.transformers.compression.compressed_tensors_utils import (
@@ -154,6 +155,8 @@ def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, dev
         layers = decoder_layers(model)
         names = {m: name for name, m in model.named_modules()}
         done = store.finished(len(layers)) if store is not None else []
+        done = done[:ranks.least(len(done))]  # the ranks' collectives must match one for one
+        keeper = store if ranks.rank == 0 else None  # the one copy of what every rank holds
         if store is not None and done:
             report(0.0, f"resumed at layer {len(done) + 1} of {len(layers)}: {len(done)} "
                    f"finished layers read back from {store.folder}")
@@ -172,17 +175,17 @@ def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, dev
             loss += layer_loss
             with phases("layer back to host"):
                 layer.to("cpu")
-            if store is not None and index >= len(done):
+            if keeper is not None and index >= len(done):
                 with phases("layer kept for resuming (the previous write's wait)"):
-                    store.save(index, layer, {"gptq_loss": layer_loss,
-                                              "check": check.layer_record(index)})
+                    keeper.save(index, layer, {"gptq_loss": layer_loss,
+                                               "check": check.layer_record(index)})
             fraction = (index + 1) / len(layers)
             report(min(fraction, 0.99), f"calibrated layer {index + 1} of {len(layers)}"
                    f"{f' (resumed at layer {len(done) + 1})' if done else ''}, "
                    f"{eta_text(started, fraction)}")
-        if store is not None:
+        if keeper is not None:
             with phases("layer kept for resuming (the previous write's wait)"):
-                store.wait()
+                keeper.wait()
     gptq.end_calibration(model)
     modify_save_pretrained(model)  # saves compressed, as oneshot leaves a model
     return {"smoothing_check": check.record() if the_plan.strength is not None else None,
