@@ -15,7 +15,9 @@ from requant.settings import CalibrationSettings
 from requant.source import ResolvedSource
 
 
-@task(name="prepare-calibration")
+# the flow logs prints; not here, where library code prints to a captured stdout
+# (docs/architecture.md, "Prints and the run log")
+@task(name="prepare-calibration", log_prints=False)
 def prepare_calibration(
     cfg: CalibrationSettings, source: ResolvedSource, cache_dir: Path, out_dir: Path
 ) -> CalibrationSet:

@@ -36,7 +36,9 @@ def _report(result: ModelEvaluation) -> None:
     )
 
 
-@task(name="evaluate-baseline")
+# the flow logs prints; not here, where library code prints to a captured stdout
+# (docs/architecture.md, "Prints and the run log")
+@task(name="evaluate-baseline", log_prints=False)
 def evaluate_baseline(
     cfg: EvaluationSettings, gate: GateSettings, source_record: dict[str, Any], model_dir: Path,
     cache_dir: Path, out_dir: Path, on_gpu: bool,
@@ -54,7 +56,9 @@ def evaluate_baseline(
     return result
 
 
-@task(name="evaluate-candidate")
+# the flow logs prints; not here, where library code prints to a captured stdout
+# (docs/architecture.md, "Prints and the run log")
+@task(name="evaluate-candidate", log_prints=False)
 def evaluate_candidate(
     cfg: EvaluationSettings, gate: GateSettings, baseline: ModelEvaluation, checkpoint: Path,
     out_dir: Path, on_gpu: bool, source_record: dict[str, Any], source_dir: Path,

@@ -52,7 +52,9 @@ def plan_quantization_memory(settings: PipelineSettings, source: ResolvedSource,
     return plan
 
 
-@task(name="quantize")
+# the flow logs prints; not here, where library code prints to a captured stdout
+# (docs/architecture.md, "Prints and the run log")
+@task(name="quantize", log_prints=False)
 def quantize(
     settings: PipelineSettings,
     source: ResolvedSource,

@@ -153,3 +153,41 @@ def test_all_empty_rows_are_an_error_naming_the_columns(tiny_model, tmp_path):
     path = write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}, {"text": ""}])
     with pytest.raises(SettingsError, match=r"every drawn sample is empty.*text_column"):
         build(CalibrationSettings(dataset=str(path), num_samples=2), tiny_model, tmp_path)
+
+
+def test_the_calibration_task_in_a_flow_that_logs_prints_logs_no_bytecode(
+        prefect_server, tiny_model, chat_file, tmp_path):
+    """The flows log prints; datasets' fingerprinting (dill) disassembles functions into a
+    captured stdout, which Prefect's print patch would send to the run log instead. The task,
+    as the flow runs it on a real Prefect server, logs its own summary and no bytecode."""
+    import asyncio
+    import time
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.runtime import flow_run
+
+    from requant.tasks.calibration import prepare_calibration
+
+    @flow(log_prints=True)  # as flows/requantize.py
+    def calibrate_as_the_flow_does() -> str:
+        cfg = CalibrationSettings(dataset=str(chat_file), num_samples=5, max_seq_len=512)
+        prepare_calibration(cfg, source(tiny_model), tmp_path / "cache", tmp_path / "out")
+        return flow_run.id
+
+    run_id = calibrate_as_the_flow_does()
+
+    async def run_log() -> list[str]:
+        async with get_client() as client:
+            logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        return [entry.message for entry in logs]
+
+    # logs reach the server in batches, in the background: wait for ours, with a deadline
+    deadline = time.monotonic() + 60
+    messages = asyncio.run(run_log())
+    while not any(m.startswith("calibration set ") for m in messages):
+        assert time.monotonic() < deadline, f"the task's summary never reached the server: {messages}"
+        time.sleep(0.5)
+        messages = asyncio.run(run_log())
+    assert not [m for m in messages if "LOAD_GLOBAL" in m or " RESUME " in m], messages
