@@ -152,8 +152,11 @@ def test_the_readmes_search_command_on_smollm2_publishes_the_smallest_that_passe
     nightly search after the single run: the baseline comes from the copy's cache): three real
     candidates of SmolLM2-135M on the CPU. The planted broken one (SmoothQuant mappings that do
     not match the model) is stopped by the exactness check, naming the mapping; both good ones
-    are quantized and the smaller is gated first and passes at the split level, so the other
-    is recorded and never evaluated; the table and plot are artifacts on a real Prefect server
+    are quantized and the smaller is gated first and passes, so the other is recorded and never
+    evaluated. Where it passes depends on the host's bf16 kernels: at the split on the Intel
+    hosts, only on the whole set on an AMD EPYC host (2026-12-01: score statistic +2.44 at the
+    split, short of the Bonferroni-corrected boundary; +4.09 on the whole set against 2.14),
+    where the baseline answers the second stage too; the table and plot are artifacts on a real Prefect server
     and the card lists the alternatives. Nothing is deployed (the config's rollout is none)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -168,7 +171,11 @@ def test_the_readmes_search_command_on_smollm2_publishes_the_smallest_that_passe
     assert searched.returncode == 0, searched.stdout[-4000:] + searched.stderr[-4000:]
     run_dir = Path(re.search(r"^run directory: (.+)$", searched.stdout, re.M).group(1))
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert json.loads((run_dir / "eval" / "baseline" / "cache.json").read_text())["key"]
+    # the demo's baseline reused: its first stage byte for byte (lm-eval's results carry the
+    # time they were made), so never answered again
+    demo_run = Path(re.search(r"^run directory: (.+)$", done.stdout, re.M).group(1))
+    first = Path("eval") / "baseline" / "results_gsm8k_cloze_local_stage1.json"
+    assert (run_dir / first).read_bytes() == (demo_run / first).read_bytes()
 
     record = summary["search"]
     assert (record["objective"], record["winner"]) == ("smallest", "w8a8-sq08")
@@ -181,6 +188,11 @@ def test_the_readmes_search_command_on_smollm2_publishes_the_smallest_that_passe
     winner = run_dir / "candidates" / "w8a8-sq08"
     decision = json.loads((winner / "gate" / "decision.json").read_text())
     assert decision["promote"] is True
+    if decision["look"] == 1:  # decided at the split: the baseline came whole from the cache
+        assert (run_dir / "eval" / "baseline" / "cache.json").is_file()
+    else:  # undecided there (see the docstring): the baseline answered the second stage only
+        assert json.loads((run_dir / "eval" / "baseline" / "summary.json").read_text())[
+            "stages"] == 2
     assert decision["thresholds"]["confidence"] == pytest.approx(1 - 0.05 / 3)
     assert summary["checkpoint"] == str(winner / "checkpoint")
     assert not list((run_dir / "candidates" / "planted-broken").glob("checkpoint/*.safetensors"))
