@@ -18,6 +18,8 @@ Usage (device machine; the model and data are built once into .bench-cache/):
   python benchmarks/bench_quantization_multigpu.py --samples 512 --gpus 2 --out $OUT/mg.json
   python benchmarks/bench_quantization_multigpu.py --samples 512 --gpus 1 --out $OUT/mg.json
   python benchmarks/bench_quantization_multigpu.py --tiny --samples 8 --gpus 1 2  # smoke
+  # no GPU: two gloo ranks on a 0.3 B model, where each rank's host memory shows what it read
+  python benchmarks/bench_quantization_multigpu.py --small --samples 16 --seq-len 256 --gpus 1 2
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ from bench_quantization_gpu import (  # noqa: E402
 
 from requant.quantization.single_pass import BATCH_TOKENS  # noqa: E402
 
+#: A 0.3 B Llama (1.2 GB in fp32): big enough that a rank holding the model shows in its RSS.
+SMALL = dict(LLAMA3_8B, vocab_size=32000, hidden_size=1024, intermediate_size=4096,
+             num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2)
+
 METRIC_ERROR = re.compile(r"\| METRIC - error ([0-9.]+)")
 
 
@@ -53,14 +59,18 @@ def prepare(cache: Path, args: argparse.Namespace, device: str) -> tuple[Path, P
     model_dir, data_dir = cache / "model", cache / f"data-{args.samples}x{args.seq_len}"
     if not (model_dir / "model.safetensors.index.json").exists() and \
             not (model_dir / "model.safetensors").exists():
-        model = build_model(TINY if args.tiny else LLAMA3_8B, model_dir, device)
+        model = build_model(shape(args), model_dir, device)
         model.save_pretrained(model_dir)
         make_tokenizer().save_pretrained(model_dir)
         del model
     if not data_dir.exists():
-        vocab = (TINY if args.tiny else LLAMA3_8B)["vocab_size"]
+        vocab = shape(args)["vocab_size"]
         random_dataset(args.samples, args.seq_len, vocab).save_to_disk(str(data_dir))
     return model_dir, data_dir
+
+
+def shape(args: argparse.Namespace) -> dict:
+    return TINY if args.tiny else SMALL if args.small else LLAMA3_8B
 
 
 def recipe_text() -> str:
@@ -142,6 +152,8 @@ def run_multi(n: int, model_dir: Path, data_dir: Path, args: argparse.Namespace,
               "gptq_error_sum": round(out.get("gptq_loss") or error, 2),
               "peak_gpu_gib": [r["gpu_allocated"] for r in out["ranks"]],
               "peak_host_rss_gib": [r["host_rss"] for r in out["ranks"]],
+              "weights_per_rank": [r.get("weights") for r in out["ranks"]],
+              "seconds_per_rank": [r.get("seconds") for r in out["ranks"]],
               "smoothing_check": out.get("smoothing_check")}
     return result, saved_codes(save_to)
 
@@ -185,6 +197,7 @@ def main() -> None:
                    help="1 GPU: one run per value; the codes of each are compared with the "
                         "first's (how far a mere change of summation order moves them)")
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--small", action="store_true", help="a 0.3 B model (CPU runs)")
     p.add_argument("--pipeline", choices=["single-pass", "llm-compressor"], default="single-pass",
                    help="what the N > 1 ranks run (1 GPU: always the stage's own choice)")
     p.add_argument("--cache", type=Path, default=ROOT / ".bench-cache" / "multigpu")
@@ -193,7 +206,7 @@ def main() -> None:
 
     import torch
 
-    cache = args.cache / ("tiny" if args.tiny else "8b")
+    cache = args.cache / ("tiny" if args.tiny else "small" if args.small else "8b")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model_dir, data_dir = prepare(cache, args, device)
     report = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}

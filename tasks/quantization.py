@@ -46,7 +46,7 @@ def plan_quantization_memory(settings: PipelineSettings, source: ResolvedSource,
     plan = plan_for_source(source.path, settings, on_gpu,
                            fp32=not on_gpu and not cpu_has_native_bf16(),
                            gpu_total=gpu[1] if gpu else None,
-                           calibrates=recipe.needs_calibration_data)
+                           calibrates=recipe.needs_calibration_data, recipe_text=recipe.text)
     get_run_logger().info("memory plan: %s", plan.describe())
     check_memory_plan(plan, available_host_bytes(), gpu[1] if gpu else None)
     return plan

@@ -103,6 +103,9 @@ def test_two_ranks_write_a_verified_checkpoint_recording_ranks_and_shards(runs):
     assert m["distributed"]["ranks"] == 2 and m["distributed"]["backend"] == "gloo"
     assert m["distributed"]["shards"] == [[0, 8], [8, 16]]
     assert [r["rank"] for r in m["distributed"]["peak_memory_gib"]] == [0, 1]
+    # the model read once (#24 §2): rank 1 built a skeleton and received every module
+    assert [r["weights"] for r in m["distributed"]["peak_memory_gib"]] == [
+        "read from disk, sent to 1 rank(s)", "received from rank 0, a module at a time"]
     assert m["smoothing_check"]["max_layer_update_rel_change"] <= m["smoothing_check"]["layer_tolerance"]
     assert sorted(p.name for p in two.path.parent.iterdir()) == ["checkpoint"]  # no rank leftovers
 

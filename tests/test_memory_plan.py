@@ -80,3 +80,37 @@ def test_the_demo_models_plan_bounds_its_measured_peak_on_this_cpu():
                        gpu_total=None)
     assert count_params(config) == pytest.approx(134.5e6, rel=0.01)
     assert measured <= plan.host_bytes <= 3 * measured
+
+
+def test_70b_on_two_ranks_of_the_single_pass_plans_one_host_copy_and_fits_a_256_gib_host():
+    """#24: rank 0 alone reads the weights, the other ranks receive each layer; the plan counts
+    one copy, and 70B at 512 x 2048 on 2 H200s fits the 256 GiB host it was refused on, within
+    one model copy + 20 %."""
+    plan = plan_memory(LLAMA3_70B, gpus=2, on_gpu=True, fp32=False, samples=512,
+                       max_seq_len=2048, gpu_total=141 * GIB, read_once=True)
+    assert plan.copies == 1
+    check_memory_plan(plan, host_available=256 * GIB, gpu_total=141 * GIB)
+    assert plan.host_bytes <= 1.2 * plan.weight_bytes
+
+
+def test_the_plan_reads_once_only_where_the_single_pass_runs_the_recipe(tiny_model):
+    """A recipe quantizing lm_head goes to llm-compressor's pipeline, where every rank reads
+    the model: the plan must count a copy per rank for it, or it would let through a job that
+    runs out of memory."""
+    from requant.quantization.memory_plan import plan_for_source
+    from requant.quantization.recipes import resolve_recipe
+    from requant.quantization.smoothing import fit_to_model
+    from requant.settings import PipelineSettings, QuantizationSettings
+
+    def copies(gpus: int, ignore: list[str], pipeline: str = "single-pass") -> int:
+        q = {"gpus": gpus, "device": "cpu", "pipeline": pipeline, "ignore": ignore}
+        settings = PipelineSettings.model_validate({"source": {"model": str(tiny_model)},
+                                                    "quantization": q})
+        text = fit_to_model(resolve_recipe(QuantizationSettings(ignore=ignore)), "llama").text
+        return plan_for_source(tiny_model, settings, on_gpu=False, fp32=True, gpu_total=None,
+                               recipe_text=text).copies
+
+    assert copies(2, ["lm_head"]) == 1
+    assert copies(2, []) == 2  # lm_head quantized: the single pass declines it
+    assert copies(2, ["lm_head"], "llm-compressor") == 2
+    assert copies(1, ["lm_head"]) == 1

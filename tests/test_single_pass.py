@@ -24,6 +24,7 @@ from requant.quantization.single_pass import (
     quantize_single_pass,
 )
 from requant.quantization.smoothing import fit_to_model
+from requant.quantization.weights_home import WeightsHome
 from requant.settings import QuantizationSettings
 from tests.tinymodels import build_tiny_model
 
@@ -85,7 +86,7 @@ def test_linears_that_read_one_tensor_share_one_hessian(tiny_model):
     model = load(tiny_model)
     gptq = GPTQModifier(targets=["Linear"], scheme="W8A8", ignore=["lm_head"])
     gptq.initialize_quantization(model)
-    batches = layer_inputs(model, dataset(), "cpu", "cpu", 4096)
+    batches = layer_inputs(model, dataset(), WeightsHome(), "cpu", 4096)
     layer = model.model.layers[0]
     from requant.quantization.hessians import SharedHessians
 

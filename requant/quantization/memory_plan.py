@@ -4,10 +4,11 @@ setting to change, instead of running out of memory an hour in.
 
 What the single pass holds (docs/quantization.md, "Memory"): the model's weights in host memory
 in the dtype calibration computes in (bf16 on a GPU or a CPU with native bf16, fp32 otherwise),
-one copy per calibration rank (each rank loads the model); the hidden states of every calibration
+one copy when the single pass runs on the ranks (rank 0 reads it, the others receive each layer:
+``requant.quantization.weights_home``), else one per rank; the hidden states of every calibration
 token between two layers (on the GPU when they fit half of it, else in host memory); on the GPU,
 one decoder layer, its Hessians and a batch (``gpu_memory.quantization_need_bytes``). Ranks
-running the single pass keep their copy in host memory like one process; only llm-compressor's
+running the single pass keep the one copy in host memory like one process; only llm-compressor's
 pipeline puts a weight replica on each GPU, and only when it takes at most 40 % of the GPU
 (``requant.quantization.rank.weights_device``). The figure is an upper-bound estimate:
 the demo model's plan is checked against its measured peak (tests/test_memory_plan.py).
@@ -22,7 +23,10 @@ from typing import Any
 
 from requant.errors import SettingsError
 from requant.gpu_memory import GIB, quantization_need_bytes
-from requant.quantization.single_pass import BATCH_TOKENS  # tokens per calibration forward
+from requant.quantization.single_pass import (  # tokens per calibration forward
+    BATCH_TOKENS,
+    weights_read_once,
+)
 
 #: Python, torch, transformers and llm-compressor themselves, before any tensor (the demo's
 #: process measures ~1 GiB of it).
@@ -69,7 +73,9 @@ def count_params(config: dict[str, Any]) -> int:
 
 def plan_memory(config: dict[str, Any], *, gpus: int, on_gpu: bool, fp32: bool, samples: int,
                 max_seq_len: int, gpu_total: int | None,
-                pipeline: str = "single-pass") -> MemoryPlan:
+                pipeline: str = "single-pass", read_once: bool = False) -> MemoryPlan:
+    """``read_once``: the single pass runs on the ranks, rank 0 alone holds the weights
+    (``single_pass.weights_read_once``); otherwise each rank holds a copy."""
     params = count_params(config)
     weights = params * (4 if fp32 else 2)
     ranks = max(gpus, 1)
@@ -85,8 +91,9 @@ def plan_memory(config: dict[str, Any], *, gpus: int, on_gpu: bool, fp32: bool, 
     gpu = None
     if on_gpu:
         gpu = layer_need + (per_rank_acts if acts_on_gpu else 0) + (weights if replica else 0)
-    host = weights * ranks + (0 if acts_on_gpu else activations) + PROCESS_BYTES * ranks
-    return MemoryPlan(params, weights, ranks, activations, acts_on_gpu, host, gpu)
+    copies = 1 if read_once else ranks
+    host = weights * copies + (0 if acts_on_gpu else activations) + PROCESS_BYTES * ranks
+    return MemoryPlan(params, weights, copies, activations, acts_on_gpu, host, gpu)
 
 
 class _Config:
@@ -127,10 +134,19 @@ def check_memory_plan(plan: MemoryPlan, host_available: int | None,
 
 
 def plan_for_source(model_dir: Path, settings: Any, on_gpu: bool, fp32: bool,
-                    gpu_total: int | None, calibrates: bool = True) -> MemoryPlan:
+                    gpu_total: int | None, calibrates: bool = True,
+                    recipe_text: str | None = None) -> MemoryPlan:
     config = json.loads((Path(model_dir) / "config.json").read_text())
     config = config if "hidden_size" in config else config.get("text_config", config)
     return plan_memory(config, gpus=settings.quantization.gpus, on_gpu=on_gpu, fp32=fp32,
                        samples=settings.calibration.num_samples if calibrates else 0,
                        max_seq_len=settings.calibration.max_seq_len, gpu_total=gpu_total,
-                       pipeline=settings.quantization.pipeline)
+                       pipeline=settings.quantization.pipeline,
+                       read_once=reads_once(model_dir, settings, recipe_text))
+
+
+def reads_once(model_dir: Path, settings: Any, recipe_text: str | None) -> bool:
+    q = settings.quantization
+    return bool(q.gpus > 1 and q.pipeline == "single-pass" and recipe_text is not None
+                and weights_read_once(Path(model_dir), recipe_text,
+                                      settings.source.trust_remote_code))

@@ -122,12 +122,15 @@ def quantize_model(
     pipeline: str = "single-pass",
     store: LayerStore | None = None,
     batch_tokens: int = BATCH_TOKENS,
+    shared_weights: bool = False,
     report: Report = no_progress,
 ) -> dict[str, Any]:
     """Quantize ``model`` in place (requant's single pass when it covers the recipe, else
     oneshot); returns the choices made, for the manifest.
 
     ``model.config.name_or_path`` must be a directory holding the config: oneshot re-reads it.
+    ``shared_weights`` (ranks, single pass only): ranks other than 0 hold a skeleton and
+    receive the weights from rank 0 (``requant.quantization.weights_home``).
     """
     import torch
     from llmcompressor import oneshot
@@ -154,7 +157,10 @@ def quantize_model(
         return choices | quantize_single_pass(
             model, single, dataset, acc.torch_device, kwargs["sequential_offload_device"],
             tolerance=smoothing_tolerance, store=store, ranks=Ranks.current(),
-            batch_tokens=batch_tokens, report=report)
+            shared_weights=shared_weights, batch_tokens=batch_tokens, report=report)
+    if shared_weights:
+        raise ValueError("shared_weights needs the single pass, which this recipe or model "
+                         "declined: every rank must load the weights")
     choices["pipeline"] = "llm-compressor"
     smooth_text, rest_text = split_recipe(recipe_text)
 

@@ -29,6 +29,7 @@ from requant.quantization.distributed import RankJob, shard_bounds
 from requant.quantization.hardware import Accelerator, detect_accelerator
 from requant.quantization.memory_plan import REPLICA_BUDGET
 from requant.quantization.resume import LayerStore
+from requant.quantization.weights_home import model_skeleton
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +60,8 @@ def calibrate(job: RankJob, rank: int, world: int, local_rank: int) -> None:
             write_json_atomic(Path(job.work_dir) / "rank-0.result.json", result)
         write_json_atomic(Path(job.work_dir) / f"rank-{rank}.memory.json", {
             "rank": rank, "device": acc.torch_device, "host_rss": peak_rss_gib(),
-            "gpu_allocated": peak_gpu_gib(acc.index) if acc.kind == "cuda" else None})
+            "gpu_allocated": peak_gpu_gib(acc.index) if acc.kind == "cuda" else None,
+            "weights": result["weights"], "seconds": result["rank_seconds"]})
         if dist.is_initialized():
             dist.barrier()
     finally:
@@ -90,14 +92,19 @@ def calibrate_shard(job: RankJob, acc: Accelerator, rank: int, world: int) -> di
         quantize_model,
         restore_source_dtype,
     )
-    from requant.quantization.single_pass import plan
+    from requant.quantization.single_pass import plan, weights_read_once
 
     started = time.perf_counter()
     compute = compute_dtype(acc)  # every rank computes as the single process would
     single = job.pipeline == "single-pass" and plan(job.recipe_text) is not None
-    home = "cpu" if single else weights_device(acc, weights_bytes(Path(job.model_dir)))
-    model, tokenizer = load_model(Path(job.model_dir), job.trust_remote_code, home,
-                                  dtype=compute or "auto")
+    shared = single and world > 1 and weights_read_once(
+        Path(job.model_dir), job.recipe_text, job.trust_remote_code)
+    if shared and rank > 0:  # rank 0 reads the weights; this rank receives them layer by layer
+        model, tokenizer = model_skeleton(Path(job.model_dir), job.trust_remote_code, compute), None
+    else:
+        home = "cpu" if single else weights_device(acc, weights_bytes(Path(job.model_dir)))
+        model, tokenizer = load_model(Path(job.model_dir), job.trust_remote_code, home,
+                                      dtype=compute or "auto")
     data = load_from_disk(job.calibration_dir)
     loaded = time.perf_counter()
     start, end = shard_bounds(len(data), world)[rank]
@@ -107,6 +114,7 @@ def calibrate_shard(job: RankJob, acc: Accelerator, rank: int, world: int) -> di
         activation_cache=job.activation_cache,  # type: ignore[arg-type]
         smoothing_tolerance=job.smoothing_tolerance, pipeline=job.pipeline,
         store=LayerStore(Path(job.resume_dir)) if job.resume_dir else None,
+        shared_weights=shared,
         report=progress_file(Path(job.work_dir)) if rank == 0 else no_progress)
     calibrated = time.perf_counter()
     choices |= restore_source_dtype(model, Path(job.model_dir), compute)
@@ -124,6 +132,9 @@ def calibrate_shard(job: RankJob, acc: Accelerator, rank: int, world: int) -> di
         model.save_pretrained(job.save_to, save_compressed=True)  # collective: every rank
     if rank == 0:
         tokenizer.save_pretrained(job.save_to)
+    choices["weights"] = ("received from rank 0, a module at a time" if shared and rank > 0
+                          else f"read from disk, sent to {world - 1} rank(s)" if shared
+                          else "read from disk")
     choices["rank_seconds"] = {"load": round(loaded - started, 2),
                                "calibrate": round(calibrated - loaded, 2),
                                "save": round(time.perf_counter() - calibrated, 2)}

@@ -55,8 +55,10 @@ class LayerStore:
         stem = self.folder / f"layer-{index:05d}"
         return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
-    def finished(self, layers: int) -> list[dict[str, Any]]:
-        """The records of layers 0, 1, ... that are complete and whose files verify."""
+    def finished(self, layers: int, verify: bool = True) -> list[dict[str, Any]]:
+        """The records of layers 0, 1, ... that are complete and whose files verify.
+        ``verify=False``: records only, for a rank that never reads the files (rank 0 hashes
+        them, and the ranks resume from the least count any of them found)."""
         records = []
         for index in range(layers):
             weights, record = self._paths(index)
@@ -64,7 +66,7 @@ class LayerStore:
                 rec = json.loads(record.read_text())
             except (OSError, ValueError):
                 break
-            if not weights.is_file() or sha256_file(weights) != rec.get("sha256"):
+            if not weights.is_file() or (verify and sha256_file(weights) != rec.get("sha256")):
                 break
             records.append(rec)
         return records

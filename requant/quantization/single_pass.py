@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -52,6 +53,7 @@ from requant.quantization.smoothing import (
     rel_change,
     tolerances,
 )
+from requant.quantization.weights_home import WeightsHome, model_skeleton
 
 #: Tokens per calibration forward: large enough to keep a GPU's matmuls busy.
 BATCH_TOKENS = 16384
@@ -103,6 +105,16 @@ def outside_layers(model: Any, gptq_args: dict[str, Any]) -> list[str]:
             if id(module) not in inside]
 
 
+def weights_read_once(model_dir: Path, recipe_text: str, trust_remote_code: bool) -> bool:
+    """Whether ranks running this recipe share rank 0's weights: only when the single pass runs
+    it (it declines a recipe quantizing Linears outside the decoder layers, and then every rank
+    reads the model). Decided from the model's skeleton, before any rank reads a byte: the same
+    answer on every rank and in the memory plan."""
+    the_plan = plan(recipe_text)
+    return the_plan is not None and not outside_layers(
+        model_skeleton(model_dir, trust_remote_code, None), the_plan.gptq)
+
+
 def _scheme_fits(gptq_args: dict[str, Any]) -> bool:
     from compressed_tensors.quantization import QuantizationStrategy
     from llmcompressor.modifiers.gptq import GPTQModifier
@@ -122,7 +134,7 @@ def _scheme_fits(gptq_args: dict[str, Any]) -> bool:
 def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, device: str,
                          cache_device: str, *, tolerance: float | None = None,
                          batch_tokens: int = BATCH_TOKENS, store: LayerStore | None = None,
-                         ranks: Ranks = SINGLE,
+                         ranks: Ranks = SINGLE, shared_weights: bool = False,
                          report: Report = no_progress) -> dict[str, Any]:
     """Quantize ``model`` (on the host) in place, one decoder layer at a time on ``device``;
     returns the smoothing check's record and GPTQ's summed loss, for the manifest. With a
@@ -132,7 +144,8 @@ def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, dev
     (``requant.quantization.ranks``); every rank ends with the same model. Resuming on ranks:
     every rank holds the same finished layer, so rank 0 alone keeps it, and all ranks resume
     from the count they all see (each then propagates its own shard through the stored layers,
-    as the uninterrupted run did)."""
+    as the uninterrupted run did). ``shared_weights``: ranks other than 0 hold the model's
+    skeleton and receive each module from rank 0 (``requant.quantization.weights_home``)."""
     import torch
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.transformers.compression.compressed_tensors_utils import (
@@ -148,24 +161,33 @@ def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, dev
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     check = LayerCheck(tolerances(dtype, tolerance), model.config.model_type)
     model.eval()
+    home = WeightsHome(ranks, device, shared_weights)
+    home.check_same_model(model)
     started, loss, phases = time.monotonic(), 0.0, Phases(device)
     with torch.no_grad(), DisableQuantization(model), plain_norms(model, arch):
         with phases("layer inputs"):
-            batches = layer_inputs(model, dataset, device, cache_device, batch_tokens)
+            batches = layer_inputs(model, dataset, home, cache_device, batch_tokens)
         layers = decoder_layers(model)
         names = {m: name for name, m in model.named_modules()}
-        done = store.finished(len(layers)) if store is not None else []
+        done = store.finished(len(layers), verify=home.holds_weights) \
+            if store is not None else []
         done = done[:ranks.least(len(done))]  # the ranks' collectives must match one for one
         keeper = store if ranks.rank == 0 else None  # the one copy of what every rank holds
         if store is not None and done:
             report(0.0, f"resumed at layer {len(done) + 1} of {len(layers)}: {len(done)} "
                    f"finished layers read back from {store.folder}")
         for index, layer in enumerate(layers):
+            resumed = store is not None and index < len(done)
             with phases("layer to device"):
-                layer.to(device)
-            if store is not None and index < len(done):
-                layer_loss = resume_layer(layer, index, batches, done[index], store, check,
-                                          phases)
+                home.to_device(layer)
+            if resumed and home.holds_weights:
+                with phases("layer read back"):
+                    store.load(index, layer)
+            if home.shared:
+                with phases("layer shared from rank 0"):
+                    home.share(layer)
+            if resumed:
+                layer_loss = resume_layer(layer, index, batches, done[index], check, phases)
             else:
                 mappings = layer_mappings(layer, names[layer], the_plan.mappings) \
                     if the_plan.strength is not None else []
@@ -174,7 +196,7 @@ def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, dev
                                              ranks)
             loss += layer_loss
             with phases("layer back to host"):
-                layer.to("cpu")
+                home.to_host(layer)
             if keeper is not None and index >= len(done):
                 with phases("layer kept for resuming (the previous write's wait)"):
                     keeper.save(index, layer, {"gptq_loss": layer_loss,
@@ -195,12 +217,11 @@ def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, dev
 
 
 def resume_layer(layer: Any, index: int, batches: list[list[Any]], record: dict[str, Any],
-                 store: LayerStore, check: LayerCheck, phases: Phases) -> float:
-    """A finished layer read back: its stored state, its recorded check and loss, and the next
-    layer's inputs made by running it exactly as the run that finished it did."""
-    with phases("layer read back"):
-        store.load(index, layer)
-        check.restore(index, record["check"])
+                 check: LayerCheck, phases: Phases) -> float:
+    """A finished layer read back (its stored state is in ``layer`` by now): its recorded
+    check and loss, and the next layer's inputs made by running it exactly as the run that
+    finished it did."""
+    check.restore(index, record["check"])
     propagate(layer, index, batches, phases)
     return float(record["gptq_loss"])
 
@@ -242,10 +263,11 @@ def _stub_class():
     return LayerStub
 
 
-def layer_inputs(model: Any, dataset: Any, device: str, cache_device: str,
+def layer_inputs(model: Any, dataset: Any, home: WeightsHome, cache_device: str,
                  batch_tokens: int) -> list[list[Any]]:
     """Per batch: [hidden states entering the first layer, each layer's other arguments], as
-    the model hands them over. Everything but the decoder layers runs on ``device`` for it."""
+    the model hands them over. Everything but the decoder layers runs on ``home.device`` for
+    it (on a rank that holds no weights, rank 0's, received)."""
     import torch
 
     holder = layer_list(model)
@@ -256,15 +278,16 @@ def layer_inputs(model: Any, dataset: Any, device: str, cache_device: str,
         holder[i] = stub(layer, calls[i], last=i == len(layers) - 1)
     batches = []
     try:
-        model.to(device)  # embeddings, position tables: the layers are stubs now
+        home.to_device(model)  # embeddings, position tables: the layers are stubs now
+        home.share(model)
         for ids in calibration_batches(dataset, batch_tokens):
             with contextlib.suppress(_Caught):
-                model(input_ids=torch.tensor(ids, device=device), use_cache=False)
+                model(input_ids=torch.tensor(ids, device=home.device), use_cache=False)
             per_layer = [c.pop() for c in calls]
             batches.append([per_layer[0][2].to(cache_device),
                             [(args, kwargs) for args, kwargs, _ in per_layer]])
     finally:
-        model.to("cpu")
+        home.to_host(model)
         for i, layer in enumerate(layers):
             holder[i] = layer
     return batches
