@@ -16,6 +16,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -246,29 +247,69 @@ def recover(settings: PipelineSettings, state: DeployState, url: str, flow_run_i
         _stop_deployed(old, grace)
 
 
+@dataclass(frozen=True)
+class _Rollout:
+    """One rollout's fixed inputs, so that its steps below read as the pipeline they are."""
+
+    settings: PipelineSettings
+    state: DeployState
+    release: Release
+    flow_run_id: str | None
+    url: str  # the router's
+    log: Log
+    intent: Intent
+
+
 def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str | None,
                   log: Log = print, intent: Intent = Intent()) -> tuple[Deployed, bool]:
     """Blue/green to ``release``; returns (what now serves, whether anything changed)."""
     check_local_settings(settings)
-    rcfg = settings.rollout
-    cfg = rcfg.local
-    state = load_state(rcfg.state_dir, TARGET)
+    state = load_state(settings.rollout.state_dir, TARGET)
     url = ensure_router(settings, log)  # a restarted router resumes its persisted backend
     recover(settings, state, url, flow_run_id, log)
-    current = router_status(url) or {}
-    if (state.active and state.active.release.revision == release.revision
-            and current.get("backend") == state.active.server.get("url")
-            and answers(state.active, settings)):
+    if _already_serving(settings, state, release, url):
         log(f"{release.label()} is already serving at {url}; nothing to do")
+        assert state.active is not None
         return state.active, False
-
     if not release.checkpoint or not Path(release.checkpoint).is_dir():
         raise SettingsError(f"release {release.label()}: checkpoint folder "
                             f"{release.checkpoint!r} does not exist.")
-    folder = Path(rcfg.state_dir) / TARGET / "servers"
-    log_path = folder / f"{release.revision[:16]}-{datetime.now(UTC):%Y%m%dT%H%M%S}.log"
+    r = _Rollout(settings, state, release, flow_run_id, url, log, intent)
     started = time.monotonic()
-    log(f"starting {release.label()} beside the serving revision")
+    blue, earlier = state.active, state.previous
+    green = _start_green(r)
+    verification = _verify_green(r, green, blue)
+    warm, switched, token = _switch_to_green(r, green, blue, verification, started)
+    deployed = state.active  # green, on record
+    assert deployed is not None
+    if warm is not None:
+        cfg = settings.rollout.local
+        log(f"keeping {warm.release.label()} warm as the fallback for {cfg.keep_previous_s} s "
+            "(rollout.local.keep_previous_s)")
+        if not stays_healthy(url, green.base_url, cfg.keep_previous_s):
+            _undo(settings, state, warm, earlier, green, release, flow_run_id, url, token)
+        switch_router(url, green.base_url, release.revision, token)
+    kill_point("unwarmed")
+    _retire(settings, url, switched.get("previous"), blue, log)
+    return deployed, True
+
+
+def _already_serving(settings: PipelineSettings, state: DeployState, release: Release,
+                     url: str) -> bool:
+    """Only if the record, the router and the server itself all say so."""
+    current = router_status(url) or {}
+    return bool(state.active and state.active.release.revision == release.revision
+                and current.get("backend") == state.active.server.get("url")
+                and answers(state.active, settings))
+
+
+def _start_green(r: _Rollout) -> Any:
+    """The new revision's server beside the serving one, recorded as ``pending`` from the
+    moment it exists: a rollout killed from then on is reaped by the next one."""
+    rcfg, cfg = r.settings.rollout, r.settings.rollout.local
+    folder = Path(rcfg.state_dir) / TARGET / "servers"
+    log_path = folder / f"{r.release.revision[:16]}-{datetime.now(UTC):%Y%m%dT%H%M%S}.log"
+    r.log(f"starting {r.release.label()} beside the serving revision")
     # Two CPU servers side by side: vLLM's default pins each one's OpenMP threads to the same
     # cores with spin-waiting, and the busy old server then starves the new one's start-up
     # (measured: not ready after 300 s under client load). Unpinned + passive waiting shares
@@ -277,70 +318,75 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
         "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_WAIT_POLICY": "PASSIVE", **cfg.server.env}})
 
     def record_spawned(handle: Any) -> None:  # before the wait: a kill from here on is reaped
-        state.pending = Deployed(release, _now(), flow_run_id, url,
-                                 {"pid": handle.process.pid, "url": handle.base_url,
-                                  "log": str(log_path),
-                                  "keeper": str(handle.keeper_status)
-                                  if handle.keeper_status else None},
-                                 rollback=intent.rollback, forced=intent.forced)
-        save_state(rcfg.state_dir, state)
+        r.state.pending = Deployed(r.release, _now(), r.flow_run_id, r.url,
+                                   {"pid": handle.process.pid, "url": handle.base_url,
+                                    "log": str(log_path),
+                                    "keeper": str(handle.keeper_status)
+                                    if handle.keeper_status else None},
+                                   rollback=r.intent.rollback, forced=r.intent.forced)
+        save_state(rcfg.state_dir, r.state)
         kill_point("spawned")
 
     try:
-        green = start_server(release.checkpoint, server_cfg, log_path, on_spawn=record_spawned,
-                             served_name=rcfg.served_model_name, die_with_parent=False,
-                             keep_running=cfg.restart_server)
+        green = start_server(r.release.checkpoint, server_cfg, log_path,
+                             on_spawn=record_spawned, served_name=rcfg.served_model_name,
+                             die_with_parent=False, keep_running=cfg.restart_server)
     except ServerError as exc:
-        state.pending = None
-        _record_failure(settings, state, release, flow_run_id, "readiness", str(exc))
-        raise RolloutFailed(release, "readiness", str(exc)) from None
-    pending = state.pending
-    assert pending is not None
-    pending.server["startup_s"] = green.startup_s
-    save_state(rcfg.state_dir, state)
+        r.state.pending = None
+        _record_failure(r.settings, r.state, r.release, r.flow_run_id, "readiness", str(exc))
+        raise RolloutFailed(r.release, "readiness", str(exc)) from None
+    assert r.state.pending is not None
+    r.state.pending.server["startup_s"] = green.startup_s
+    save_state(rcfg.state_dir, r.state)
     kill_point("ready")
+    return green
 
-    blue, earlier = state.active, state.previous
+
+def _verify_green(r: _Rollout, green: Any, blue: Deployed | None) -> dict[str, Any]:
+    """Smoke, load test and the live phases, on green only; any failure stops green and
+    leaves blue serving. Returns what the verification measured, for the record."""
+    rcfg, cfg = r.settings.rollout, r.settings.rollout.local
     try:
         report = verify_deployment(green.base_url, rcfg.served_model_name, rcfg.slo,
                                    rcfg.smoke_prompt, cfg.server.startup_timeout_s, green.unbroken)
         kill_point("verified")
-        phases = _live_phases(settings, url, green, release, blue, log)
+        phases = _live_phases(r.settings, r.url, green, r.release, blue, r.log)
     except DeploymentCheckFailed as exc:
         if exc.check == "canary":  # its share already goes to the serving revision: let the
-            drain(url, green.base_url, cfg.drain_timeout_s)  # requests it has finish first
+            drain(r.url, green.base_url, cfg.drain_timeout_s)  # requests it has finish first
         stop_server(green, cfg.server.stop_grace_s)
-        state.pending = None
-        _record_failure(settings, state, release, flow_run_id, exc.check, exc.reason)
-        raise RolloutFailed(release, exc.check, exc.reason, exc.report) from None
+        r.state.pending = None
+        _record_failure(r.settings, r.state, r.release, r.flow_run_id, exc.check, exc.reason)
+        raise RolloutFailed(r.release, exc.check, exc.reason, exc.report) from None
     except BaseException:
         stop_server(green, cfg.server.stop_grace_s)
-        state.pending = None
-        save_state(rcfg.state_dir, state)
+        r.state.pending = None
+        save_state(rcfg.state_dir, r.state)
         raise
+    return report.as_record() | phases
 
+
+def _switch_to_green(r: _Rollout, green: Any, blue: Deployed | None,
+                     verification: dict[str, Any], started: float,
+                     ) -> tuple[Deployed | None, dict[str, Any], str]:
+    """The router to green (blue kept as its fallback while warm), then the record.
+    Returns (the warm fallback or None, the router's answer, the admin token)."""
+    cfg = r.settings.rollout.local
     warm = blue if blue is not None and cfg.keep_previous_s > 0 and _server_alive(blue) else None
-    token = router_token(settings)
-    switched = switch_router(url, green.base_url, release.revision, token, fallback=warm)
+    token = router_token(r.settings)
+    switched = switch_router(r.url, green.base_url, r.release.revision, token, fallback=warm)
     kill_point("switched")
     shifted_s = round(time.monotonic() - started, 2)
-    log(f"traffic shifted to {release.label()} after {shifted_s} s")
-    pending.verification = report.as_record() | {"rollout_to_shift_s": shifted_s, **phases}
+    r.log(f"traffic shifted to {r.release.label()} after {shifted_s} s")
+    pending = r.state.pending
+    assert pending is not None
+    pending.verification = {**verification, "rollout_to_shift_s": shifted_s}
     pending.deployed_at = _now()
-    state.activate(pending)
-    state.record_event("deployed", release, flow_run_id, pending.deployed_at)
-    save_state(rcfg.state_dir, state)
+    r.state.activate(pending)
+    r.state.record_event("deployed", r.release, r.flow_run_id, pending.deployed_at)
+    save_state(r.settings.rollout.state_dir, r.state)
     kill_point("recorded")
-
-    if warm is not None:
-        log(f"keeping {warm.release.label()} warm as the fallback for {cfg.keep_previous_s} s "
-            "(rollout.local.keep_previous_s)")
-        if not stays_healthy(url, green.base_url, cfg.keep_previous_s):
-            _undo(settings, state, warm, earlier, green, release, flow_run_id, url, token)
-        switch_router(url, green.base_url, release.revision, token)
-    kill_point("unwarmed")
-    _retire(settings, url, switched.get("previous"), blue, log)
-    return pending, True
+    return warm, switched, token
 
 
 def _live_phases(settings: PipelineSettings, url: str, green: Any, release: Release,
