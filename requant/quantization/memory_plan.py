@@ -27,6 +27,7 @@ from requant.quantization.single_pass import (  # tokens per calibration forward
     BATCH_TOKENS,
     weights_read_once,
 )
+from requant.quantization.weights_home import model_skeleton
 
 #: Python, torch, transformers and llm-compressor themselves, before any tensor (the demo's
 #: process measures ~1 GiB of it).
@@ -148,5 +149,6 @@ def plan_for_source(model_dir: Path, settings: Any, on_gpu: bool, fp32: bool,
 def reads_once(model_dir: Path, settings: Any, recipe_text: str | None) -> bool:
     q = settings.quantization
     return bool(q.gpus > 1 and q.pipeline == "single-pass" and recipe_text is not None
-                and weights_read_once(Path(model_dir), recipe_text,
-                                      settings.source.trust_remote_code))
+                and weights_read_once(model_skeleton(Path(model_dir),
+                                                     settings.source.trust_remote_code, None),
+                                      recipe_text))

@@ -97,10 +97,11 @@ def calibrate_shard(job: RankJob, acc: Accelerator, rank: int, world: int) -> di
     started = time.perf_counter()
     compute = compute_dtype(acc)  # every rank computes as the single process would
     single = job.pipeline == "single-pass" and plan(job.recipe_text) is not None
-    shared = single and world > 1 and weights_read_once(
-        Path(job.model_dir), job.recipe_text, job.trust_remote_code)
+    skeleton = model_skeleton(Path(job.model_dir), job.trust_remote_code, compute) \
+        if single and world > 1 else None
+    shared = skeleton is not None and weights_read_once(skeleton, job.recipe_text)
     if shared and rank > 0:  # rank 0 reads the weights; this rank receives them layer by layer
-        model, tokenizer = model_skeleton(Path(job.model_dir), job.trust_remote_code, compute), None
+        model, tokenizer = skeleton, None
     else:
         home = "cpu" if single else weights_device(acc, weights_bytes(Path(job.model_dir)))
         model, tokenizer = load_model(Path(job.model_dir), job.trust_remote_code, home,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -53,7 +52,7 @@ from requant.quantization.smoothing import (
     rel_change,
     tolerances,
 )
-from requant.quantization.weights_home import WeightsHome, model_skeleton
+from requant.quantization.weights_home import WeightsHome
 
 #: Tokens per calibration forward: large enough to keep a GPU's matmuls busy.
 BATCH_TOKENS = 16384
@@ -105,14 +104,13 @@ def outside_layers(model: Any, gptq_args: dict[str, Any]) -> list[str]:
             if id(module) not in inside]
 
 
-def weights_read_once(model_dir: Path, recipe_text: str, trust_remote_code: bool) -> bool:
+def weights_read_once(skeleton: Any, recipe_text: str) -> bool:
     """Whether ranks running this recipe share rank 0's weights: only when the single pass runs
     it (it declines a recipe quantizing Linears outside the decoder layers, and then every rank
-    reads the model). Decided from the model's skeleton, before any rank reads a byte: the same
-    answer on every rank and in the memory plan."""
+    reads the model). Decided from the model's skeleton (``weights_home.model_skeleton``), before
+    any rank reads a byte: the same answer on every rank and in the memory plan."""
     the_plan = plan(recipe_text)
-    return the_plan is not None and not outside_layers(
-        model_skeleton(model_dir, trust_remote_code, None), the_plan.gptq)
+    return the_plan is not None and not outside_layers(skeleton, the_plan.gptq)
 
 
 def _scheme_fits(gptq_args: dict[str, Any]) -> bool:
