@@ -9,7 +9,10 @@ and the same evaluation path in test_e2e_demo and test_vllm_integration.
 Behaves like vLLM where those tests depend on it: it listens only after a start-up delay
 (``STANDIN_STARTUP_S``), ``/health``, ``/v1/models`` (``root`` is the model path, as vLLM's),
 chat and text completions with ``max_tokens`` tokens, streaming as server-sent events ending in
-``[DONE]``, 404 for an unknown model, and it dies like a process (SIGTERM, SIGKILL). For lm-eval's
+``[DONE]``, 404 for an unknown model, and it dies like a process (SIGKILL). SIGTERM as vLLM's
+default (``shutdown_timeout`` 0, "abort"): the engine stops first, so requests in flight and new
+ones fail (500, ``/health`` 503) while the HTTP server still listens, for ``STANDIN_SHUTDOWN_S``
+(0.5 s), then it exits: a server stopped with requests in flight costs those clients. For lm-eval's
 ``local-completions``: a prompt may be text, token ids, or a batch of either (one choice each,
 ``index`` in order); ``echo`` with ``logprobs`` returns a log-probability for every prompt token
 (equal ones: a model that knows nothing, as the tests' random tiny model); ``/metrics`` counts
@@ -30,8 +33,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import stat
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -117,6 +122,12 @@ class Skill:
         return f" #### {self.gold[question] if right else '-12345'}"
 
 
+#: Set at SIGTERM: the engine is gone, the HTTP server not yet.
+STOPPING = threading.Event()
+ENGINE_DEAD = {"error": {"message": "EngineDeadError: the engine is shutting down",
+                         "type": "InternalServerError", "code": 500}}
+
+
 def handler(model: str, served: str) -> type[BaseHTTPRequestHandler]:
     finished = [0]
     faults_file = Path(model) / "standin-faults.json"
@@ -129,7 +140,7 @@ def handler(model: str, served: str) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             if self.path == "/health":
-                return self._json(200, {})
+                return self._json(503 if STOPPING.is_set() else 200, {})
             if self.path == "/metrics":
                 data = (f'vllm:request_success_total{{finished_reason="length",'
                         f'model_name="{served}"}} {float(finished[0])}\n').encode()
@@ -150,9 +161,11 @@ def handler(model: str, served: str) -> type[BaseHTTPRequestHandler]:
             faulty = faults.get("when_body_contains", "\0") in raw.decode(errors="replace")
             if faulty:
                 time.sleep(float(faults.get("delay_s", 0)))
-                if faults.get("status"):
-                    return self._json(int(faults["status"]), {"error": {
-                        "message": "stand-in fault", "type": "InternalServerError"}})
+            if STOPPING.is_set():
+                return self._json(500, ENGINE_DEAD)
+            if faulty and faults.get("status"):
+                return self._json(int(faults["status"]), {"error": {
+                    "message": "stand-in fault", "type": "InternalServerError"}})
             kind = {"/v1/chat/completions": "chat", "/v1/completions": "text"}.get(self.path)
             if kind is None:
                 return self._json(404, {"error": {"message": f"no route {self.path}"}})
@@ -222,6 +235,11 @@ def handler(model: str, served: str) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def stop_like_vllm(_signum: int, _frame: Any) -> None:
+    STOPPING.set()
+    threading.Timer(float(os.environ.get("STANDIN_SHUTDOWN_S", "0.5")), os._exit, (0,)).start()
+
+
 def main(argv: list[str]) -> None:
     if argv[:1] == ["-c"]:  # the serving environment's vLLM version probe
         print("0+standin")
@@ -233,6 +251,7 @@ def main(argv: list[str]) -> None:
     time.sleep(float(os.environ.get("STANDIN_STARTUP_S", "1")))
     server = ThreadingHTTPServer((args.host, args.port), handler(args.model, served))
     server.daemon_threads = True
+    signal.signal(signal.SIGTERM, stop_like_vllm)
     print(f"INFO: Uvicorn running on http://{args.host}:{args.port}", flush=True)
     server.serve_forever()
 

@@ -334,6 +334,29 @@ def test_a_rollout_killed_mid_phase_keeps_serving_and_the_next_one_finishes_it(e
     assert events[-2:] == ["reaped", "deployed"]
 
 
+def test_requests_a_killed_rollouts_canary_is_answering_finish_before_it_is_reaped(endpoint):
+    """The canary answers slowly (0.5 s), so when the next rollout takes it out of the router
+    some clients are still waiting on it: reaping its server at once cut them off (502s, seen
+    in CI); they are drained first."""
+    settings, _, url, root = endpoint
+    config = root / "settings.json"
+    config.write_text(settings.model_dump_json())
+    slow = checkpoint(root, "b", {"when_body_contains": LIVE, "delay_s": 0.5})
+    with Clients(url) as clients:
+        killed = subprocess.run([sys.executable, "-c", ROLL_OUT, str(config), str(slow)],
+                                env={**os.environ, "REQUANT_KILL_AT": "canary"},
+                                capture_output=True, text=True, timeout=120)
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        time.sleep(1)  # clients wait on the canary
+        assert router_status(url)["inflight"].get(router_status(url)["canary"]["url"], 0) > 0
+        deployed, _ = rollout_local(settings, resolve_release(
+            settings, checkpoint=checkpoint(root, "c")), "run-c", log=lambda _m: None)
+    assert {status for status, _ in clients.answers} == {200}
+    assert len(clients.answers) > 10 and str(deployed.release.checkpoint).endswith("c")
+    events = [e["event"] for e in load_state(settings.rollout.state_dir, "local").history]
+    assert events[-2:] == ["reaped", "deployed"]
+
+
 def test_a_router_restarted_mid_phase_keeps_the_canary_and_the_phase_is_judged_on(endpoint):
     settings, _, url, root = endpoint
     settings = settings.model_copy(deep=True)

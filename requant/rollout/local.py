@@ -210,6 +210,8 @@ def recover(settings: PipelineSettings, state: DeployState, url: str, flow_run_i
             log(f"removing the {kind} a killed rollout left ({routed[kind]['url']}): its "
                 "requests go to the serving revision alone")
             put_phase(url, router_token(settings), kind, None)
+            # the canary's clients are still waiting on it: they finish before it stops
+            drain(url, routed[kind]["url"], settings.rollout.local.drain_timeout_s)
     backend = routed.get("backend")
     pending = state.pending
     if pending is not None and backend == pending.server.get("url") and _server_alive(pending):
@@ -352,18 +354,25 @@ def _verify_green(r: _Rollout, green: Any, blue: Deployed | None) -> dict[str, A
         kill_point("verified")
         phases = _live_phases(r.settings, r.url, green, r.release, blue, r.log)
     except DeploymentCheckFailed as exc:
-        if exc.check == "canary":  # its share already goes to the serving revision: let the
-            drain(r.url, green.base_url, cfg.drain_timeout_s)  # requests it has finish first
-        stop_server(green, cfg.server.stop_grace_s)
+        _stop_green(r, green)
         r.state.pending = None
         _record_failure(r.settings, r.state, r.release, r.flow_run_id, exc.check, exc.reason)
         raise RolloutFailed(r.release, exc.check, exc.reason, exc.report) from None
     except BaseException:
-        stop_server(green, cfg.server.stop_grace_s)
+        _stop_green(r, green)
         r.state.pending = None
         save_state(rcfg.state_dir, r.state)
         raise
     return report.as_record() | phases
+
+
+def _stop_green(r: _Rollout, green: Any) -> None:
+    """Stop a green that failed its checks. A canary's clients may still be waiting on it (its
+    share already goes back to the serving revision): their requests finish first. A router
+    that does not answer is not waited on: nothing can be routed through it either."""
+    if (router_status(r.url) or {}).get("inflight", {}).get(green.base_url):
+        drain(r.url, green.base_url, r.settings.rollout.local.drain_timeout_s)
+    stop_server(green, r.settings.rollout.local.server.stop_grace_s)
 
 
 def _switch_to_green(r: _Rollout, green: Any, blue: Deployed | None,
