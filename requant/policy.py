@@ -84,12 +84,12 @@ def _problems(s: PipelineSettings, env: Mapping[str, str]) -> Iterator[str]:
 
 def _kubernetes_problems(s: PipelineSettings, env: Mapping[str, str]) -> Iterator[str]:
     k = s.rollout.kubernetes
-    default_image = type(k).model_fields["image"].default
-    images = {default_image, *_items(env, "REQUANT_K8S_IMAGES")}
-    if k.image not in images:
-        yield (f"rollout.kubernetes.image: {k.image} is not an image this worker deploys "
-               f"({', '.join(sorted(images))}). Use one of those, or the worker's operator adds "
-               "it to REQUANT_K8S_IMAGES.")
+    for where, section in (("rollout.kubernetes", k), ("rollout.kubernetes.router", k.router)):
+        images = {type(section).model_fields["image"].default, *_items(env, "REQUANT_K8S_IMAGES")}
+        if section.image not in images:
+            yield (f"{where}.image: {section.image} is not an image this worker deploys "
+                   f"({', '.join(sorted(images))}). Use one of those, or the worker's operator "
+                   "adds it to REQUANT_K8S_IMAGES.")
     configs = set(_items(env, "REQUANT_KUBECONFIGS"))
     if k.kubeconfig is not None and str(k.kubeconfig) not in configs:
         yield (f"rollout.kubernetes.kubeconfig: {k.kubeconfig} names cluster credentials on "

@@ -521,6 +521,23 @@ class LocalTargetSettings(_Section):
     )
 
 
+class ClusterRouterSettings(_Section):
+    """requant's router in the cluster, in front of two vLLM Deployments (slots ``-a`` and
+    ``-b``): a rollout fills the idle slot, runs the shadow and canary phases through the
+    router, switches it, then drains and scales the other slot to 0 (docs/rollout.md,
+    "Kubernetes: phases through the router in the cluster")."""
+
+    enabled: bool = Field(False, description="Off: one Deployment, replaced in place (surge "
+                          "first) with no live phases.")
+    image: str = Field("ghcr.io/requant/serving:latest", description="The router's image "
+                       "(docker/serving.Dockerfile).")
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings)
+    canary: CanarySettings = Field(default_factory=CanarySettings)
+    drain_timeout_s: float = Field(
+        300, ge=0, description="How long in-flight requests may finish on the old slot before "
+        "it is scaled to 0.")
+
+
 class KubernetesTargetSettings(_Section):
     """A Deployment of the vllm/vllm-openai image, pinned to the published commit."""
 
@@ -565,6 +582,7 @@ class KubernetesTargetSettings(_Section):
         None, description="None: in-cluster config if present, else ~/.kube/config."
     )
     context: str | None = None
+    router: ClusterRouterSettings = Field(default_factory=ClusterRouterSettings)
 
 
 class RolloutSettings(_Section):

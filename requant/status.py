@@ -92,6 +92,11 @@ def kubernetes_status(settings: PipelineSettings) -> dict[str, Any]:
     try:
         from kubernetes import client
 
+        if k.router.enabled:
+            from requant.rollout.kubernetes_router import routed_status
+
+            out["cluster"] = {"reachable": True, "router": routed_status(k)}
+            return out
         dep = read_deployment(client.AppsV1Api(api_client(k)), k)
     except Exception as exc:  # a status command reports an unreachable cluster, never crashes
         out["cluster"] = {"reachable": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -146,6 +151,9 @@ def render_status(status: dict[str, Any]) -> str:
             lines.append(f"previous (rollback target): {s['previous']['revision']}")
         if s["pending"]:
             lines.append(f"unfinished rollout on record: {s['pending']['revision']}")
+    elif s["target"] == "kubernetes" and (routed := s["cluster"].get("router")):
+        lines += _routed_lines(s["namespace"], s["deployment"], routed)
+        lines += _marker_lines(s["recorded"])
     elif s["target"] == "kubernetes":
         lines.append(f"deployment: {s['namespace']}/{s['deployment']}; cluster: {s['cluster']}")
         lines += _marker_lines(s["recorded"])
@@ -166,6 +174,21 @@ def render_status(status: dict[str, Any]) -> str:
                       f"{search['winner'] or 'none'}")
         lines.append(f"  {r['run_id']}: {r['state']}{extra}")
     return "\n".join(lines)
+
+
+def _routed_lines(namespace: str, name: str, routed: dict[str, Any]) -> list[str]:
+    serving = routed["serving_slot"]
+    lines = [f"router {namespace}/{name}-router: serving "
+             + (f"slot {serving} ({name}-{serving}) at {routed['revision']}" if serving
+                else "NO SLOT (no rollout has set its backend since it started)")]
+    for kind in ("shadow", "canary"):
+        if phase := routed.get(kind):
+            share = phase.get("weight", phase.get("share"))
+            lines.append(f"{kind}: {phase['revision']} ({share:.0%}), a rollout's phase")
+    for slot, dep in routed["slots"].items():
+        lines.append(f"  slot {slot}: " + ("none" if dep is None else
+                     f"{dep['revision']}, {dep['ready']}/{dep['replicas']} ready"))
+    return lines
 
 
 def _published_words(publish: str | None) -> str:

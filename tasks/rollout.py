@@ -19,6 +19,7 @@ from requant.killpoints import MARKER, kill_point
 from requant.progress import StageProgress
 from requant.report import render_rollout
 from requant.rollout.kubernetes import rollout_kubernetes
+from requant.rollout.kubernetes_router import rollout_kubernetes_router
 from requant.rollout.local import rollout_local
 from requant.rollout.release import fetch_release
 from requant.rollout.state import Deployed, Intent, Release, record_marker_moved
@@ -48,7 +49,9 @@ def rollout(settings: PipelineSettings, release: Release, flow_run_id: str | Non
         logger.info(message)
         progress(min(next(phases) / ROLLOUT_STEPS, 0.95), message, force=True)
 
-    run = rollout_local if settings.rollout.target == "local" else rollout_kubernetes
+    run = rollout_local if settings.rollout.target == "local" else (
+        rollout_kubernetes_router if settings.rollout.kubernetes.router.enabled
+        else rollout_kubernetes)
     try:
         deployed, changed = run(settings, release, flow_run_id, log, intent)
     except RolloutFailed as exc:

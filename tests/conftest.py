@@ -182,3 +182,20 @@ def processes_mentioning(*texts: str) -> list:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
+
+
+def wait_answering(url: str, timeout_s: float, alive=lambda: True) -> None:
+    """Until ``url`` answers anything over HTTP (a test's server just started), failing at
+    once if ``alive()`` says it died."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline and alive(), f"{url} did not answer"
+            time.sleep(0.1)

@@ -11,11 +11,18 @@ Behaviour per revision (the ``requant.dev/revision`` pod-template annotation):
 - revisions in ``stuck`` never become available and report ProgressDeadlineExceeded;
 - the strategy decides who serves meanwhile: with maxUnavailable 0 the old pods do (surge
   first); otherwise nobody until the new pods are ready (``serving_log`` records it);
-- revisions in ``slow_answers`` are served but answer after ``slow_s`` seconds (SLO test).
+- revisions in ``slow_answers`` are served but answer after ``slow_s`` seconds (SLO test);
+- revisions in ``failing_live`` answer 500 to chat requests carrying ``LIVE_MARK`` (live
+  clients' traffic; the smoke and load tests' prompts pass): what a canary exists to catch;
+- the API server fills in defaults (each container's ``imagePullPolicy`` and
+  ``terminationMessagePath``), so a Deployment read back never equals the one sent;
+- Secrets: create (``stringData`` stored as base64 ``data``, as the API server does) and read;
+  a Deployment at 0 replicas serves nobody once the controller has scaled it down.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import re
@@ -27,6 +34,7 @@ from typing import Any
 
 TOKEN = "fake-cluster-token"
 REV = "requant.dev/revision"
+LIVE_MARK = "LIVE-CLIENT"
 
 
 class ClusterState:
@@ -39,6 +47,8 @@ class ClusterState:
         self.observe_lag = 0.03  # seconds before the controller observes a new generation
         self.stuck: set[str] = set()
         self.slow_answers: set[str] = set()
+        self.failing_live: set[str] = set()
+        self.secrets: dict[tuple[str, str], dict[str, Any]] = {}
         self.slow_s = 0.5
         self.serving_log: list[str | None] = []  # who serves, at each controller step
         self.lock = threading.Lock()
@@ -131,6 +141,9 @@ class _Handler(BaseHTTPRequestHandler):
         if m := re.fullmatch(r"/api/v1/namespaces/(?P<ns>[^/]+)/services(?:/(?P<name>[^/]+))?",
                              path):
             return self._service(method, m["ns"], m["name"], body)
+        if m := re.fullmatch(r"/api/v1/namespaces/(?P<ns>[^/]+)/secrets(?:/(?P<name>[^/]+))?",
+                             path):
+            return self._secret(method, m["ns"], m["name"], body)
         self._status(404, "NotFound", f"no fake endpoint for {method} {path}")
 
     def do_GET(self) -> None:
@@ -158,7 +171,7 @@ class _Handler(BaseHTTPRequestHandler):
         if ns and meta.get("namespace") not in (None, ns[1]):
             return ("the namespace of the provided object does not match the namespace sent on "
                     "the request")
-        name = re.search(r"/(?:deployments|services)/([^/]+)$", path)
+        name = re.search(r"/(?:deployments|services|secrets)/([^/]+)$", path)
         if method == "PUT" and name and meta.get("name") != name[1]:
             return (f"the name of the object ({meta.get('name')}) does not match the name on "
                     f"the URL ({name[1]})")
@@ -171,7 +184,7 @@ class _Handler(BaseHTTPRequestHandler):
                 key = (ns, body["metadata"]["name"])
                 if key in st.deployments:
                     return self._status(409, "AlreadyExists", "deployment exists")
-                dep = copy.deepcopy(body)
+                dep = with_defaults(body)
                 dep["metadata"].update({"generation": 1, "resourceVersion": "1",
                                         "uid": str(uuid.uuid4())})
                 dep["status"] = {}
@@ -188,7 +201,7 @@ class _Handler(BaseHTTPRequestHandler):
             if method == "PUT":
                 if body["metadata"].get("resourceVersion") != dep["metadata"]["resourceVersion"]:
                     return self._status(409, "Conflict", "the object has been modified")
-                new = copy.deepcopy(body)
+                new = with_defaults(body)
                 changed = new["spec"] != dep["spec"]
                 new["metadata"].update({
                     "generation": dep["metadata"]["generation"] + (1 if changed else 0),
@@ -228,6 +241,27 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, {"kind": "Status", "status": "Success"})
             return self._send(200, svc)
 
+    def _secret(self, method: str, ns: str, name: str | None, body: Any) -> None:
+        st = self.state
+        with st.lock:
+            if method == "POST":
+                key = (ns, body["metadata"]["name"])
+                if key in st.secrets:
+                    return self._status(409, "AlreadyExists",
+                                        f'secrets "{key[1]}" already exists')
+                secret = copy.deepcopy(body)
+                data = {k: base64.b64encode(v.encode()).decode()
+                        for k, v in (secret.pop("stringData", None) or {}).items()}
+                secret["data"] = {**(secret.get("data") or {}), **data}
+                st.secrets[key] = secret
+                return self._send(201, secret)
+            secret = st.secrets.get((ns, name))
+            if secret is None:
+                return self._status(404, "NotFound", f'secrets "{name}" not found')
+            if method == "GET":
+                return self._send(200, secret)
+        self._status(405, "MethodNotAllowed", method)
+
     def _pod(self, method: str, ns: str, name: str, rest: str, body: Any) -> None:
         """What the Service's pods answer: vLLM's OpenAI API for the available revision."""
         with self.state.lock:
@@ -245,6 +279,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, {"object": "list", "data": [
                 {"id": served, "object": "model", "root": f"{args[0]}@{rev}"}]})
         if rest == "/v1/chat/completions" and method == "POST":
+            if rev in self.state.failing_live and LIVE_MARK in json.dumps(body):
+                return self._status(500, "InternalError", "stand-in fault on live traffic")
             n = int(body.get("max_tokens", 16))
             return self._send(200, {
                 "id": "chatcmpl-fake", "object": "chat.completion", "model": served,
@@ -252,6 +288,14 @@ class _Handler(BaseHTTPRequestHandler):
                              "message": {"role": "assistant", "content": "42 " * n}}],
                 "usage": {"prompt_tokens": 10, "completion_tokens": n, "total_tokens": 10 + n}})
         self._status(404, "NotFound", rest)
+
+
+def with_defaults(deployment: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(deployment)
+    for container in out["spec"]["template"]["spec"]["containers"]:
+        container.setdefault("imagePullPolicy", "IfNotPresent")
+        container.setdefault("terminationMessagePath", "/dev/termination-log")
+    return out
 
 
 def merged(base: Any, patch: Any) -> Any:

@@ -24,6 +24,7 @@ from requant.serving.checks import slo_violations, well_formed_problems
 from requant.serving.loadtest import LoadResult
 from requant.serving.router import REVISION_HEADER, create_app, load_or_create_token
 from requant.settings import PipelineSettings, SLOSettings
+from tests.conftest import wait_answering
 
 TOKEN = "router-test-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -173,14 +174,7 @@ class ProcessUpstream:
             [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
              "--directory", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(f"{self.url}/health", timeout=1)
-                return
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, f"stand-in {name} did not start"
-                time.sleep(0.1)
+        wait_answering(f"{self.url}/health", 20)
 
     def kill(self) -> None:
         self.proc.kill()

@@ -117,6 +117,8 @@ RESTRICTED = [
      "REQUANT_K8S_IMAGES", "evil/miner:latest"),
     ("rollout.kubernetes.kubeconfig=/root/.kube/admin", "rollout.kubernetes.kubeconfig",
      "REQUANT_KUBECONFIGS", "/root/.kube/admin"),
+    ("rollout.kubernetes.router.image=evil/router:latest", "rollout.kubernetes.router.image",
+     "REQUANT_K8S_IMAGES", "evil/router:latest"),
 ]
 
 
@@ -151,6 +153,16 @@ def test_safe_defaults_and_safe_tuning_need_no_allowlist(monkeypatch):
 def test_the_serving_python_is_no_setting_a_run_could_change():
     with pytest.raises(SettingsError, match=r"evaluation\.server\.python: Extra inputs"):
         load_settings(None, ["evaluation.server.python=/tmp/evil/python"])
+
+
+@pytest.mark.parametrize("override", [
+    "rollout.kubernetes.router.admin_url=http://evil.example",
+    "rollout.kubernetes.router.slot_url=http://evil.example/{service}"])
+def test_where_the_routers_token_and_live_traffic_go_is_no_setting_a_run_could_change(
+        override):
+    """The worker's operator sets REQUANT_K8S_ROUTER_ADMIN_URL and REQUANT_K8S_SLOT_URL."""
+    with pytest.raises(SettingsError, match=r"Extra inputs"):
+        load_settings(None, [override])
 
 
 def test_every_shipped_deployment_passes_the_policy_of_a_worker_with_defaults(monkeypatch):

@@ -25,8 +25,9 @@ ANNOTATION = "requant.dev"
 SCHEMA_VERSION = "1.33.0"  # oldest Kubernetes we promise to render for (kubernetes-validate)
 
 
-def labels(k: KubernetesTargetSettings) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "vllm", "app.kubernetes.io/instance": k.deployment,
+def labels(k: KubernetesTargetSettings, name: str | None = None,
+           app: str = "vllm") -> dict[str, str]:
+    return {"app.kubernetes.io/name": app, "app.kubernetes.io/instance": name or k.deployment,
             "app.kubernetes.io/managed-by": "requant"}
 
 
@@ -42,8 +43,10 @@ def vllm_args(k: KubernetesTargetSettings, release: Release, served_name: str) -
 
 
 def render_deployment(k: KubernetesTargetSettings, release: Release, served_name: str,
-                      record: dict[str, str]) -> dict[str, Any]:
-    """``record``: the deployed-state annotations (revision, previous, flow run, time)."""
+                      record: dict[str, str], name: str | None = None) -> dict[str, Any]:
+    """``record``: the deployed-state annotations (revision, previous, flow run, time);
+    ``name``: another Deployment than ``k.deployment`` (the router's slots)."""
+    name = name or k.deployment
     period = 10
     container: dict[str, Any] = {
         "name": "vllm",
@@ -75,17 +78,17 @@ def render_deployment(k: KubernetesTargetSettings, release: Release, served_name
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": k.deployment, "namespace": k.namespace, "labels": labels(k),
+        "metadata": {"name": name, "namespace": k.namespace, "labels": labels(k, name),
                      "annotations": annotations},
         "spec": {
             "replicas": k.replicas,
             "revisionHistoryLimit": 5,
             "progressDeadlineSeconds": int(k.startup_timeout_s) + 600,
-            "selector": {"matchLabels": labels(k)},
+            "selector": {"matchLabels": labels(k, name)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {
                 "maxSurge": k.max_surge, "maxUnavailable": k.max_unavailable}},
             "template": {
-                "metadata": {"labels": labels(k), "annotations": {
+                "metadata": {"labels": labels(k, name), "annotations": {
                     f"{ANNOTATION}/revision": release.revision}},
                 "spec": {
                     "containers": [container],
@@ -98,13 +101,18 @@ def render_deployment(k: KubernetesTargetSettings, release: Release, served_name
     }
 
 
-def render_service(k: KubernetesTargetSettings) -> dict[str, Any]:
+def render_service(k: KubernetesTargetSettings, name: str | None = None,
+                   selector: dict[str, str] | None = None, port: int = PORT,
+                   target: str = "http") -> dict[str, Any]:
+    """The Service ``name`` (``k.deployment``) in front of the pods ``selector`` picks (that
+    Deployment's)."""
+    name = name or k.deployment
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": k.deployment, "namespace": k.namespace, "labels": labels(k)},
-        "spec": {"type": "ClusterIP", "selector": labels(k),
-                 "ports": [{"name": "http", "port": PORT, "targetPort": "http"}]},
+        "metadata": {"name": name, "namespace": k.namespace, "labels": labels(k, name)},
+        "spec": {"type": "ClusterIP", "selector": selector or labels(k, name),
+                 "ports": [{"name": target, "port": port, "targetPort": target}]},
     }
 
 

@@ -23,6 +23,14 @@ from typing import Any
 
 from requant.errors import DeploymentCheckFailed, RolloutFailed
 from requant.killpoints import kill_point
+from requant.rollout.k8s_api import (
+    api_client,
+    not_found,
+    read_deployment,
+    replace_deployment,
+    rollout_status,
+    wait_rollout,
+)
 from requant.rollout.k8s_manifest import (
     ANNOTATION,
     PORT,
@@ -37,37 +45,6 @@ from requant.settings import KubernetesTargetSettings, PipelineSettings
 
 TARGET = "kubernetes"
 Log = Callable[[str], None]
-
-
-def api_client(k: KubernetesTargetSettings) -> Any:
-    from kubernetes import client, config
-
-    configuration = client.Configuration()
-    if k.kubeconfig is None:
-        try:
-            config.load_incluster_config(client_configuration=configuration)
-            return client.ApiClient(configuration)
-        except config.ConfigException:
-            pass
-    config.load_kube_config(config_file=str(k.kubeconfig) if k.kubeconfig else None,
-                            context=k.context, client_configuration=configuration)
-    return client.ApiClient(configuration)
-
-
-def _not_found(exc: Exception) -> bool:
-    return getattr(exc, "status", None) == 404
-
-
-def read_deployment(apps: Any, k: KubernetesTargetSettings) -> dict[str, Any] | None:
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        obj = apps.read_namespaced_deployment(k.deployment, k.namespace)
-    except ApiException as exc:
-        if _not_found(exc):
-            return None
-        raise
-    return apps.api_client.sanitize_for_serialization(obj)
 
 
 def previous_release(k: KubernetesTargetSettings) -> tuple[Release | None, str]:
@@ -88,40 +65,6 @@ def previous_release(k: KubernetesTargetSettings) -> tuple[Release | None, str]:
     return Release(previous, repo), f"Deployment {k.namespace}/{k.deployment}"
 
 
-def rollout_status(dep: dict[str, Any], replicas: int) -> tuple[bool, str | None]:
-    """(complete, failure reason) from a Deployment's status, as `kubectl rollout status`
-    reads it: the controller saw the new generation, every replica is updated and available,
-    and no old replica is left."""
-    meta, status = dep.get("metadata", {}), dep.get("status") or {}
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
-            return False, f"ProgressDeadlineExceeded: {cond.get('message', '')}"
-    if (status.get("observedGeneration") or 0) < (meta.get("generation") or 0):
-        return False, None
-    done = (status.get("updatedReplicas") or 0) >= replicas \
-        and (status.get("replicas") or 0) <= replicas \
-        and (status.get("availableReplicas") or 0) >= replicas
-    return done, None
-
-
-def wait_rollout(apps: Any, k: KubernetesTargetSettings, deadline_s: float) -> None:
-    deadline = time.monotonic() + deadline_s
-    while True:
-        dep = read_deployment(apps, k)
-        if dep is None:
-            raise DeploymentCheckFailed("rollout", "the Deployment disappeared")
-        done, failure = rollout_status(dep, k.replicas)
-        if failure:
-            raise DeploymentCheckFailed("rollout", failure)
-        if done:
-            return
-        if time.monotonic() > deadline:
-            raise DeploymentCheckFailed(
-                "rollout", f"not complete after {deadline_s:.0f} s "
-                f"(rollout.kubernetes.rollout_timeout_s); status: {dep.get('status')}")
-        time.sleep(k.poll_interval_s)
-
-
 def _apply_service(core: Any, k: KubernetesTargetSettings) -> None:
     from kubernetes.client.exceptions import ApiException
 
@@ -130,19 +73,9 @@ def _apply_service(core: Any, k: KubernetesTargetSettings) -> None:
     try:
         core.read_namespaced_service(k.deployment, k.namespace)
     except ApiException as exc:
-        if not _not_found(exc):
+        if not not_found(exc):
             raise
         core.create_namespaced_service(k.namespace, svc)
-
-
-def _replace(apps: Any, k: KubernetesTargetSettings, body: dict[str, Any],
-             current: dict[str, Any] | None) -> None:
-    if current is None:
-        apps.create_namespaced_deployment(k.namespace, body)
-        return
-    body = copy.deepcopy(body)
-    body["metadata"]["resourceVersion"] = current["metadata"].get("resourceVersion")
-    apps.replace_namespaced_deployment(k.deployment, k.namespace, body)
 
 
 def record_from_cluster(state_dir: Path, release: Release, annotations: dict[str, str],
@@ -170,7 +103,7 @@ def mark_verified(apps: Any, k: KubernetesTargetSettings) -> None:
     body = {key: copy.deepcopy(current[key]) for key in ("apiVersion", "kind", "metadata",
                                                          "spec")}
     body["metadata"].setdefault("annotations", {})[f"{ANNOTATION}/verified"] = "true"
-    _replace(apps, k, body, current)
+    replace_deployment(apps, k, body, current)
 
 
 def undo(apps: Any, k: KubernetesTargetSettings, previous: dict[str, Any] | None,
@@ -187,7 +120,7 @@ def undo(apps: Any, k: KubernetesTargetSettings, previous: dict[str, Any] | None
                                                           "spec")}
     for key in ("resourceVersion", "generation", "uid", "creationTimestamp", "managedFields"):
         body["metadata"].pop(key, None)
-    _replace(apps, k, body, current)
+    replace_deployment(apps, k, body, current)
     log(f"undone: back to revision "
         f"{previous['metadata'].get('annotations', {}).get(f'{ANNOTATION}/revision')}")
     try:  # bounded: the old pods were healthy minutes ago
@@ -226,7 +159,7 @@ def rollout_kubernetes(settings: PipelineSettings, release: Release, flow_run_id
     validate(deployment)
     _apply_service(core, k)
     started = time.monotonic()
-    _replace(apps, k, deployment, current)
+    replace_deployment(apps, k, deployment, current)
     kill_point("k8s-applied")
     log(f"applied {k.namespace}/{k.deployment} at {release.label()}; waiting for the rollout")
     url = k.service_url or f"http://{k.deployment}.{k.namespace}.svc:{PORT}"

@@ -32,8 +32,10 @@ def resolve_release(settings: PipelineSettings, revision: str | None = None,
         )
     if rollback and target == "kubernetes":
         from requant.rollout.kubernetes import previous_release
+        from requant.rollout.kubernetes_router import previous_release_routed
 
-        release, where = previous_release(settings.rollout.kubernetes)
+        k = settings.rollout.kubernetes
+        release, where = (previous_release_routed if k.router.enabled else previous_release)(k)
         if release is None:
             raise SettingsError(f"rollback: {where}; nothing to go back to.")
         return release

@@ -20,7 +20,9 @@ The backend is persisted (``--state-file``), so a restarted router resumes servi
 verified revision instead of answering 503. The admin API answers loopback clients only;
 switching the backend (``PUT /-/backend``) also needs the bearer token from ``--token-file``
 (created 0600 on first use: only the owner can read it). ``GET /-/status`` is read-only and
-carries no secret, so status tools need no token.
+carries no secret, so status tools need no token. In a cluster the worker is not on the
+router's host: ``--admin-port`` serves the admin API alone to any address, every call (status
+too) with the token.
 
 In-flight counts are exact: a request is counted before the first await and released exactly
 once when its response ends, whether it completed, the upstream failed mid-stream, or the
@@ -265,8 +267,16 @@ class HealthWatch:
                     payload=record)
 
 
+#: Set in the scope of every request that came in on ``--admin-port``: that listener serves the
+#: admin API to any address holding the token (in a cluster, the worker reaches the router's
+#: pod across the network), and nothing else.
+REMOTE_ADMIN = "requant.remote_admin"
+
+
 def admin_refusal(request: Request) -> Response | None:
-    """The admin API answers loopback clients only."""
+    """The admin API answers loopback clients only, except on the admin port (token always)."""
+    if request.scope.get(REMOTE_ADMIN):
+        return None
     host = request.client.host if request.client else ""
     if host not in LOOPBACK:
         return JSONResponse({"error": "the admin API answers loopback clients only"}, 403)
@@ -348,7 +358,9 @@ class Router:
                             headers={"Retry-After": str(RETRY_AFTER_S)} if retry else None)
 
     async def status(self, request: Request) -> Response:
-        return admin_refusal(request) or JSONResponse(self.state.status())
+        refused = self.unauthorized(request) if request.scope.get(REMOTE_ADMIN) else (
+            admin_refusal(request))  # off this host, even reading needs the token
+        return refused or JSONResponse(self.state.status())
 
     def unauthorized(self, request: Request) -> Response | None:
         """Changing where requests go: loopback clients with the router's token only."""
@@ -479,6 +491,22 @@ class Router:
                          lifespan=self.lifespan)
 
 
+    def admin_app(self) -> Any:
+        """The admin API alone, for ``--admin-port``: any address, the token on every call
+        (metrics excepted: the public port serves them too). No proxying, no lifespan: the
+        public app runs the health checks."""
+        admin = Starlette(routes=[Route("/-/status", self.status, methods=["GET"]),
+                                  Route("/-/metrics", self.metrics_page, methods=["GET"]),
+                                  Route("/-/backend", self.set_backend, methods=["PUT"]),
+                                  Route("/-/canary", self.set_phase, methods=["PUT", "DELETE"]),
+                                  Route("/-/shadow", self.set_phase, methods=["PUT", "DELETE"])])
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await admin({**scope, REMOTE_ADMIN: True}, receive, send)
+
+        return app
+
+
 def create_app(state_file: Path | None, token: str, timeout_s: float = 600) -> Starlette:
     return Router(state_file, token, timeout_s).app()
 
@@ -492,18 +520,38 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", type=Path, required=True,
                    help="the admin token (created 0600 when missing)")
     p.add_argument("--timeout-s", type=float, default=600)
+    p.add_argument("--admin-port", type=int, default=None,
+                   help="also serve the admin API here to any address with the token (in a "
+                   "cluster: a port no public Service exposes)")
     return p
+
+
+async def serve_together(*servers: Any) -> None:
+    """Several uvicorn servers in one process, ending together: a signal reaches only the one
+    whose handler was installed last, so each one's exit ends the others."""
+    async def linked() -> None:
+        while not any(s.should_exit for s in servers):
+            await asyncio.sleep(0.2)
+        for s in servers:
+            s.should_exit = True
+
+    await asyncio.gather(*(s.serve() for s in servers), linked())
 
 
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     args = parser().parse_args(argv)
-    app = create_app(args.state_file, load_or_create_token(args.token_file), args.timeout_s)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+    router = Router(args.state_file, load_or_create_token(args.token_file), args.timeout_s)
+    config = uvicorn.Config(router.app(), host=args.host, port=args.port, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=30,
                             timeout_keep_alive=CLIENT_KEEPALIVE_S)
-    asyncio.run(uvicorn.Server(config).serve())
+    servers = [uvicorn.Server(config)]
+    if args.admin_port is not None:
+        servers.append(uvicorn.Server(uvicorn.Config(
+            router.admin_app(), host=args.host, port=args.admin_port, log_level="warning",
+            access_log=False, lifespan="off")))
+    asyncio.run(serve_together(*servers))
 
 
 if __name__ == "__main__":
