@@ -147,7 +147,8 @@ def run_variant(name: str, args, config_dir: Path, tokenizer, recipe_text: str, 
             allow_tf32=name != "requant-notf32",
             activation_cache="cpu" if name == "requant-cpucache" else "auto",
             pipeline="llm-compressor" if name == "requant-two-pass" else "single-pass",
-            store=LayerStore(args.store) if name == "requant-store" else None,
+            store=LayerStore(args.store, args.inputs_every) if name == "requant-store"
+            else None,
         )
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -225,6 +226,9 @@ def main() -> None:
                    "(calibration uses random token ids, the tokenizer only rides along)")
     p.add_argument("--store", type=Path, default=ROOT / "runs" / "bench-layer-store",
                    help="requant-store: where finished layers are kept (a rerun resumes there)")
+    p.add_argument("--inputs-every", type=int, default=8,
+                   help="requant-store: keep the next layer's inputs every N layers "
+                   "(quantization.resume_inputs_every; 0: never)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
 

@@ -44,8 +44,9 @@ def candidate_key(settings: PipelineSettings, source_files: dict[str, str],
         "source": {"revision": source_revision} if source_revision else {"files": source_files},
         "recipe_sha256": recipe_sha256,
         "calibration": calibration_fingerprint,
-        "quantization": settings.quantization.model_dump(mode="json",
-                                                         exclude={"device", "recipe"}),
+        # resume_inputs_every only changes how a killed run resumes: keys from before it stay
+        "quantization": settings.quantization.model_dump(
+            mode="json", exclude={"device", "recipe", "resume_inputs_every"}),
         "evaluation": settings.evaluation.model_dump(mode="json",
                                                      exclude={"server", "task_dir"}),
         "task_files": fingerprint(task_data_hashes(task_dir(settings.evaluation))),

@@ -154,6 +154,16 @@ class QuantizationSettings(_Section):
         "With quantization.gpus > 1, rank 0 keeps the layers and a rerun on as many ranks "
         "resumes.",
     )
+    resume_inputs_every: int = Field(
+        0, ge=0,
+        description="single-pass, one process: every this many layers (8 is a good value), "
+        "also keep the hidden states entering the next layer (written in the background; one "
+        "copy on disk and one in host memory while it is written: the activations' size, "
+        "8.6 GB at 512 x 2048 x 4096 in bf16), so a resumed run starts from them instead of "
+        "running every stored layer again. Measured on an H200 at 8B: an uninterrupted run "
+        "10 % slower, a resumed one 63 % of a plain run instead of 76 %. For jobs likely to "
+        "be cut short (preemptible nodes, 70B). 0: never.",
+    )
     verify_reload: bool = Field(
         True, description="After saving, reload the checkpoint and run a forward pass."
     )

@@ -42,6 +42,14 @@ def test_a_70b_job_that_cannot_fit_this_host_is_refused_with_the_numbers_and_the
     assert one.activations_on_gpu  # 16 GiB of hidden states fit half the H200
 
 
+def test_keeping_layer_inputs_for_resuming_plans_one_more_host_copy_of_the_activations():
+    kwargs = {"gpus": 1, "on_gpu": True, "fp32": False, "samples": 512, "max_seq_len": 2048,
+              "gpu_total": 141 * GIB}
+    plain = plan_memory(LLAMA3_70B, **kwargs)
+    kept = plan_memory(LLAMA3_70B, **kwargs, kept_inputs=True)
+    assert kept.host_bytes - plain.host_bytes == plain.activation_bytes == 512 * 2048 * 8192 * 2
+
+
 def test_only_llm_compressors_ranks_put_a_weight_replica_on_each_gpu_and_only_when_it_fits():
     """The single pass's ranks keep the weights in host memory; llm-compressor's pipeline puts
     a replica on each GPU when it takes at most 40 % of it (8B on 80 GB: yes; 70B: no)."""

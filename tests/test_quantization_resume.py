@@ -104,6 +104,30 @@ def test_a_stored_layer_whose_file_no_longer_verifies_is_computed_again(
     assert weights(tmp_path) == weights(uninterrupted)
 
 
+@pytest.mark.parametrize("altered, inputs_at", [(False, 2), (True, 0)],
+                         ids=["kept-inputs", "kept-inputs-altered"])
+def test_a_rerun_starts_from_the_kept_inputs_of_a_layer_not_from_layer_0_bit_identical(
+        job_settings, uninterrupted, tmp_path, altered, inputs_at):
+    """With the hidden states entering layer 2 kept, the rerun runs nothing on layers 0 and 1
+    (only reads them back); kept inputs whose file was altered are not trusted, and it
+    re-derives them through the stored layers as before. Either way: the same bytes."""
+    settings = job_settings | {"quantization": {"resume_inputs_every": 2}}
+    assert quantize(settings, tmp_path, "inputs-2-recorded").returncode == -9
+    (kept,) = (tmp_path / "cache" / RESUME_DIR).glob("*/inputs-00002")
+    if altered:
+        batch = next(kept.glob("batch-*.safetensors"))
+        data = bytearray(batch.read_bytes())
+        data[-1] ^= 0xFF
+        batch.write_bytes(bytes(data))
+    rerun = quantize(settings, tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    hardware = manifest(tmp_path)["hardware"]
+    assert hardware["resumed_at_layer"] >= 2 and hardware["resumed_inputs_at_layer"] == inputs_at
+    assert weights(tmp_path) == weights(uninterrupted)
+    assert hardware["gptq_loss"] == manifest(uninterrupted)["hardware"]["gptq_loss"]
+    assert not (tmp_path / "cache" / RESUME_DIR).exists() or stored_layers(tmp_path) == []
+
+
 def test_other_inputs_never_resume_from_these_layers(job_settings, uninterrupted, tmp_path):
     assert quantize(job_settings, tmp_path, "layer-1-recorded").returncode == -9
     other = job_settings | {"quantization": {"smoothing_strength": 0.5}}

@@ -127,9 +127,9 @@ def layer_store(settings: PipelineSettings, source: ResolvedSource,
         {"revision": source.revision} if source.revision else {"files": source.files},
         recipe.sha256, calib.fingerprint,
         q.model_dump(mode="json", exclude={"device", "recipe", "resume", "verify_reload",
-                                           "gpu_memory_wait_s"}),
+                                           "gpu_memory_wait_s", "resume_inputs_every"}),
         {k: v for k, v in library_versions().items() if k != "requant"}, (acc.kind, acc.name))
-    return LayerStore(Path(settings.cache_dir) / RESUME_DIR / key)
+    return LayerStore(Path(settings.cache_dir) / RESUME_DIR / key, q.resume_inputs_every)
 
 
 def calibrate_in_process(
@@ -188,7 +188,8 @@ def calibrate_on_ranks(
         world=q.gpus, save_to=str(save_to), work_dir=str(work),
         trust_remote_code=settings.source.trust_remote_code, allow_tf32=q.allow_tf32,
         activation_cache=q.activation_cache, smoothing_tolerance=q.smoothing_tolerance,
-        pipeline=q.pipeline, resume_dir=str(store.folder) if store is not None else None)
+        pipeline=q.pipeline, resume_dir=str(store.folder) if store is not None else None,
+        resume_inputs_every=q.resume_inputs_every)
     try:
         result = run_ranks(job, report)
     finally:

@@ -53,6 +53,7 @@ class RankJob:
     smoothing_tolerance: float | None = None
     pipeline: str = "single-pass"
     resume_dir: str | None = None  # quantization.resume: the finished layers' store
+    resume_inputs_every: int = 0  # quantization.resume_inputs_every (kept with one rank only)
 
     def write(self) -> Path:
         return write_json_atomic(Path(self.work_dir) / "job.json", asdict(self))

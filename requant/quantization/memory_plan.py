@@ -74,9 +74,12 @@ def count_params(config: dict[str, Any]) -> int:
 
 def plan_memory(config: dict[str, Any], *, gpus: int, on_gpu: bool, fp32: bool, samples: int,
                 max_seq_len: int, gpu_total: int | None,
-                pipeline: str = "single-pass", read_once: bool = False) -> MemoryPlan:
+                pipeline: str = "single-pass", read_once: bool = False,
+                kept_inputs: bool = False) -> MemoryPlan:
     """``read_once``: the single pass runs on the ranks, rank 0 alone holds the weights
-    (``single_pass.weights_read_once``); otherwise each rank holds a copy."""
+    (``single_pass.weights_read_once``); otherwise each rank holds a copy. ``kept_inputs``:
+    a copy of the activations waits in host memory while it is written
+    (``quantization.resume_inputs_every``)."""
     params = count_params(config)
     weights = params * (4 if fp32 else 2)
     ranks = max(gpus, 1)
@@ -93,7 +96,8 @@ def plan_memory(config: dict[str, Any], *, gpus: int, on_gpu: bool, fp32: bool, 
     if on_gpu:
         gpu = layer_need + (per_rank_acts if acts_on_gpu else 0) + (weights if replica else 0)
     copies = 1 if read_once else ranks
-    host = weights * copies + (0 if acts_on_gpu else activations) + PROCESS_BYTES * ranks
+    host = weights * copies + (0 if acts_on_gpu else activations) + PROCESS_BYTES * ranks \
+        + (activations if kept_inputs else 0)
     return MemoryPlan(params, weights, copies, activations, acts_on_gpu, host, gpu)
 
 
@@ -143,7 +147,15 @@ def plan_for_source(model_dir: Path, settings: Any, on_gpu: bool, fp32: bool,
                        samples=settings.calibration.num_samples if calibrates else 0,
                        max_seq_len=settings.calibration.max_seq_len, gpu_total=gpu_total,
                        pipeline=settings.quantization.pipeline,
-                       read_once=reads_once(model_dir, settings, recipe_text))
+                       read_once=reads_once(model_dir, settings, recipe_text),
+                       kept_inputs=keeps_inputs(settings) and calibrates)
+
+
+def keeps_inputs(settings: Any) -> bool:
+    """Whether the single pass will keep layer inputs for resuming (one process only)."""
+    q = settings.quantization
+    return bool(q.resume and q.resume_inputs_every and q.gpus <= 1
+                and q.pipeline == "single-pass")
 
 
 def reads_once(model_dir: Path, settings: Any, recipe_text: str | None) -> bool:

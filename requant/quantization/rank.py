@@ -114,7 +114,8 @@ def calibrate_shard(job: RankJob, acc: Accelerator, rank: int, world: int) -> di
         acc, allow_tf32=job.allow_tf32,
         activation_cache=job.activation_cache,  # type: ignore[arg-type]
         smoothing_tolerance=job.smoothing_tolerance, pipeline=job.pipeline,
-        store=LayerStore(Path(job.resume_dir)) if job.resume_dir else None,
+        store=LayerStore(Path(job.resume_dir), job.resume_inputs_every)
+        if job.resume_dir else None,
         shared_weights=shared,
         report=progress_file(Path(job.work_dir)) if rank == 0 else no_progress)
     calibrated = time.perf_counter()

@@ -13,6 +13,14 @@ Layers are written by a background thread while the next layer calibrates (one w
 flight; ``wait`` surfaces its errors), so keeping them costs the GPU no time as long as the disk
 writes a layer faster than the GPU calibrates one.
 
+Re-deriving layer k's inputs costs a forward pass through k stored layers (on an H200, half of
+a resumed run's propagation). So every ``inputs_every`` layers the hidden states entering the
+next layer are kept too, copied to the host and written by a second thread; a copy still being
+written when the next is due is skipped, never waited for. A resumed run starts from the latest
+kept inputs at or before its first unfinished layer whose files verify, and re-derives only
+from there; the values are the uninterrupted run's, so the checkpoint stays the same to the
+bit.
+
 The folder's name is a key of everything that determines the weights (source, recipe,
 calibration set, quantization settings, library versions, the accelerator): another run of the
 same inputs finds it, anything else never does. It is deleted once the checkpoint is verified.
@@ -28,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from requant.atomic import fsync_dir, write_json_atomic
-from requant.hashing import fingerprint, sha256_file
+from requant.hashing import fingerprint, hash_files, sha256_file
 from requant.killpoints import kill_point
 
 RESUME_DIR = "quantization-resume"
@@ -44,12 +52,18 @@ def weights_key(source: dict[str, Any], recipe_sha256: str, calibration: str | N
 
 
 class LayerStore:
-    """``layer-00007.safetensors`` + ``layer-00007.json`` per finished layer."""
+    """``layer-00007.safetensors`` + ``layer-00007.json`` per finished layer; ``inputs-00008/``
+    (one file per batch) + ``inputs-00008.json``: the hidden states entering layer 8."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, inputs_every: int = 0) -> None:
         self.folder = Path(folder)
+        self.inputs_every = inputs_every
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+        self._inputs_writer: ThreadPoolExecutor | None = None
+        self._inputs_pending: Future | None = None
+        self._pinned: list[Any] = []  # host buffers the kept inputs are copied into, reused
+        self._pinned_shapes: list[Any] | None = None
 
     def _paths(self, index: int) -> tuple[Path, Path]:
         stem = self.folder / f"layer-{index:05d}"
@@ -108,6 +122,112 @@ class LayerStore:
         layer.load_state_dict(load_file(str(self._paths(index)[0]), device=str(device)),
                               strict=True)
 
+    def wants_inputs(self, entering: int, layers: int) -> bool:
+        """Keep the inputs of layer ``entering`` now? Every ``inputs_every`` layers, not the
+        last layer's, not twice (a resumed run reaches the ones the killed run kept)."""
+        return bool(self.inputs_every) and entering % self.inputs_every == 0 \
+            and 0 < entering < layers and not self._inputs_paths(entering)[1].is_file()
+
+    def keep_inputs(self, entering: int, hidden: list[Any]) -> bool:
+        """The hidden states entering layer ``entering``, written in the background; False
+        (skipped) while the previous copy is still being written. On a GPU they are copied
+        into pinned host buffers (allocated once, reused) on a side stream: the calibration
+        goes on meanwhile (a plain ``.to("cpu")`` of 8.6 GB stalled it 7.4 s on an H200)."""
+        if self._inputs_pending is not None:
+            if not self._inputs_pending.done():
+                return False
+            self.wait_inputs()
+        copied, host = self._copy_to_host(hidden)
+        if self._inputs_writer is None:
+            self._inputs_writer = ThreadPoolExecutor(1, thread_name_prefix="requant-inputs")
+        self._inputs_pending = self._inputs_writer.submit(
+            self._write_inputs, entering, host, self._pending, copied, [hidden])
+        return True
+
+    def _copy_to_host(self, hidden: list[Any]) -> tuple[Any, list[Any]]:
+        """(an event the copy ends at, or None: no copy; the host tensors)."""
+        import torch
+
+        if not hidden or not hidden[0].is_cuda:
+            return None, [h.detach() for h in hidden]  # already on the host: nothing to copy
+        shapes = [(tuple(h.shape), h.dtype) for h in hidden]
+        if self._pinned_shapes != shapes:
+            self._pinned = [torch.empty(shape, dtype=dtype, pin_memory=True)
+                            for shape, dtype in shapes]
+            self._pinned_shapes = shapes
+        stream = torch.cuda.Stream(device=hidden[0].device)
+        stream.wait_stream(torch.cuda.current_stream(hidden[0].device))
+        with torch.cuda.stream(stream):
+            for dst, src in zip(self._pinned, hidden, strict=True):
+                dst.copy_(src.detach(), non_blocking=True)
+            copied = stream.record_event()
+        return copied, self._pinned
+
+    def wait_inputs(self) -> None:
+        pending, self._inputs_pending = self._inputs_pending, None
+        if pending is not None:
+            pending.result()
+
+    def _inputs_paths(self, entering: int) -> tuple[Path, Path]:
+        stem = self.folder / f"inputs-{entering:05d}"
+        return stem, stem.with_suffix(".json")
+
+    def _write_inputs(self, entering: int, hidden: list[Any], layer_write: Future | None,
+                      copied: Any = None, sources: list[Any] | None = None) -> None:
+        """Recorded only after the layer before them is (``layer_write``, waited for on this
+        thread, never on the GPU's): kept inputs at k always come with k finished layers.
+        ``sources`` holds the GPU tensors until the copy is done (``copied``), then lets
+        them go: the calibration frees each as the next layer replaces it."""
+        from safetensors.torch import save_file
+
+        if copied is not None:
+            copied.synchronize()
+        if sources is not None:
+            sources.clear()
+
+        folder, record = self._inputs_paths(entering)
+        tmp = folder.with_name(f".tmp-{os.getpid()}-{folder.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for i, h in enumerate(hidden):
+            path = tmp / f"batch-{i:05d}.safetensors"
+            save_file({"hidden": h.contiguous()}, str(path))
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+        shutil.rmtree(folder, ignore_errors=True)  # a record-less one a killed run left
+        os.replace(tmp, folder)
+        fsync_dir(self.folder)
+        kill_point(f"inputs-{entering}-written")  # the files, no record: never read
+        digests = hash_files(folder)
+        if layer_write is not None:
+            layer_write.result()
+        write_json_atomic(record, {"entering": entering, "batches": len(hidden),
+                                   "sha256": digests})
+        kill_point(f"inputs-{entering}-recorded")
+        for earlier in range(1, entering):  # these supersede them: one copy on disk at most
+            old_folder, old_record = self._inputs_paths(earlier)
+            old_record.unlink(missing_ok=True)  # the record first: a folder alone is never read
+            shutil.rmtree(old_folder, ignore_errors=True)
+
+    def kept_inputs(self, finished: int, batches: int, device: str) -> tuple[int, list[Any]]:
+        """(k, the hidden states entering layer k) for the latest k <= ``finished`` whose
+        files still have their recorded hashes and hold ``batches`` batches; (0, []) if
+        none."""
+        from safetensors.torch import load_file
+
+        for entering in range(finished, 0, -1):
+            folder, record = self._inputs_paths(entering)
+            try:
+                rec = json.loads(record.read_text())
+            except (OSError, ValueError):
+                continue
+            if rec.get("batches") != batches or hash_files(folder) != rec.get("sha256"):
+                continue
+            return entering, [load_file(str(folder / f"batch-{i:05d}.safetensors"),
+                                        device=device)["hidden"] for i in range(batches)]
+        return 0, []
+
     def remove(self) -> None:
         self.wait()
+        self.wait_inputs()
         shutil.rmtree(self.folder, ignore_errors=True)

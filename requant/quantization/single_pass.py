@@ -167,15 +167,14 @@ def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, dev
             batches = layer_inputs(model, dataset, home, cache_device, batch_tokens)
         layers = decoder_layers(model)
         names = {m: name for name, m in model.named_modules()}
-        done = store.finished(len(layers), verify=home.holds_weights) \
-            if store is not None else []
-        done = done[:ranks.least(len(done))]  # the ranks' collectives must match one for one
+        done, start = resume_point(store, ranks, home, batches, len(layers), cache_device,
+                                   phases, report)
         keeper = store if ranks.rank == 0 else None  # the one copy of what every rank holds
-        if store is not None and done:
-            report(0.0, f"resumed at layer {len(done) + 1} of {len(layers)}: {len(done)} "
-                   f"finished layers read back from {store.folder}")
         for index, layer in enumerate(layers):
-            resumed = store is not None and index < len(done)
+            if index < start:  # before the kept inputs: only its stored state is needed
+                loss += skip_layer(layer, index, store, done[index], check, phases)
+                continue
+            resumed = index < len(done)
             with phases("layer to device"):
                 home.to_device(layer)
             if resumed and home.holds_weights:
@@ -195,10 +194,9 @@ def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, dev
             loss += layer_loss
             with phases("layer back to host"):
                 home.to_host(layer)
-            if keeper is not None and index >= len(done):
-                with phases("layer kept for resuming (the previous write's wait)"):
-                    keeper.save(index, layer, {"gptq_loss": layer_loss,
-                                               "check": check.layer_record(index)})
+            if keeper is not None and not resumed:
+                keep_layer(keeper, index, layer, layer_loss, check, batches, len(layers),
+                           ranks, phases)
             fraction = (index + 1) / len(layers)
             report(min(fraction, 0.99), f"calibrated layer {index + 1} of {len(layers)}"
                    f"{f' (resumed at layer {len(done) + 1})' if done else ''}, "
@@ -211,7 +209,55 @@ def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, dev
     return {"smoothing_check": check.record() if the_plan.strength is not None else None,
             "gptq_loss": round(loss, 4), "pipeline": "single-pass",
             "batches": len(batches), "phases_s": phases.record(),
-            "resumed_at_layer": len(done) if store is not None else None}
+            "resumed_at_layer": len(done) if store is not None else None,
+            "resumed_inputs_at_layer": start if store is not None else None}
+
+
+def resume_point(store: LayerStore | None, ranks: Ranks, home: WeightsHome,
+                 batches: list[list[Any]], layers: int, cache_device: str, phases: Phases,
+                 report: Report) -> tuple[list[dict[str, Any]], int]:
+    """(the finished layers' records, the layer the pass starts computing from). With kept
+    inputs (one process only: each rank's would be its own shard), the layers before them
+    are only read back; the rest of the finished ones re-derive the next inputs."""
+    if store is None:
+        return [], 0
+    done = store.finished(layers, verify=home.holds_weights)
+    done = done[:ranks.least(len(done))]  # the ranks' collectives must match one for one
+    start = 0
+    if done and ranks.world == 1:
+        with phases("layer inputs read back"):
+            start, hidden = store.kept_inputs(len(done), len(batches), cache_device)
+        for batch, h in zip(batches, hidden, strict=False):
+            batch[0] = h
+    if done:
+        report(0.0, f"resumed at layer {len(done) + 1} of {layers}: {len(done)} finished "
+               f"layers read back from {store.folder}"
+               + (f", their inputs from layer {start + 1} on" if start else ""))
+    return done, start
+
+
+def skip_layer(layer: Any, index: int, store: LayerStore | None, record: dict[str, Any],
+               check: LayerCheck, phases: Phases) -> float:
+    """A finished layer before the kept inputs: its stored state into the model (still on the
+    host), its recorded check and loss; nothing runs on it."""
+    assert store is not None
+    with phases("layer read back"):
+        store.load(index, layer)
+    check.restore(index, record["check"])
+    return float(record["gptq_loss"])
+
+
+def keep_layer(keeper: LayerStore, index: int, layer: Any, layer_loss: float,
+               check: LayerCheck, batches: list[list[Any]], layers: int, ranks: Ranks,
+               phases: Phases) -> None:
+    """The finished layer into the store, and every ``inputs_every`` layers the next one's
+    inputs (one process only)."""
+    with phases("layer kept for resuming (the previous write's wait)"):
+        keeper.save(index, layer, {"gptq_loss": layer_loss,
+                                   "check": check.layer_record(index)})
+    if ranks.world == 1 and keeper.wants_inputs(index + 1, layers):
+        with phases("layer inputs kept (the copy to the host)"):
+            keeper.keep_inputs(index + 1, [batch[0] for batch in batches])
 
 
 def resume_layer(layer: Any, index: int, batches: list[list[Any]], record: dict[str, Any],
