@@ -182,8 +182,9 @@ def connect(k: KubernetesTargetSettings, log: Log) -> Cluster:
 
 
 def clear_phases(c: Cluster, log: Log) -> dict[str, Any]:
-    """Remove a shadow or canary a killed rollout left on the router (rollouts hold the lock,
-    so only a dead one leaves one); its clients' requests finish first. Returns the status."""
+    """Remove a shadow or canary a killed rollout left on the router (a worker's rollouts hold
+    its lock, so only a dead one leaves one); its clients' requests finish first. Returns the
+    status."""
     status = c.status()
     for kind in ("shadow", "canary"):
         if status.get(kind):
