@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from requant.errors import DeploymentCheckFailed
+from requant.rollout.k8s_manifest import ANNOTATION
 from requant.settings import KubernetesTargetSettings
 
 
@@ -91,3 +92,18 @@ def replace_deployment(apps: Any, k: KubernetesTargetSettings, body: dict[str, A
     apps.replace_namespaced_deployment(body["metadata"]["name"], k.namespace, body)
 
 
+
+
+def writable(dep: dict[str, Any]) -> dict[str, Any]:
+    """What a replace sends back of a Deployment read from the API: a copy without status."""
+    return {key: copy.deepcopy(dep[key]) for key in ("apiVersion", "kind", "metadata", "spec")}
+
+
+def mark_verified(apps: Any, k: KubernetesTargetSettings, name: str | None = None) -> None:
+    """The Deployment's record says ``verified: "true"`` only once smoke and load checks passed
+    (a metadata change: no new pods). Until then "already deployed" never trusts it."""
+    current = read_deployment(apps, k, name)
+    assert current is not None
+    body = writable(current)
+    body["metadata"].setdefault("annotations", {})[f"{ANNOTATION}/verified"] = "true"
+    replace_deployment(apps, k, body, current)

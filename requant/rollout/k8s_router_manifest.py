@@ -15,7 +15,6 @@ the backend again, which the nightly's no-op run does (docs/rollout.md).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from typing import Any
@@ -33,6 +32,11 @@ TOKEN_DIR = "/etc/requant-router"
 
 def slot_name(k: KubernetesTargetSettings, slot: str) -> str:
     return f"{k.deployment}-{slot}"
+
+
+def idle_slot(serving: str | None) -> str:
+    """The slot a rollout fills: the one not serving (the first on a first rollout)."""
+    return SLOTS[1] if serving == SLOTS[0] else SLOTS[0]
 
 
 def router_name(k: KubernetesTargetSettings) -> str:
@@ -105,9 +109,3 @@ def render_token_secret(k: KubernetesTargetSettings, token: str) -> dict[str, An
                          "labels": router_labels(k)},
             "stringData": {"token": token}}
 
-
-def with_replicas(deployment: dict[str, Any], replicas: int) -> dict[str, Any]:
-    """A slot at ``replicas`` (0: scaled down, its template kept for the next rollout)."""
-    out = copy.deepcopy(deployment)
-    out["spec"]["replicas"] = replicas
-    return out

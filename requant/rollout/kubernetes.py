@@ -14,10 +14,8 @@ reads it, with a copy in the local deployed-state record.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +23,13 @@ from requant.errors import DeploymentCheckFailed, RolloutFailed
 from requant.killpoints import kill_point
 from requant.rollout.k8s_api import (
     api_client,
+    mark_verified,
     not_found,
     read_deployment,
     replace_deployment,
     rollout_status,
     wait_rollout,
+    writable,
 )
 from requant.rollout.k8s_manifest import (
     ANNOTATION,
@@ -39,7 +39,14 @@ from requant.rollout.k8s_manifest import (
     render_service,
     validate,
 )
-from requant.rollout.state import Deployed, Intent, Release, load_state, save_state
+from requant.rollout.state import (
+    Deployed,
+    Intent,
+    Release,
+    load_state,
+    now_iso,
+    save_state,
+)
 from requant.serving.checks import verify_deployment
 from requant.settings import KubernetesTargetSettings, PipelineSettings
 
@@ -96,16 +103,6 @@ def record_from_cluster(state_dir: Path, release: Release, annotations: dict[str
     return deployed
 
 
-def mark_verified(apps: Any, k: KubernetesTargetSettings) -> None:
-    """The Deployment's record says ``verified: "true"`` only once smoke and load checks passed
-    (a metadata change: no new pods). Until then "already deployed" never trusts it."""
-    current = read_deployment(apps, k)
-    body = {key: copy.deepcopy(current[key]) for key in ("apiVersion", "kind", "metadata",
-                                                         "spec")}
-    body["metadata"].setdefault("annotations", {})[f"{ANNOTATION}/verified"] = "true"
-    replace_deployment(apps, k, body, current)
-
-
 def undo(apps: Any, k: KubernetesTargetSettings, previous: dict[str, Any] | None,
          log: Log) -> None:
     """Back to the pod template that served before (kubectl rollout undo), or delete the
@@ -116,8 +113,7 @@ def undo(apps: Any, k: KubernetesTargetSettings, previous: dict[str, Any] | None
             apps.delete_namespaced_deployment(k.deployment, k.namespace)
             log("first deployment failed: deleted it (nothing served before)")
         return
-    body = {key: copy.deepcopy(previous[key]) for key in ("apiVersion", "kind", "metadata",
-                                                          "spec")}
+    body = writable(previous)
     for key in ("resourceVersion", "generation", "uid", "creationTimestamp", "managedFields"):
         body["metadata"].pop(key, None)
     replace_deployment(apps, k, body, current)
@@ -147,7 +143,7 @@ def rollout_kubernetes(settings: PipelineSettings, release: Release, flow_run_id
         log(f"{release.label()} is already deployed to {k.namespace}/{k.deployment}")
         return record_from_cluster(rcfg.state_dir, release, annotations, flow_run_id), False
 
-    now = datetime.now(UTC).isoformat(timespec="seconds")
+    now = now_iso()
     if serving == release.revision and not verified:  # applied by a run that died: verify
         log(f"{release.label()} was applied but never verified: verifying it before trusting it")
         serving = annotations.get(f"{ANNOTATION}/previous-revision") or None

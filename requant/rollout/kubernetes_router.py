@@ -28,34 +28,43 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from requant.errors import DeploymentCheckFailed, RolloutFailed
 from requant.killpoints import kill_point
 from requant.rollout.k8s_api import (
     api_client,
+    mark_verified,
     not_found,
     read_deployment,
     replace_deployment,
     wait_rollout,
+    writable,
 )
 from requant.rollout.k8s_manifest import ANNOTATION, render_deployment, render_service, validate
 from requant.rollout.k8s_router_manifest import (
     ADMIN_PORT,
     ROUTER_PORT,
+    SLOTS,
     SPEC_NOTE,
     admin_service_name,
+    idle_slot,
     render_router,
     render_router_services,
     render_token_secret,
     router_name,
     slot_name,
     token_secret_name,
-    with_replicas,
 )
 from requant.rollout.live_phases import NewRevision, put_phase, router_call, run_phases, run_shadow
-from requant.rollout.state import Deployed, Intent, Release, load_state, save_state
+from requant.rollout.state import (
+    Deployed,
+    Intent,
+    Release,
+    load_state,
+    now_iso,
+    save_state,
+)
 from requant.serving.checks import verify_deployment
 from requant.settings import KubernetesTargetSettings, PipelineSettings
 
@@ -95,7 +104,7 @@ class Cluster:
         return read_deployment(self.apps, self.k, slot_name(self.k, slot))
 
     def serving_slot(self, status: dict[str, Any]) -> str | None:
-        return next((s for s in "ab" if status.get("backend") == slot_url(self.k, s)), None)
+        return next((s for s in SLOTS if status.get("backend") == slot_url(self.k, s)), None)
 
     def available(self, slot: str) -> bool:
         dep = self.slot(slot)
@@ -104,8 +113,9 @@ class Cluster:
     def scale(self, slot: str, replicas: int) -> None:
         current = self.slot(slot)
         if current is not None and current["spec"].get("replicas") != replicas:
-            body = {key: current[key] for key in ("apiVersion", "kind", "metadata", "spec")}
-            replace_deployment(self.apps, self.k, with_replicas(body, replicas), current)
+            body = writable(current)  # 0: scaled down, its template kept for a rollback
+            body["spec"]["replicas"] = replicas
+            replace_deployment(self.apps, self.k, body, current)
 
     def drain(self, backend: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -204,9 +214,9 @@ def rollout_kubernetes_router(settings: PipelineSettings, release: Release,
     if serving is not None and notes_of(c.slot(serving)).get(
             f"{ANNOTATION}/revision") == release.revision and c.available(serving):
         log(f"{release.label()} is already served by {k.namespace}/{slot_name(k, serving)}")
-        retire(c, "b" if serving == "a" else "a", log)
+        retire(c, idle_slot(serving), log)
         return record(settings, release, flow_run_id, serving, {}, intent, event=False), False
-    idle = "b" if serving == "a" else "a"
+    idle = idle_slot(serving)
     started = time.monotonic()
     fill(c, settings, release, idle, serving, flow_run_id, intent, log)
     verification = verify_slot(c, settings, release, idle, serving, flow_run_id, log)
@@ -229,7 +239,7 @@ def fill(c: Cluster, settings: PipelineSettings, release: Release, idle: str,
     previous = notes_of(c.slot(serving)).get(f"{ANNOTATION}/revision", "") if serving else ""
     notes = {"revision": release.revision, "repo": release.repo_id or "",
              "previous-revision": previous, "flow-run": flow_run_id or "",
-             "deployed-at": datetime.now(UTC).isoformat(timespec="seconds"), "verified": "false",
+             "deployed-at": now_iso(), "verified": "false",
              "rollback": str(intent.rollback).lower(), "forced": str(intent.forced).lower()}
     body = render_deployment(k, release, settings.rollout.served_model_name, notes,
                              name=slot_name(k, idle))
@@ -260,7 +270,7 @@ def verify_slot(c: Cluster, settings: PipelineSettings, release: Release, idle: 
             log(f"could not wait for the canary's requests: {unreachable}")
         c.scale(idle, 0)
         state = load_state(rcfg.state_dir, TARGET)
-        state.record_event("rolled-back", release, flow_run_id, _now(),
+        state.record_event("rolled-back", release, flow_run_id, now_iso(),
                            f"{exc.check}: {exc.reason[:500]}")
         save_state(rcfg.state_dir, state)
         raise RolloutFailed(release, exc.check, exc.reason, exc.report) from None
@@ -268,7 +278,7 @@ def verify_slot(c: Cluster, settings: PipelineSettings, release: Release, idle: 
         with contextlib.suppress(Exception):  # best effort: the next rollout refills it anyway
             c.scale(idle, 0)
         raise
-    mark_verified(c, idle)
+    mark_verified(c.apps, k, slot_name(k, idle))
     return report.as_record() | phases
 
 
@@ -286,14 +296,6 @@ def live_phases(c: Cluster, release: Release, idle: str, serving: str | None,
         records["shadow"] = run_shadow(phase, cfg.shadow, cfg.canary.poll_s, log)
     records["canary"] = run_phases(phase, cfg.canary, log)
     return records
-
-
-def mark_verified(c: Cluster, slot: str) -> None:
-    current = c.slot(slot)
-    assert current is not None
-    body = {key: current[key] for key in ("apiVersion", "kind", "metadata", "spec")}
-    body["metadata"].setdefault("annotations", {})[f"{ANNOTATION}/verified"] = "true"
-    replace_deployment(c.apps, c.k, body, current)
 
 
 def retire(c: Cluster, slot: str, log: Log) -> None:
@@ -318,7 +320,7 @@ def record(settings: PipelineSettings, release: Release, flow_run_id: str | None
     state = load_state(rcfg.state_dir, TARGET)
     if state.active is not None and state.active.release == release and not event:
         return state.active
-    deployed = Deployed(release, _now(), flow_run_id, public_url(k),
+    deployed = Deployed(release, now_iso(), flow_run_id, public_url(k),
                         {"namespace": k.namespace, "deployment": slot_name(k, slot),
                          "slot": slot}, verification,
                         rollback=intent.rollback, forced=intent.forced)
@@ -354,7 +356,7 @@ def routed_status(k: KubernetesTargetSettings) -> dict[str, Any]:
     c = Cluster(k, apps, core, admin_url(k), router_token(core, k))
     routed = c.status()
     slots = {}
-    for slot in "ab":
+    for slot in SLOTS:
         dep = c.slot(slot)
         slots[slot] = None if dep is None else {
             "revision": notes_of(dep).get(f"{ANNOTATION}/revision"),
@@ -362,7 +364,3 @@ def routed_status(k: KubernetesTargetSettings) -> dict[str, Any]:
             "ready": (dep.get("status") or {}).get("readyReplicas") or 0}
     return {"serving_slot": c.serving_slot(routed), "revision": routed.get("revision"),
             "canary": routed.get("canary"), "shadow": routed.get("shadow"), "slots": slots}
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")

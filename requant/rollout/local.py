@@ -39,6 +39,7 @@ from requant.rollout.state import (
     Intent,
     Release,
     load_state,
+    now_iso,
     save_state,
 )
 from requant.serving.checks import verify_deployment, wait_until_ready
@@ -55,10 +56,6 @@ def check_local_settings(settings: PipelineSettings) -> None:
             "rollout.local.server.port: must be unset. Blue/green runs the old and the new "
             "server side by side on free ports; clients use rollout.local.port (the router)."
         )
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # ---- the router (stable endpoint) -------------------------------------------------------------
@@ -218,13 +215,13 @@ def recover(settings: PipelineSettings, state: DeployState, url: str, flow_run_i
         log(f"recovering: {pending.release.label()} was switched to before the rollout that "
             "started it could record it; it serves")
         state.activate(pending)
-        state.record_event("deployed", pending.release, flow_run_id, _now(),
+        state.record_event("deployed", pending.release, flow_run_id, now_iso(),
                            "recovered: the router served it when its rollout was killed")
         save_state(settings.rollout.state_dir, state)
     elif pending is not None:
         log(f"reaping the unfinished rollout of {pending.release.label()}")
         _stop_deployed(pending, grace)
-        state.record_event("reaped", pending.release, flow_run_id, _now(),
+        state.record_event("reaped", pending.release, flow_run_id, now_iso(),
                            "left pending by an earlier rollout that did not finish")
         state.pending = None
         save_state(settings.rollout.state_dir, state)
@@ -234,7 +231,7 @@ def recover(settings: PipelineSettings, state: DeployState, url: str, flow_run_i
         log(f"recovering: {state.active.release.label()}'s server is gone and "
             f"{old.release.label()} is still warm; it serves again")
         switch_router(url, old.server["url"], old.release.revision, router_token(settings))
-        state.record_event("rolled-back", state.active.release, flow_run_id, _now(),
+        state.record_event("rolled-back", state.active.release, flow_run_id, now_iso(),
                            "its server died while the previous one was still warm")
         state.active, state.previous = old, None
         save_state(settings.rollout.state_dir, state)
@@ -320,7 +317,7 @@ def _start_green(r: _Rollout) -> Any:
         "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_WAIT_POLICY": "PASSIVE", **cfg.server.env}})
 
     def record_spawned(handle: Any) -> None:  # before the wait: a kill from here on is reaped
-        r.state.pending = Deployed(r.release, _now(), r.flow_run_id, r.url,
+        r.state.pending = Deployed(r.release, now_iso(), r.flow_run_id, r.url,
                                    {"pid": handle.process.pid, "url": handle.base_url,
                                     "log": str(log_path),
                                     "keeper": str(handle.keeper_status)
@@ -390,7 +387,7 @@ def _switch_to_green(r: _Rollout, green: Any, blue: Deployed | None,
     pending = r.state.pending
     assert pending is not None
     pending.verification = {**verification, "rollout_to_shift_s": shifted_s}
-    pending.deployed_at = _now()
+    pending.deployed_at = now_iso()
     r.state.activate(pending)
     r.state.record_event("deployed", r.release, r.flow_run_id, pending.deployed_at)
     save_state(r.settings.rollout.state_dir, r.state)
@@ -464,7 +461,7 @@ def _retire(settings: PipelineSettings, url: str, old_backend: str | None,
 
 def _record_failure(settings: PipelineSettings, state: DeployState, release: Release,
                     flow_run_id: str | None, check: str, reason: str) -> None:
-    state.record_event("rolled-back", release, flow_run_id, _now(), f"{check}: {reason[:500]}")
+    state.record_event("rolled-back", release, flow_run_id, now_iso(), f"{check}: {reason[:500]}")
     save_state(settings.rollout.state_dir, state)
 
 

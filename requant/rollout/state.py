@@ -18,6 +18,7 @@ source of truth and the Kubernetes target's audit copy.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,11 @@ class DeployState:
         self.history.append({"event": event, "release": asdict(release), "at": at,
                              "flow_run_id": flow_run_id, "reason": reason})
         del self.history[:-HISTORY_KEPT]
+
+
+def now_iso() -> str:
+    """When something happened, as every deployed-state record and annotation writes it."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def state_path(state_dir: Path, target: str) -> Path:
