@@ -56,7 +56,14 @@ from requant.rollout.k8s_router_manifest import (
     slot_name,
     token_secret_name,
 )
-from requant.rollout.live_phases import NewRevision, put_phase, router_call, run_phases, run_shadow
+from requant.rollout.live_phases import (
+    NewRevision,
+    put_phase,
+    router_call,
+    run_phases,
+    run_shadow,
+    wait_drained,
+)
 from requant.rollout.state import (
     Deployed,
     Intent,
@@ -118,10 +125,7 @@ class Cluster:
             replace_deployment(self.apps, self.k, body, current)
 
     def drain(self, backend: str, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while (self.status().get("inflight", {}).get(backend, 0) > 0
-               and time.monotonic() < deadline):
-            time.sleep(0.2)
+        wait_drained(self.status, backend, timeout_s)
 
 
 def notes_of(dep: dict[str, Any] | None) -> dict[str, str]:

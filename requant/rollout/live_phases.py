@@ -158,6 +158,22 @@ def router_call(method: str, url: str, path: str, *, what: str, token: str | Non
     raise RuntimeError(f"could not {what} at {url}: {last}")
 
 
+def wait_drained(read_status: Callable[[], dict[str, Any] | None], backend: str,
+                 timeout_s: float) -> int | None:
+    """Wait until the router reports no request in flight to ``backend``; returns what was
+    left, or None when the router could not be asked (never taken as drained: the whole
+    timeout is waited out)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = read_status()
+        left = None if status is None else int(status.get("inflight", {}).get(backend, 0))
+        if left is not None and left <= 0:
+            return 0
+        if time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
 def scrape(url: str) -> str:
     """The router's metrics page; retried over ~15 s, the time supervisord takes to restart a
     router that died (its counters then start again at zero: the phases see it)."""

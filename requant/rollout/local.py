@@ -32,6 +32,7 @@ from requant.rollout.live_phases import (
     router_call,
     run_phases,
     run_shadow,
+    wait_drained,
 )
 from requant.rollout.state import (
     Deployed,
@@ -135,18 +136,8 @@ def switch_router(url: str, backend: str, revision: str, token: str,
 
 
 def drain(url: str, backend: str, timeout_s: float) -> int | None:
-    """Wait until the router reports no request in flight to ``backend``; returns what was
-    left, or None when the router could not be asked (never taken as drained: the whole
-    timeout is waited out)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = router_status(url)
-        left = None if status is None else int(status.get("inflight", {}).get(backend, 0))
-        if left is not None and left <= 0:
-            return 0
-        if time.monotonic() > deadline:
-            return left
-        time.sleep(0.2)
+    """``wait_drained`` on this host's router (its status needs no token on loopback)."""
+    return wait_drained(lambda: router_status(url), backend, timeout_s)
 
 
 def stop_router(settings: PipelineSettings) -> None:
