@@ -478,28 +478,24 @@ class Router:
         await self.shadowing.close()
         await self.client.aclose()
 
+    def admin_routes(self) -> list[Route]:
+        return [Route("/-/status", self.status, methods=["GET"]),
+                Route("/-/metrics", self.metrics_page, methods=["GET"]),
+                Route("/-/backend", self.set_backend, methods=["PUT"]),
+                Route("/-/canary", self.set_phase, methods=["PUT", "DELETE"]),
+                Route("/-/shadow", self.set_phase, methods=["PUT", "DELETE"])]
+
     def app(self) -> Starlette:
         methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
-        return Starlette(routes=[Route("/-/status", self.status, methods=["GET"]),
-                                 Route("/-/metrics", self.metrics_page, methods=["GET"]),
-                                 Route("/-/backend", self.set_backend, methods=["PUT"]),
-                                 Route("/-/canary", self.set_phase,
-                                       methods=["PUT", "DELETE"]),
-                                 Route("/-/shadow", self.set_phase,
-                                       methods=["PUT", "DELETE"]),
+        return Starlette(routes=[*self.admin_routes(),
                                  Route("/{path:path}", self.proxy, methods=methods)],
                          lifespan=self.lifespan)
-
 
     def admin_app(self) -> Any:
         """The admin API alone, for ``--admin-port``: any address, the token on every call
         (metrics excepted: the public port serves them too). No proxying, no lifespan: the
         public app runs the health checks."""
-        admin = Starlette(routes=[Route("/-/status", self.status, methods=["GET"]),
-                                  Route("/-/metrics", self.metrics_page, methods=["GET"]),
-                                  Route("/-/backend", self.set_backend, methods=["PUT"]),
-                                  Route("/-/canary", self.set_phase, methods=["PUT", "DELETE"]),
-                                  Route("/-/shadow", self.set_phase, methods=["PUT", "DELETE"])])
+        admin = Starlette(routes=self.admin_routes())
 
         async def app(scope: Any, receive: Any, send: Any) -> None:
             await admin({**scope, REMOTE_ADMIN: True}, receive, send)
