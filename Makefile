@@ -49,7 +49,7 @@ workers: prefect-apply
 
 ## Roll a checkpoint out to the local blue/green target: make promote CHECKPOINT=runs/<id>/checkpoint
 promote: envs
-	$(REQUANT) promote --config deployments/configs/demo.yaml --set rollout.target=local \
+	$(REQUANT) promote --config deployments/configs/demo.yaml \
 		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(REVISION),--revision $(REVISION)) \
 		$(if $(ROLLBACK),--rollback) $(ARGS)
 

@@ -10,43 +10,49 @@ does not move, and the flow fails with the reason. The target's record (requant.
 is the one record of what serves; a failed marker move leaves it saying "marker pending", and
 promoting the same revision again moves the marker without a new rollout.
 
-Run it:  requant promote --config deployments/configs/demo.yaml --set rollout.target=local
+Run it:  requant promote --config deployments/configs/demo.yaml
              (--revision <sha> | --checkpoint runs/<id>/checkpoint | --rollback)
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
+from pydantic import Field
 
 from requant.errors import SettingsError
-from requant.policy import check_run_policy
+from requant.profile import checkpoint_in_profile, compose, profile_for
 from requant.rollout.gate_record import gate_record
 from requant.rollout.local import check_local_settings
 from requant.rollout.lock import rollout_lock
 from requant.rollout.release import resolve_release
 from requant.rollout.state import Intent, Release
-from requant.settings import PipelineSettings, validate_settings
+from requant.run_request import RunRequest, validate_request
+from requant.settings import PipelineSettings
 from requant.tasks.rollout import fetch_release_task, move_marker, rollout
 
 
 @flow(name="promote", log_prints=True)
 def promote(
-    settings: PipelineSettings = PipelineSettings(),
-    revision: str | None = None,
-    checkpoint: str | None = None,
+    request: RunRequest = RunRequest(),
+    revision: Annotated[str | None, Field(pattern=r"^[0-9a-f]{40}$")] = None,
+    checkpoint: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9._/-]{1,500}$")] = None,
     rollback: bool = False,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Deploy a published commit SHA (or a local checkpoint, for the offline demo), or roll back
-    to the previous revision; the production marker moves only after verification passed.
-    What the gate did not pass is refused unless ``force`` (then recorded as forced)."""
-    settings = validate_settings(settings)
-    check_run_policy(settings)  # the run's parameters are untrusted: docs/trust.md
+    """Deploy a published commit SHA (or a local checkpoint under the profile's output_dir, for
+    the offline demo), or roll back to the previous revision; the production marker moves only
+    after verification passed. What the gate did not pass is refused unless ``force`` (then
+    recorded as forced). The run chooses only these; its profile says where (docs/trust.md)."""
+    request = validate_request(request)
+    profile = profile_for(request)
+    settings = compose(profile, request)
+    if checkpoint is not None:
+        checkpoint = str(checkpoint_in_profile(profile, settings, checkpoint))
     logger = get_run_logger()
     if settings.rollout.target == "local":
         check_local_settings(settings)

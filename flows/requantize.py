@@ -44,15 +44,16 @@ from requant.ledger import (
     pending_rollout,
     record_published,
 )
-from requant.policy import check_run_policy
+from requant.profile import settings_for
 from requant.quantization.checkpoint import QuantizedCheckpoint
 from requant.quantization.hardware import Accelerator
 from requant.quantization.recipes import ResolvedRecipe
 from requant.report import build_summary, render_no_op, render_summary
 from requant.rollout.state import load_state
+from requant.run_request import RunRequest, validate_request
 from requant.rundir import RunDir
 from requant.search import Outcome, table_rows
-from requant.settings import PipelineSettings, validate_settings
+from requant.settings import PipelineSettings
 from requant.source import ResolvedSource, fetch_weights
 from requant.tasks.calibration import prepare_calibration
 from requant.tasks.evaluation import evaluate_baseline, evaluate_candidate
@@ -64,13 +65,14 @@ from requant.tasks.source import resolve_source
 
 
 @flow(name="requantize", log_prints=True)
-def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any]:
+def requantize(request: RunRequest = RunRequest()) -> dict[str, Any]:
     """Quantize a Hugging Face causal LM to a verified W8A8 checkpoint, evaluate it as vLLM serves
     it against its source, gate it, and publish it to the Hub (or a dry run). With
-    ``search.candidates``, several candidates against one baseline, the best that passes wins."""
+    ``search.candidates``, several candidates against one baseline, the best that passes wins.
+    The run chooses only its request; the worker's profile says everything else (docs/trust.md)."""
     started = time.perf_counter()
-    settings = validate_settings(settings)
-    check_run_policy(settings)  # the run's parameters are untrusted: docs/trust.md
+    request = validate_request(request)
+    settings = settings_for(request)
     recipe, acc = preflight(settings)
     trials = preflight_candidates(settings, acc) if settings.search.candidates else []
     check_gpu_limit(settings.quantization.gpus)
@@ -96,9 +98,10 @@ def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any
     keys = [e.key for e in entries] or [key]  # a search's winner is published under its own
     if not settings.force and (hit := next(filter(None, (
             find_published(settings.cache_dir, k) for k in keys)), None)):
-        return finish_published(settings, run_dir, run_id, hit, started)
+        return finish_published(settings, request, run_dir, run_id, hit, started)
     if entries:
-        return search_and_promote(settings, source, calib, entries, acc, run_dir, started)
+        return search_and_promote(settings, request, source, calib, entries, acc, run_dir,
+                                  started)
 
     t_gpu = time.perf_counter()
     # Held while a run uses its GPUs (quantization + evaluation): the limit counts GPUs, so runs
@@ -115,10 +118,10 @@ def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any
                                  "published")
     elif not decision.promote:
         finish(run_dir, summary)
-        emit_gate_event(settings, summary, passed=False)
+        emit_gate_event(settings, request, summary, passed=False)
         raise GateFailed(decision)  # nothing was published: the stage below never ran
     else:
-        publish_and_promote(settings, run_dir, ckpt, decision, summary, key, started)
+        publish_and_promote(settings, request, run_dir, ckpt, decision, summary, key, started)
     summary["timings_s"]["flow"] = round(time.perf_counter() - started, 2)
     finish(run_dir, summary)
     get_run_logger().info("done: checkpoint %s (verified), summary %s", ckpt.path,
@@ -126,7 +129,7 @@ def requantize(settings: PipelineSettings = PipelineSettings()) -> dict[str, Any
     return summary
 
 
-def search_and_promote(settings: PipelineSettings, source: ResolvedSource,
+def search_and_promote(settings: PipelineSettings, request: RunRequest, source: ResolvedSource,
                        calib: CalibrationSet | None, entries: list[Entry], acc: Accelerator,
                        run_dir: RunDir, started: float) -> dict[str, Any]:
     """The search (flows/search.py), then the winner goes the way a single candidate goes; no
@@ -144,7 +147,7 @@ def search_and_promote(settings: PipelineSettings, source: ResolvedSource,
                    "rollout": None, "timings_s": timings
                    | {"flow": round(time.perf_counter() - started, 2)}}
         write_json_atomic(run_dir.root / "summary.json", summary)
-        emit_gate_event(settings, summary, passed=False)
+        emit_gate_event(settings, request, summary, passed=False)
         raise GateFailed(NoWinner(found.record))
     w = found.winner
     assert w.ckpt is not None and w.decision is not None
@@ -154,8 +157,8 @@ def search_and_promote(settings: PipelineSettings, source: ResolvedSource,
                             w.decision, timings | {"flow": round(time.perf_counter() - started,
                                                                  2)})
     summary["search"] = found.record
-    publish_and_promote(w.settings, run_dir, w.ckpt, w.decision, summary, w.key, started,
-                        stages=candidate_dir(run_dir, w.candidate.name))
+    publish_and_promote(w.settings, request, run_dir, w.ckpt, w.decision, summary, w.key,
+                        started, stages=candidate_dir(run_dir, w.candidate.name))
     summary["timings_s"]["flow"] = round(time.perf_counter() - started, 2)
     finish(run_dir, summary)
     return summary
@@ -204,9 +207,10 @@ def gpu_stages(
                             "evaluate_candidate_and_gate": round(time.perf_counter() - t2, 2)}
 
 
-def publish_and_promote(settings: PipelineSettings, run_dir: RunDir, ckpt: QuantizedCheckpoint,
-                        decision: GateDecision, summary: dict[str, Any], key: str,
-                        started: float, stages: RunDir | None = None) -> None:
+def publish_and_promote(settings: PipelineSettings, request: RunRequest, run_dir: RunDir,
+                        ckpt: QuantizedCheckpoint, decision: GateDecision,
+                        summary: dict[str, Any], key: str, started: float,
+                        stages: RunDir | None = None) -> None:
     """Publish (retried on transient errors only), record it in the ledger, announce the gate's
     pass, then roll out inline / through the promote deployment, or leave it to the automation.
     ``stages``: where the evaluation and gate records are (a search's winner's own folder)."""
@@ -224,31 +228,33 @@ def publish_and_promote(settings: PipelineSettings, run_dir: RunDir, ckpt: Quant
         time.perf_counter() - started - summary["timings_s"]["flow"], 2)
     record_published(settings.cache_dir, key, summary["run_id"],
                      summary["publish"] | {"checkpoint": str(ckpt.path)}, summary["gate"])
-    emit_gate_event(settings, summary, passed=True)
+    emit_gate_event(settings, request, summary, passed=True)
     if settings.rollout.target == "none":
         return
     if settings.rollout.trigger == "automation":
         summary["rollout"] = {"trigger": "automation", "event": "requant.gate.passed"}
         return
     try:
-        summary["rollout"] = run_promote(settings, promote_args(summary))
+        summary["rollout"] = run_promote(settings, request, promote_args(summary))
     except RolloutFailed as exc:
         summary["rollout"] = {"failed": str(exc)}
         finish(run_dir, summary)
         raise
 
 
-def run_promote(settings: PipelineSettings, args: dict[str, str]) -> dict[str, Any]:
+def run_promote(settings: PipelineSettings, request: RunRequest,
+                args: dict[str, str]) -> dict[str, Any]:
     """inline: the promote flow as a subflow. deployment: the promote deployment on its own
-    (serving) pool, where the vLLM environment lives; this run waits for its outcome."""
+    (serving) pool, where the vLLM environment lives; this run waits for its outcome. Either
+    way the promote run composes the same request with the same profile."""
     if settings.rollout.trigger == "inline":
         from requant.flows.promote import promote
 
-        return promote(settings, **args)
+        return promote(request, **args)
     from prefect.deployments import run_deployment
 
     child = run_deployment(settings.rollout.promote_deployment,
-                           parameters={"settings": settings.model_dump(mode="json"), **args},
+                           parameters={"request": request.model_dump(mode="json"), **args},
                            timeout=None, as_subflow=True)
     if not child.state or not child.state.is_completed():
         from requant.rollout.state import Release
@@ -268,7 +274,8 @@ def promote_args(summary: dict[str, Any]) -> dict[str, str]:
     return {"checkpoint": summary["checkpoint"]}
 
 
-def emit_gate_event(settings: PipelineSettings, summary: dict[str, Any], passed: bool) -> None:
+def emit_gate_event(settings: PipelineSettings, request: RunRequest, summary: dict[str, Any],
+                    passed: bool) -> None:
     """requant.gate.passed / .failed: what an automation (promote) or a notification needs,
     as strings ("" when absent) so templated deployment parameters render cleanly."""
     gate = summary["gate"] or {}
@@ -294,23 +301,23 @@ def emit_gate_event(settings: PipelineSettings, summary: dict[str, Any], passed:
             "run_id": summary["run_id"], "source": summary["source"]["model"],
             # a search's table: every candidate's decision and why (empty without a search)
             "candidates": table_rows(summary["search"]) if summary.get("search") else [],
-            # the run's own settings (no secret is ever a setting), so the promote run uses
-            # the same hub and rollout settings as the run that passed the gate
-            "settings": settings.model_dump(mode="json"),
+            # the run's own request (never the profile's settings), so the promote run composes
+            # the same hub and rollout settings from the same profile
+            "request": request.model_dump(mode="json"),
         },
     )
 
 
-def finish_published(settings: PipelineSettings, run_dir: RunDir, run_id: str,
-                     hit: dict[str, Any], started: float) -> dict[str, Any]:
+def finish_published(settings: PipelineSettings, request: RunRequest, run_dir: RunDir,
+                     run_id: str, hit: dict[str, Any], started: float) -> dict[str, Any]:
     """This exact candidate was published before: nothing to do, or, when it does not serve on
     the configured target, its rollout (no requantization)."""
     if settings.rollout.target != "none":
         args, why = pending_rollout(hit, load_state(settings.rollout.state_dir,
                                                     settings.rollout.target))
         if args is not None:
-            return promote_published(settings, run_dir, run_id, hit["candidate_key"], hit,
-                                     args, why, started)
+            return promote_published(settings, request, run_dir, run_id, hit, args, why,
+                                     started)
     return finish_no_op(run_dir, run_id, hit["candidate_key"], hit, started)
 
 
@@ -328,18 +335,19 @@ def finish_no_op(run_dir: RunDir, run_id: str, key: str, hit: dict[str, Any],
     return summary
 
 
-def promote_published(settings: PipelineSettings, run_dir: RunDir, run_id: str, key: str,
-                      hit: dict[str, Any], args: dict[str, str], why: str,
+def promote_published(settings: PipelineSettings, request: RunRequest, run_dir: RunDir,
+                      run_id: str, hit: dict[str, Any], args: dict[str, str], why: str,
                       started: float) -> dict[str, Any]:
     """The candidate passed the gate and was published by an earlier run, but does not serve
     on the configured target: roll it out now, the same way that run would have."""
+    key = hit["candidate_key"]
     get_run_logger().info("candidate %s already published by run %s, %s: rolling out %s",
                           key[:16], hit.get("run_id"), why, args)
     summary: dict[str, Any] = {"run_id": run_id, "run_dir": str(run_dir.root), "no_op": False,
                                "candidate_key": key, "already_published": hit,
                                "promoted_published": {"why": why, **args}}
     try:
-        summary["rollout"] = run_promote(settings, args)
+        summary["rollout"] = run_promote(settings, request, args)
     except RolloutFailed as exc:
         summary["rollout"] = {"failed": str(exc)}
         raise

@@ -12,20 +12,27 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from requant.alerts import HEARTBEAT_S
 from requant.errors import EXIT_OK, SettingsError, explain
-from requant.policy import check_run_policy
-from requant.settings import PipelineSettings, load_settings
+from requant.settings import PipelineSettings
+
+if TYPE_CHECKING:
+    from requant.profile import OperatorProfile
+    from requant.run_request import RunRequest
 
 
 def _settings_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="settings YAML (default: the embedded demo)")
+    p.add_argument("--config", type=Path, help="the operator's profile: a settings YAML "
+                   "(default: the embedded demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="SECTION.FIELD=VALUE", help="override one setting (repeatable)")
+                   metavar="SECTION.FIELD=VALUE", help="one field of the run request "
+                   "(repeatable; `requant settings-schema --run` lists them)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "twice as the gate evaluates it); later runs' gate records carry it")
     _settings_args(p)
     p.add_argument("--stages", type=int, default=1, help="the gate's stages to answer twice")
-    sub.add_parser("settings-schema", help="the JSON schema of the settings (YAML configs, "
-                   "--set keys, the Prefect UI form)")
+    p = sub.add_parser("settings-schema", help="the JSON schema of a profile's settings (the "
+                       "YAML configs), or with --run of a run request (--set keys, the Prefect "
+                       "UI form)")
+    p.add_argument("--run", action="store_true", help="the run request's schema")
     sub.add_parser("automations", help="create or replace the automations that mark silent "
                    "runs Crashed and tell the team (REQUANT_NOTIFY_WEBHOOK_URL) about failed runs "
                    "and gates; make prefect-apply runs it")
@@ -126,18 +135,37 @@ def _without_traceback(format_record: Callable[[logging.LogRecord], str]
     return format_message
 
 
+def _request(args: argparse.Namespace) -> tuple[OperatorProfile, RunRequest]:
+    """The operator's profile (--config) and the run's request (--set), both checked here,
+    before Prefect or any model is loaded."""
+    from requant.profile import compose, load_file
+    from requant.run_request import NAME, parse_request
+
+    profile = load_file(args.config)
+    name = profile.name if re.fullmatch(NAME, profile.name) else "demo"
+    request = parse_request(args.overrides, base={"profile": name})
+    settings = compose(profile, request)  # every bound the profile sets, before any work
+    if args.command == "run":
+        from requant.source import check_local_source
+
+        check_local_source(settings.source)  # a broken model folder: one line, no Prefect
+    return profile, request
+
+
 def _load(args: argparse.Namespace) -> PipelineSettings:
-    settings = load_settings(args.config, args.overrides)
-    check_run_policy(settings)  # refused here, before Prefect or any model is loaded
-    return settings
+    from requant.profile import compose
+
+    return compose(*_request(args))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    settings = _load(args)  # bad settings end here, before Prefect or any model is loaded
+    profile, request = _request(args)  # bad input ends here, before Prefect or any model
     from requant.flows.requantize import requantize
+    from requant.profile import using
     from requant.report import gate_line, publish_line, rollout_line
 
-    summary = requantize(settings)
+    with using(profile):
+        summary = requantize(request)
     if summary.get("no_op"):
         print(f"\nnothing to do: this candidate was already published "
               f"({summary['already_published']['run_id']}); --set force=true to redo it")
@@ -152,10 +180,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    settings = _load(args)
+    profile, request = _request(args)
     from requant.flows.promote import promote
+    from requant.profile import checkpoint_in_profile, compose, using
 
-    result = promote(settings, args.revision, args.checkpoint, args.rollback, args.force)
+    settings = compose(profile, request)
+    if args.checkpoint is not None:  # refused here, before Prefect starts
+        checkpoint_in_profile(profile, settings, args.checkpoint)
+    with using(profile):
+        result = promote(request, args.revision, args.checkpoint, args.rollback, args.force)
     d = result["deployed"]
     print(f"\nserving {d['release']['revision']} at {d['endpoint']} "
           f"(model {settings.rollout.served_model_name}); "
@@ -226,7 +259,10 @@ def cmd_automations(args: argparse.Namespace) -> int:
 
 
 def cmd_settings_schema(args: argparse.Namespace) -> int:
-    print(json.dumps(PipelineSettings.model_json_schema(), indent=2))
+    from requant.run_request import RunRequest
+
+    model = RunRequest if args.run else PipelineSettings
+    print(json.dumps(model.model_json_schema(), indent=2))
     return EXIT_OK
 
 

@@ -37,6 +37,40 @@ class SettingsError(RequantError, ValueError):
     """Settings or inputs a run cannot start with; the message names each field and its fix."""
 
 
+class OperatorSetting(SettingsError):
+    """A run asked for a setting that only the worker's operator chooses (docs/trust.md): a
+    path, host, port, flag, image, namespace, secret or task file, in the profile."""
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+        self.fix = ("the worker's operator sets it in the profile on the worker "
+                    "(deployments/configs, or --config for the CLI); a run cannot")
+        self.message = f"{field}: {self.fix}. Remove it from the run's parameters."
+        super().__init__(self.message)
+
+
+class NotOurs(SettingsError):
+    """A Kubernetes object the profile names exists but was not created by requant: it is
+    never updated, patched, scaled or deleted."""
+
+    def __init__(self, kind: str, namespace: str, name: str) -> None:
+        self.kind, self.namespace, self.name = kind, namespace, name
+        super().__init__(
+            f"rollout.kubernetes: the {kind} {namespace}/{name} was not created by requant (no "
+            "app.kubernetes.io/managed-by=requant label and requant.dev/owner annotation), so "
+            "requant will not change it. The worker's operator names a Deployment of requant's "
+            "own in the profile (rollout.kubernetes.namespace, .deployment).")
+
+
+class OutsideProfile(SettingsError):
+    """A run chose a value the profile does not offer (a source, recipe, candidate, a bound)."""
+
+    def __init__(self, field: str, value: object, offered: str) -> None:
+        self.field, self.value, self.offered = field, value, offered
+        super().__init__(f"{field}: {str(value)!r:.120} is not offered by this worker's profile; "
+                         f"{offered}.")
+
+
 class StateFileError(RequantError, RuntimeError):
     """A record requant keeps (the router's state or token, a target's state.json, the ledger)
     is unreadable; the message names the file and how to recover."""
@@ -103,6 +137,17 @@ class PublishError(RequantError, RuntimeError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class SecretInCommit(RequantError, RuntimeError):
+    """A file of the commit holds one of the worker's secrets, or something shaped like a
+    credential; nothing was uploaded."""
+
+    def __init__(self, file: str, what: str) -> None:
+        self.file, self.what = file, what
+        super().__init__(f"publish refused: {file} holds {what}; nothing was uploaded. Find how "
+                         "it got there (an evaluation's samples, a task file reading the "
+                         "environment) and run again.")
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

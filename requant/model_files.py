@@ -21,7 +21,7 @@ INDEX = "model.safetensors.index.json"
 
 
 def check_model_folder(root: Path, field: str = "source.model") -> None:
-    problems = tokenizer_problems(root) + weight_problems(root)
+    problems = json_problems(root) + tokenizer_problems(root) + weight_problems(root)
     if problems:
         raise SettingsError(
             f"{field}: {root} is not a complete Hugging Face model folder:\n    - "
@@ -29,6 +29,29 @@ def check_model_folder(root: Path, field: str = "source.model") -> None:
             + "\n  Copy the whole folder that save_pretrained (or a Hub download) wrote: "
             "config.json, the tokenizer files and every weight shard."
         )
+
+
+#: JSON files transformers reads from a model folder; each must parse as an object.
+JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+              "special_tokens_map.json")
+
+
+def json_problems(root: Path) -> list[str]:
+    """Broken JSON found now, naming the file, instead of a library's traceback later."""
+    problems = []
+    for name in JSON_FILES:
+        if not (root / name).is_file():
+            continue
+        try:
+            doc = json.loads((root / name).read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            problems.append(f"{name} is not valid JSON ({str(exc)[:80]})")
+            continue
+        if not isinstance(doc, dict):
+            problems.append(f"{name} is not a JSON object")
+        elif name == "config.json" and not isinstance(doc.get("model_type"), str):
+            problems.append("config.json names no model_type")
+    return problems
 
 
 def tokenizer_problems(root: Path) -> list[str]:

@@ -18,9 +18,11 @@ from requant.quantization.hardware import (
 from requant.quantization.recipes import ResolvedRecipe, resolve_recipe
 from requant.serving.server import serving_python
 from requant.settings import Candidate, PipelineSettings
+from requant.source import check_local_source
 
 
 def run_preflight(settings: PipelineSettings) -> tuple[ResolvedRecipe, Accelerator]:
+    check_local_source(settings.source)
     recipe = resolve_recipe(settings.quantization)
     acc = detect_accelerator(settings.quantization.device)
     check_scheme_supported(recipe.scheme, acc)

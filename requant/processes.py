@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
@@ -19,9 +20,24 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         libc.prctl(1, sig)  # PR_SET_PDEATHSIG
 
 
-def stop_process_group(pid: int, grace_s: float = 30.0) -> None:
+def runs_command(pid: int, *args: str) -> bool:
+    """The process's command line holds ``args`` one after the other: a pid read from a record
+    is checked with this before any signal, so a reused or planted pid is never ours to kill."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return False
+    n = len(args)
+    return any(argv[i:i + n] == list(args) for i in range(len(argv) - n + 1))
+
+
+def stop_process_group(pid: int, grace_s: float = 30.0, expect: tuple[str, ...] = ()) -> None:
     """Stop a server this process did not start (known by its pid from a deploy record): its
-    session leader's process group gets SIGTERM, then SIGKILL after the grace period."""
+    session leader's process group gets SIGTERM, then SIGKILL after the grace period. With
+    ``expect``, only if the leader's command line holds those arguments (``runs_command``)."""
+    if expect and not runs_command(pid, *expect):
+        return
     try:
         pgid = os.getpgid(pid)
     except ProcessLookupError:
@@ -50,6 +66,15 @@ def terminate_group(pgid: int, grace_s: float, wait_leader: Callable[[float], No
         os.killpg(pgid, signal.SIGKILL)
     wait_leader(10)
     _wait_group_gone(pgid, 15)
+
+
+def read_pid(path: Path) -> int | None:
+    """A pid file's number, or None when it is missing or holds anything else."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def pid_running(pid: int) -> bool:

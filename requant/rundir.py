@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+#: Written in every run folder when it is made: `requant runs prune` and `requant status` take
+#: only folders that carry it, never anything else that sits in output_dir.
+MARKER = ".requant-run"
+
 STAGES = ("calibration", "checkpoint", "eval", "gate", "publish", "rollout", "candidates",
           "throughput")
 
@@ -17,6 +21,7 @@ class RunDir:
     def create(cls, output_dir: Path, run_id: str) -> RunDir:
         root = Path(output_dir).resolve() / run_id
         root.mkdir(parents=True, exist_ok=True)
+        (root / MARKER).write_text(f"{run_id}\n")
         return cls(root)
 
     def stage(self, name: str) -> Path:

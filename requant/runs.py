@@ -19,6 +19,7 @@ from requant.atomic import read_json
 from requant.errors import SettingsError
 from requant.quantization.resume import RESUME_DIR
 from requant.rollout.state import load_state
+from requant.rundir import MARKER
 from requant.settings import PipelineSettings
 
 TARGETS = ("local", "kubernetes")
@@ -36,13 +37,14 @@ class RunRecord:
 
 
 def list_runs(output_dir: Path) -> list[RunRecord]:
-    """Newest first; a run folder without summary.json is listed too (it failed or runs now)."""
+    """Newest first: the folders requant made for runs (they carry ``rundir.MARKER``); one
+    without summary.json is listed too (it failed or runs now)."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
     runs = []
     for path in root.iterdir():
-        if not path.is_dir() or path.name.startswith("."):
+        if not path.is_dir() or path.name.startswith(".") or not (path / MARKER).is_file():
             continue
         summary_file = path / "summary.json"
         try:

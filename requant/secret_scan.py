@@ -20,7 +20,8 @@ SECRET_VALUE = re.compile(
     r"|\bBearer\s+\S{8,}"             # an Authorization header value
     r"|\bsk-[A-Za-z0-9_-]{20,}"       # OpenAI-style API key
     r"|\bgh[pousr]_[A-Za-z0-9]{30,}"  # GitHub token
-    r"|\bAKIA[0-9A-Z]{16}\b",         # AWS access key id
+    r"|\bAKIA[0-9A-Z]{16}\b"          # AWS access key id
+    r"|\b[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@",  # a URL with user:password@ in it
 )
 #: Keys of free-form mappings (environment variables) whose value is a secret by its name.
 SECRET_KEY = re.compile(r"token|secret|passw|credential|api[_-]?key|private[_-]?key|(^|_)key$",

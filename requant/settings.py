@@ -49,10 +49,10 @@ class SourceSettings(_Section):
     model: str = Field(
         DEMO_MODEL_DIR,
         description="Hugging Face Hub model id (owner/name) or a local directory with config.json.",
-        min_length=1,
+        min_length=1, pattern=r"^[^\s,=-][^\n,=]*$",
     )
     revision: str | None = Field(
-        None,
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$",
         description="Hub branch, tag or commit. The manifest records the commit it resolved to.",
     )
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the repo.")
@@ -229,6 +229,10 @@ class EvaluationSettings(_Section):
         Path("deployments/lm_eval_tasks"),
         description="Extra lm-eval task YAMLs (include_path); data_files are relative to it.",
     )
+    data_roots: list[Path] = Field(
+        default_factory=list, description="Folders beside task_dir and the project's data/ "
+        "where a task YAML may read files (include, !function, data_files); anything else is "
+        "refused before lm-eval reads it.")
     num_fewshot: int = Field(5, ge=0, description="Few-shot examples per question.")
     task_fewshot: dict[str, int] = Field(
         default_factory=lambda: {"gsm8k_cloze_local": 0},
@@ -422,6 +426,10 @@ class HubSettings(_Section):
         description="Branch that marks the promoted revision; moved only after a verified "
         "rollout.",
     )
+    secret_env: list[str] = Field(
+        default_factory=list, description="Environment variables of the worker whose values "
+        "must never be published, beside the Hub token and every variable named like a secret "
+        "(a publish scans every file for them: requant/hub/secrets_check.py).")
     retries: int = Field(2, ge=0, description="Retries of a failed upload (network, 5xx only).")
     retry_delay_s: float = Field(10, ge=0)
 
@@ -498,6 +506,9 @@ class LocalTargetSettings(_Section):
 
     host: str = Field("127.0.0.1", description="Where the router (the stable endpoint) listens.")
     port: int = Field(8000, gt=0, lt=65536, description="The stable endpoint clients use.")
+    max_request_bytes: int = Field(
+        32 << 20, gt=0, description="The router answers 413 to a larger request body, without "
+        "holding it (32 MiB: a 128k-token context as JSON with room to spare).")
     server: ServerSettings = Field(
         default_factory=lambda: ServerSettings(gpu_memory_utilization=0.4),
         description="The vLLM servers behind the router. On a GPU host they share it with the "
@@ -614,7 +625,7 @@ class RolloutSettings(_Section):
         "promote/promote", description="flow/deployment name used by trigger=deployment."
     )
     served_model_name: str = Field(
-        "requant-w8a8", pattern=r"^[\w.-]+$",
+        "requant-w8a8", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
         description="The model name clients send; the same across revisions.",
     )
     state_dir: Path = Field(
@@ -695,33 +706,35 @@ def load_settings(
     Override values are parsed as YAML scalars, so ``calibration.num_samples=128`` is an int and
     ``quantization.ignore=[lm_head, "re:.*gate"]`` a list.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise SettingsError(f"config file {path}: not found. Pass an existing YAML file.")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise SettingsError(f"config file {path}: not valid YAML ({exc}).") from exc
-        if not isinstance(loaded, dict):
-            raise SettingsError(f"config file {path}: top level must be a mapping of sections.")
-        data = loaded
-    for item in overrides:
-        _apply_override(data, item)
+    data = read_config(Path(path)) if path is not None else {}
+    apply_overrides(data, overrides)
     return validate_settings(data)
 
 
-def validate_settings(data: Mapping[str, Any] | PipelineSettings) -> PipelineSettings:
+def read_config(path: Path) -> dict[str, Any]:
+    """A config file's mapping of sections, or one line naming the file and what is wrong."""
+    if not path.is_file():
+        raise SettingsError(f"config file {path}: not found. Pass an existing YAML file.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"config file {path}: not valid YAML ({exc}).") from exc
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {path}: top level must be a mapping of sections.")
+    return data
+
+
+def validate_settings(data: Mapping[str, Any] | PipelineSettings,
+                      base: Path | None = None) -> PipelineSettings:
     """Validate raw settings, turning pydantic's report into one that names field and fix, and
-    resolve every path in them against the directory the command runs in."""
+    resolve every path in them against ``base`` (default: the directory the command runs in)."""
     if isinstance(data, PipelineSettings):
         data = data.model_dump()
     try:
         settings = PipelineSettings.model_validate(data)
     except ValidationError as exc:
         raise SettingsError(format_validation_error(exc)) from None
-    return resolve_paths(settings)
+    return resolve_paths(settings, base)
 
 
 def resolve_paths(settings: PipelineSettings, base: Path | None = None) -> PipelineSettings:
@@ -767,7 +780,12 @@ def _looks_local(value: str, base: Path) -> bool:
 
 
 def format_validation_error(exc: ValidationError) -> str:
-    lines = ["invalid pipeline settings:"]
+    return describe_errors(exc, "invalid pipeline settings")
+
+
+def describe_errors(exc: ValidationError, header: str) -> str:
+    """pydantic's report as one line per field, each with the value and the fix."""
+    lines = [f"{header}:"]
     for err in exc.errors():
         if not err["loc"]:  # a cross-field check: its message names the field and the fix
             lines.append(f"  - {err['msg'].removeprefix('Value error, ')}.")
@@ -786,7 +804,15 @@ _FIXES = {
     "less_than": "Set a smaller value.",
     "less_than_equal": "Set a smaller value.",
     "literal_error": "Use one of the values listed.",
+    "string_pattern_mismatch": "Use a name or value of the form shown (a run request's values "
+    "are names the worker's profile offers: `requant settings-schema --run`).",
 }
+
+
+def apply_overrides(data: dict[str, Any], items: Sequence[str]) -> None:
+    """``section.field=value`` items into ``data``; values are YAML scalars."""
+    for item in items:
+        _apply_override(data, item)
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:

@@ -48,21 +48,30 @@ class ResolvedSource:
         }
 
 
+def check_local_source(src: SourceSettings) -> Path | None:
+    """A local source folder, complete and readable (its JSON parsed), or None for a Hub id:
+    the CLI asks this before Prefect starts, the flow's source stage again."""
+    local = Path(src.model).expanduser()
+    if not local.exists():
+        return None
+    if not (local / "config.json").is_file():
+        raise SettingsError(
+            f"source.model: {local} exists but has no config.json. Point it at a Hugging "
+            "Face model directory (the folder save_pretrained wrote)."
+        )
+    if src.revision:
+        raise SettingsError(
+            f"source.revision: {src.revision!r} was given for the local directory {local}. "
+            "Revisions apply to Hub ids only; unset source.revision."
+        )
+    check_model_folder(local)
+    return local
+
+
 def resolve_source_files(src: SourceSettings, *, with_weights: bool) -> ResolvedSource:
     """Plain function behind the task; also used by the quantization stage to fetch weights."""
-    local = Path(src.model).expanduser()
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise SettingsError(
-                f"source.model: {local} exists but has no config.json. Point it at a Hugging "
-                "Face model directory (the folder save_pretrained wrote)."
-            )
-        if src.revision:
-            raise SettingsError(
-                f"source.revision: {src.revision!r} was given for the local directory {local}. "
-                "Revisions apply to Hub ids only; unset source.revision."
-            )
-        check_model_folder(local)
+    local = check_local_source(src)
+    if local is not None:
         names = _local_files(local, with_weights)
         return ResolvedSource(
             model_id=str(local), path=local.resolve(), revision=None,

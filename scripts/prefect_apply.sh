@@ -22,10 +22,20 @@ case "$KIND" in process|docker|kubernetes) ;; *)
   echo "REQUANT_POOL_KIND=$KIND: use process, docker or kubernetes" >&2; exit 2 ;; esac
 : "${PREFECT_API_URL:?set PREFECT_API_URL to the Prefect server (e.g. http://127.0.0.1:4200/api)}"
 
+# Every pool from a locked base job template (requant/job_template.py): a custom run may name
+# and label its job, nothing else; command, env, working dir, image, volumes are the operator's.
+PY=$(dirname "$PREFECT")/python
+locked=$(mktemp -d)
+trap 'rm -rf "$locked"' EXIT
 for pool in gpu serving; do
-  args=(--type "$KIND" --overwrite)
-  if [ "$KIND" != process ]; then args+=(--base-job-template "deployments/work-pools/$KIND-$pool.json"); fi
-  "$PREFECT" --no-prompt work-pool create "requant-$pool" "${args[@]}"
+  if [ "$KIND" = process ]; then
+    "$PREFECT" --no-prompt work-pool get-default-base-job-template --type process >"$locked/open.json"
+  else
+    cp "deployments/work-pools/$KIND-$pool.json" "$locked/open.json"
+  fi
+  "$PY" -m requant.job_template "$locked/open.json" >"$locked/$pool.json"
+  "$PREFECT" --no-prompt work-pool create "requant-$pool" --type "$KIND" --overwrite \
+    --base-job-template "$locked/$pool.json"
 done
 "$PREFECT" --no-prompt work-pool set-concurrency-limit requant-gpu "$POOL_RUNS"
 if "$PREFECT" --no-prompt global-concurrency-limit inspect requant-gpu >/dev/null 2>&1; then

@@ -199,3 +199,30 @@ def wait_answering(url: str, timeout_s: float, alive=lambda: True) -> None:
         except httpx.HTTPError:
             assert time.monotonic() < deadline and alive(), f"{url} did not answer"
             time.sleep(0.1)
+
+
+def requantize(settings, **request):
+    """The requantize flow as the CLI runs it: ``settings`` are the worker's profile (handed over
+    in-process) and ``request`` the run's (a RunRequest's fields)."""
+    from requant.flows.requantize import requantize as flow
+    from requant.profile import OperatorProfile, using
+    from requant.run_request import RunRequest
+
+    with using(OperatorProfile.of(settings)):
+        return flow(RunRequest.model_validate(request))
+
+
+def promote(settings, revision=None, checkpoint=None, rollback=False, force=False,
+            request=None, **allow):
+    """The promote flow as the CLI runs it, ``settings`` as the worker's profile (``allow``: its
+    allow section, e.g. checkpoints=[folder])."""
+    from requant.flows.promote import promote as flow
+    from requant.profile import OperatorProfile, using
+    from requant.run_request import RunRequest
+
+    if checkpoint is not None:
+        allow.setdefault("checkpoints", [Path(checkpoint).resolve().parent])
+    with using(OperatorProfile.of(settings, **allow)):
+        return flow(RunRequest.model_validate(request or {}), revision=revision,
+                    checkpoint=None if checkpoint is None else str(checkpoint),
+                    rollback=rollback, force=force)

@@ -117,6 +117,20 @@ def wait_events(client, prefix: str, match, timeout_s: float = 60) -> list[dict]
         time.sleep(1)
 
 
+@contextlib.contextmanager
+def worker_profile(settings: dict) -> Iterator[str]:
+    """``settings`` installed as a profile on this host's workers (the checkout's
+    deployments/configs, where a flow run finds profiles by name) while the block runs; its
+    name is what a run request names."""
+    name = f"test-{secrets.token_hex(4)}"
+    path = ROOT / "deployments" / "configs" / f"{name}.yaml"
+    path.write_text(json.dumps(settings))
+    try:
+        yield name
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def tiny_settings(tmp_path: Path, model: Path, **sections) -> dict:
     data = write_jsonl(tmp_path / "calib.jsonl", [{"text": r["question"]} for r in gsm8k_rows(8)])
     base = {

@@ -5,13 +5,13 @@ team's webhook told) is shown end to end in test_prefect_platform.py."""
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from requant.alerts import (
     CRASHED,
@@ -91,8 +91,10 @@ def test_the_automations_watch_every_flow_the_project_defines_and_both_pools_bea
             if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "flow":
                 defined |= {k.value.value for k in node.keywords if k.arg == "name"}
     assert defined == set(FLOWS)
-    project = yaml.safe_load(Path(ROOT / "prefect.yaml").read_text())
-    for pool in project["definitions"]["work_pools"].values():
-        env = pool["job_variables"]["env"]
-        assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_S)
+    from requant.job_template import POOL_ENV, lock
+
+    for template in sorted((ROOT / "deployments" / "work-pools").glob("*.json")):
+        env = lock(json.loads(template.read_text()))["job_configuration"]["env"]
+        assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_S), template.name
+    assert POOL_ENV["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_S)
     assert HEARTBEAT_S * 2 < SILENT_AFTER_S  # one late heartbeat is not a dead run

@@ -14,6 +14,7 @@ import pytest
 from requant.cli import main
 from requant.errors import EXIT_BAD_INPUT
 from requant.rollout.state import Deployed, DeployState, Release, save_state
+from requant.rundir import MARKER
 from requant.runs import prune_candidates
 from requant.settings import PipelineSettings
 from requant.status import collect_status
@@ -22,9 +23,20 @@ ROOT = Path(__file__).resolve().parents[1]
 REQUANT = shutil.which("requant") or str(Path(os.sys.executable).parent / "requant")
 
 
-def settings_for(tmp_path: Path) -> list[str]:
-    return ["--set", f"output_dir={tmp_path / 'runs'}", "--set", f"cache_dir={tmp_path / 'cache'}",
-            "--set", f"rollout.state_dir={tmp_path / 'state'}", "--set", "rollout.local.port=1"]
+def settings_for(tmp_path: Path, **sections) -> list[str]:
+    """``--config`` of an operator's profile with this test's folders (and ``sections``)."""
+    data = {"output_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
+            "rollout": {"state_dir": str(tmp_path / "state"), "local": {"port": 1}}}
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return config_of(data, tmp_path)
+
+
+def config_of(settings: PipelineSettings | dict, folder: Path) -> list[str]:
+    data = settings if isinstance(settings, dict) else settings.model_dump(mode="json")
+    path = folder / "profile.yaml"
+    path.write_text(json.dumps(data))
+    return ["--config", str(path)]
 
 
 def test_console_script_help_lists_every_operator_command():
@@ -74,6 +86,7 @@ def test_promote_rollback_with_no_previous_revision_is_bad_input_not_a_crash(tmp
 def make_run(root: Path, run_id: str, age_s: float, gate: str = "pass") -> Path:
     run = root / run_id
     (run / "checkpoint").mkdir(parents=True)
+    (run / MARKER).write_text(run_id)  # a folder requant made for a run
     (run / "checkpoint" / "config.json").write_text("{}")
     (run / "summary.json").write_text(json.dumps({
         "run_id": run_id, "gate": {"status": gate, "promote": gate == "pass"},
@@ -98,9 +111,7 @@ def test_prune_keeps_the_newest_and_never_what_serves_or_its_rollback_target(tmp
     deploy(s, runs[0] / "checkpoint", runs[1] / "checkpoint")  # the two oldest serve
     doomed = prune_candidates(s, keep_last=2, older_than_s=None)
     assert sorted(p.name for p in doomed) == ["run-2", "run-3"]
-    assert main(["runs", "prune", "--keep", "2", "--set", f"output_dir={s.output_dir}",
-                 "--set", f"cache_dir={s.cache_dir}",
-                 "--set", f"rollout.state_dir={s.rollout.state_dir}"]) == 0
+    assert main(["runs", "prune", "--keep", "2", *config_of(s, tmp_path)]) == 0
     assert sorted(p.name for p in s.output_dir.iterdir()) == ["run-0", "run-1", "run-4", "run-5"]
 
 
@@ -141,9 +152,7 @@ def test_status_reports_target_serving_record_dead_router_and_recent_runs(tmp_pa
     assert status["runs"][0] | {"path": None} == {
         "run_id": "run-a", "path": None, "state": "finished", "gate": "fail",
         "promote": False, "publish": "dry run"}
-    assert main(["status", "--json", "--set", f"output_dir={s.output_dir}",
-                 "--set", f"cache_dir={s.cache_dir}", "--set", "rollout.local.port=1",
-                 "--set", f"rollout.state_dir={s.rollout.state_dir}"]) == 0
+    assert main(["status", "--json", *config_of(s, tmp_path)]) == 0
     assert json.loads(capsys.readouterr().out)["serving"]["active"]["revision"] == "local-run-a"
 
 
@@ -166,10 +175,11 @@ def test_run_quantizes_through_the_flow_and_exits_0_printing_where_things_are(
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # the test's server
     proc = subprocess.run(
-        [REQUANT, "run", "--set", f"source.model={tiny_model}",
-         "--set", f"calibration.dataset={chat_file}", "--set", "calibration.num_samples=8",
-         "--set", "calibration.max_seq_len=128", "--set", "evaluation.enabled=false",
-         "--set", "rollout.target=none", *settings_for(tmp_path)],
+        [REQUANT, "run", *settings_for(tmp_path, source={"model": str(tiny_model)},
+                                       calibration={"dataset": str(chat_file)},
+                                       rollout={"target": "none"}),
+         "--set", "calibration.num_samples=8", "--set", "calibration.max_seq_len=128",
+         "--set", "evaluation.enabled=false"],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -260,8 +270,9 @@ def test_promote_of_a_revision_the_hub_does_not_have_says_so(tmp_path):
     with FakeHub("hf_writer", tmp_path / "hub") as hub:
         HfApi(endpoint=hub.endpoint, token="hf_writer").create_repo("acme/model")
         env = {**os.environ, "HF_TOKEN": "hf_writer", "HF_ENDPOINT": hub.endpoint}
-        proc = subprocess.run([REQUANT, "promote", *settings_for(tmp_path), "--set",
-                               "hub.repo_id=acme/model", "--revision", "c" * 40],
+        proc = subprocess.run([REQUANT, "promote",
+                               *settings_for(tmp_path, hub={"repo_id": "acme/model"}),
+                               "--revision", "c" * 40],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-3000:]
     assert f"revision: acme/model has no commit {'c' * 40}" in proc.stderr

@@ -11,12 +11,20 @@ import pytest
 import yaml
 from prefect.utilities.templating import apply_values
 
+from requant.profile import load_named
 from requant.rollout.k8s_manifest import validate
-from requant.settings import load_settings, validate_settings
+from requant.run_request import validate_request
+from requant.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = yaml.safe_load((ROOT / "prefect.yaml").read_text())
 DEPLOYMENTS = {d["name"]: d for d in PROJECT["deployments"]}
+
+
+def profile_of(deployment: str):
+    """The worker's profile a deployment's run request names (the bundled one here)."""
+    request = validate_request(DEPLOYMENTS[deployment]["parameters"]["request"])
+    return load_named(request.profile, ROOT / "deployments" / "configs")
 
 
 def test_project_declares_nightly_on_demand_and_promote_deployments_on_two_pools():
@@ -34,15 +42,18 @@ def test_nightly_is_scheduled_at_two_with_an_explicit_timezone():
     assert schedule["cron"] == "0 2 * * *" and schedule["timezone"] == "Europe/Berlin"
 
 
-def test_nightly_parameters_are_exactly_the_production_config():
-    nightly = validate_settings(DEPLOYMENTS["requantize-nightly"]["parameters"]["settings"])
+def test_nightly_runs_the_production_profile_and_names_nothing_else():
+    assert DEPLOYMENTS["requantize-nightly"]["parameters"] == {
+        "request": {"profile": "production-llama3-8b"}}
+    nightly = profile_of("requantize-nightly").settings
     production = load_settings(ROOT / "deployments/configs/production-llama3-8b.yaml")
     assert nightly == production
     assert nightly.rollout.trigger == "automation" and nightly.hub.token_secret == "hf-token"
 
 
-def test_on_demand_parameters_are_valid_settings_that_leave_promotion_to_the_automation():
-    settings = validate_settings(DEPLOYMENTS["requantize"]["parameters"]["settings"])
+def test_on_demand_profile_is_the_demo_that_leaves_promotion_to_the_automation():
+    assert DEPLOYMENTS["requantize"]["parameters"] == {"request": {"profile": "on-demand"}}
+    settings = profile_of("requantize").settings
     assert settings.rollout.target == "local" and settings.rollout.trigger == "automation"
 
 
@@ -51,7 +62,7 @@ def test_promote_automation_fires_on_gate_passed_from_runs_that_delegate_promoti
     assert trigger["expect"] == ["requant.gate.passed"]
     assert trigger["match"] == {"prefect.resource.id": "requant.model.*",
                                 "requant.promote": "automation"}
-    assert set(trigger["parameters"]) == {"settings", "revision", "checkpoint"}
+    assert set(trigger["parameters"]) == {"request", "revision", "checkpoint"}
     assert "requant.gate.failed" not in json.dumps(PROJECT)  # a failed gate starts nothing
 
 
@@ -99,19 +110,17 @@ def test_gpu_pool_jobs_request_as_many_gpus_as_each_deployment_quantizes_with():
     for d in DEPLOYMENTS.values():
         if d["work_pool"]["name"] != "requant-gpu":
             continue
-        gpus = validate_settings(d["parameters"]["settings"]).quantization.gpus
-        jobs = d["work_pool"].get("job_variables", {})
-        assert jobs.get("gpu_count", k8s_default) >= gpus, d["name"]
-        create = jobs.get("container_create_kwargs", docker_default)
-        assert sum(r["count"] for r in create["device_requests"]) >= gpus, d["name"]
+        gpus = profile_of(d["name"]).settings.quantization.gpus
+        assert "job_variables" not in d["work_pool"], d["name"]  # the templates are locked
+        assert k8s_default >= gpus, d["name"]
+        assert sum(r["count"] for r in docker_default["device_requests"]) >= gpus, d["name"]
 
 
 def test_production_kubernetes_strategy_never_drops_serving_capacity():
     from requant.rollout.k8s_manifest import check_strategy
 
     for settings in (load_settings(ROOT / "deployments/configs/production-llama3-8b.yaml"),
-                     validate_settings(DEPLOYMENTS["requantize-nightly"]["parameters"]
-                                       ["settings"])):
+                     profile_of("requantize-nightly").settings):
         k = settings.rollout.kubernetes
         assert str(k.max_unavailable) in {"0", "0%"} and not k.allow_downtime
         check_strategy(k)

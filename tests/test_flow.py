@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from requant.errors import SettingsError
+from requant.rundir import MARKER
 from requant.settings import PipelineSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,12 +42,13 @@ def test_flow_writes_run_dir_checkpoint_summary_and_artifacts(tiny_model, chat_f
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    from requant.flows.requantize import requantize
+    from tests.conftest import requantize
 
     summary = requantize(settings_for(tiny_model, chat_file, tmp_path))
     run_dir = Path(summary["run_dir"])
     assert run_dir.parent == tmp_path / "runs"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["calibration", "checkpoint", "summary.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [MARKER, "calibration", "checkpoint",
+                                                         "summary.json"]
     assert json.loads((run_dir / "summary.json").read_text()) == json.loads(json.dumps(summary))
     assert (run_dir / "checkpoint" / "manifest.json").is_file()
     assert summary["verification"]["ok"] is True
@@ -70,7 +72,7 @@ def test_flow_writes_run_dir_checkpoint_summary_and_artifacts(tiny_model, chat_f
 
 def test_rerun_with_same_inputs_reuses_calibration_and_reproduces_fingerprint(
         tiny_model, chat_file, tmp_path):
-    from requant.flows.requantize import requantize
+    from tests.conftest import requantize
 
     settings = settings_for(tiny_model, chat_file, tmp_path)
     first = requantize(settings)
@@ -84,7 +86,7 @@ def test_rerun_with_same_inputs_reuses_calibration_and_reproduces_fingerprint(
 def test_bad_calibration_input_fails_before_the_model_is_loaded(tiny_model, chat_file, tmp_path):
     from prefect import flow
 
-    from requant.flows.requantize import requantize
+    from tests.conftest import requantize
 
     holder = {}
 
@@ -114,9 +116,8 @@ def test_bad_calibration_input_fails_before_the_model_is_loaded(tiny_model, chat
 
 def test_cli_rejects_bad_settings_naming_field_without_starting_anything(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "requant", "run", "--set", "calibration.max_seq_len=0",
-         "--set", f"output_dir={tmp_path / 'runs'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        [sys.executable, "-m", "requant", "run", "--set", "calibration.max_seq_len=0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == 2
     assert "calibration.max_seq_len" in proc.stderr and "Set a larger value" in proc.stderr
@@ -133,7 +134,8 @@ def test_a_run_waits_for_the_gpu_slot_held_by_another_run_then_proceeds(
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists
 
-    from requant.flows.requantize import GPU_LIMIT, requantize
+    from requant.flows.requantize import GPU_LIMIT
+    from tests.conftest import requantize
 
     with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
         client.create_global_concurrency_limit(  # unless an earlier test made it
@@ -159,7 +161,8 @@ def test_a_run_needing_more_gpus_than_the_limit_counts_is_refused_before_any_sta
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists
 
-    from requant.flows.requantize import GPU_LIMIT, requantize
+    from requant.flows.requantize import GPU_LIMIT
+    from tests.conftest import requantize
 
     with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT,

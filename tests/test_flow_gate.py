@@ -31,13 +31,12 @@ def standin_servers(tmp_path, monkeypatch):
 def test_a_source_that_cannot_do_the_task_ends_before_quantization_and_inconclusive_fails_closed(
         vllm_tiny_source, tmp_path, monkeypatch):
     from requant.errors import SettingsError
-    from requant.flows.requantize import requantize
+    from tests.conftest import requantize
     from tests.fakehub import FakeHub
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_TOKEN", "hf_gatetest")
     hub = FakeHub("hf_gatetest", tmp_path / "hub").__enter__()
-    monkeypatch.setenv("REQUANT_HUB_ENDPOINTS", hub.endpoint)  # the worker's operator allows it
     data = write_jsonl(tmp_path / "calib.jsonl", [{"text": r["question"]} for r in gsm8k_rows(8)])
     base = {
         "source": {"model": str(vllm_tiny_source)},
@@ -99,7 +98,7 @@ def test_a_source_that_cannot_do_the_task_ends_before_quantization_and_inconclus
 def test_bad_task_name_fails_in_preflight_before_any_quantization(vllm_tiny_source, tmp_path,
                                                                  monkeypatch):
     from requant.errors import SettingsError
-    from requant.flows.requantize import requantize
+    from tests.conftest import requantize
 
     monkeypatch.chdir(ROOT)
     settings = PipelineSettings.model_validate({
@@ -119,11 +118,10 @@ def test_passing_run_publishes_and_a_failed_rollout_is_retried_by_the_next_run_t
     from huggingface_hub import HfApi
     from prefect.client.orchestration import get_client
 
-    from requant.flows.requantize import requantize
     from requant.rollout.local import router_status, shutdown_local
     from requant.rollout.state import load_state
     from requant.serving.server import free_port
-    from tests.conftest import tiny_server_settings
+    from tests.conftest import requantize, tiny_server_settings
     from tests.fakehub import FakeHub
     from tests.platformkit import wait_events
 
@@ -132,7 +130,6 @@ def test_passing_run_publishes_and_a_failed_rollout_is_retried_by_the_next_run_t
     data = write_jsonl(tmp_path / "calib.jsonl", [{"text": r["question"]} for r in gsm8k_rows(8)])
     port = free_port()
     with FakeHub("hf_inlinetest", tmp_path / "hub") as hub:
-        monkeypatch.setenv("REQUANT_HUB_ENDPOINTS", hub.endpoint)  # allowed by the worker
         settings = PipelineSettings.model_validate({
             "source": {"model": str(vllm_tiny_source)},
             "calibration": {"dataset": str(data), "num_samples": 8, "max_seq_len": 128},

@@ -9,6 +9,7 @@ Slow: a database, a server, two workers, and flow runs that start real vLLM serv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from requant.profile import load_file
 from requant.rollout.local import router_status, shutdown_local
 from requant.serving.server import free_port
 from requant.settings import PipelineSettings
@@ -37,6 +39,7 @@ from tests.platformkit import (
     tiny_settings,
     wait_events,
     wait_final,
+    worker_profile,
 )
 
 pytestmark = [pytest.mark.slow, needs_vllm,
@@ -123,9 +126,11 @@ def test_on_demand_run_via_worker_passes_gate_and_the_automation_promotes_it(
         params = tiny_settings(tmp_path, vllm_tiny_source, rollout=rollout,
                                hub={"repo_id": "acme/platform"})
         settings = PipelineSettings.model_validate(params)
+        profiles = contextlib.ExitStack()
         try:
-            started = run_deployment("requantize/requantize", parameters={"settings": params},
-                                     timeout=0)
+            profile = profiles.enter_context(worker_profile(params))
+            started = run_deployment("requantize/requantize",
+                                     parameters={"request": {"profile": profile}}, timeout=0)
             run = wait_final(started.id, 900)
             assert run.state.is_completed(), run.state
             summary = json.loads((tmp_path / "runs" / str(run.id) / "summary.json").read_text())
@@ -145,13 +150,14 @@ def test_on_demand_run_via_worker_passes_gate_and_the_automation_promotes_it(
                     time.sleep(2)
             promote_run = wait_final(promote_run.id, 600)
             assert promote_run.state.is_completed(), promote_run.state
-            assert promote_run.parameters["settings"]["hub"]["repo_id"] == "acme/platform"
+            assert promote_run.parameters["request"]["profile"] == profile  # never settings
             assert router_status(f"http://127.0.0.1:{port}")["revision"] == sha
             refs = HfApi(endpoint=hub.endpoint, token=TOKEN).list_repo_refs("acme/platform")
             assert {b.name: b.target_commit for b in refs.branches}["production"] == sha
             assert TOKEN not in json.dumps(promote_run.parameters)
         finally:
             shutdown_local(settings)
+            profiles.close()
     assert processes_mentioning(str(tmp_path / "state")) == []
 
 
@@ -198,11 +204,14 @@ def test_ui_custom_run_with_a_changed_parameter_completes_showing_progress(
 
     # evaluation on (two real vLLM servers): the run lasts long enough to be watched in the UI
     params = tiny_settings(tmp_path, vllm_tiny_source, rollout={"target": "none"})
+    profiles = contextlib.ExitStack()
+    profile = profiles.enter_context(worker_profile(params))
     with platform.client_settings(), get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("requantize/requantize")
-        # a platform team's test environment: the on-demand form defaults to a tiny model
+        # a platform team's test environment: the on-demand form defaults to a tiny model's
+        # profile on the worker
         client.update_deployment(deployment.id, DeploymentUpdate(
-            parameters={"settings": params}))
+            parameters={"request": {"profile": profile}}))
         before = deployment_runs(deployment.id)
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -217,6 +226,8 @@ def test_ui_custom_run_with_a_changed_parameter_completes_showing_progress(
                 .filter(has_not_text="nightly").first.click()
             page.wait_for_url("**/deployments/deployment/*")
             page.goto(page.url + "/run", wait_until="networkidle")
+            page.get_by_text("Num Samples").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "ui-run-form.png"), full_page=True)
             field = page.locator("div.schema-form-property", has=page.locator(
                 "span.schema-form-property__label", has_text="Num Samples")).last
             field.locator("input[type=number]").fill("6")
@@ -240,7 +251,9 @@ def test_ui_custom_run_with_a_changed_parameter_completes_showing_progress(
         finally:
             browser.close()
     assert run.state.is_completed(), run.state
-    assert run.parameters["settings"]["calibration"]["num_samples"] == 6  # the changed field
+    profiles.close()
+    assert run.parameters["request"]["calibration"]["num_samples"] == 6  # the changed field
+    assert set(run.parameters) == {"request"}  # the form is the run request, nothing else
     assert_recorded_in_postgresql(platform, run.id)
     assert run.deployment_id == deployment.id
     summary = json.loads((tmp_path / "runs" / str(run.id) / "summary.json").read_text())
@@ -319,7 +332,8 @@ def test_a_killed_run_is_marked_crashed_and_the_team_is_told_as_of_a_failed_gate
         "target": "local", "served_model_name": "tiny-chat", "state_dir": str(tmp_path / "st"),
         "local": {"port": free_port(), "keep_previous_s": 0, "drain_timeout_s": 5,
                   "server": {"startup_timeout_s": 60, "stop_grace_s": 2}},
-        "slo": {"requests": 4, "concurrency": 2, "max_tokens": 4}}}))
+        "slo": {"requests": 4, "concurrency": 2, "max_tokens": 4}},
+        "allow": {"checkpoints": [str(tmp_path)]}}))  # the operator's: where promotes come from
     serving = standin_python(tmp_path / "env" / "bin")
     try:
         done = promote_cli(platform, config, models["done"], serving)
@@ -345,7 +359,7 @@ def test_a_killed_run_is_marked_crashed_and_the_team_is_told_as_of_a_failed_gate
         gate = team_webhook.wait(lambda m: "run-that-failed" in m.get("text", ""), 60)
         assert "gate failed" in gate["text"] and "nothing was published" in gate["text"]
     finally:
-        shutdown_local(PipelineSettings.model_validate(json.loads(config.read_text())))
+        shutdown_local(load_file(config).settings)
     assert processes_mentioning(str(tmp_path)) == []
 
 
@@ -356,11 +370,12 @@ def emit_failed_gate(platform, run_id: str) -> None:
         "import sys; sys.path.insert(0, '.')\n"
         "from flows.requantize import emit_gate_event\n"
         "from prefect.events.worker import EventsWorker\n"
+        "from requant.run_request import RunRequest\n"
         "from requant.settings import PipelineSettings\n"
         "s = PipelineSettings()\n"
         f"summary = {{'run_id': {run_id!r}, 'source': {{'model': s.source.model}},\n"
         "           'publish': None, 'gate': {'status': 'fail', 'rules': [{'recovery': 0.9}]}}\n"
-        "emit_gate_event(s, summary, passed=False)\n"
+        "emit_gate_event(s, RunRequest(), summary, passed=False)\n"
         "EventsWorker.drain_all()\n")
     done = subprocess.run([os.sys.executable, "-c", script], env=platform.env, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)

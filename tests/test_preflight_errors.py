@@ -73,8 +73,8 @@ def test_unreadable_calibration_file_gives_a_reason_not_an_empty_one(tmp_path):
 
 
 def test_failed_preflight_leaves_no_run_folder(tmp_path, prefect_server):
-    from requant.flows.requantize import requantize
     from requant.settings import PipelineSettings
+    from tests.conftest import requantize
 
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{}")

@@ -74,7 +74,6 @@ def test_a_failed_or_killed_marker_move_leaves_one_consistent_record_that_the_ne
                         "slo": {"requests": 4, "concurrency": 2, "max_tokens": 8}}}))
         settings = load_settings(config, [])
         env = {**{k: v for k, v in os.environ.items() if k != ENV}, "HF_TOKEN": TOKEN,
-               "REQUANT_HUB_ENDPOINTS": hub.endpoint,  # the worker allows this Hub
                "PREFECT_API_URL": PREFECT_API_URL.value(),
                "REQUANT_SERVING_PYTHON": str(standin_python(tmp_path / "serving-env" / "bin"))}
 

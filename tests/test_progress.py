@@ -57,7 +57,7 @@ def test_quantization_progress_artifact_moves_while_the_run_is_going(
         ArtifactFilterKey,
     )
 
-    from requant.flows.requantize import requantize
+    from tests.conftest import requantize
 
     monkeypatch.setenv("REQUANT_PROGRESS_INTERVAL_S", "0")
     settings = PipelineSettings.model_validate({

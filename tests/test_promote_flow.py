@@ -13,13 +13,12 @@ from huggingface_hub import HfApi
 
 from requant.atomic import TMP_PREFIX
 from requant.errors import RolloutFailed, SettingsError
-from requant.flows.promote import promote
 from requant.hub.commits import trailer
 from requant.rollout.local import router_status, shutdown_local
 from requant.rollout.state import load_state
 from requant.serving.server import free_port
 from requant.settings import PipelineSettings
-from tests.conftest import needs_vllm, processes_mentioning, tiny_server_settings
+from tests.conftest import needs_vllm, processes_mentioning, promote, tiny_server_settings
 from tests.fakehub import FakeHub
 
 pytestmark = [pytest.mark.slow, needs_vllm]
@@ -50,7 +49,6 @@ def test_promote_moves_the_marker_only_after_a_verified_rollout_and_rolls_back_o
         prefect_server, vllm_tiny_source, vllm_tiny_w8a8, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with FakeHub(TOKEN, tmp_path / "hub") as hub:
-        monkeypatch.setenv("REQUANT_HUB_ENDPOINTS", hub.endpoint)  # allowed by the worker
         api = HfApi(endpoint=hub.endpoint, token=TOKEN)
         api.create_repo(REPO)
         sha_a, sha_b = (api.upload_folder(  # as requant publishes: decision file + trailer

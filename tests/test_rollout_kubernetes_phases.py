@@ -88,8 +88,11 @@ def routed(tmp_path, monkeypatch):
     with FakeCluster() as cluster:
         token = "router-token-from-the-secret"
         cluster.state.secrets[(NS, f"{NAME}-router-token")] = {
-            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{NAME}-router-token",
-                                                              "namespace": NS},
+            # made by an earlier rollout of requant's: its label and owner annotation
+            "apiVersion": "v1", "kind": "Secret", "metadata": {
+                "name": f"{NAME}-router-token", "namespace": NS,
+                "labels": {"app.kubernetes.io/managed-by": "requant"},
+                "annotations": {"requant.dev/owner": "requant"}},
             "data": {"token": base64.b64encode(token.encode()).decode()}}
         (tmp_path / "token").write_text(token)
         port, admin = free_port(), free_port()

@@ -26,12 +26,16 @@ from requant.rollout.state import Deployed, DeployState, Release, load_state, sa
 from requant.serving.server import free_port
 from requant.settings import PipelineSettings
 
+STAND_IN = ("import sys, http.server as h; h.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[2])), "
+            "h.SimpleHTTPRequestHandler).serve_forever()")
+
 
 def stand_in_server(tmp_path: Path) -> dict:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
-                             "127.0.0.1", "--directory", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    # ``--port N`` on its command line, as a keeper's or vLLM's: rollouts stop a recorded pid
+    # only when it still runs a server on the recorded port
+    proc = subprocess.Popen([sys.executable, "-c", STAND_IN, "--port", str(port)],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20

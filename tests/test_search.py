@@ -225,9 +225,8 @@ def test_a_search_gates_every_candidate_publishes_the_best_that_passes_then_no_o
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     from requant.errors import GateFailed
-    from requant.flows.requantize import requantize
     from requant.status import collect_status, render_status
-    from tests.conftest import gsm8k_rows, tiny_server_settings, write_jsonl
+    from tests.conftest import gsm8k_rows, requantize, tiny_server_settings, write_jsonl
     from tests.fakehub import FakeHub
     from tests.platformkit import wait_events
     from tests.standin_vllm import standin_python
@@ -241,7 +240,6 @@ def test_a_search_gates_every_candidate_publishes_the_best_that_passes_then_no_o
                "seconds_per_token": {"candidates/slow/": 0.05}})))
     data = write_jsonl(tmp_path / "calib.jsonl", [{"text": r["question"]} for r in gsm8k_rows(8)])
     with FakeHub("hf_searchtest", tmp_path / "hub") as hub:
-        monkeypatch.setenv("REQUANT_HUB_ENDPOINTS", hub.endpoint)  # allowed by the worker
         base = {
             "source": {"model": str(vllm_tiny_source)},
             "calibration": {"dataset": str(data), "num_samples": 8, "max_seq_len": 128},

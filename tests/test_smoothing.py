@@ -111,7 +111,7 @@ def test_a_norm_feeding_linears_its_mapping_leaves_out_is_caught_by_the_logits(t
 @pytest.mark.parametrize("model_type", sorted(ARCHS))
 def test_each_architecture_goes_through_the_flow_to_a_verified_exact_checkpoint(
         model_type, tokenizer, chat_file, tmp_path, prefect_server):
-    from requant.flows.requantize import requantize
+    from tests.conftest import requantize
     from tests.test_flow import settings_for
 
     model = build_tiny_model(tmp_path / model_type, model_type, tokenizer)
@@ -133,9 +133,8 @@ def test_other_architectures_quantized_by_the_flow_are_served_by_vllm(
     norms): their W8A8 checkpoints load and generate in vLLM, not only in transformers."""
     import httpx
 
-    from requant.flows.requantize import requantize
     from requant.serving.server import running_server
-    from tests.conftest import tiny_server_settings
+    from tests.conftest import requantize, tiny_server_settings
     from tests.test_flow import settings_for
     from tests.tinymodels import SERVABLE
 

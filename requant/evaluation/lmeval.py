@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from requant.atomic import write_json_atomic
-from requant.errors import ServerError
+from requant.errors import ServerError, SettingsError
 from requant.evaluation.gate import EvidenceRecord, rule_key
 from requant.evaluation.progress import RequestCounter, counting_completions_model
 from requant.evaluation.tasks import (
@@ -205,6 +205,16 @@ def run_lm_eval_on_server(
     return results
 
 
+def model_arg(field: str, value: object) -> str:
+    """A value for lm-eval's ``k=v,k=v`` string: one that would split it (a comma, an '=') or
+    start an option is refused, so no path or name becomes another model argument."""
+    text = str(value)
+    if any(c in text for c in ",=\n") or text.startswith("-"):
+        raise SettingsError(f"{field}: {text!r:.120} holds a character lm-eval's argument "
+                            "string would split on (',' '=' or a leading '-'). Rename it.")
+    return text
+
+
 def run_lm_eval_in_vllm(
     model: Path, cfg: EvaluationSettings, include_path: Path | None, out: Path, log: Path,
 ) -> dict[str, Any]:
@@ -214,8 +224,10 @@ def run_lm_eval_in_vllm(
             "max_model_len": cfg.server.max_model_len, "max_gen_toks": cfg.max_gen_toks,
             "enforce_eager": cfg.server.enforce_eager is not False}
     cmd = [str(serving_python(cfg.server)), "-m", "lm_eval", "--model", "vllm",
-           "--model_args", ",".join(f"{k}={v}" for k, v in args.items()),
-           "--tasks", ",".join(cfg.tasks), "--num_fewshot", str(cfg.num_fewshot),
+           "--model_args",
+           ",".join(f"{k}={model_arg(k, v)}" for k, v in args.items()),
+           "--tasks", ",".join(model_arg("evaluation.tasks", t) for t in cfg.tasks),
+           "--num_fewshot", str(cfg.num_fewshot),
            "--batch_size", "auto", "--log_samples", "--output_path", str(out)]
     if cfg.limit:
         cmd += ["--limit", str(cfg.limit)]

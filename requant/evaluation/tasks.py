@@ -15,7 +15,7 @@ from requant.errors import SettingsError
 from requant.evaluation.sequential import look_sizes, question_order
 from requant.hashing import hash_files, sha256_file
 from requant.serving.server import serving_python
-from requant.settings import EvaluationSettings, GateSettings
+from requant.settings import PROJECT_ROOT, EvaluationSettings, GateSettings
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
@@ -77,14 +77,86 @@ def task_manager(include_path: Path | None, names: Iterable[str]) -> TaskManager
     return TaskManager(include_path=str(include_path) if include_path else None)
 
 
+class _Function(str):
+    """A ``!function module.name`` in a task YAML: the Python lm-eval would import."""
+
+
+class _TaskLoader(yaml.SafeLoader):
+    pass
+
+
+_TaskLoader.add_constructor("!function", lambda loader, node: _Function(
+    loader.construct_scalar(node)))
+
+
+def check_task_files(src: Path, roots: list[Path]) -> None:
+    """Every file a task YAML under ``src`` reaches (``include:``, ``!function`` modules,
+    ``data_files``) lies under ``roots``; refused, naming the YAML, before lm-eval reads any."""
+    allowed = [Path(r).resolve() for r in roots]
+    seen: set[Path] = set()
+    todo = sorted(src.rglob("*.yaml"))
+    while todo:
+        path = todo.pop().resolve()
+        if path in seen:
+            continue
+        seen.add(path)
+        for what, target in _reached(path):
+            if not any(target.is_relative_to(root) for root in allowed):
+                raise SettingsError(
+                    f"evaluation.task_dir: {path.name} reaches {what} {target}, outside the "
+                    f"task folders ({', '.join(map(str, allowed))}). The worker's operator "
+                    "keeps every file a task reads in the task folder or evaluation.data_roots.")
+            if what == "include" and target.suffix == ".yaml":
+                todo.append(target)
+
+
+def _reached(path: Path) -> list[tuple[str, Path]]:
+    try:
+        doc = yaml.load(path.read_text(), Loader=_TaskLoader) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SettingsError(f"evaluation.task_dir: {path} is not a readable task YAML "
+                            f"({str(exc).splitlines()[0][:120]}).") from None
+    found: list[tuple[str, Path]] = []
+    if isinstance(doc, dict) and isinstance(doc.get("include"), str):
+        found.append(("include", (path.parent / doc["include"]).resolve()))
+    for value in _values(doc):
+        if isinstance(value, _Function):
+            module = ".".join(value.split(".")[:-1]).replace(".", "/")
+            found.append(("!function", (path.parent / f"{module}.py").resolve()))
+    files = resolved_data_files(path, doc) if isinstance(doc, dict) else None
+    for f in (files.values() if isinstance(files, dict) else [files] if files else []):
+        found.append(("data_files", Path(f).resolve()))
+    return found
+
+
+def _values(node: Any) -> Iterable[Any]:
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _values(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _values(v)
+    else:
+        yield node
+
+
+def task_roots(cfg: EvaluationSettings, src: Path) -> list[Path]:
+    """Where the files of a task folder may lie: the folder, the bundled data, and the
+    operator's evaluation.data_roots."""
+    return [src, PROJECT_ROOT / "data", *cfg.data_roots]
+
+
 def validate_tasks(cfg: EvaluationSettings) -> None:
-    """Unknown task names fail now, with the closest real names, before any server starts."""
+    """Unknown task names fail now, with the closest real names, before any server starts;
+    a task folder's files are checked to stay inside it first (``check_task_files``)."""
     src = task_dir(cfg)
     if src is not None and not src.is_dir():
         raise SettingsError(
             f"evaluation.task_dir: {src} is not a directory. Point it at lm-eval task YAMLs "
             "or set it to null."
         )
+    if src is not None:
+        check_task_files(src, task_roots(cfg, src))
     known = set(task_manager(src, [*cfg.tasks, *cfg.task_limits, *cfg.task_fewshot]).all_tasks)
     for name in cfg.tasks:
         if name not in known:

@@ -28,6 +28,7 @@ from requant.hub.cardcheck import check_card_locally, check_card_on_hub
 from requant.hub.client import endpoint, hub_api, hub_errors
 from requant.hub.commits import commit_once, ensure_tag
 from requant.hub.modelcard import render_card
+from requant.hub.secrets_check import refuse_secrets, worker_secrets
 from requant.settings import HubSettings
 
 #: Files that carry the run's story rather than the model; they do not change its identity.
@@ -135,6 +136,8 @@ def publish_checkpoint(
                        quant_config=config.get("quantization_config"))
     check_card_locally(card)
     summary, description = commit_message(manifest, gate)
+    refuse_secrets(files, {"README.md": card, "commit message": f"{summary}\n{description}"},
+                   worker_secrets(token, hub.secret_env))  # before anything is uploaded
     listing = [{"path": n, "size": p.stat().st_size} for n, p in files]
 
     if hub.repo_id is None:

@@ -8,8 +8,8 @@ import copy
 import time
 from typing import Any
 
-from requant.errors import DeploymentCheckFailed
-from requant.rollout.k8s_manifest import ANNOTATION
+from requant.errors import DeploymentCheckFailed, NotOurs
+from requant.rollout.k8s_manifest import ANNOTATION, OWNER, OWNER_LABEL
 from requant.settings import KubernetesTargetSettings
 
 
@@ -81,12 +81,25 @@ def wait_rollout(apps: Any, k: KubernetesTargetSettings, deadline_s: float,
         time.sleep(k.poll_interval_s)
 
 
+def check_owned(obj: dict[str, Any] | None, kind: str, namespace: str) -> None:
+    """Refuse (NotOurs) an existing object without requant's label and owner annotation."""
+    if obj is None:
+        return
+    meta = obj.get("metadata") or {}
+    key, value = OWNER_LABEL
+    if (meta.get("labels") or {}).get(key) != value \
+            or (meta.get("annotations") or {}).get(OWNER) != "requant":
+        raise NotOurs(kind, namespace, meta.get("name", "?"))
+
+
 def replace_deployment(apps: Any, k: KubernetesTargetSettings, body: dict[str, Any],
                        current: dict[str, Any] | None) -> None:
-    """Create ``body``, or replace ``current`` with it whole (what runs is what was rendered)."""
+    """Create ``body``, or replace ``current`` with it whole (what runs is what was rendered);
+    never a Deployment requant did not create."""
     if current is None:
         apps.create_namespaced_deployment(k.namespace, body)
         return
+    check_owned(current, "Deployment", k.namespace)
     body = copy.deepcopy(body)
     body["metadata"]["resourceVersion"] = current["metadata"].get("resourceVersion")
     apps.replace_namespaced_deployment(body["metadata"]["name"], k.namespace, body)

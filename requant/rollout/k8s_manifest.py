@@ -25,6 +25,16 @@ ANNOTATION = "requant.dev"
 SCHEMA_VERSION = "1.33.0"  # oldest Kubernetes we promise to render for (kubernetes-validate)
 
 
+#: Written on every object requant creates, with the managed-by label; checked before every
+#: update, patch, scale and delete (``requant.rollout.k8s_api.check_owned``).
+OWNER = f"{ANNOTATION}/owner"
+OWNER_LABEL = ("app.kubernetes.io/managed-by", "requant")
+
+
+def owner_note() -> dict[str, str]:
+    return {OWNER: "requant"}
+
+
 def labels(k: KubernetesTargetSettings, name: str | None = None,
            app: str = "vllm") -> dict[str, str]:
     return {"app.kubernetes.io/name": app, "app.kubernetes.io/instance": name or k.deployment,
@@ -74,7 +84,7 @@ def render_deployment(k: KubernetesTargetSettings, release: Release, served_name
             "name": k.hf_token_secret, "key": "token"}}})
     cache = ({"persistentVolumeClaim": {"claimName": k.model_cache_pvc}} if k.model_cache_pvc
              else {"emptyDir": {}})
-    annotations = {f"{ANNOTATION}/{key}": value for key, value in record.items()}
+    annotations = {f"{ANNOTATION}/{key}": value for key, value in record.items()} | owner_note()
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -110,7 +120,8 @@ def render_service(k: KubernetesTargetSettings, name: str | None = None,
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": name, "namespace": k.namespace, "labels": labels(k, name)},
+        "metadata": {"name": name, "namespace": k.namespace, "labels": labels(k, name),
+                     "annotations": owner_note()},
         "spec": {"type": "ClusterIP", "selector": selector or labels(k, name),
                  "ports": [{"name": target, "port": port, "targetPort": target}]},
     }

@@ -19,7 +19,7 @@ import hashlib
 import json
 from typing import Any
 
-from requant.rollout.k8s_manifest import labels, render_service
+from requant.rollout.k8s_manifest import labels, owner_note, render_service
 from requant.settings import KubernetesTargetSettings
 
 SLOTS = ("a", "b")
@@ -92,7 +92,8 @@ def render_router(k: KubernetesTargetSettings) -> dict[str, Any]:
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     return {"apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": {"name": router_name(k), "namespace": k.namespace,
-                         "labels": router_labels(k), "annotations": {SPEC_NOTE: digest}},
+                         "labels": router_labels(k),
+                         "annotations": {SPEC_NOTE: digest} | owner_note()},
             "spec": spec}
 
 
@@ -106,6 +107,6 @@ def render_router_services(k: KubernetesTargetSettings) -> list[dict[str, Any]]:
 def render_token_secret(k: KubernetesTargetSettings, token: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": {"name": token_secret_name(k), "namespace": k.namespace,
-                         "labels": router_labels(k)},
+                         "labels": router_labels(k), "annotations": owner_note()},
             "stringData": {"token": token}}
 

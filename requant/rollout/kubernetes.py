@@ -23,6 +23,7 @@ from requant.errors import DeploymentCheckFailed, RolloutFailed
 from requant.killpoints import kill_point
 from requant.rollout.k8s_api import (
     api_client,
+    check_owned,
     mark_verified,
     not_found,
     read_deployment,
@@ -78,11 +79,13 @@ def _apply_service(core: Any, k: KubernetesTargetSettings) -> None:
     svc = render_service(k)
     validate(svc)
     try:
-        core.read_namespaced_service(k.deployment, k.namespace)
+        current = core.read_namespaced_service(k.deployment, k.namespace)
     except ApiException as exc:
         if not not_found(exc):
             raise
         core.create_namespaced_service(k.namespace, svc)
+        return
+    check_owned(core.api_client.sanitize_for_serialization(current), "Service", k.namespace)
 
 
 def record_from_cluster(state_dir: Path, release: Release, annotations: dict[str, str],
@@ -110,6 +113,7 @@ def undo(apps: Any, k: KubernetesTargetSettings, previous: dict[str, Any] | None
     current = read_deployment(apps, k)
     if previous is None:
         if current is not None:
+            check_owned(current, "Deployment", k.namespace)
             apps.delete_namespaced_deployment(k.deployment, k.namespace)
             log("first deployment failed: deleted it (nothing served before)")
         return
@@ -135,6 +139,7 @@ def rollout_kubernetes(settings: PipelineSettings, release: Release, flow_run_id
     api = api_client(k)
     apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
     current = read_deployment(apps, k)
+    check_owned(current, "Deployment", k.namespace)  # before anything is created beside it
     annotations = (current or {}).get("metadata", {}).get("annotations") or {}
     serving = annotations.get(f"{ANNOTATION}/revision")
     verified = annotations.get(f"{ANNOTATION}/verified") == "true"

@@ -34,6 +34,7 @@ from requant.errors import DeploymentCheckFailed, RolloutFailed
 from requant.killpoints import kill_point
 from requant.rollout.k8s_api import (
     api_client,
+    check_owned,
     mark_verified,
     not_found,
     read_deployment,
@@ -139,6 +140,8 @@ def router_token(core: Any, k: KubernetesTargetSettings) -> str:
     for _ in range(2):
         try:
             secret = core.read_namespaced_secret(token_secret_name(k), k.namespace)
+            check_owned(core.api_client.sanitize_for_serialization(secret), "Secret",
+                        k.namespace)
             return base64.b64decode(secret.data["token"]).decode()
         except ApiException as exc:
             if not not_found(exc):
@@ -167,6 +170,7 @@ def apply_service(core: Any, k: KubernetesTargetSettings, svc: dict[str, Any]) -
         core.create_namespaced_service(k.namespace, svc)
         return
     now = core.api_client.sanitize_for_serialization(current)
+    check_owned(now, "Service", k.namespace)
     if now["spec"].get("selector") != svc["spec"]["selector"] or [
             (p.get("port"), p.get("targetPort")) for p in now["spec"].get("ports", [])] != [
             (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]]:

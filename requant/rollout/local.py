@@ -25,7 +25,7 @@ import httpx
 
 from requant.errors import DeploymentCheckFailed, RolloutFailed, ServerError, SettingsError
 from requant.killpoints import kill_point
-from requant.processes import pid_running, stop_process_group
+from requant.processes import pid_running, read_pid, stop_process_group
 from requant.rollout.live_phases import (
     NewRevision,
     put_phase,
@@ -112,7 +112,8 @@ def ensure_router(settings: PipelineSettings, log: Log) -> str:
             )
     folder.mkdir(parents=True, exist_ok=True)
     router_token(settings)  # made here, 0600, before the router reads it
-    supervision.start(folder, supervision.router_command(cfg.host, cfg.port, folder))
+    supervision.start(folder, supervision.router_command(cfg.host, cfg.port, folder,
+                                                               cfg.max_request_bytes))
     deadline = time.monotonic() + 60
     while router_status(url) is None or supervision.supervision(folder).state != "RUNNING":
         if time.monotonic() > deadline:
@@ -149,17 +150,22 @@ def stop_router(settings: PipelineSettings) -> None:
         return  # its supervisor would only start it again
     folder = Path(settings.rollout.state_dir) / TARGET
     supervision.shutdown(folder)
-    pid = (router_status(router_url(settings), timeout_s=2) or {}).get("pid")
-    if pid:
-        stop_process_group(int(pid), grace_s=10)
+    # the pid the router wrote beside its state, never one an HTTP answer names; signalled only
+    # if that process is the router of this folder
+    if (pid := read_pid(folder / "router.pid")) is not None:
+        stop_process_group(pid, grace_s=10,
+                           expect=("--state-file", str(folder.resolve() / "router.json")))
 
 
 # ---- the rollout ------------------------------------------------------------------------------
 
 
 def _stop_deployed(d: Deployed | None, grace_s: float) -> None:
+    """The recorded server's process group, if that pid still runs a server on the recorded
+    port (a keeper or vLLM: both command lines hold ``--port N``)."""
     if d is not None and d.server.get("pid"):
-        stop_process_group(int(d.server["pid"]), grace_s)
+        port = str(httpx.URL(d.server["url"]).port)
+        stop_process_group(int(d.server["pid"]), grace_s, expect=("--port", port))
 
 
 def _server_alive(d: Deployed | None) -> bool:

@@ -57,7 +57,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from requant.atomic import create_exclusive, read_json, write_json_atomic
+from requant.atomic import create_exclusive, read_json, write_json_atomic, write_text_atomic
 from requant.errors import StateFileError
 from requant.serving.metrics import LATENCY_BUCKETS, RouterMetrics
 from requant.serving.shadow import (
@@ -68,6 +68,9 @@ from requant.serving.shadow import (
     wants_copy,
 )
 
+#: The largest request body the router takes by default: a full 128k-token context as JSON with
+#: room to spare (vLLM's own requests are text; 128k tokens are about 0.5 MB).
+MAX_BODY_BYTES = 32 << 20
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
               "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
 LOOPBACK = {"127.0.0.1", "::1"}
@@ -331,10 +334,12 @@ class InflightSlot:
 class Router:
     """The app's handlers around one state, one upstream client and one health watch."""
 
-    def __init__(self, state_file: Path | None, token: str, timeout_s: float = 600) -> None:
+    def __init__(self, state_file: Path | None, token: str, timeout_s: float = 600,
+                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
         if not token:
             raise StateFileError("the router needs a non-empty admin token (--token-file)")
         self.token = token
+        self.max_body_bytes = max_body_bytes
         self.state = RouterState(state_file)
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10),
                                         limits=httpx.Limits(max_connections=None,
@@ -402,7 +407,10 @@ class Router:
         started = time.monotonic()
         if self.state.backend is None:
             return self.refuse(503, self.state.state_error or "no backend deployed yet", started)
-        body = await request.body()
+        body = await read_body(request, self.max_body_bytes)
+        if body is None:
+            return self.refuse(413, f"request body over {self.max_body_bytes} bytes, this "
+                               "endpoint's limit", started)
         for _attempt in range(2):  # a refused connection marks the backend down: once more
             target = self.state.route()
             if target is None:
@@ -419,7 +427,7 @@ class Router:
 
     async def forward(self, request: Request, body: bytes, backend: str,
                       revision: str | None, started: float) -> Response:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers = end_to_end(request.headers)
         url = f"{backend}{request.url.path}" + (f"?{request.url.query}"
                                                 if request.url.query else "")
         slot = InflightSlot(self.state, backend)
@@ -448,7 +456,7 @@ class Router:
                 return self.refuse(502, f"backend {backend} failed: {exc!r}", started,
                                    revision, backend)
             raise
-        out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+        out_headers = end_to_end(upstream.headers)
         out_headers[REVISION_HEADER] = revision or ""
         served = bytearray()
 
@@ -503,8 +511,33 @@ class Router:
         return app
 
 
-def create_app(state_file: Path | None, token: str, timeout_s: float = 600) -> Starlette:
-    return Router(state_file, token, timeout_s).app()
+def create_app(state_file: Path | None, token: str, timeout_s: float = 600,
+               max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+    return Router(state_file, token, timeout_s, max_body_bytes).app()
+
+
+def end_to_end(headers: Any) -> dict[str, str]:
+    """The headers a proxy forwards: not the hop-by-hop ones, nor any a ``Connection`` header
+    names (RFC 9110 7.6.1: a client could otherwise strip or smuggle headers past the router)."""
+    named = {t.strip().lower() for k, v in headers.items() if k.lower() == "connection"
+             for t in v.split(",")}
+    return {k: v for k, v in headers.items()
+            if k.lower() not in HOP_BY_HOP and k.lower() not in named}
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None once it is over ``limit`` bytes (its declared length is
+    believed first, and the bytes are counted as they arrive: nothing over it is held)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        return None
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -516,6 +549,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", type=Path, required=True,
                    help="the admin token (created 0600 when missing)")
     p.add_argument("--timeout-s", type=float, default=600)
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+                   help="larger request bodies are answered 413 without being read whole")
     p.add_argument("--admin-port", type=int, default=None,
                    help="also serve the admin API here to any address with the token (in a "
                    "cluster: a port no public Service exposes)")
@@ -538,7 +573,10 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     args = parser().parse_args(argv)
-    router = Router(args.state_file, load_or_create_token(args.token_file), args.timeout_s)
+    router = Router(args.state_file, load_or_create_token(args.token_file), args.timeout_s,
+                    args.max_body_bytes)
+    if args.state_file is not None:  # what stops it reads this, never a pid from HTTP
+        write_text_atomic(args.state_file.with_name("router.pid"), f"{os.getpid()}\n")
     config = uvicorn.Config(router.app(), host=args.host, port=args.port, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=30,
                             timeout_keep_alive=CLIENT_KEEPALIVE_S)

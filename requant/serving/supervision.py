@@ -38,10 +38,12 @@ class Supervision:
     detail: str  # "pid 123, uptime 0:01:02", or why not
 
 
-def router_command(host: str, port: int, folder: Path) -> list[str]:
+def router_command(host: str, port: int, folder: Path,
+                   max_body_bytes: int | None = None) -> list[str]:
     return [sys.executable, "-m", "requant.serving.router", "--host", host, "--port", str(port),
             "--state-file", str(folder / "router.json"),
-            "--token-file", str(folder / "router.token")]
+            "--token-file", str(folder / "router.token"),
+            *(["--max-body-bytes", str(max_body_bytes)] if max_body_bytes else [])]
 
 
 def write_config(folder: Path, command: list[str]) -> Path:
