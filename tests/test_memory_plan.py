@@ -122,3 +122,22 @@ def test_the_plan_reads_once_only_where_the_single_pass_runs_the_recipe(tiny_mod
     assert copies(2, []) == 2  # lm_head quantized: the single pass declines it
     assert copies(2, ["lm_head"], "llm-compressor") == 2
     assert copies(1, ["lm_head"]) == 1
+
+
+def test_the_70b_projection_in_the_docs_is_what_its_script_computes_from_the_measured_layers(
+        tmp_path):
+    """docs/quantization.md's 70B table comes from benchmarks/project_70b.py over the measured
+    JSON; the plan's figures in it are today's plan (a stale projection fails here)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "projection.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "project_70b.py"), "--out",
+                    str(out)], check=True, capture_output=True, timeout=120)
+    shipped = ROOT / "docs" / "measurements" / "gpu-70b-projection.json"
+    assert json.loads(out.read_text()) == json.loads(shipped.read_text())
+    h100 = json.loads(out.read_text())["devices"][0]
+    assert h100["fit"]["max_residual_s"] < 2.0  # the layers do cost the same each
+    # the measured peak GPU stays under the plan's figure for the whole model on one GPU
+    assert max(r["peak_gpu_gib"] for r in h100["measured"]) \
+        <= h100["projection_80_layers"]["1"]["plan_gpu_gib_per_rank"]
