@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -48,7 +50,13 @@ from requant.profile import settings_for
 from requant.quantization.checkpoint import QuantizedCheckpoint
 from requant.quantization.hardware import Accelerator
 from requant.quantization.recipes import ResolvedRecipe
-from requant.report import build_summary, render_no_op, render_summary
+from requant.report import (
+    build_summary,
+    failure_record,
+    render_failure,
+    render_no_op,
+    render_summary,
+)
 from requant.rollout.state import load_state
 from requant.run_request import RunRequest, validate_request
 from requant.rundir import RunDir
@@ -83,26 +91,46 @@ def requantize(request: RunRequest = RunRequest()) -> dict[str, Any]:
     run_id = str(flow_run.get_id() or datetime.now(UTC).strftime("local-%Y%m%dT%H%M%SZ"))
     run_dir = RunDir.create(settings.output_dir, run_id)  # only once the inputs are sound
     get_run_logger().info("run directory: %s", run_dir.root)
-    calib = (prepare_calibration(settings.calibration, source, settings.cache_dir,
-                                 run_dir.stage("calibration"))
-             if recipe.needs_calibration_data
-             or any(r.needs_calibration_data for _, _, r in trials) else None)
-    if source.revision is None:
-        # A local folder is identified by every file's bytes, weights included; hashed here
-        # once, quantization reuses it. (A Hub commit pins its weights.)
-        source = fetch_weights(settings.source, source)
-    fp = calib.fingerprint if calib else None
-    key = candidate_key(settings, source.files, source.revision, recipe.sha256, fp)
-    entries = [Entry(c, s, r, candidate_key(s, source.files, source.revision, r.sha256, fp),
-                     Outcome(c.name, c.changes(), i)) for i, (c, s, r) in enumerate(trials)]
-    keys = [e.key for e in entries] or [key]  # a search's winner is published under its own
-    if not settings.force and (hit := next(filter(None, (
-            find_published(settings.cache_dir, k) for k in keys)), None)):
-        return finish_published(settings, request, run_dir, run_id, hit, started)
-    if entries:
-        return search_and_promote(settings, request, source, calib, entries, acc, run_dir,
-                                  started)
+    with failure_recorded(run_dir, run_id, started):  # every run leaves where and why
+        calib = (prepare_calibration(settings.calibration, source, settings.cache_dir,
+                                     run_dir.stage("calibration"))
+                 if recipe.needs_calibration_data
+                 or any(r.needs_calibration_data for _, _, r in trials) else None)
+        if source.revision is None:
+            # A local folder is identified by every file's bytes, weights included; hashed here
+            # once, quantization reuses it. (A Hub commit pins its weights.)
+            source = fetch_weights(settings.source, source)
+        fp = calib.fingerprint if calib else None
+        key = candidate_key(settings, source.files, source.revision, recipe.sha256, fp)
+        entries = [Entry(c, s, r, candidate_key(s, source.files, source.revision, r.sha256, fp),
+                         Outcome(c.name, c.changes(), i)) for i, (c, s, r) in enumerate(trials)]
+        keys = [e.key for e in entries] or [key]  # a search's winner is published under its own
+        if not settings.force and (hit := next(filter(None, (
+                find_published(settings.cache_dir, k) for k in keys)), None)):
+            return finish_published(settings, request, run_dir, run_id, hit, started)
+        if entries:
+            return search_and_promote(settings, request, source, calib, entries, acc, run_dir,
+                                      started)
+        return single_candidate(RunContext(settings, request, run_dir, run_id, started),
+                                source, calib, recipe, acc, key)
 
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every stage after the run directory needs to know about its run."""
+
+    settings: PipelineSettings
+    request: RunRequest
+    run_dir: RunDir
+    run_id: str
+    started: float
+
+
+def single_candidate(run: RunContext, source: ResolvedSource, calib: CalibrationSet | None,
+                     recipe: ResolvedRecipe, acc: Accelerator, key: str) -> dict[str, Any]:
+    """One candidate: quantize and gate it on the GPUs, then publish and promote it or fail."""
+    settings, request, run_dir, run_id, started = (run.settings, run.request, run.run_dir,
+                                                   run.run_id, run.started)
     t_gpu = time.perf_counter()
     # Held while a run uses its GPUs (quantization + evaluation): the limit counts GPUs, so runs
     # wait for as many free ones as they use, then proceed (requant.gpu_limit).
@@ -360,6 +388,27 @@ def promote_published(settings: PipelineSettings, request: RunRequest, run_dir: 
             f"promoted {args} without requantizing: "
             f"`{json.dumps(summary.get('rollout'), default=str)[:500]}`\n"))
     return summary
+
+
+@contextmanager
+def failure_recorded(run_dir: RunDir, run_id: str, started: float) -> Iterator[None]:
+    """Whatever stops the run (a refused gate, an error in any stage, a cancellation), its
+    summary.json says where and why: the summary written so far, with ``failure`` added."""
+    try:
+        yield
+    except BaseException as exc:
+        path = run_dir.root / "summary.json"
+        try:
+            summary = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            summary = {}
+        summary = {"run_id": run_id, "run_dir": str(run_dir.root), "no_op": False} | summary
+        summary["failure"] = failure_record(exc)
+        summary.setdefault("timings_s", {})["flow"] = round(time.perf_counter() - started, 2)
+        write_json_atomic(path, summary)
+        with suppress(Exception):  # the record on disk matters; the UI's copy is best effort
+            create_markdown_artifact(key="requant-run-summary", markdown=render_failure(summary))
+        raise
 
 
 def finish(run_dir: RunDir, summary: dict[str, Any]) -> None:

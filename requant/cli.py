@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from requant.alerts import HEARTBEAT_S
 from requant.errors import EXIT_OK, SettingsError, explain
+from requant.prefect_api import choose_api
 from requant.settings import PipelineSettings
 
 if TYPE_CHECKING:
@@ -91,7 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # before Prefect reads its settings: runs started here send heartbeats as often as the
     # workers' runs do, so the silent-run automation marks them Crashed as quickly
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_S))
-    if not args.debug and args.command in ("run", "promote"):  # the two that run flows
+    if args.command in ("run", "promote", "noise"):  # the commands that run flows
+        # the project's server when it is up, chosen before Prefect is imported
+        args.prefect_api = choose_api()
+    if not args.debug and args.command in ("run", "promote"):
         _console_without_tracebacks()
     try:
         return handler(args)
@@ -160,6 +164,7 @@ def _load(args: argparse.Namespace) -> PipelineSettings:
 
 def cmd_run(args: argparse.Namespace) -> int:
     profile, request = _request(args)  # bad input ends here, before Prefect or any model
+    print(args.prefect_api, file=sys.stderr)
     from requant.flows.requantize import requantize
     from requant.profile import using
     from requant.report import gate_line, publish_line, rollout_line
@@ -187,6 +192,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     settings = compose(profile, request)
     if args.checkpoint is not None:  # refused here, before Prefect starts
         checkpoint_in_profile(profile, settings, args.checkpoint)
+    print(args.prefect_api, file=sys.stderr)
     with using(profile):
         result = promote(request, args.revision, args.checkpoint, args.rollback, args.force)
     d = result["deployed"]

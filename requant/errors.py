@@ -189,6 +189,8 @@ def explain(exc: BaseException) -> tuple[int | None, str]:
         return EXIT_REFUSED, str(exc)
     if (hub := _explain_hub(exc)) is not None:
         return hub
+    if (prefect := _explain_prefect(exc)) is not None:
+        return prefect
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return EXIT_REFUSED, (f"no space left on the device writing {exc.filename or 'a file'}"
                               ". Free space there (`requant runs prune`), then run again.")
@@ -196,6 +198,33 @@ def explain(exc: BaseException) -> tuple[int | None, str]:
         return EXIT_BAD_INPUT, (f"permission denied: {exc.filename or exc}. Point the setting "
                                 "at a directory this user can write, or fix its permissions.")
     return None, str(exc)
+
+
+def _explain_prefect(exc: BaseException) -> tuple[int, str] | None:
+    """The Prefect API this command talks to did not start, cannot be reached, or refused."""
+    import os
+
+    url = os.environ.get("PREFECT_API_URL") or "the temporary server"
+    fix = ("Start the project's server (`make prefect-up`: the CLI then uses it) or set "
+           "PREFECT_API_URL to a running one, then run the command again.")
+    if isinstance(exc, RuntimeError) and "ephemeral Prefect API server" in str(exc):
+        return EXIT_REFUSED, ("Prefect's temporary server for this command did not start in "
+                              f"time (a busy host): nothing ran. {fix}")
+    try:
+        import httpx
+        from prefect.exceptions import PrefectHTTPStatusError
+    except ImportError:  # pragma: no cover - the pipeline environment always has both
+        return None
+    if isinstance(exc, PrefectHTTPStatusError):
+        return EXIT_REFUSED, (f"the Prefect API at {url} answered "
+                              f"{exc.response.status_code}: {first_line(exc)}. {fix}")
+    cause: BaseException | None = exc
+    while cause is not None:  # Prefect wraps the transport's error ("Failed to reach API")
+        if isinstance(cause, httpx.TransportError):
+            return EXIT_REFUSED, (f"cannot reach the Prefect API at {url} "
+                                  f"({first_line(cause)}): nothing ran. {fix}")
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _explain_hub(exc: BaseException) -> tuple[int, str] | None:

@@ -6,6 +6,7 @@ Prefect artifacts say the same thing in the same words.
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,25 @@ def build_summary(run_id: str, run_dir: Path, ckpt: QuantizedCheckpoint, source:
         "publish": None,
         "rollout": None,
     }
+
+
+def failure_record(exc: BaseException) -> dict[str, Any]:
+    """Why and where a run stopped, from its exception: the error's class and message, and the
+    innermost frame of requant's own code (the stage that raised, whatever library was below)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if "/requant/" in f.filename or "/flows/" in f.filename
+            or "/tasks/" in f.filename] or frames
+    where = ours[-1] if ours else None
+    return {"error": type(exc).__name__, "message": str(exc)[:2000],
+            "where": f"{Path(where.filename).name}:{where.lineno} in {where.name}"
+            if where else None}
+
+
+def render_failure(summary: dict[str, Any]) -> str:
+    f = summary["failure"]
+    return (f"# requant run {summary['run_id']}: FAILED\n\n- **error**: `{f['error']}` at "
+            f"`{f['where']}`\n- **why**: {f['message'][:1000]}\n- **run directory**: "
+            f"`{summary['run_dir']}`\n")
 
 
 def render_no_op(summary: dict[str, Any], where: str) -> str:

@@ -118,6 +118,10 @@ def run_line(run_id: str, path: Path, summary: dict[str, Any] | None) -> dict[st
         return {"run_id": run_id, "path": str(path), "state": "no summary (failed or running)"}
     if summary.get("no_op"):
         return {"run_id": run_id, "path": str(path), "state": "no-op (already published)"}
+    if failure := summary.get("failure"):
+        return {"run_id": run_id, "path": str(path),
+                "state": f"FAILED: {failure['error']} at {failure['where']}",
+                "why": failure["message"][:300], "gate": (summary.get("gate") or {}).get("status")}
     gate = summary.get("gate") or {}
     publish = summary.get("publish") or {}
     search = summary.get("search") or {}

@@ -11,17 +11,21 @@ export PREFECT_SERVER_API_HOST=127.0.0.1 PREFECT_SERVER_API_PORT=$PORT
 PIDFILE=$PREFECT_HOME/server.pid
 LOG=$PREFECT_HOME/server.log
 URL=http://127.0.0.1:$PORT
-mkdir -p "$PREFECT_HOME"
+# where requant's CLI finds this server (requant/prefect_api.py): its commands' runs appear here
+RECORD=$PWD/.cache/prefect/api-url
+mkdir -p "$PREFECT_HOME" "$(dirname "$RECORD")"
 
 healthy() { curl -sf "$URL/api/health" >/dev/null 2>&1; }
 
 case "${1:-}" in
   start)
-    if healthy; then echo "Prefect server already up: $URL"; exit 0; fi
+    if healthy; then echo "$URL/api" >"$RECORD"; echo "Prefect server already up: $URL"; exit 0; fi
     setsid .venvs/pipeline/bin/prefect server start >"$LOG" 2>&1 &
     echo $! >"$PIDFILE"
     for _ in $(seq 1 120); do
-      if healthy; then echo "Prefect server up: $URL (UI), log $LOG"; exit 0; fi
+      if healthy; then
+        echo "$URL/api" >"$RECORD"; echo "Prefect server up: $URL (UI), log $LOG"; exit 0
+      fi
       if ! kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
         echo "Prefect server exited during start; last lines of $LOG:" >&2; tail -n 20 "$LOG" >&2; exit 1
       fi
@@ -32,7 +36,7 @@ case "${1:-}" in
     if [ -f "$PIDFILE" ]; then
       pid=$(cat "$PIDFILE")
       kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-      rm -f "$PIDFILE"; echo "Prefect server stopped"
+      rm -f "$PIDFILE" "$RECORD"; echo "Prefect server stopped"
     else echo "no Prefect server started by this script"; fi ;;
   status) if healthy; then echo "up: $URL"; else echo "down"; exit 1; fi ;;
   *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;

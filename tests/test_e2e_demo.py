@@ -141,9 +141,13 @@ def test_make_demo_as_shipped_quantizes_passes_the_gate_for_real_and_serves_on_8
     assert down.returncode == 0 and "stopped the local deployment" in down.stdout
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{ENDPOINT}/v1/models", timeout=5)
+    # the demo's Prefect server is where the CLI's commands go while it is up
+    record = copy / ".cache" / "prefect" / "api-url"
+    assert record.read_text().strip().startswith("http://127.0.0.1:")
     stopped = subprocess.run(["make", "prefect-down"], cwd=copy, env=env, capture_output=True,
                              text=True, timeout=120)
     assert stopped.returncode == 0 and "Prefect server stopped" in stopped.stdout
+    assert not record.exists()
 
 
 def test_the_readmes_search_command_on_smollm2_publishes_the_smallest_that_passes(

@@ -46,6 +46,9 @@ def test_flow_writes_run_dir_checkpoint_summary_and_artifacts(tiny_model, chat_f
 
     summary = requantize(settings_for(tiny_model, chat_file, tmp_path))
     run_dir = Path(summary["run_dir"])
+    # the run made the GPU limit production's prefect-apply makes, so it waited as they do
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("requant-gpu").limit >= 1
     assert run_dir.parent == tmp_path / "runs"
     assert sorted(p.name for p in run_dir.iterdir()) == [MARKER, "calibration", "checkpoint",
                                                          "summary.json"]
@@ -104,6 +107,15 @@ def test_bad_calibration_input_fails_before_the_model_is_loaded(tiny_model, chat
     assert "calibration.num_samples: 1000 asked for" in str(holder["error"])
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and not (runs[0] / "checkpoint").exists()
+    # the failed run's record says where and why (requant status lists it)
+    failure = json.loads((runs[0] / "summary.json").read_text())["failure"]
+    assert failure["error"] == "SettingsError"
+    assert "calibration.num_samples: 1000 asked for" in failure["message"]
+    assert failure["where"].startswith("calibration.py:")
+    from requant.status import run_line
+
+    line = run_line(runs[0].name, runs[0], json.loads((runs[0] / "summary.json").read_text()))
+    assert line["state"].startswith("FAILED: SettingsError at calibration.py:")
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from requant.errors import GateFailed, RolloutFailed
+from requant.rundir import MARKER
 from requant.settings import PipelineSettings
 from tests.conftest import ROOT, gsm8k_rows, processes_mentioning, write_jsonl
 from tests.standin_vllm import standin_python
@@ -77,7 +78,7 @@ def test_a_source_that_cannot_do_the_task_ends_before_quantization_and_inconclus
     assert "nothing leaves the machine" in str(err.value)
     (run_dir,) = (tmp_path / "runs2").iterdir()
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "calibration", "checkpoint", "eval", "gate", "summary.json"]
+        MARKER, "calibration", "checkpoint", "eval", "gate", "summary.json"]
     decision = json.loads((run_dir / "gate" / "decision.json").read_text())
     assert decision["status"] == "inconclusive" and decision["promote"] is False
     assert decision["noise"]["measured"] is True and decision["noise"]["prompts_paired"]
@@ -91,6 +92,7 @@ def test_a_source_that_cannot_do_the_task_ends_before_quantization_and_inconclus
     assert decision["questions"] == decision["total"] == 4 and decision["look"] == 2
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["gate"]["promote"] is False
+    assert summary["failure"]["error"] == "GateFailed"  # the record says why the run failed
     assert processes_mentioning("requant-baseline", str(vllm_tiny_source)) == []
     assert processes_mentioning("requant-candidate", str(tmp_path)) == []
 
@@ -179,7 +181,8 @@ def test_passing_run_publishes_and_a_failed_rollout_is_retried_by_the_next_run_t
             assert len(hub.state.calls) == calls_before  # not even a Hub call
             (second_dir,) = [p for p in (tmp_path / "runs").iterdir()
                              if p.name == second["run_id"]]
-            assert sorted(p.name for p in second_dir.iterdir()) == ["calibration", "summary.json"]
+            assert sorted(p.name for p in second_dir.iterdir()) == [MARKER, "calibration",
+                                                                    "summary.json"]
         finally:
             shutdown_local(settings)
 

@@ -6,7 +6,8 @@ The promote deployment's own concurrency limit covers runs started by the automa
 - an exclusive ``flock`` on ``<state_dir>/<target>/rollout.lock``: released by the kernel when
   the holder dies, ``kill -9`` included, so a crash never leaves the target locked;
 - the Prefect global concurrency limit ``requant-rollout-<target>`` (one slot, created by
-  scripts/prefect_apply.sh; absent: no-op), which spans hosts sharing one Prefect server.
+  scripts/prefect_apply.sh, or here when the server has none), which spans hosts sharing one
+  Prefect server.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def rollout_lock(state_dir: Path, target: str, log: Callable[[str], None] = prin
                  ) -> Iterator[None]:
     from prefect.concurrency.sync import concurrency
 
+    from requant.gpu_limit import ensure_limit
+
     path = Path(state_dir) / target / "rollout.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -36,6 +39,7 @@ def rollout_lock(state_dir: Path, target: str, log: Callable[[str], None] = prin
         except BlockingIOError:
             log(f"another rollout of the {target} target is running; waiting for it to end")
             fcntl.flock(fd, fcntl.LOCK_EX)
+        ensure_limit(limit_name(target), 1)
         with concurrency(limit_name(target), occupy=1, strict=False):
             yield
     finally:
