@@ -15,11 +15,14 @@ order, each in its own window:
                     the rollout rolls back at once, only the canary's share failing meanwhile
   kill-active-cold  SIGKILL of the serving vLLM alone with nothing warm: 503 + Retry-After
                     until its keeper has started it again (no promote, no person)
+  kill-keeper       SIGKILL of the serving keeper (its vLLM goes down with it), nothing warm:
+                    the guardian under supervisord starts the recorded launch again
 Per window: requests started, failed (by kind), the longest time with no successful answer, and
 for the kills the time from the kill to the first success. Result: docs/measurements/.
 
 Usage: .venvs/pipeline/bin/python benchmarks/bench_serving_faults.py
        [--only kill-active-cold --out docs/measurements/cpu-server-restart.json]
+       [--only kill-keeper --out docs/measurements/cpu-keeper-restart.json]
 """
 
 from __future__ import annotations
@@ -257,6 +260,23 @@ def scenarios(settings, warm_settings, load: Load, releases: dict, settle_s: flo
                     f"{after['server_pid']} (restarts {after['restarts']}), no promote")
 
     timed("kill-active-cold", kill_active_cold)
+
+    def kill_keeper():
+        active = load_state(settings.rollout.state_dir, "local").active
+        os.kill(int(active.server["pid"]), signal.SIGKILL)  # the keeper: its vLLM goes with it
+        at = time.time()
+        deadline = time.monotonic() + 600
+        while True:
+            now = load_state(settings.rollout.state_dir, "local").active
+            if now.server["pid"] != active.server["pid"] and router_status(url)["health"].get(
+                    now.server["url"], {}).get("healthy") is True:
+                return at, (f"killed keeper pid {active.server['pid']}; the guardian started "
+                            f"pid {now.server['pid']}, no promote")
+            if time.monotonic() > deadline:
+                return at, "not started again within 600 s"
+            time.sleep(0.2)
+
+    timed("kill-keeper", kill_keeper)
     return out
 
 

@@ -46,7 +46,22 @@ def local_status(settings: PipelineSettings) -> dict[str, Any]:
             "withdrawn": state.withdrawn,
             "router": {"alive": router is not None, "url": url, "status": router,
                        "supervisor": _supervisor(settings)},
-            "server": _server(active, settings.rollout.served_model_name)}
+            "server": _server(active, settings.rollout.served_model_name),
+            "guardian": _guardian(settings)}
+
+
+def _guardian(settings: PipelineSettings) -> dict[str, Any]:
+    """Who starts the keeper again if it dies: the guardian's own word and its supervisor's."""
+    from requant.rollout.guardian import read_status
+    from requant.serving.supervision import supervision
+
+    folder = Path(settings.rollout.state_dir) / "local"
+    said = read_status(folder) or {}
+    running = settings.rollout.local.supervisor == "external" or \
+        supervision(folder, "guardian").state == "RUNNING"
+    return {"running": running, "state": said.get("state"), "why": said.get("why"),
+            "fix": said.get("fix"), "restarts": said.get("restarts", 0),
+            "last": said.get("last")}
 
 
 def _server(active: Deployed | None, served_name: str) -> dict[str, Any]:
@@ -145,6 +160,8 @@ def render_status(status: dict[str, Any]) -> str:
                      f"{', ' + sup['detail'] if sup['detail'] else ''})")
         lines.append("serving: " + (f"{a['revision']} since {a['since']} ("
                                     f"{_server_words(s['server'])})" if a else "nothing"))
+        if a:
+            lines += _guardian_lines(s["server"], s["guardian"], a)
         if canary := (s["router"]["status"] or {}).get("canary"):
             lines.append(f"canary: {canary['revision']} answers {canary['weight']:.0%} of "
                          f"requests ({canary['url']}), a rollout's phase")
@@ -210,6 +227,25 @@ def _marker_lines(active: dict[str, Any] | None) -> list[str]:
     return [f"PRODUCTION MARKER NOT MOVED: {active['repo_id']}'s production branch does not "
             f"point at {active['revision']} yet (its move failed or was cut short). `requant "
             f"promote --revision {active['revision']}` moves it; nothing is rolled out again."]
+
+
+def _guardian_lines(server: dict[str, Any], guardian: dict[str, Any],
+                    active: dict[str, Any]) -> list[str]:
+    """When the server is down: what is being done about it, and the command if a person must
+    act; otherwise how often the guardian had to start the keeper again."""
+    fix = guardian.get("fix") or "requant promote --rollback (or --checkpoint <the serving one>)"
+    if guardian["state"] == "gave-up":
+        return [f"GUARDIAN GAVE UP: {guardian['why']}. Fix: {fix}"]
+    if not server["alive"]:
+        if guardian["running"]:
+            return ["the guardian is starting the keeper again (it checks every second); "
+                    f"if it stays down: {fix}"]
+        return [f"NOTHING RESTARTS IT: the guardian is not running. Fix: {fix}"]
+    if guardian.get("restarts"):
+        last = guardian.get("last") or {}
+        return [f"guardian: started the keeper again {guardian['restarts']} time(s), last at "
+                f"{last.get('at')}"]
+    return []
 
 
 def _server_words(server: dict[str, Any]) -> str:

@@ -169,3 +169,62 @@ def test_a_server_that_keeps_failing_after_it_was_ready_is_given_up_after_its_fa
     record = read_status(status)
     assert record["state"] == "gave-up" and record["starts"] == 3 and record["restarts"] == 2
     assert record["last_exit"]["code"] == 5
+
+
+def test_a_killed_keeper_is_started_again_by_the_guardian_and_answers_without_a_person(served):
+    """#39: kill -9 of the keeper (its server goes down with it): the guardian, supervised
+    beside the router, starts the recorded launch again on the same port and records it."""
+    from requant.rollout.guardian import read_status as guardian_status
+    from requant.serving.supervision import supervision
+
+    settings, release, deployed, url = served
+    folder = Path(settings.rollout.state_dir) / "local"
+    assert supervision(folder, "guardian").state == "RUNNING"
+    keeper_pid = int(deployed.server["pid"])
+    old_server = read_status(deployed.server["keeper"])["server_pid"]
+    os.kill(keeper_pid, signal.SIGKILL)
+    wait_for(lambda: int(load_state(settings.rollout.state_dir, "local").active.server["pid"])
+             != keeper_pid, 30, "the guardian's new keeper on record")
+    back = wait_for(lambda: (r := chat(url)).status_code == 200 and r, 60, "served again")
+    assert back.headers[REVISION_HEADER] == release.revision
+    state = load_state(settings.rollout.state_dir, "local")
+    new_pid = int(state.active.server["pid"])
+    assert pid_running(new_pid) and not pid_running(old_server)  # no orphan of the old one
+    assert state.history[-1]["event"] == "kept" and str(keeper_pid) in state.history[-1]["reason"]
+    said = wait_for(lambda: (g := guardian_status(folder)) and g["restarts"] == 1 and g, 10,
+                    "the guardian's record")
+    assert said["last"]["old_pid"] == keeper_pid and said["last"]["new_pid"] == new_pid
+    assert "guardian: started the keeper again 1 time(s)" in render_status(
+        collect_status(settings))
+
+
+def test_a_keeper_that_gave_up_is_not_restarted_and_status_names_the_fix(served):
+    from requant.rollout.guardian import read_status as guardian_status
+
+    settings, release, deployed, _url = served
+    folder = Path(settings.rollout.state_dir) / "local"
+    keeper_pid = int(deployed.server["pid"])
+    os.kill(keeper_pid, signal.SIGSTOP)  # alive to the guardian while its record is changed
+    record = read_status(deployed.server["keeper"])
+    Path(deployed.server["keeper"]).write_text(json.dumps(record | {"state": "gave-up"}))
+    os.kill(keeper_pid, signal.SIGKILL)
+    said = wait_for(lambda: (g := guardian_status(folder)) and g["state"] == "gave-up" and g,
+                    20, "the guardian's refusal")
+    assert "gave up" in said["why"] and said["fix"] == \
+        f"requant promote --checkpoint {release.checkpoint}"
+    assert int(load_state(settings.rollout.state_dir, "local").active.server["pid"]) == \
+        keeper_pid  # nothing started, nothing recorded
+    text = render_status(collect_status(settings))
+    assert "GUARDIAN GAVE UP" in text and said["fix"] in text
+
+
+def test_a_guardian_killed_with_kill_9_is_restarted_by_its_supervisor(served):
+    from requant.serving.supervision import supervision
+
+    settings, _release, _deployed, _url = served
+    folder = Path(settings.rollout.state_dir) / "local"
+    before = supervision(folder, "guardian").detail  # "pid N, uptime ..."
+    pid = int(before.split()[1].rstrip(","))
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: (s := supervision(folder, "guardian")).state == "RUNNING"
+             and f"pid {pid}," not in s.detail, 20, "a new guardian")

@@ -23,9 +23,11 @@ from typing import Any
 
 import httpx
 
+from requant.atomic import write_text_atomic
 from requant.errors import DeploymentCheckFailed, RolloutFailed, ServerError, SettingsError
 from requant.killpoints import kill_point
 from requant.processes import pid_running, read_pid, stop_process_group
+from requant.rollout.guardian import STOPPED, guardian_command
 from requant.rollout.live_phases import (
     NewRevision,
     put_phase,
@@ -34,6 +36,7 @@ from requant.rollout.live_phases import (
     run_shadow,
     wait_drained,
 )
+from requant.rollout.lock import target_lock
 from requant.rollout.state import (
     Deployed,
     DeployState,
@@ -99,7 +102,11 @@ def ensure_router(settings: PipelineSettings, log: Log) -> str:
                 "supervisord.")
         return url
     supervised = supervision.supervision(folder).state in ("RUNNING", "STARTING", "BACKOFF")
+    command = supervision.router_command(cfg.host, cfg.port, folder, cfg.max_request_bytes)
+    # the guardian starts the serving revision's keeper again if it is killed
+    others = {"guardian": guardian_command(folder)} if cfg.restart_server else {}
     if router_status(url) is not None and supervised:
+        supervision.keep(folder, command, others)
         return url
     if router_status(url) is not None:  # alive but unsupervised (its supervisord died)
         log("the router runs without its supervisor: restarting it under supervisord")
@@ -112,8 +119,7 @@ def ensure_router(settings: PipelineSettings, log: Log) -> str:
             )
     folder.mkdir(parents=True, exist_ok=True)
     router_token(settings)  # made here, 0600, before the router reads it
-    supervision.start(folder, supervision.router_command(cfg.host, cfg.port, folder,
-                                                               cfg.max_request_bytes))
+    supervision.start(folder, command, others)
     deadline = time.monotonic() + 60
     while router_status(url) is None or supervision.supervision(folder).state != "RUNNING":
         if time.monotonic() > deadline:
@@ -260,6 +266,13 @@ def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str
                   log: Log = print, intent: Intent = Intent()) -> tuple[Deployed, bool]:
     """Blue/green to ``release``; returns (what now serves, whether anything changed)."""
     check_local_settings(settings)
+    with target_lock(settings.rollout.state_dir, TARGET, log):  # the guardian waits its turn
+        (Path(settings.rollout.state_dir) / TARGET / STOPPED).unlink(missing_ok=True)
+        return _rollout_local(settings, release, flow_run_id, log, intent)
+
+
+def _rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str | None,
+                   log: Log, intent: Intent) -> tuple[Deployed, bool]:
     state = load_state(settings.rollout.state_dir, TARGET)
     url = ensure_router(settings, log)  # a restarted router resumes its persisted backend
     recover(settings, state, url, flow_run_id, log)
@@ -318,6 +331,9 @@ def _start_green(r: _Rollout) -> Any:
                                    {"pid": handle.process.pid, "url": handle.base_url,
                                     "log": str(log_path),
                                     "keeper": str(handle.keeper_status)
+                                    if handle.keeper_status else None,
+                                    # what the guardian starts again if the keeper is killed
+                                    "launch": {"command": handle.launched, "env": handle.env}
                                     if handle.keeper_status else None},
                                    rollback=r.intent.rollback, forced=r.intent.forced)
         save_state(rcfg.state_dir, r.state)
@@ -463,8 +479,14 @@ def _record_failure(settings: PipelineSettings, state: DeployState, release: Rel
 
 
 def shutdown_local(settings: PipelineSettings) -> None:
-    """Stop everything the local target runs (servers and router); the record stays."""
-    state = load_state(settings.rollout.state_dir, TARGET)
-    for d in (state.pending, state.active):
-        _stop_deployed(d, settings.rollout.local.server.stop_grace_s)
-    stop_router(settings)
+    """Stop everything the local target runs (router, guardian, servers); the record stays,
+    and the guardian (also one under systemd) leaves it alone until the next rollout."""
+    folder = Path(settings.rollout.state_dir) / TARGET
+    if not folder.is_dir():
+        return
+    with target_lock(settings.rollout.state_dir, TARGET):
+        write_text_atomic(folder / STOPPED, f"{now_iso()}\n")
+        stop_router(settings)  # supervisord's guardian first, so nothing starts a server again
+        state = load_state(settings.rollout.state_dir, TARGET)
+        for d in (state.pending, state.active):
+            _stop_deployed(d, settings.rollout.local.server.stop_grace_s)

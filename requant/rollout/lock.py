@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +31,27 @@ def rollout_lock(state_dir: Path, target: str, log: Callable[[str], None] = prin
 
     from requant.gpu_limit import ensure_limit
 
-    path = Path(state_dir) / target / "rollout.lock"
+    with target_lock(state_dir, target, log):
+        ensure_limit(limit_name(target), 1)
+        with concurrency(limit_name(target), occupy=1, strict=False):
+            yield
+
+
+_held = threading.local()  # the lock files this thread holds: taking one again is a no-op
+
+
+@contextmanager
+def target_lock(state_dir: Path, target: str, log: Callable[[str], None] = print
+                ) -> Iterator[None]:
+    """The ``flock`` alone: what every change of the target's processes and record holds (the
+    rollout, ``requant down``), and what the guardian (requant.rollout.guardian) tries before it
+    touches anything. Re-entrant within a thread: a rollout inside ``rollout_lock`` takes it
+    again without waiting for itself."""
+    path = (Path(state_dir) / target / "rollout.lock").resolve()
+    held: set[Path] = _held.__dict__.setdefault("paths", set())
+    if path in held:
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -39,8 +60,10 @@ def rollout_lock(state_dir: Path, target: str, log: Callable[[str], None] = prin
         except BlockingIOError:
             log(f"another rollout of the {target} target is running; waiting for it to end")
             fcntl.flock(fd, fcntl.LOCK_EX)
-        ensure_limit(limit_name(target), 1)
-        with concurrency(limit_name(target), occupy=1, strict=False):
+        held.add(path)
+        try:
             yield
+        finally:
+            held.discard(path)
     finally:
         os.close(fd)

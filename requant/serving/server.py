@@ -43,6 +43,11 @@ class ServerHandle:
     startup_s: float = 0.0
     command: list[str] = field(default_factory=list)
     keeper_status: Path | None = None  # the keeper's record, when one restarts the server
+    #: what was executed (the keeper's command, with the server's after ``--``) and the
+    #: environment it got on top of the starter's: enough to start it again the same way
+    #: (requant.serving.guardian)
+    launched: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def completions_url(self) -> str:
@@ -246,7 +251,8 @@ def _launch(
     keeper_status = log_path.with_name(log_path.stem + ".keeper.json") if keep_running else None
     launched = cmd if keeper_status is None else keeper_command(
         sys.executable, cmd, f"{base_url}/health", keeper_status)
-    env = {**os.environ, **cpu_defaults(on_gpu), **cfg.env, "PYTHONUNBUFFERED": "1"}
+    delta = {**cpu_defaults(on_gpu), **cfg.env, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **delta}
     env.pop("PREFECT_API_URL", None)  # the server has no business with our orchestrator
     log = log_path.open("ab")
     log.write(f"$ {' '.join(cmd)}\n".encode())
@@ -260,7 +266,7 @@ def _launch(
     )
     log.close()
     handle = ServerHandle(base_url, served_name, log_path, process, command=cmd,
-                          keeper_status=keeper_status)
+                          keeper_status=keeper_status, launched=launched, env=delta)
     try:
         if on_spawn is not None:
             on_spawn(handle)

@@ -1,4 +1,6 @@
-"""The local router under supervisord: restarted within about a second of any death.
+"""The local router, and the programs its caller adds (the rollout's guardian,
+``requant.rollout.guardian``, which starts the serving revision's keeper again when it is
+killed), under supervisord: restarted within about a second of any death.
 
 Why supervisord: platform engineers know it, it runs as the pipeline's own user on any host
 (containers and CI included, where systemd is absent), it is one pure-Python package from PyPI
@@ -46,13 +48,15 @@ def router_command(host: str, port: int, folder: Path,
             *(["--max-body-bytes", str(max_body_bytes)] if max_body_bytes else [])]
 
 
-def write_config(folder: Path, command: list[str]) -> Path:
+def write_config(folder: Path, command: list[str],
+                 others: dict[str, list[str]] | None = None) -> Path:
     """supervisord.conf beside the router's state: a private socket (0700), logs in the folder,
     the router restarted on every exit. Every path in it is absolute (supervisord reads some
     relative to its ``directory``, others to where it was started) and every value is escaped
     for its parser: ``%`` expands, the command is split like a shell line."""
     folder = folder.resolve()
-    for part in (str(folder), *command):
+    others = others or {}
+    for part in (str(folder), *command, *(p for c in others.values() for p in c)):
         if "\n" in part or "\r" in part:
             raise SettingsError(f"rollout.state_dir: {str(folder)!r:.200} (or the router command) "
                                 "contains a line break, which supervisord's config cannot "
@@ -75,7 +79,14 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 [supervisorctl]
 serverurl=unix://{sock}
 
-[program:{PROGRAM}]
+{_program(PROGRAM, command, folder / "router.log")}
+""" + "\n".join(_program(name, other, folder / f"{name}.log")
+                for name, other in others.items()))
+    return conf
+
+
+def _program(name: str, command: list[str], log: Path) -> str:
+    return f"""[program:{name}]
 command={_esc(shlex.join(command))}
 environment=PYTHONUNBUFFERED="1"
 autostart=true
@@ -87,9 +98,8 @@ stopwaitsecs=10
 stopasgroup=true
 killasgroup=true
 redirect_stderr=true
-stdout_logfile={_esc(_esc(str(folder / "router.log")))}
-""")
-    return conf
+stdout_logfile={_esc(_esc(str(log)))}
+"""
 
 
 def _esc(value: str) -> str:
@@ -98,24 +108,34 @@ def _esc(value: str) -> str:
     return value.replace("%", "%%")
 
 
-def start(folder: Path, command: list[str]) -> None:
-    """Start supervisord (it daemonizes and starts the router), or the router under a running
-    supervisord."""
-    conf = write_config(folder, command)
+def start(folder: Path, command: list[str], others: dict[str, list[str]] | None = None) -> None:
+    """Start supervisord (it daemonizes and starts the router and ``others``), or the router
+    under a running supervisord (and ``others`` it does not have yet)."""
+    conf = write_config(folder, command, others)
     if supervision(folder).state != "no supervisor":
+        for name in others or {}:
+            _ctl(conf, "update", name)  # added to a supervisord started before it existed
         _ctl(conf, "start", PROGRAM)
         return
     subprocess.run([_bin("supervisord"), "-c", str(conf)], check=True, timeout=30,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def supervision(folder: Path) -> Supervision:
+def keep(folder: Path, command: list[str], others: dict[str, list[str]]) -> None:
+    """Under a running supervisord, ``others`` too: one started before they existed gets them
+    added; running ones are left alone."""
+    for name in others:
+        if supervision(folder, name).state not in ("RUNNING", "STARTING", "BACKOFF"):
+            _ctl(write_config(folder, command, others), "update", name)
+
+
+def supervision(folder: Path, program: str = PROGRAM) -> Supervision:
     conf = folder / "supervisord.conf"
     if not conf.is_file():
         return Supervision("no supervisor", "never started here")
-    out = _ctl(conf, "status", PROGRAM)
+    out = _ctl(conf, "status", program)
     words = out.split()
-    if len(words) >= 2 and words[0] == PROGRAM:
+    if len(words) >= 2 and words[0] == program:
         return Supervision(words[1], " ".join(words[2:]))
     return Supervision("no supervisor", out.strip()[:200] or "supervisord is not running")
 

@@ -1,0 +1,224 @@
+"""The serving revision's keeper kept running: started again, the same way, when it is killed.
+
+The keeper (``requant.serving.keeper``) restarts a model server that dies; nothing restarted the
+keeper. The guardian runs beside the router under the same supervisor (supervisord's second
+program, or ``deployments/systemd/requant-guardian.service``), so it is itself restarted on any
+death, and every ``interval`` seconds it reconciles the local target's record with the processes:
+
+- a rollout holds the target's lock: not its business this round;
+- the active record's keeper runs (its pid, with ``--port N`` of the recorded URL on its command
+  line): nothing to do;
+- the keeper gave up by itself (a server that never became ready, or failed its starts in a row):
+  not restarted; ``guardian.json`` says so and names the command that fixes it;
+- else (``kill -9``, an OOM kill): whatever its process group left is killed, the recorded
+  launch (command and environment, ``Deployed.server["launch"]``) is started again as a new
+  session, and the record is updated under the lock, with a ``kept`` event in its history. More
+  than ``MAX_RESTARTS`` in ``WINDOW_S`` and it gives up, saying so.
+
+``python -m requant.rollout.guardian --folder <rollout.state_dir>/local``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from requant.atomic import write_json_atomic
+from requant.processes import pid_running, runs_command
+from requant.rollout.state import Deployed, load_state, now_iso, save_state
+
+TARGET = "local"
+STATUS = "guardian.json"
+#: Written by ``requant down`` (shutdown_local), removed by the next rollout: nothing to keep.
+STOPPED = "stopped"
+MAX_RESTARTS, WINDOW_S = 5, 600.0
+
+
+def guardian_command(folder: Path, interval_s: float = 1.0) -> list[str]:
+    return [sys.executable, "-m", "requant.rollout.guardian", "--folder", str(folder.resolve()),
+            "--interval", str(interval_s)]
+
+
+class Guardian:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder.resolve()
+        self.state_dir = self.folder.parent
+        self.restarts: list[float] = []
+        self.status: dict[str, Any] = {"pid": os.getpid(), "state": "watching", "restarts": 0,
+                                       "since": now_iso(), "last": None, "why": None,
+                                       "fix": None}
+
+    def tick(self) -> str:
+        """One reconciliation; what it found or did, in a word."""
+        _reap_children()
+        with self._lock() as held:
+            if not held:
+                return "rollout running"
+            if (self.folder / STOPPED).exists():
+                return self._record("idle", why="stopped by requant down")
+            active = load_state(self.state_dir, TARGET).active
+            if active is None or not (active.server.get("launch") or {}).get("command"):
+                return self._record("idle", why="nothing serves on this target yet")
+            if keeper_runs(active):
+                return self._record("watching")
+            return self._recover(active)
+
+    def _recover(self, active: Deployed) -> str:
+        pid = int(active.server["pid"])
+        keeper = _read_json(active.server.get("keeper"))
+        fix = (f"requant promote --checkpoint {active.release.checkpoint}"
+               if active.release.checkpoint else "requant promote --rollback")
+        if (keeper or {}).get("state") == "gave-up":
+            return self._record("gave-up", fix=fix, why=(
+                f"the keeper of {active.release.revision} gave up (its server never became "
+                f"ready, or failed its starts in a row; last exit {keeper.get('last_exit')}); "
+                "not restarted"))
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < WINDOW_S] + [now]
+        if len(self.restarts) > MAX_RESTARTS:
+            return self._record("gave-up", fix=fix, why=(
+                f"the keeper of {active.release.revision} died {MAX_RESTARTS} times in "
+                f"{WINDOW_S / 60:.0f} min; not restarted again"))
+        stop_leftovers(pid)
+        new_pid = self._launch(active)
+        state = load_state(self.state_dir, TARGET)  # under the lock: nobody wrote it meanwhile
+        assert state.active is not None
+        state.active.server["pid"] = new_pid
+        state.record_event("kept", state.active.release, None, now_iso(),
+                           reason=f"keeper pid {pid} was gone; started again as pid {new_pid}")
+        save_state(self.state_dir, state)
+        self.status["restarts"] += 1
+        return self._record("restarted", last={"at": now_iso(), "old_pid": pid,
+                                               "new_pid": new_pid})
+
+    def _launch(self, active: Deployed) -> int:
+        launch = active.server["launch"]
+        env = {**os.environ, **launch.get("env", {})}
+        env.pop("PREFECT_API_URL", None)
+        log_path = Path(active.server.get("log") or self.folder / "server.log")
+        with log_path.open("ab") as log:
+            log.write(f"[requant guardian {now_iso()}] keeper gone: starting it again\n".encode())
+            log.flush()
+            proc = subprocess.Popen(launch["command"], stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env, cwd=self.folder,
+                                    start_new_session=True)
+        _say(f"started the keeper of {active.release.revision} again: pid {proc.pid}")
+        return proc.pid
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[bool]:
+        """The rollout's own lock (requant.rollout.lock), never waited for."""
+        path = self.folder / "rollout.lock"
+        if not path.is_file():
+            yield True
+            return
+        fd = os.open(path, os.O_RDWR)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def _record(self, state: str, **fields: Any) -> str:
+        changed = state != self.status["state"] or fields.get("last")
+        self.status.update({"state": state, "at": now_iso(), "why": None, "fix": None} | fields)
+        if changed:
+            _say(f"{state}" + (f": {self.status['why']}" if self.status["why"] else ""))
+            write_json_atomic(self.folder / STATUS, self.status)
+        return state
+
+
+def keeper_runs(active: Deployed) -> bool:
+    """The recorded pid is alive and is a server on the recorded port (never a reused pid)."""
+    pid = active.server.get("pid")
+    port = active.server.get("url", "").rsplit(":", 1)[-1].split("/")[0]
+    return bool(pid) and pid_running(int(pid)) and runs_command(int(pid), "--port", port)
+
+
+def stop_leftovers(pid: int, timeout_s: float = 30.0) -> None:
+    """The dead keeper's process group (its vLLM and engine processes) killed, so the port and
+    the memory are free. Linux never reuses a pid that is still some group's id, so a group
+    named by a dead leader's pid is that leader's and no one else's."""
+    if pid_running(pid):
+        return
+    deadline = time.monotonic() + timeout_s
+    while _group_members(pid) and time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        time.sleep(0.1)
+
+
+def _group_members(pgid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] != "Z":
+                    found.append(int(entry))
+    return found
+
+
+def _reap_children() -> None:
+    """Keepers this guardian started and that died since: no zombies that look alive."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+
+
+def _read_json(path: str | None) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(path).read_text()) if path else None
+    except (OSError, ValueError):
+        return None
+
+
+def read_status(folder: Path) -> dict[str, Any] | None:
+    """What the guardian last said (``requant status``), or None where none runs."""
+    return _read_json(str(Path(folder) / STATUS))
+
+
+def _say(message: str) -> None:
+    print(f"[requant guardian {now_iso()}] {message}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="requant.rollout.guardian", description=__doc__)
+    p.add_argument("--folder", required=True, type=Path)
+    p.add_argument("--interval", type=float, default=1.0)
+    args = p.parse_args(argv)
+    guardian = Guardian(args.folder)
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    _say(f"watching {guardian.folder}")
+    while not stopping:
+        try:
+            guardian.tick()
+        except Exception as exc:  # a bad round is logged; the next one tries again
+            _say(f"round failed: {type(exc).__name__}: {exc}")
+        time.sleep(args.interval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
