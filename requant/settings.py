@@ -230,9 +230,10 @@ class EvaluationSettings(_Section):
         description="Extra lm-eval task YAMLs (include_path); data_files are relative to it.",
     )
     data_roots: list[Path] = Field(
-        default_factory=list, description="Folders beside task_dir and the project's data/ "
-        "where a task YAML may read files (include, !function, data_files); anything else is "
-        "refused before lm-eval reads it.")
+        default_factory=lambda: [Path("data")], description="Folders beside task_dir where a "
+        "task YAML may read files (include, !function, data_files); anything else is refused "
+        "before lm-eval reads it. The default is the project's data/ (the bundled GSM8K), "
+        "relative like task_dir.")
     num_fewshot: int = Field(5, ge=0, description="Few-shot examples per question.")
     task_fewshot: dict[str, int] = Field(
         default_factory=lambda: {"gsm8k_cloze_local": 0},
@@ -760,6 +761,8 @@ def _absolute_in(model: type[BaseModel], data: dict[str, Any], base: Path) -> No
         value = data.get(name)
         if isinstance(value, Path):
             data[name] = _absolute(value, base)
+        elif isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
+            data[name] = [_absolute(v, base) for v in value]
         elif isinstance(value, dict) and (sub := _section_type(field.annotation)):
             _absolute_in(sub, value, base)
 

@@ -15,7 +15,7 @@ from requant.errors import SettingsError
 from requant.evaluation.sequential import look_sizes, question_order
 from requant.hashing import hash_files, sha256_file
 from requant.serving.server import serving_python
-from requant.settings import PROJECT_ROOT, EvaluationSettings, GateSettings
+from requant.settings import EvaluationSettings, GateSettings
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
@@ -141,9 +141,9 @@ def _values(node: Any) -> Iterable[Any]:
 
 
 def task_roots(cfg: EvaluationSettings, src: Path) -> list[Path]:
-    """Where the files of a task folder may lie: the folder, the bundled data, and the
-    operator's evaluation.data_roots."""
-    return [src, PROJECT_ROOT / "data", *cfg.data_roots]
+    """Where the files of a task folder may lie: the folder and the operator's
+    evaluation.data_roots (by default the project's data/)."""
+    return [src, *cfg.data_roots]
 
 
 def validate_tasks(cfg: EvaluationSettings) -> None:
