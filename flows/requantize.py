@@ -62,7 +62,7 @@ from requant.run_request import RunRequest, validate_request
 from requant.rundir import RunDir
 from requant.search import Outcome, table_rows
 from requant.settings import PipelineSettings
-from requant.source import ResolvedSource, fetch_weights
+from requant.source import ResolvedSource, fetch_weights, hash_local_source_ahead
 from requant.tasks.calibration import prepare_calibration
 from requant.tasks.evaluation import evaluate_baseline, evaluate_candidate
 from requant.tasks.gate import record_gate
@@ -81,6 +81,7 @@ def requantize(request: RunRequest = RunRequest()) -> dict[str, Any]:
     started = time.perf_counter()
     request = validate_request(request)
     settings = settings_for(request)
+    hash_local_source_ahead(settings.source)  # while preflight imports torch and checks
     recipe, acc = preflight(settings)
     trials = preflight_candidates(settings, acc) if settings.search.candidates else []
     check_gpu_limit(settings.quantization.gpus)

@@ -8,12 +8,13 @@ after the calibration set (which needs only the tokenizer) has passed its checks
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from requant.errors import SettingsError
-from requant.hashing import hash_files
+from requant.hashing import hash_ahead, hash_files
 from requant.model_files import check_model_folder
 from requant.settings import SourceSettings
 
@@ -66,6 +67,16 @@ def check_local_source(src: SourceSettings) -> Path | None:
         )
     check_model_folder(local)
     return local
+
+
+def hash_local_source_ahead(src: SourceSettings) -> None:
+    """A local source's files (weights included) start hashing now, in the background
+    (``hashing.hash_ahead``); anything wrong with the source is left for the checks that say
+    it in one line."""
+    with contextlib.suppress(Exception):
+        local = Path(src.model).expanduser()
+        if local.is_dir() and not src.revision:
+            hash_ahead(local, _local_files(local, with_weights=True))
 
 
 def resolve_source_files(src: SourceSettings, *, with_weights: bool) -> ResolvedSource:
