@@ -18,6 +18,7 @@ and the flow's stage timings from the checkpoint's manifest, so the difference i
 
 Usage (device machine, after scripts/gpu_setup.sh with the flow's wheels):
   python benchmarks/bench_flow_gpu.py --samples 512 --out $OUT/flow.json
+  python benchmarks/bench_flow_gpu.py --samples 512 --server --out $OUT/flow.json  # a server up
   python benchmarks/bench_flow_gpu.py --tiny --samples 8            # smoke, a minute
 """
 
@@ -76,10 +77,37 @@ def flow_config(work: Path, model_dir: Path, data: Path, args: argparse.Namespac
     return path
 
 
-def run_flow(work: Path, config: Path) -> dict:
+def start_server(work: Path) -> tuple[subprocess.Popen, str]:
+    """``prefect server start`` before the clock, as a worker box has one running (the
+    operator's, or the project's that `make prefect-up` starts and the CLI finds)."""
+    import httpx
+
+    port = 4200 + os.getpid() % 1000
+    url = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_HOME=str(work / "prefect-server"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_API_HOST="127.0.0.1",
+               PREFECT_SERVER_API_PORT=str(port))
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("prefect server did not start")
+        time.sleep(0.5)
+
+
+def run_flow(work: Path, config: Path, api_url: str | None = None) -> dict:
     env = dict(os.environ, PREFECT_HOME=str(work / "prefect"),
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONUNBUFFERED="1")
     env.pop("PREFECT_API_URL", None)  # its temporary local server, as on a fresh box
+    if api_url:
+        env["PREFECT_API_URL"] = api_url  # --server: the box's running server
     # run from the work folder: the installed requant (with requant.flows), as a user has it;
     # from the checkout's root, its requant/ folder would shadow the installed package
     start, clock = time.perf_counter(), time.localtime()
@@ -134,6 +162,9 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", choices=["flow", "bare", "bare-process"],
                    default=["flow", "bare-process"],
                    help="one per call where both would pass a time limit (--out accumulates)")
+    p.add_argument("--server", action="store_true",
+                   help="a Prefect server running before the clock starts, as on a worker box "
+                   "(default: the flow's temporary server, as on a fresh one)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
 
@@ -151,7 +182,14 @@ def main() -> None:
         work = Path(tmp)
         if "flow" in args.variants:  # first: a clean GPU
             rows = text_rows(work / "calibration.jsonl", args.samples, args.seq_len)
-            report["flow"] = run_flow(work, flow_config(work, model_dir, rows, args))
+            server, url = start_server(work) if args.server else (None, None)
+            try:
+                report["flow"] = run_flow(work, flow_config(work, model_dir, rows, args), url)
+            finally:
+                if server is not None:
+                    os.killpg(server.pid, 15)
+                    server.wait(60)
+            report["flow"]["prefect"] = "running server" if args.server else "temporary server"
             print(json.dumps({"flow": report["flow"]}), flush=True)
         if "bare-process" in args.variants:
             report["bare_process"] = run_bare_process(work, args)

@@ -39,8 +39,9 @@ from requant.tasks.rollout import fetch_release_task, move_marker, rollout
 @flow(name="promote", log_prints=True)
 def promote(
     request: RunRequest = RunRequest(),
-    revision: Annotated[str | None, Field(pattern=r"^[0-9a-f]{40}$")] = None,
-    checkpoint: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9._/-]{1,500}$")] = None,
+    # "" is unset too: the gate event's payload carries strings (prefect.yaml's trigger)
+    revision: Annotated[str | None, Field(pattern=r"^([0-9a-f]{40})?$")] = None,
+    checkpoint: Annotated[str | None, Field(pattern=r"^([A-Za-z0-9._/-]{1,500})?$")] = None,
     rollback: bool = False,
     force: bool = False,
 ) -> dict[str, Any]:
@@ -49,6 +50,7 @@ def promote(
     after verification passed. What the gate did not pass is refused unless ``force`` (then
     recorded as forced). The run chooses only these; its profile says where (docs/trust.md)."""
     request = validate_request(request)
+    revision, checkpoint = revision or None, checkpoint or None
     profile = profile_for(request)
     settings = compose(profile, request)
     if checkpoint is not None:

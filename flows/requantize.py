@@ -305,12 +305,8 @@ def promote_args(summary: dict[str, Any]) -> dict[str, str]:
 
 def emit_gate_event(settings: PipelineSettings, request: RunRequest, summary: dict[str, Any],
                     passed: bool) -> None:
-    """requant.gate.passed / .failed: what an automation (promote) or a notification needs,
-    as strings ("" when absent) so templated deployment parameters render cleanly."""
-    gate = summary["gate"] or {}
-    p = summary["publish"] or {}
+    """requant.gate.passed / .failed: what an automation (promote) or a notification needs."""
     model = settings.hub.repo_id or summary["source"]["model"]
-    args = promote_args(summary) if passed else {}
     emit_event(
         event=f"requant.gate.{'passed' if passed else 'failed'}",
         resource={"prefect.resource.id": f"requant.model.{model}",
@@ -321,20 +317,30 @@ def emit_gate_event(settings: PipelineSettings, request: RunRequest, summary: di
                   if settings.rollout.target != "none" else "none"},
         related=[{"prefect.resource.id": f"prefect.flow-run.{summary['run_id']}",
                   "prefect.resource.role": "flow-run"}],
-        payload={
-            "repo_id": settings.hub.repo_id or "", "revision": args.get("revision", ""),
-            "checkpoint": args.get("checkpoint", ""), "tag": p.get("tag") or "",
-            "dry_run": str(bool(p.get("dry_run", True))).lower(),
-            "status": gate.get("status", ""),
-            "recovery": ",".join(str(r.get("recovery")) for r in gate.get("rules", [])),
-            "run_id": summary["run_id"], "source": summary["source"]["model"],
-            # a search's table: every candidate's decision and why (empty without a search)
-            "candidates": table_rows(summary["search"]) if summary.get("search") else [],
-            # the run's own request (never the profile's settings), so the promote run composes
-            # the same hub and rollout settings from the same profile
-            "request": request.model_dump(mode="json"),
-        },
+        payload=gate_payload(settings, request, summary, passed),
     )
+
+
+def gate_payload(settings: PipelineSettings, request: RunRequest, summary: dict[str, Any],
+                 passed: bool) -> dict[str, Any]:
+    """The gate event's payload, as strings ("" when absent) so templated deployment parameters
+    render cleanly (the promote flow takes "" as unset)."""
+    gate = summary["gate"] or {}
+    p = summary["publish"] or {}
+    args = promote_args(summary) if passed else {}
+    return {
+        "repo_id": settings.hub.repo_id or "", "revision": args.get("revision", ""),
+        "checkpoint": args.get("checkpoint", ""), "tag": p.get("tag") or "",
+        "dry_run": str(bool(p.get("dry_run", True))).lower(),
+        "status": gate.get("status", ""),
+        "recovery": ",".join(str(r.get("recovery")) for r in gate.get("rules", [])),
+        "run_id": summary["run_id"], "source": summary["source"]["model"],
+        # a search's table: every candidate's decision and why (empty without a search)
+        "candidates": table_rows(summary["search"]) if summary.get("search") else [],
+        # the run's own request (never the profile's settings), so the promote run composes
+        # the same hub and rollout settings from the same profile
+        "request": request.model_dump(mode="json"),
+    }
 
 
 def finish_published(settings: PipelineSettings, request: RunRequest, run_dir: RunDir,

@@ -124,3 +124,37 @@ def test_production_kubernetes_strategy_never_drops_serving_capacity():
         k = settings.rollout.kubernetes
         assert str(k.max_unavailable) in {"0", "0%"} and not k.allow_downtime
         check_strategy(k)
+
+
+@pytest.mark.parametrize("published", [True, False], ids=["commit", "dry-run-checkpoint"])
+def test_the_promote_trigger_renders_the_gate_event_into_parameters_the_promote_flow_accepts(
+        published):
+    """The automation creates the promote run only if the rendered parameters pass the promote
+    deployment's parameter schema (the server validates them); a payload's "" is unset."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import validate
+
+    from requant.flows.promote import promote
+    from requant.flows.requantize import gate_payload
+    from requant.run_request import RunRequest
+    from requant.settings import PipelineSettings
+
+    summary = {"run_id": "r1", "source": {"model": "models/x"}, "search": None,
+               "gate": {"status": "pass", "rules": [{"recovery": 0.99}]},
+               "checkpoint": "/data/requant/runs/r1/checkpoint",
+               "publish": {"dry_run": not published, "tag": "t",
+                           "commit_sha": "a" * 40 if published else None}}
+    request = RunRequest(profile="on-demand")
+    payload = gate_payload(PipelineSettings(), request, summary, passed=True)
+    (trigger,) = DEPLOYMENTS["promote"]["triggers"]
+    # what the server's run-deployment action does with each "{{ event.payload.X }}": its value
+    # through tojson, so a dict stays a dict and a string a string
+    rendered = {}
+    for name, template in trigger["parameters"].items():
+        key = template.strip().removeprefix("{{").removesuffix("}}").strip()
+        assert key.startswith("event.payload.")
+        rendered[name] = json.loads(json.dumps(payload[key.removeprefix("event.payload.")]))
+    schema = parameter_schema(promote).model_dump_for_openapi()
+    assert validate(rendered, schema, raise_on_error=False) == []
+    assert rendered["request"] == request.model_dump(mode="json")
+    assert bool(rendered["revision"]) == published and bool(rendered["checkpoint"]) != published
