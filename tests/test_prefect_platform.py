@@ -230,6 +230,8 @@ def test_ui_custom_run_with_a_changed_parameter_completes_showing_progress(
             page.screenshot(path=str(ARTIFACTS / "ui-run-form.png"), full_page=True)
             field = page.locator("div.schema-form-property", has=page.locator(
                 "span.schema-form-property__label", has_text="Num Samples")).last
+            # unset by default (the profile's value): the form's "int | None" switch to int
+            field.get_by_role("button", name="int", exact=True).click()
             field.locator("input[type=number]").fill("6")
             page.get_by_role("button", name="Submit").click()
             page.wait_for_url(f"**/deployments/deployment/{deployment.id}*", timeout=60_000)
