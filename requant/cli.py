@@ -188,9 +188,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
     profile, request = _request(args)
     from requant.flows.promote import promote
     from requant.profile import checkpoint_in_profile, compose, using
+    from requant.rollout.release import check_revision
 
     settings = compose(profile, request)
-    if args.checkpoint is not None:  # refused here, before Prefect starts
+    if args.revision:  # refused here, before Prefect starts
+        check_revision(args.revision)
+    if args.checkpoint is not None:
         checkpoint_in_profile(profile, settings, args.checkpoint)
     print(args.prefect_api, file=sys.stderr)
     with using(profile):

@@ -212,9 +212,11 @@ def _explain_prefect(exc: BaseException) -> tuple[int, str] | None:
                               f"time (a busy host): nothing ran. {fix}")
     try:
         import httpx
-        from prefect.exceptions import PrefectHTTPStatusError
+        from prefect.exceptions import ParameterTypeError, PrefectHTTPStatusError
     except ImportError:  # pragma: no cover - the pipeline environment always has both
         return None
+    if isinstance(exc, ParameterTypeError):  # a flow's own parameter schema refused a value
+        return EXIT_BAD_INPUT, " ".join(str(exc).split()) + " Fix the value and run again."
     if isinstance(exc, PrefectHTTPStatusError):
         return EXIT_REFUSED, (f"the Prefect API at {url} answered "
                               f"{exc.response.status_code}: {first_line(exc)}. {fix}")

@@ -83,6 +83,17 @@ def test_promote_rollback_with_no_previous_revision_is_bad_input_not_a_crash(tmp
     assert "no previous revision" in proc.stderr
 
 
+def test_promote_of_a_branch_name_is_one_line_before_prefect_starts(tmp_path):
+    proc = subprocess.run([REQUANT, "promote", "--revision", "main", *settings_for(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"})
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-2000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert line == ("error: revision: 'main' is not a 40-character commit SHA. Deploy commits, "
+                    "never branch names (they move).")
+    assert "Prefect API" not in proc.stderr  # refused before any Prefect call
+
+
 def make_run(root: Path, run_id: str, age_s: float, gate: str = "pass") -> Path:
     run = root / run_id
     (run / "checkpoint").mkdir(parents=True)

@@ -28,11 +28,11 @@ import yaml
 
 from requant.killpoints import ENV, LOCAL_ROLLOUT
 from requant.processes import pid_running
+from requant.profile import load_file
 from requant.rollout.local import router_status, shutdown_local
 from requant.rollout.state import DeployState, load_state
 from requant.serving.router import REVISION_HEADER
 from requant.serving.server import free_port
-from requant.settings import load_settings
 from tests.conftest import processes_mentioning, tiny_server_settings
 from tests.standin_vllm import standin_python
 
@@ -105,8 +105,10 @@ def endpoint(prefect_server, vllm_tiny_source, tmp_path_factory):
             "local": {"port": free_port(), "drain_timeout_s": 30, "keep_previous_s": 3,
                       "server": tiny_server_settings().model_dump(mode="json")},
             "slo": {"requests": 8, "concurrency": 4, "max_tokens": 16,
-                    "max_p95_latency_s": 120}}}))
-    settings = load_settings(config, [])
+                    "max_p95_latency_s": 120}},
+        # the worker's profile offers the two checkpoints to promote
+        "allow": {"checkpoints": [str(work / "models")]}}))
+    settings = load_file(config).settings
     ep = Endpoint(config, f"http://127.0.0.1:{settings.rollout.local.port}",
                   work / "state", revisions, standin_python(work / "serving-env" / "bin"))
     try:

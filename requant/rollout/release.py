@@ -49,9 +49,7 @@ def resolve_release(settings: PipelineSettings, revision: str | None = None,
         if settings.hub.repo_id is None:
             raise SettingsError("hub.repo_id: needed to deploy revision "
                                 f"{revision!r}; set it to the repo the revision was published to.")
-        if len(revision) != 40 or any(c not in "0123456789abcdef" for c in revision):
-            raise SettingsError(f"revision: {revision!r} is not a 40-character commit SHA. "
-                                "Deploy commits, never branch names (they move).")
+        check_revision(revision)
         return Release(revision=revision, repo_id=settings.hub.repo_id)
     path = Path(str(checkpoint))
     if not (path / "config.json").is_file():
@@ -74,3 +72,10 @@ def fetch_release(hub: HubSettings, release: Release, cache_dir: Path) -> Releas
                               endpoint=endpoint(hub), token=resolve_token(hub))
             shutil.rmtree(tmp / ".cache", ignore_errors=True)  # the client's bookkeeping
     return Release(release.revision, release.repo_id, str(final))
+
+
+def check_revision(revision: str) -> None:
+    """A published revision is a full commit SHA, never a branch or tag (they move)."""
+    if len(revision) != 40 or any(c not in "0123456789abcdef" for c in revision):
+        raise SettingsError(f"revision: {revision!r} is not a 40-character commit SHA. "
+                            "Deploy commits, never branch names (they move).")
