@@ -15,6 +15,7 @@ from requant.serving.server import free_port
 from requant.serving.supervision import supervision
 from requant.settings import PipelineSettings
 from requant.status import local_status, render_status
+from tests.conftest import processes_mentioning
 
 
 @pytest.fixture
@@ -70,12 +71,19 @@ def test_the_endpoint_stays_up_when_supervisord_dies_and_the_next_rollout_superv
     wait_for(lambda: True if supervision(folder).state == "no supervisor" else None, 10,
              "supervisorctl seeing supervisord gone")
     assert router_status(url) is not None  # the router is its own process: still serving
+    # the guardian goes with its supervisor: the next one does not find a second one running
+    wait_for(lambda: processes_mentioning("requant.rollout.guardian", str(folder.resolve()))
+             == [] or None, 10, "the guardian gone with supervisord")
     assert "supervisord: no supervisor" in render_status(
         {"serving": {"target": "local", **local_status(settings)}, "last_published": None,
          "runs": []})
     ensure_router(settings, lambda _m: None)
     assert supervision(folder).state == "RUNNING"
     assert router_status(url)["pid"] == int(supervision(folder).detail.split()[1].rstrip(","))
+    guardians = wait_for(lambda: processes_mentioning("requant.rollout.guardian",
+                                                      str(folder.resolve())) or None, 10,
+                         "the guardian under the new supervisord")
+    assert len(guardians) == 1
 
 
 def test_status_shows_the_router_supervised_and_shutdown_leaves_nothing_running(local):

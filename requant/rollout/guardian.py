@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from requant.atomic import write_json_atomic
-from requant.processes import pid_running, runs_command
+from requant.processes import die_with_parent, pid_running, runs_command
 from requant.rollout.state import Deployed, load_state, now_iso, save_state
 
 TARGET = "local"
@@ -201,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folder", required=True, type=Path)
     p.add_argument("--interval", type=float, default=1.0)
     args = p.parse_args(argv)
+    # Under supervisord it goes with its supervisor (a killed supervisord leaves no guardian
+    # behind for the next one to duplicate; the next rollout starts both again); under systemd
+    # its parent is the service manager.
+    die_with_parent()
     guardian = Guardian(args.folder)
     stopping = False
 
