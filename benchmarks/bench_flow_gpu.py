@@ -158,6 +158,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--small", action="store_true", help="the multi-GPU benchmark's small shape")
     p.add_argument("--cache", type=Path, default=ROOT / ".bench-cache" / "multigpu")
     p.add_argument("--variants", nargs="+", choices=["flow", "bare", "bare-process"],
                    default=["flow", "bare-process"],
