@@ -22,20 +22,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from requant.atomic import write_json_atomic
 from requant.processes import die_with_parent, pid_running, runs_command
+from requant.rollout.lock import try_target_lock
 from requant.rollout.state import Deployed, load_state, now_iso, save_state
+from requant.serving.keeper import read_status as read_keeper_status
 
 TARGET = "local"
 STATUS = "guardian.json"
@@ -61,7 +61,7 @@ class Guardian:
     def tick(self) -> str:
         """One reconciliation; what it found or did, in a word."""
         _reap_children()
-        with self._lock() as held:
+        with try_target_lock(self.state_dir, TARGET) as held:
             if not held:
                 return "rollout running"
             if (self.folder / STOPPED).exists():
@@ -75,7 +75,7 @@ class Guardian:
 
     def _recover(self, active: Deployed) -> str:
         pid = int(active.server["pid"])
-        keeper = _read_json(active.server.get("keeper"))
+        keeper = read_keeper_status(active.server.get("keeper"))
         fix = (f"requant promote --checkpoint {active.release.checkpoint}"
                if active.release.checkpoint else "requant promote --rollback")
         if (keeper or {}).get("state") == "gave-up":
@@ -115,24 +115,6 @@ class Guardian:
         _say(f"started the keeper of {active.release.revision} again: pid {proc.pid}")
         return proc.pid
 
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[bool]:
-        """The rollout's own lock (requant.rollout.lock), never waited for."""
-        path = self.folder / "rollout.lock"
-        if not path.is_file():
-            yield True
-            return
-        fd = os.open(path, os.O_RDWR)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            yield True
-        finally:
-            os.close(fd)
-
     def _record(self, state: str, **fields: Any) -> str:
         changed = state != self.status["state"] or fields.get("last")
         self.status.update({"state": state, "at": now_iso(), "why": None, "fix": None} | fields)
@@ -145,8 +127,14 @@ class Guardian:
 def keeper_runs(active: Deployed) -> bool:
     """The recorded pid is alive and is a server on the recorded port (never a reused pid)."""
     pid = active.server.get("pid")
-    port = active.server.get("url", "").rsplit(":", 1)[-1].split("/")[0]
-    return bool(pid) and pid_running(int(pid)) and runs_command(int(pid), "--port", port)
+    return bool(pid) and pid_running(int(pid)) and runs_command(int(pid), "--port",
+                                                                 recorded_port(active))
+
+
+def recorded_port(d: Deployed) -> str:
+    """The port of the recorded server's URL: a keeper's and a vLLM's command line hold
+    ``--port N``, which tells a recorded pid from a reused one."""
+    return str(urlsplit(d.server.get("url", "")).port)
 
 
 def stop_leftovers(pid: int, timeout_s: float = 30.0) -> None:
@@ -180,16 +168,9 @@ def _reap_children() -> None:
             pass
 
 
-def _read_json(path: str | None) -> dict[str, Any] | None:
-    try:
-        return json.loads(Path(path).read_text()) if path else None
-    except (OSError, ValueError):
-        return None
-
-
 def read_status(folder: Path) -> dict[str, Any] | None:
     """What the guardian last said (``requant status``), or None where none runs."""
-    return _read_json(str(Path(folder) / STATUS))
+    return read_keeper_status(Path(folder) / STATUS)  # the same "JSON or None" reader
 
 
 def _say(message: str) -> None:

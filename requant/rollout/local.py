@@ -27,7 +27,7 @@ from requant.atomic import write_text_atomic
 from requant.errors import DeploymentCheckFailed, RolloutFailed, ServerError, SettingsError
 from requant.killpoints import kill_point
 from requant.processes import pid_running, read_pid, stop_process_group
-from requant.rollout.guardian import STOPPED, guardian_command
+from requant.rollout.guardian import STOPPED, guardian_command, recorded_port
 from requant.rollout.live_phases import (
     NewRevision,
     put_phase,
@@ -170,8 +170,7 @@ def _stop_deployed(d: Deployed | None, grace_s: float) -> None:
     """The recorded server's process group, if that pid still runs a server on the recorded
     port (a keeper or vLLM: both command lines hold ``--port N``)."""
     if d is not None and d.server.get("pid"):
-        port = str(httpx.URL(d.server["url"]).port)
-        stop_process_group(int(d.server["pid"]), grace_s, expect=("--port", port))
+        stop_process_group(int(d.server["pid"]), grace_s, expect=("--port", recorded_port(d)))
 
 
 def _server_alive(d: Deployed | None) -> bool:

@@ -6,8 +6,9 @@ The promote deployment's own concurrency limit covers runs started by the automa
 - an exclusive ``flock`` on ``<state_dir>/<target>/rollout.lock``: released by the kernel when
   the holder dies, ``kill -9`` included, so a crash never leaves the target locked;
 - the Prefect global concurrency limit ``requant-rollout-<target>`` (one slot, created by
-  scripts/prefect_apply.sh, or here when the server has none), which spans hosts sharing one
-  Prefect server.
+  scripts/prefect_apply.sh; absent: no-op), which spans hosts sharing one Prefect server. It is
+  not created here: a promote killed with ``kill -9`` keeps its slot until Prefect's lease
+  (300 s) runs out, so on one host the flock alone recovers at once.
 """
 
 from __future__ import annotations
@@ -29,12 +30,9 @@ def rollout_lock(state_dir: Path, target: str, log: Callable[[str], None] = prin
                  ) -> Iterator[None]:
     from prefect.concurrency.sync import concurrency
 
-    from requant.gpu_limit import ensure_limit
-
-    with target_lock(state_dir, target, log):
-        ensure_limit(limit_name(target), 1)
-        with concurrency(limit_name(target), occupy=1, strict=False):
-            yield
+    with target_lock(state_dir, target, log), \
+            concurrency(limit_name(target), occupy=1, strict=False):
+        yield
 
 
 _held = threading.local()  # the lock files this thread holds: taking one again is a no-op
@@ -65,5 +63,25 @@ def target_lock(state_dir: Path, target: str, log: Callable[[str], None] = print
             yield
         finally:
             held.discard(path)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def try_target_lock(state_dir: Path, target: str) -> Iterator[bool]:
+    """``target_lock`` if it is free now, never waited for: yields whether it is held. No lock
+    file yet means no rollout has ever run here: free."""
+    path = Path(state_dir) / target / "rollout.lock"
+    if not path.is_file():
+        yield True
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)
