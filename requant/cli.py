@@ -95,8 +95,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("run", "promote", "noise"):  # the commands that run flows
         # the project's server when it is up, chosen before Prefect is imported
         args.prefect_api = choose_api()
-    if not args.debug and args.command in ("run", "promote"):
-        _console_without_tracebacks()
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -111,10 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
 
 
-def _console_without_tracebacks() -> None:
+def _console_without_tracebacks(args: argparse.Namespace) -> None:
     """A failed run ends in this command's one line; Prefect also logs the exception, and on
     the terminal that would be a traceback. Its console handlers print the message without it
-    (the run's logs on the Prefect server keep the traceback; --debug shows it here too)."""
+    (the run's logs on the Prefect server keep the traceback; --debug shows it here too).
+    Called once the input is checked: a refusal costs no Prefect import (2 s)."""
+    if args.debug:
+        return
     import prefect.main  # noqa: F401 - configures Prefect's logging, whose handlers are wrapped here
 
     for name in ["", *logging.root.manager.loggerDict]:
@@ -164,6 +165,7 @@ def _load(args: argparse.Namespace) -> PipelineSettings:
 
 def cmd_run(args: argparse.Namespace) -> int:
     profile, request = _request(args)  # bad input ends here, before Prefect or any model
+    _console_without_tracebacks(args)
     print(args.prefect_api, file=sys.stderr)
     from requant.flows.requantize import requantize
     from requant.profile import using
@@ -195,6 +197,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         check_revision(args.revision)
     if args.checkpoint is not None:
         checkpoint_in_profile(profile, settings, args.checkpoint)
+    _console_without_tracebacks(args)
     print(args.prefect_api, file=sys.stderr)
     with using(profile):
         result = promote(request, args.revision, args.checkpoint, args.rollback, args.force)

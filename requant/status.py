@@ -133,20 +133,20 @@ def run_line(run_id: str, path: Path, summary: dict[str, Any] | None) -> dict[st
         return {"run_id": run_id, "path": str(path), "state": "no summary (failed or running)"}
     if summary.get("no_op"):
         return {"run_id": run_id, "path": str(path), "state": "no-op (already published)"}
-    if failure := summary.get("failure"):
-        return {"run_id": run_id, "path": str(path),
-                "state": f"FAILED: {failure['error']} at {failure['where']}",
-                "why": failure["message"][:300], "gate": (summary.get("gate") or {}).get("status")}
     gate = summary.get("gate") or {}
     publish = summary.get("publish") or {}
     search = summary.get("search") or {}
-    return {"run_id": run_id, "path": str(path), "state": "finished",
+    line = {"run_id": run_id, "path": str(path), "state": "finished",
             "gate": gate.get("status") or ("fail" if search else None),
             "promote": gate.get("promote"),
             "publish": ("dry run" if publish.get("dry_run") else publish.get("commit_sha"))
             if publish else None,
             **({"search": {"winner": search.get("winner"), "objective": search["objective"],
                            "candidates": search["candidates"]}} if search else {})}
+    if failure := summary.get("failure"):  # what the gate and a search said stays on the line
+        line |= {"state": f"FAILED: {failure['error']} at {failure['where']}",
+                 "why": failure["message"][:300]}
+    return line
 
 
 def render_status(status: dict[str, Any]) -> str:
@@ -193,7 +193,10 @@ def render_status(status: dict[str, Any]) -> str:
         if search := r.get("search"):
             extra += (f"; search of {search['candidates']} ({search['objective']}): winner "
                       f"{search['winner'] or 'none'}")
-        lines.append(f"  {r['run_id']}: {r['state']}{extra}")
+        lines.append(f"  {r['run_id']}: {r['state']}{',' if r.get('why') and extra else ''}"
+                     f"{extra}")
+        if r.get("why"):
+            lines.append(f"    why: {r['why']}")
     return "\n".join(lines)
 
 

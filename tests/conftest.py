@@ -26,6 +26,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # failed on logging to it ("I/O operation on closed file"), depending on test order.
 import prefect.main  # noqa: E402, F401
 
+_SPENT: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Each slow test's time (set-up + call + teardown) printed as soon as it ends, so a CI run
+    cut off by its time limit still shows where its time went (--durations prints only at the
+    end)."""
+    _SPENT[report.nodeid] = _SPENT.get(report.nodeid, 0.0) + report.duration
+    if report.when == "teardown" and "slow" in report.keywords:
+        reporter = _CONFIG[0].pluginmanager.get_plugin("terminalreporter") if _CONFIG else None
+        if reporter is not None and reporter.verbosity > 0:
+            reporter.write(f" ({_SPENT.pop(report.nodeid):.0f} s)")
+
+
+_CONFIG: list = []
+
+
+def pytest_configure(config) -> None:
+    _CONFIG.append(config)
+
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

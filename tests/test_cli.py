@@ -303,3 +303,17 @@ def test_status_says_what_each_run_published_in_words():
     assert "r-pass: finished gate pass, published abc123" in text
     assert "gate pass, published as a dry run" in text
     assert "r-fail: finished gate fail, nothing published" in text and "None" not in text
+
+
+def test_status_of_a_failed_run_says_where_why_and_what_its_gate_and_search_said():
+    from requant.status import render_status, run_line
+
+    summary = {"gate": None, "publish": None,
+               "search": {"winner": None, "objective": "order", "candidates": 1},
+               "failure": {"error": "GateFailed", "where": "requantize.py:240 in search",
+                           "message": "no candidate passed: bad-a: fail"}}
+    text = render_status({"serving": {"target": "none"}, "last_published": None,
+                          "runs": [run_line("r-x", Path("runs"), summary)]})
+    assert ("r-x: FAILED: GateFailed at requantize.py:240 in search, gate fail, nothing "
+            "published; search of 1 (order): winner none") in text
+    assert "    why: no candidate passed: bad-a: fail" in text
