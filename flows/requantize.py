@@ -27,7 +27,6 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from prefect.concurrency.sync import concurrency
 from prefect.events import emit_event
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
@@ -39,7 +38,7 @@ from requant.errors import GateFailed, RolloutFailed
 from requant.evaluation.gate import GateDecision
 from requant.evaluation.noise import noise_for_source
 from requant.flows.search import Entry, candidate_dir, run_search
-from requant.gpu_limit import GPU_LIMIT, check_gpu_limit, gpu_slots_needed
+from requant.gpu_limit import check_gpu_limit, gpu_slots
 from requant.ledger import (
     candidate_key,
     find_published,
@@ -135,8 +134,7 @@ def single_candidate(run: RunContext, source: ResolvedSource, calib: Calibration
     t_gpu = time.perf_counter()
     # Held while a run uses its GPUs (quantization + evaluation): the limit counts GPUs, so runs
     # wait for as many free ones as they use, then proceed (requant.gpu_limit).
-    with concurrency(GPU_LIMIT, occupy=gpu_slots_needed(settings.quantization.gpus),
-                     strict=False):
+    with gpu_slots(settings.quantization.gpus, run_dir.root, get_run_logger().info):
         ckpt, decision, timings = gpu_stages(settings, source, calib, recipe, acc, run_dir,
                                              run_id)
     summary = build_summary(run_id, run_dir.root, ckpt, source, recipe, calib, key, decision,
@@ -164,8 +162,7 @@ def search_and_promote(settings: PipelineSettings, request: RunRequest, source: 
     """The search (flows/search.py), then the winner goes the way a single candidate goes; no
     winner fails the run with the table, nothing published."""
     t_gpu = time.perf_counter()
-    with concurrency(GPU_LIMIT, occupy=gpu_slots_needed(settings.quantization.gpus),
-                     strict=False):
+    with gpu_slots(settings.quantization.gpus, run_dir.root, get_run_logger().info):
         found = run_search(settings, source, calib, entries, acc, run_dir)
     run_id = run_dir.root.name
     timings = {"prepare": round(t_gpu - started, 2), **found.timings}

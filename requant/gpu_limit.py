@@ -11,6 +11,10 @@ existing limit is never changed), so every run waits for the GPUs as production'
 from __future__ import annotations
 
 import contextlib
+import json
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
 
 from requant.errors import SettingsError
 
@@ -59,3 +63,33 @@ def ensure_limit(name: str, slots: int) -> None:
         with contextlib.suppress(ObjectAlreadyExists):  # another run made it meanwhile
             client.create_global_concurrency_limit(
                 GlobalConcurrencyLimitCreate(name=name, limit=slots, active=True))
+
+
+#: In a run's directory while the run waits for GPU slots other runs hold (requant status).
+WAITING_MARK = "WAITING_FOR_GPU"
+
+
+@contextlib.contextmanager
+def gpu_slots(gpus: int, run_root: Path, log: Callable[[str], None]) -> Iterator[None]:
+    """Hold the run's GPU slots for the block. A run that must wait says so, in its log and
+    as ``WAITING_FOR_GPU`` in its run directory (what `requant status` shows), until it gets
+    them."""
+    from prefect.concurrency.sync import concurrency
+
+    needed = gpu_slots_needed(gpus)
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(concurrency(GPU_LIMIT, occupy=needed, strict=False,
+                                       timeout_seconds=2))
+    except TimeoutError:
+        mark = run_root / WAITING_MARK
+        mark.write_text(json.dumps({"since": datetime.now(UTC).isoformat(timespec="seconds"),
+                                    "slots": needed, "limit": GPU_LIMIT}))
+        log(f"waiting for {needed} slot(s) of '{GPU_LIMIT}' that other runs hold")
+        try:
+            held.enter_context(concurrency(GPU_LIMIT, occupy=needed, strict=False))
+        finally:  # got them, or the run ended waiting (its failure record says why)
+            mark.unlink(missing_ok=True)
+        log(f"got {needed} slot(s) of '{GPU_LIMIT}'")
+    with held:
+        yield

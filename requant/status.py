@@ -6,6 +6,7 @@ Read-only and quick: every probe has a short timeout, and a probe that cannot an
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,8 @@ def kubernetes_status(settings: PipelineSettings) -> dict[str, Any]:
 
 def run_line(run_id: str, path: Path, summary: dict[str, Any] | None) -> dict[str, Any]:
     if summary is None:
+        if waiting := _waiting_for_gpus(path):
+            return {"run_id": run_id, "path": str(path), "state": waiting}
         return {"run_id": run_id, "path": str(path), "state": "no summary (failed or running)"}
     if summary.get("no_op"):
         return {"run_id": run_id, "path": str(path), "state": "no-op (already published)"}
@@ -147,6 +150,17 @@ def run_line(run_id: str, path: Path, summary: dict[str, Any] | None) -> dict[st
         line |= {"state": f"FAILED: {failure['error']} at {failure['where']}",
                  "why": failure["message"][:300]}
     return line
+
+
+def _waiting_for_gpus(path: Path) -> str | None:
+    from requant.gpu_limit import WAITING_MARK
+
+    try:
+        mark = json.loads((path / WAITING_MARK).read_text())
+    except (OSError, ValueError):
+        return None
+    return (f"waiting for {mark.get('slots')} GPU slot(s) of '{mark.get('limit')}' since "
+            f"{mark.get('since')} (other runs hold them; it starts when they finish)")
 
 
 def render_status(status: dict[str, Any]) -> str:

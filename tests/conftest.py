@@ -222,6 +222,19 @@ def wait_answering(url: str, timeout_s: float, alive=lambda: True) -> None:
             time.sleep(0.1)
 
 
+def wait_until(probe, timeout_s: float, what: str, every_s: float = 0.1):
+    """Poll ``probe`` until it returns something true, and return that; fail naming ``what``
+    after ``timeout_s``. The one way tests wait for observable state."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not (found := probe()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not seen within {timeout_s} s")
+        time.sleep(every_s)
+    return found
+
+
 def requantize(settings, **request):
     """The requantize flow as the CLI runs it: ``settings`` are the worker's profile (handed over
     in-process) and ``request`` the run's (a RunRequest's fields)."""

@@ -136,18 +136,18 @@ def test_cli_rejects_bad_settings_naming_field_without_starting_anything(tmp_pat
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_run_waits_for_the_gpu_slot_held_by_another_run_then_proceeds(
+def test_a_run_waits_for_the_gpu_slot_held_by_another_run_says_so_then_proceeds(
         tiny_model, chat_file, tmp_path):
     import threading
-    import time
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists
 
-    from requant.flows.requantize import GPU_LIMIT
-    from tests.conftest import requantize
+    from requant.gpu_limit import GPU_LIMIT, WAITING_MARK
+    from requant.status import collect_status, render_status
+    from tests.conftest import requantize, wait_until
 
     with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
         client.create_global_concurrency_limit(  # unless an earlier test made it
@@ -158,13 +158,17 @@ def test_a_run_waits_for_the_gpu_slot_held_by_another_run_then_proceeds(
         worker = threading.Thread(target=lambda: outcome.setdefault("summary",
                                                                     requantize(settings)))
         worker.start()
-        time.sleep(20)
-        assert worker.is_alive()
-        (run_dir,) = (tmp_path / "runs").iterdir()
-        assert (run_dir / "calibration").exists()  # the cheap stages ran...
+        mark = wait_until(lambda: next((tmp_path / "runs").glob(f"*/{WAITING_MARK}"), None),
+                          180, "the run's WAITING_FOR_GPU mark")
+        run_dir = mark.parent
+        assert worker.is_alive() and (run_dir / "calibration").exists()  # cheap stages ran
         assert not (run_dir / "checkpoint").exists()  # ...the GPU stage waits for the slot
+        assert json.loads(mark.read_text())["slots"] == 1
+        assert f"{run_dir.name}: waiting for 1 GPU slot(s)" in render_status(
+            collect_status(settings))
     worker.join(300)
     assert outcome["summary"]["verification"]["ok"] is True  # then it proceeded
+    assert not mark.exists()
 
 
 def test_a_run_needing_more_gpus_than_the_limit_counts_is_refused_before_any_stage(
@@ -173,7 +177,7 @@ def test_a_run_needing_more_gpus_than_the_limit_counts_is_refused_before_any_sta
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists
 
-    from requant.flows.requantize import GPU_LIMIT
+    from requant.gpu_limit import GPU_LIMIT
     from tests.conftest import requantize
 
     with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
