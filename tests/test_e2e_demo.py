@@ -29,6 +29,7 @@ SEARCH_DEADLINE_S = 35 * 60
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.solo,  # `make demo`'s evaluations keep both cores busy for 20 minutes
     pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(),
                        reason="demo model not built: run `make demo-model`"),
 ]
