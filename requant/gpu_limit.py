@@ -71,25 +71,35 @@ WAITING_MARK = "WAITING_FOR_GPU"
 
 @contextlib.contextmanager
 def gpu_slots(gpus: int, run_root: Path, log: Callable[[str], None]) -> Iterator[None]:
-    """Hold the run's GPU slots for the block. A run that must wait says so, in its log and
-    as ``WAITING_FOR_GPU`` in its run directory (what `requant status` shows), until it gets
-    them."""
+    """Hold the run's GPU slots for the block. A run that finds them taken says so, in its log
+    and as ``WAITING_FOR_GPU`` in its run directory (what `requant status` shows), until it gets
+    them. (No acquisition with a timeout: one cut short on a busy server can leave its slots
+    granted and unreleased until their lease runs out.)"""
     from prefect.concurrency.sync import concurrency
 
     needed = gpu_slots_needed(gpus)
-    held = contextlib.ExitStack()
-    try:
-        held.enter_context(concurrency(GPU_LIMIT, occupy=needed, strict=False,
-                                       timeout_seconds=2))
-    except TimeoutError:
-        mark = run_root / WAITING_MARK
+    mark = run_root / WAITING_MARK
+    if _free_slots() < needed:
         mark.write_text(json.dumps({"since": datetime.now(UTC).isoformat(timespec="seconds"),
                                     "slots": needed, "limit": GPU_LIMIT}))
         log(f"waiting for {needed} slot(s) of '{GPU_LIMIT}' that other runs hold")
-        try:
-            held.enter_context(concurrency(GPU_LIMIT, occupy=needed, strict=False))
-        finally:  # got them, or the run ended waiting (its failure record says why)
-            mark.unlink(missing_ok=True)
-        log(f"got {needed} slot(s) of '{GPU_LIMIT}'")
-    with held:
-        yield
+    try:
+        with concurrency(GPU_LIMIT, occupy=needed, strict=False):
+            if mark.exists():
+                mark.unlink(missing_ok=True)
+                log(f"got {needed} slot(s) of '{GPU_LIMIT}'")
+            yield
+    finally:
+        mark.unlink(missing_ok=True)
+
+
+def _free_slots() -> float:
+    """Slots of the limit free now (infinite without a limit or a server answer)."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            limit = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+    except Exception:  # no limit, no server: concurrency() itself decides
+        return float("inf")
+    return limit.limit - limit.active_slots if limit.active else float("inf")
