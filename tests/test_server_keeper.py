@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -28,17 +27,8 @@ from requant.serving.router import REVISION_HEADER
 from requant.serving.server import free_port
 from requant.settings import PipelineSettings
 from requant.status import collect_status, render_status
-from tests.conftest import processes_mentioning
+from tests.conftest import processes_mentioning, wait_until
 from tests.standin_vllm import standin_python
-
-
-def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        time.sleep(every_s)
-    return value
 
 
 def chat(url: str) -> httpx.Response:
@@ -76,11 +66,11 @@ def test_a_killed_serving_server_is_restarted_on_its_port_and_the_router_serves_
     assert first["state"] == "serving" and first["restarts"] == 0
     assert chat(url).status_code == 200
     os.kill(first["server_pid"], signal.SIGKILL)  # the server alone, not its keeper
-    gap = wait_for(lambda: (r := chat(url)).status_code == 503 and r, 10, "a 503 in the gap")
+    gap = wait_until(lambda: (r := chat(url)).status_code == 503 and r, 10, "a 503 in the gap")
     assert gap.headers["Retry-After"] and "retry shortly" in gap.json()["error"]
-    back = wait_for(lambda: (r := chat(url)).status_code == 200 and r, 30, "served again")
+    back = wait_until(lambda: (r := chat(url)).status_code == 200 and r, 30, "served again")
     assert back.headers[REVISION_HEADER] == release.revision
-    after = wait_for(lambda: (r := read_status(deployed.server["keeper"]))["state"] == "serving"
+    after = wait_until(lambda: (r := read_status(deployed.server["keeper"]))["state"] == "serving"
                      and r, 10, "the keeper's record: serving again")
     assert after["restarts"] == 1
     assert after["server_pid"] != first["server_pid"] and after["last_exit"]["code"] == 137
@@ -134,7 +124,7 @@ def test_a_server_that_never_became_ready_is_not_restarted(tmp_path):
 def test_stopping_the_keepers_group_stops_the_server_without_a_restart(tmp_path):
     port = free_port()
     proc, status = keeper(tmp_path, http_server(port), port=port)
-    server = wait_for(lambda: (read_status(status) or {}).get("state") == "serving"
+    server = wait_until(lambda: (read_status(status) or {}).get("state") == "serving"
                       and read_status(status)["server_pid"], 20, "the server ready")
     stop_process_group(proc.pid, grace_s=5)
     assert proc.wait(5) == 0 and not pid_running(server)
@@ -145,10 +135,10 @@ def test_stopping_the_keepers_group_stops_the_server_without_a_restart(tmp_path)
 def test_a_killed_keeper_takes_its_server_down_so_nothing_runs_unrecorded(tmp_path):
     port = free_port()
     proc, status = keeper(tmp_path, http_server(port), port=port)
-    server = wait_for(lambda: (read_status(status) or {}).get("server_pid"), 20, "spawned")
+    server = wait_until(lambda: (read_status(status) or {}).get("server_pid"), 20, "spawned")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(5)
-    wait_for(lambda: not pid_running(server), 10, "the server gone with its keeper")
+    wait_until(lambda: not pid_running(server), 10, "the server gone with its keeper")
 
 
 def test_a_server_that_keeps_failing_after_it_was_ready_is_given_up_after_its_failed_starts(
@@ -162,7 +152,7 @@ def test_a_server_that_keeps_failing_after_it_was_ready_is_given_up_after_its_fa
               "runpy.run_module('http.server', run_name='__main__')")
     proc, status = keeper(tmp_path, [sys.executable, "-c", script], port=port,
                           max_failed_starts=2)
-    server = wait_for(lambda: (read_status(status) or {}).get("state") == "serving"
+    server = wait_until(lambda: (read_status(status) or {}).get("state") == "serving"
                       and read_status(status)["server_pid"], 20, "ready once")
     os.kill(server, signal.SIGKILL)
     assert proc.wait(30) == 1  # 0 + 2 s of back-off: ready once, then 2 failed starts
@@ -183,15 +173,15 @@ def test_a_killed_keeper_is_started_again_by_the_guardian_and_answers_without_a_
     keeper_pid = int(deployed.server["pid"])
     old_server = read_status(deployed.server["keeper"])["server_pid"]
     os.kill(keeper_pid, signal.SIGKILL)
-    wait_for(lambda: int(load_state(settings.rollout.state_dir, "local").active.server["pid"])
+    wait_until(lambda: int(load_state(settings.rollout.state_dir, "local").active.server["pid"])
              != keeper_pid, 30, "the guardian's new keeper on record")
-    back = wait_for(lambda: (r := chat(url)).status_code == 200 and r, 60, "served again")
+    back = wait_until(lambda: (r := chat(url)).status_code == 200 and r, 60, "served again")
     assert back.headers[REVISION_HEADER] == release.revision
     state = load_state(settings.rollout.state_dir, "local")
     new_pid = int(state.active.server["pid"])
     assert pid_running(new_pid) and not pid_running(old_server)  # no orphan of the old one
     assert state.history[-1]["event"] == "kept" and str(keeper_pid) in state.history[-1]["reason"]
-    said = wait_for(lambda: (g := guardian_status(folder)) and g["restarts"] == 1 and g, 10,
+    said = wait_until(lambda: (g := guardian_status(folder)) and g["restarts"] == 1 and g, 10,
                     "the guardian's record")
     assert said["last"]["old_pid"] == keeper_pid and said["last"]["new_pid"] == new_pid
     assert "guardian: started the keeper again 1 time(s)" in render_status(
@@ -208,7 +198,7 @@ def test_a_keeper_that_gave_up_is_not_restarted_and_status_names_the_fix(served)
     record = read_status(deployed.server["keeper"])
     Path(deployed.server["keeper"]).write_text(json.dumps(record | {"state": "gave-up"}))
     os.kill(keeper_pid, signal.SIGKILL)
-    said = wait_for(lambda: (g := guardian_status(folder)) and g["state"] == "gave-up" and g,
+    said = wait_until(lambda: (g := guardian_status(folder)) and g["state"] == "gave-up" and g,
                     20, "the guardian's refusal")
     assert "gave up" in said["why"] and said["fix"] == \
         f"requant promote --checkpoint {release.checkpoint}"
@@ -226,5 +216,5 @@ def test_a_guardian_killed_with_kill_9_is_restarted_by_its_supervisor(served):
     before = supervision(folder, "guardian").detail  # "pid N, uptime ..."
     pid = int(before.split()[1].rstrip(","))
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: (s := supervision(folder, "guardian")).state == "RUNNING"
+    wait_until(lambda: (s := supervision(folder, "guardian")).state == "RUNNING"
              and f"pid {pid}," not in s.detail, 20, "a new guardian")
