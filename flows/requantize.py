@@ -100,6 +100,8 @@ def requantize(request: RunRequest = RunRequest()) -> dict[str, Any]:
             # A local folder is identified by every file's bytes, weights included; hashed here
             # once, quantization reuses it. (A Hub commit pins its weights.)
             source = fetch_weights(settings.source, source)
+            get_run_logger().info("source identified by its bytes (%d files)",
+                                  len(source.files))
         fp = calib.fingerprint if calib else None
         key = candidate_key(settings, source.files, source.revision, recipe.sha256, fp)
         entries = [Entry(c, s, r, candidate_key(s, source.files, source.revision, r.sha256, fp),

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -209,6 +210,29 @@ def _renameat2() -> Any:
                                    ctypes.c_uint]
             _RENAMEAT2.restype = ctypes.c_int
     return _RENAMEAT2 or None
+
+
+@contextmanager
+def flushing(root: Path) -> Iterator[None]:
+    """Write the files now under ``root`` back to disk on a thread while the block runs (a
+    checkpoint's save is flushed while it is verified), waiting for it at the end: the fsync
+    that ``atomic_directory`` does before its rename then finds them already on disk."""
+    errors: list[BaseException] = []
+
+    def flush() -> None:
+        try:
+            _fsync_tree(root)
+        except BaseException as exc:  # seen by the caller below, not lost in the thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=flush, name="requant-flush", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 def _fsync_tree(root: Path) -> None:

@@ -87,7 +87,7 @@ def gpu_slots(gpus: int, run_root: Path, log: Callable[[str], None]) -> Iterator
         with concurrency(GPU_LIMIT, occupy=needed, strict=False):
             if mark.exists():
                 mark.unlink(missing_ok=True)
-                log(f"got {needed} slot(s) of '{GPU_LIMIT}'")
+            log(f"holding {needed} slot(s) of '{GPU_LIMIT}'")
             yield
     finally:
         mark.unlink(missing_ok=True)

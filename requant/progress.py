@@ -39,6 +39,8 @@ class StageProgress:
         self._artifact_id: Any = None
         self._last = 0.0
         self._lock = threading.Lock()
+        self._pending: tuple[float, str] | None = None
+        self._sender: threading.Thread | None = None
         self._create()
 
     def _create(self) -> None:
@@ -64,13 +66,32 @@ class StageProgress:
         print(f"[{self.key}] {percent:5.1f}%  {message}", file=self.stream, flush=True)
         if self._artifact_id is None:
             return
-        try:
-            from prefect.artifacts import update_progress_artifact
+        # The server is told on a thread: the stage's loop (a GPU's layers) never waits on it;
+        # a later update replaces one not yet sent.
+        with self._lock:
+            self._pending = (percent, f"{self.title}: {message}")
+            sender = self._sender
+            if sender is None:  # none running: start one (it exits when nothing is left)
+                sender = self._sender = threading.Thread(
+                    target=self._send, name="requant-progress", daemon=True)
+                sender.start()
+        if force:  # the last word is on the server before the stage returns
+            sender.join(timeout=30)
 
-            update_progress_artifact(self._artifact_id, progress=percent,
-                                     description=f"{self.title}: {message}")
-        except Exception as exc:
-            print(f"[{self.key}] progress artifact not updated: {exc}", file=self.stream)
+    def _send(self) -> None:
+        while True:
+            with self._lock:
+                pending, self._pending = self._pending, None
+                if pending is None:
+                    self._sender = None
+                    return
+            try:
+                from prefect.artifacts import update_progress_artifact
+
+                update_progress_artifact(self._artifact_id, progress=pending[0],
+                                         description=pending[1])
+            except Exception as exc:
+                print(f"[{self.key}] progress artifact not updated: {exc}", file=self.stream)
 
     def done(self, message: str = "done") -> None:
         self(1.0, message, force=True)

@@ -32,7 +32,8 @@ def _report(result: ModelEvaluation) -> None:
         table=[{"task": k.split("|")[0], "metric": k.split("|")[1], "value": round(v, 4),
                 "questions": len(result.per_doc[k])} for k, v in scores.items()],
         description=f"lm-eval results for the {result.label} ({result.model})"
-        + (", reused from the baseline cache" if result.cached else ""),
+        + (f", reused from the cache ({result.label}'s answers to the same questions)"
+           if result.cached else ""),
     )
 
 
@@ -64,8 +65,9 @@ def evaluate_candidate(
     out_dir: Path, on_gpu: bool, source_record: dict[str, Any], source_dir: Path,
     cache_dir: Path,
 ) -> tuple[ModelEvaluation, GateDecision, ModelEvaluation]:
-    """Never cached: the candidate is new by definition. Stops when the gate's answer is clear;
-    the baseline answers a further stage only when the candidate needs it."""
+    """Stops when the gate's answer is clear; the baseline answers a further stage only when
+    the candidate needs it. Answers of the same served bytes are read back from the cache
+    (``requant.evaluation.candidate_cache``), look by look."""
     progress = StageProgress("evaluation-candidate", "evaluating the candidate")
 
     def more_baseline(upto: int) -> ModelEvaluation:
@@ -77,7 +79,7 @@ def evaluate_candidate(
 
     result, decision, baseline = evaluate_candidate_gated(
         cfg, gate, baseline, checkpoint, out_dir, on_gpu, report=progress,
-        more_baseline=more_baseline)
+        more_baseline=more_baseline, cache_dir=cache_dir)
     progress.done(f"gate {decision.status} after {decision.questions} of {decision.total} "
                   "questions")
     _report(result)

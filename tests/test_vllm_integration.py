@@ -140,6 +140,16 @@ def test_staged_gsm8k_slice_gated_with_bos_the_baseline_answering_stages_only_as
     # both stages were cached, the second one added by the candidate's undecided look
     assert again.per_doc == base.per_doc and again.evaluated_with == base.evaluated_with
     assert (tmp_path / "run2" / "baseline" / "cache.json").is_file()
+    # the same checkpoint again: its answers read back look by look, no server started
+    started = time.monotonic()
+    cand2, decision2, _ = evaluate_candidate(cfg, gate, again, vllm_tiny_w8a8,
+                                             tmp_path / "run2" / "candidate", False, record,
+                                             vllm_tiny_source, tmp_path / "cache")
+    assert cand2.cached and time.monotonic() - started < 30
+    assert cand2.per_doc == cand.per_doc and cand2.stages == 2
+    assert (decision2.look, decision2.status) == (decision.look, decision.status)
+    assert json.loads((tmp_path / "run2" / "candidate" / "cache.json").read_text())[
+        "stages"] == 2
 
 
 def test_add_bos_token_false_is_the_negative_control_no_prompt_starts_with_bos(

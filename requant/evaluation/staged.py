@@ -21,6 +21,7 @@ from typing import Any
 
 from requant.atomic import atomic_directory, write_json_atomic
 from requant.errors import SettingsError
+from requant.evaluation.candidate_cache import CandidateCache, StopRule
 from requant.evaluation.gate import EvidenceRecord, GateDecision, decide, rule_key
 from requant.evaluation.lmeval import (
     ModelEvaluation,
@@ -45,9 +46,6 @@ from requant.evaluation.tasks import (
 from requant.progress import Report, no_progress
 from requant.serving.server import running_server
 from requant.settings import EvaluationSettings, GateSettings
-
-#: After each stage: (the record so far, stage index, stages) -> stop now?
-StopRule = Callable[[ModelEvaluation, int, int], bool]
 
 
 def evaluate_staged(
@@ -225,21 +223,34 @@ def evaluate_candidate_gated(
     cfg: EvaluationSettings, gate: GateSettings, baseline: ModelEvaluation, checkpoint: Path,
     out_dir: Path, on_gpu: bool, report: Report = no_progress,
     more_baseline: Callable[[int], ModelEvaluation] | None = None,
+    cache_dir: Path | None = None,
 ) -> tuple[ModelEvaluation, GateDecision, ModelEvaluation]:
     """The candidate, stage by stage, stopping as soon as the gate's decision is clear. When it
     reaches a stage the baseline has not answered, ``more_baseline(k)`` answers the baseline's
     stages up to k (cached for later runs), and the candidate continues where it stopped: the
-    baseline never answers a question the decision did not need.
-    Returns (candidate, decision, the baseline as far as it was answered)."""
+    baseline never answers a question the decision did not need. With ``cache_dir``, stages the
+    same served bytes already answered are read back (``candidate_cache``), look by look, and
+    new ones kept. Returns (candidate, decision, the baseline as far as it was answered)."""
     looks = effective_looks(cfg, gate)
     decisions: list[GateDecision] = []
     candidate: ModelEvaluation | None = None
+    cache = CandidateCache(cache_dir, checkpoint, cfg, gate) if cache_dir is not None else None
+    kept = cache.kept() if cache is not None else None
     while True:
         rule = gate_stop_rule(baseline.evidence(), gate, looks, decisions.append)
-        candidate = evaluate_staged(
-            "candidate", checkpoint, cfg, gate, out_dir, on_gpu=on_gpu, report=report,
-            stop=lambda ev, k, _n, rule=rule: rule(ev.evidence(), k), upto=baseline.stages,
-            prior=candidate)
+
+        def stop(ev: ModelEvaluation, k: int, _n: int, rule=rule) -> bool:
+            return rule(ev.evidence(), k)
+
+        replayed = cache.replay(kept, candidate.stages if candidate else 0, baseline.stages,
+                                stop, out_dir) if cache is not None and kept else None
+        candidate = replayed or candidate
+        if replayed is None or not (decisions[-1].final or replayed.stages >= baseline.stages):
+            candidate = evaluate_staged(
+                "candidate", checkpoint, cfg, gate, out_dir, on_gpu=on_gpu, report=report,
+                stop=stop, upto=baseline.stages, prior=candidate)
+            if cache is not None:
+                cache.keep(candidate)
         if decisions[-1].final or more_baseline is None or baseline.stages >= len(looks):
             return candidate, decisions[-1], baseline
         baseline = more_baseline(candidate.stages + 1)
