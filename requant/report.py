@@ -46,21 +46,51 @@ def build_summary(run_id: str, run_dir: Path, ckpt: QuantizedCheckpoint, source:
     }
 
 
+#: The stage a failure happened in, by the code that raised it: the first pattern matched by
+#: a frame of the traceback, innermost frame first for each pattern in this order (the
+#: verification inside quantization before quantization; a task's file names its stage).
+STAGE_OF_CODE = (
+    ("/requant/quantization/verification.py", "verification"),
+    ("/requant/evaluation/gate.py", "gate"), ("/tasks/gate.py", "gate"),
+    ("/requant/calibration.py", "calibration"), ("/tasks/calibration.py", "calibration"),
+    ("/requant/quantization/", "quantization"), ("/tasks/quantization.py", "quantization"),
+    ("/requant/evaluation/", "evaluation"), ("/tasks/evaluation.py", "evaluation"),
+    ("/requant/hub/", "publish"), ("/tasks/publish.py", "publish"),
+    ("/requant/rollout/", "rollout"), ("/tasks/rollout.py", "rollout"),
+    ("/requant/source.py", "source"), ("/tasks/source.py", "source"),
+    ("/requant/preflight.py", "preflight"), ("/tasks/preflight.py", "preflight"),
+)
+#: Errors that name their stage whatever code raised them.
+STAGE_OF_ERROR = {"GateFailed": "gate", "RolloutFailed": "rollout"}
+
+
 def failure_record(exc: BaseException) -> dict[str, Any]:
-    """Why and where a run stopped, from its exception: the error's class and message, and the
-    innermost frame of requant's own code (the stage that raised, whatever library was below)."""
+    """Why and where a run stopped, from its exception: the error's class and message, the
+    stage it stopped in, and the innermost frame of requant's own code (whatever library was
+    below)."""
     frames = traceback.extract_tb(exc.__traceback__)
     ours = [f for f in frames if "/requant/" in f.filename or "/flows/" in f.filename
             or "/tasks/" in f.filename] or frames
     where = ours[-1] if ours else None
-    return {"error": type(exc).__name__, "message": str(exc)[:2000],
+    return {"error": type(exc).__name__, "stage": failed_stage(exc, ours),
+            "message": str(exc)[:2000],
             "where": f"{Path(where.filename).name}:{where.lineno} in {where.name}"
             if where else None}
 
 
+def failed_stage(exc: BaseException, frames: list[traceback.FrameSummary]) -> str:
+    if type(exc).__name__ in STAGE_OF_ERROR:
+        return STAGE_OF_ERROR[type(exc).__name__]
+    for pattern, stage in STAGE_OF_CODE:
+        if any(pattern in f.filename for f in frames):
+            return stage
+    return "flow"
+
+
 def render_failure(summary: dict[str, Any]) -> str:
     f = summary["failure"]
-    return (f"# requant run {summary['run_id']}: FAILED\n\n- **error**: `{f['error']}` at "
+    return (f"# requant run {summary['run_id']}: FAILED in {f.get('stage', 'the flow')}\n\n"
+            f"- **error**: `{f['error']}` at "
             f"`{f['where']}`\n- **why**: {f['message'][:1000]}\n- **run directory**: "
             f"`{summary['run_dir']}`\n")
 

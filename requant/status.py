@@ -147,7 +147,8 @@ def run_line(run_id: str, path: Path, summary: dict[str, Any] | None) -> dict[st
             **({"search": {"winner": search.get("winner"), "objective": search["objective"],
                            "candidates": search["candidates"]}} if search else {})}
     if failure := summary.get("failure"):  # what the gate and a search said stays on the line
-        line |= {"state": f"FAILED: {failure['error']} at {failure['where']}",
+        stage = f" in {failure['stage']}" if failure.get("stage") else ""
+        line |= {"state": f"FAILED{stage}: {failure['error']} at {failure['where']}",
                  "why": failure["message"][:300]}
     return line
 

@@ -111,11 +111,11 @@ def test_bad_calibration_input_fails_before_the_model_is_loaded(tiny_model, chat
     failure = json.loads((runs[0] / "summary.json").read_text())["failure"]
     assert failure["error"] == "SettingsError"
     assert "calibration.num_samples: 1000 asked for" in failure["message"]
-    assert failure["where"].startswith("calibration.py:")
+    assert failure["where"].startswith("calibration.py:") and failure["stage"] == "calibration"
     from requant.status import run_line
 
     line = run_line(runs[0].name, runs[0], json.loads((runs[0] / "summary.json").read_text()))
-    assert line["state"].startswith("FAILED: SettingsError at calibration.py:")
+    assert line["state"].startswith("FAILED in calibration: SettingsError at calibration.py:")
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 

@@ -93,6 +93,7 @@ def test_a_source_that_cannot_do_the_task_ends_before_quantization_and_inconclus
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["gate"]["promote"] is False
     assert summary["failure"]["error"] == "GateFailed"  # the record says why the run failed
+    assert summary["failure"]["stage"] == "gate"
     assert processes_mentioning("requant-baseline", str(vllm_tiny_source)) == []
     assert processes_mentioning("requant-candidate", str(tmp_path)) == []
 
