@@ -55,6 +55,37 @@ def stop_process_group(pid: int, grace_s: float = 30.0, expect: tuple[str, ...] 
     terminate_group(pgid, grace_s, wait_leader)
 
 
+def stop_leaderless_group(pgid: int, grace_s: float = 30.0, expect: tuple[str, ...] = ()
+                          ) -> None:
+    """Stop what is left of a process group whose leader is gone: a server that outlived its
+    killed keeper (the group is named by the dead keeper's pid, which Linux does not reuse while
+    the group has members). With ``expect``, only if a member's command line holds it."""
+    if pid_running(pgid):
+        return  # the leader runs: stop_process_group's business, not a leftover
+    members = group_members(pgid)
+    if not members or (expect and not any(runs_command(m, *expect) for m in members)):
+        return
+
+    def wait_group(timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and group_members(pgid):
+            time.sleep(0.2)
+
+    terminate_group(pgid, grace_s, wait_group)
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] != "Z":
+                    found.append(int(entry))
+    return found
+
+
 def terminate_group(pgid: int, grace_s: float, wait_leader: Callable[[float], None]) -> None:
     """The one stop sequence: SIGTERM to the group, the leader gets ``grace_s`` to exit, then
     SIGKILL to whatever is left (engine workers too, even if the leader exited), and return

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -260,3 +262,52 @@ def promote(settings, revision=None, checkpoint=None, rollback=False, force=Fals
         return flow(RunRequest.model_validate(request or {}), revision=revision,
                     checkpoint=None if checkpoint is None else str(checkpoint),
                     rollback=rollback, force=force)
+
+
+class ClientLoad:
+    """The kit's load client: a bounded loop of chat completions through an endpoint, on a
+    thread; what answered (with the revision header), what failed and when."""
+
+    def __init__(self, url: str, max_requests: int = 20_000, pause_s: float = 0.05) -> None:
+        self.url, self.max_requests, self.pause_s = url, max_requests, pause_s
+        self.ok = 0
+        self.failures: list[str] = []
+        self.failed_at: list[float] = []  # time.monotonic() of each failure's answer
+        self.revisions: list[str] = []
+        self.latencies: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import httpx
+
+        from requant.serving.router import REVISION_HEADER
+
+        with httpx.Client(timeout=60) as client:
+            for _ in range(self.max_requests):
+                if self._stop.is_set():
+                    return
+                started = time.perf_counter()
+                try:
+                    r = client.post(f"{self.url}/v1/chat/completions", json={
+                        "model": "tiny-chat", "max_tokens": 4, "temperature": 0,
+                        "messages": [{"role": "user", "content": "Hi"}]})
+                    if r.status_code == 200 and r.json()["choices"]:
+                        self.ok += 1
+                        self.revisions.append(r.headers.get(REVISION_HEADER, ""))
+                        self.latencies.append(time.perf_counter() - started)
+                    else:
+                        self.failures.append(f"HTTP {r.status_code}: {r.text[:200]}")
+                        self.failed_at.append(time.monotonic())
+                except (httpx.HTTPError, ValueError, KeyError) as exc:
+                    self.failures.append(repr(exc))
+                    self.failed_at.append(time.monotonic())
+                self._stop.wait(self.pause_s)
+
+    def __enter__(self) -> ClientLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(120)

@@ -23,10 +23,9 @@ from requant.rollout.local import rollout_local, shutdown_local
 from requant.rollout.release import resolve_release
 from requant.rollout.state import load_state
 from requant.serving.keeper import read_status
-from requant.serving.router import REVISION_HEADER
 from requant.serving.server import free_port
 from requant.settings import PipelineSettings
-from tests.conftest import needs_vllm, processes_mentioning, tiny_server_settings
+from tests.conftest import ClientLoad, needs_vllm, processes_mentioning, tiny_server_settings
 
 pytestmark = [pytest.mark.slow, needs_vllm]
 
@@ -42,50 +41,6 @@ def local_settings(state_dir: Path, port: int, keep_previous_s: float = 3,
                     "max_p95_latency_s": 120, **slo},
         },
     })
-
-
-class ClientLoad:
-    """A bounded loop of chat completions through the stable endpoint, on a thread."""
-
-    def __init__(self, url: str, max_requests: int = 20_000, pause_s: float = 0.05) -> None:
-        self.url, self.max_requests, self.pause_s = url, max_requests, pause_s
-        self.ok = 0
-        self.failures: list[str] = []
-        self.failed_at: list[float] = []  # time.monotonic() of each failure's answer
-        self.revisions: list[str] = []
-        self.latencies: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=60) as client:
-            for _ in range(self.max_requests):
-                if self._stop.is_set():
-                    return
-                started = time.perf_counter()
-                try:
-                    r = client.post(f"{self.url}/v1/chat/completions", json={
-                        "model": "tiny-chat", "max_tokens": 4, "temperature": 0,
-                        "messages": [{"role": "user", "content": "Hi"}]})
-                    if r.status_code == 200 and r.json()["choices"]:
-                        self.ok += 1
-                        self.revisions.append(r.headers[REVISION_HEADER])
-                        self.latencies.append(time.perf_counter() - started)
-                    else:
-                        self.failures.append(f"HTTP {r.status_code}: {r.text[:200]}")
-                        self.failed_at.append(time.monotonic())
-                except (httpx.HTTPError, ValueError, KeyError) as exc:
-                    self.failures.append(repr(exc))
-                    self.failed_at.append(time.monotonic())
-                self._stop.wait(self.pause_s)
-
-    def __enter__(self) -> ClientLoad:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(120)
 
 
 def served_root(url: str) -> str:

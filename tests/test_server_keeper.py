@@ -18,16 +18,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from requant.processes import pid_running, stop_process_group
+from requant.processes import pid_running, stop_leaderless_group, stop_process_group
 from requant.rollout.local import rollout_local, shutdown_local
 from requant.rollout.release import resolve_release
 from requant.rollout.state import load_state
-from requant.serving.keeper import keeper_command, read_status
+from requant.serving.keeper import adopting, keeper_command, read_status
 from requant.serving.router import REVISION_HEADER
 from requant.serving.server import free_port
 from requant.settings import PipelineSettings
 from requant.status import collect_status, render_status
-from tests.conftest import processes_mentioning, wait_until
+from tests.conftest import ClientLoad, processes_mentioning, wait_until
 from tests.standin_vllm import standin_python
 
 
@@ -132,13 +132,47 @@ def test_stopping_the_keepers_group_stops_the_server_without_a_restart(tmp_path)
     assert record["state"] == "stopped" and record["restarts"] == 0
 
 
-def test_a_killed_keeper_takes_its_server_down_so_nothing_runs_unrecorded(tmp_path):
+def test_a_killed_keeper_leaves_its_server_answering_and_a_stop_of_its_group_still_ends_it(
+        tmp_path):
     port = free_port()
     proc, status = keeper(tmp_path, http_server(port), port=port)
-    server = wait_until(lambda: (read_status(status) or {}).get("server_pid"), 20, "spawned")
+    server = wait_until(lambda: (read_status(status) or {}).get("state") == "serving"
+                        and read_status(status)["server_pid"], 20, "the server ready")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(5)
-    wait_until(lambda: not pid_running(server), 10, "the server gone with its keeper")
+    assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200
+    # the group is named by the dead keeper's pid: a stop of the recorded pid still ends it
+    stop_leaderless_group(proc.pid, grace_s=5, expect=("--bind", "127.0.0.1"))
+    wait_until(lambda: not pid_running(server), 10, "the server stopped")
+
+
+def test_a_keeper_adopts_a_running_server_stops_it_with_its_own_stop_and_restarts_it(tmp_path):
+    """--adopt: the running server of a killed keeper is watched as the new keeper's own (its
+    counts carried on); when it dies, the new keeper starts it again; its stop ends it."""
+    port = free_port()
+    first, status = keeper(tmp_path, http_server(port), port=port)
+    server = wait_until(lambda: (read_status(status) or {}).get("state") == "serving"
+                        and read_status(status)["server_pid"], 20, "the server ready")
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(5)
+    command = keeper_command(sys.executable, http_server(port), f"http://127.0.0.1:{port}/",
+                             status)
+    second = subprocess.Popen(adopting(command, server), start_new_session=True,
+                              stdout=subprocess.DEVNULL)
+    try:
+        record = wait_until(lambda: (r := read_status(status))["keeper_pid"] == second.pid
+                            and r, 10, "the new keeper's record")
+        assert record["state"] == "serving" and record["server_pid"] == server
+        assert record["adopted"]["pid"] == server and record["adopted"]["group"] == first.pid
+        assert record["starts"] == 1 and record["restarts"] == 0  # carried on, not restarted
+        os.kill(server, signal.SIGKILL)
+        again = wait_until(lambda: (r := read_status(status))["state"] == "serving"
+                           and r["server_pid"] != server and r, 20, "started again")
+        assert again["restarts"] == 1 and again["adopted"] is None
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200
+    finally:
+        stop_process_group(second.pid, grace_s=5)
+    assert second.wait(5) == 0 and not pid_running(again["server_pid"])
 
 
 def test_a_server_that_keeps_failing_after_it_was_ready_is_given_up_after_its_failed_starts(
@@ -161,9 +195,10 @@ def test_a_server_that_keeps_failing_after_it_was_ready_is_given_up_after_its_fa
     assert record["last_exit"]["code"] == 5
 
 
-def test_a_killed_keeper_is_started_again_by_the_guardian_and_answers_without_a_person(served):
-    """#39: kill -9 of the keeper (its server goes down with it): the guardian, supervised
-    beside the router, starts the recorded launch again on the same port and records it."""
+def test_a_killed_keeper_never_takes_the_endpoint_down_the_guardian_adopts_its_server(served):
+    """#39: kill -9 of the keeper under client load: its server keeps answering (every request
+    answered), and the guardian, supervised beside the router, starts a keeper that adopts it
+    and records it; the fixture's ``requant down`` then leaves no process behind."""
     from requant.rollout.guardian import read_status as guardian_status
     from requant.serving.supervision import supervision
 
@@ -171,21 +206,42 @@ def test_a_killed_keeper_is_started_again_by_the_guardian_and_answers_without_a_
     folder = Path(settings.rollout.state_dir) / "local"
     assert supervision(folder, "guardian").state == "RUNNING"
     keeper_pid = int(deployed.server["pid"])
-    old_server = read_status(deployed.server["keeper"])["server_pid"]
-    os.kill(keeper_pid, signal.SIGKILL)
-    wait_until(lambda: int(load_state(settings.rollout.state_dir, "local").active.server["pid"])
-             != keeper_pid, 30, "the guardian's new keeper on record")
-    back = wait_until(lambda: (r := chat(url)).status_code == 200 and r, 60, "served again")
-    assert back.headers[REVISION_HEADER] == release.revision
+    server = read_status(deployed.server["keeper"])["server_pid"]
+    with ClientLoad(url, pause_s=0.02) as load:
+        wait_until(lambda: load.ok >= 10, 20, "the clients answered before the kill")
+        os.kill(keeper_pid, signal.SIGKILL)
+        adopted = wait_until(lambda: (r := read_status(deployed.server["keeper"]))
+                             and r["keeper_pid"] != keeper_pid and r["adopted"] and r, 30,
+                             "the guardian's keeper adopting the server")
+        answered = load.ok
+        wait_until(lambda: load.ok >= answered + 10, 20, "the clients answered after it")
+    assert load.failures == [] and set(load.revisions) == {release.revision}
+    assert adopted["server_pid"] == server and adopted["state"] == "serving"
     state = load_state(settings.rollout.state_dir, "local")
     new_pid = int(state.active.server["pid"])
-    assert pid_running(new_pid) and not pid_running(old_server)  # no orphan of the old one
-    assert state.history[-1]["event"] == "kept" and str(keeper_pid) in state.history[-1]["reason"]
+    assert new_pid == adopted["keeper_pid"] and pid_running(new_pid) and pid_running(server)
+    assert state.active.server["adopted_group"] == keeper_pid
+    assert state.history[-1]["event"] == "kept" and "adopted" in state.history[-1]["reason"]
     said = wait_until(lambda: (g := guardian_status(folder)) and g["restarts"] == 1 and g, 10,
-                    "the guardian's record")
-    assert said["last"]["old_pid"] == keeper_pid and said["last"]["new_pid"] == new_pid
+                      "the guardian's record")
+    assert said["last"]["old_pid"] == keeper_pid and said["last"]["adopted"] == server
     assert "guardian: started the keeper again 1 time(s)" in render_status(
         collect_status(settings))
+
+
+def test_an_adopted_server_that_dies_is_started_again_by_its_new_keeper(served):
+    _settings, release, deployed, url = served
+    keeper_pid = int(deployed.server["pid"])
+    server = read_status(deployed.server["keeper"])["server_pid"]
+    os.kill(keeper_pid, signal.SIGKILL)
+    wait_until(lambda: (r := read_status(deployed.server["keeper"])) and r["adopted"], 30,
+               "adopted")
+    os.kill(server, signal.SIGKILL)
+    back = wait_until(lambda: (r := chat(url)).status_code == 200 and r, 30, "served again")
+    assert back.headers[REVISION_HEADER] == release.revision
+    record = read_status(deployed.server["keeper"])
+    assert record["server_pid"] != server and record["restarts"] == 1
+    assert not pid_running(server)
 
 
 def test_a_keeper_that_gave_up_is_not_restarted_and_status_names_the_fix(served):

@@ -10,10 +10,14 @@ death, and every ``interval`` seconds it reconciles the local target's record wi
   line): nothing to do;
 - the keeper gave up by itself (a server that never became ready, or failed its starts in a row):
   not restarted; ``guardian.json`` says so and names the command that fixes it;
-- else (``kill -9``, an OOM kill): whatever its process group left is killed, the recorded
-  launch (command and environment, ``Deployed.server["launch"]``) is started again as a new
-  session, and the record is updated under the lock, with a ``kept`` event in its history. More
-  than ``MAX_RESTARTS`` in ``WINDOW_S`` and it gives up, saying so.
+- else (``kill -9``, an OOM kill) and its server still runs on the recorded port: the recorded
+  launch is started again with ``--adopt <server pid>``, a keeper that takes the running server
+  over (the endpoint never went down), and the record is updated under the lock, the server's
+  process group kept as ``adopted_group`` so that every stop ends it too;
+- else: whatever its process group left is killed, the recorded launch (command and
+  environment, ``Deployed.server["launch"]``) is started again as a new session, and the record
+  is updated under the lock. Either way a ``kept`` event goes in its history. More than
+  ``MAX_RESTARTS`` in ``WINDOW_S`` and it gives up, saying so.
 
 ``python -m requant.rollout.guardian --folder <rollout.state_dir>/local``
 """
@@ -32,9 +36,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from requant.atomic import write_json_atomic
-from requant.processes import die_with_parent, pid_running, runs_command
+from requant.processes import die_with_parent, group_members, pid_running, runs_command
 from requant.rollout.lock import try_target_lock
 from requant.rollout.state import Deployed, load_state, now_iso, save_state
+from requant.serving.keeper import adopting
 from requant.serving.keeper import read_status as read_keeper_status
 
 TARGET = "local"
@@ -89,27 +94,34 @@ class Guardian:
             return self._record("gave-up", fix=fix, why=(
                 f"the keeper of {active.release.revision} died {MAX_RESTARTS} times in "
                 f"{WINDOW_S / 60:.0f} min; not restarted again"))
-        stop_leftovers(pid)
-        new_pid = self._launch(active)
+        server = running_server_of(active, keeper)
+        if server is None:
+            stop_leftovers(pid)
+        new_pid = self._launch(active, adopt=server)
         state = load_state(self.state_dir, TARGET)  # under the lock: nobody wrote it meanwhile
         assert state.active is not None
         state.active.server["pid"] = new_pid
+        state.active.server["adopted_group"] = os.getpgid(server) if server else None
+        how = (f"its server pid {server} still answering, adopted by a new keeper"
+               if server else "started again")
         state.record_event("kept", state.active.release, None, now_iso(),
-                           reason=f"keeper pid {pid} was gone; started again as pid {new_pid}")
+                           reason=f"keeper pid {pid} was gone; {how}: pid {new_pid}")
         save_state(self.state_dir, state)
         self.status["restarts"] += 1
         return self._record("restarted", last={"at": now_iso(), "old_pid": pid,
-                                               "new_pid": new_pid})
+                                               "new_pid": new_pid, "adopted": server})
 
-    def _launch(self, active: Deployed) -> int:
+    def _launch(self, active: Deployed, adopt: int | None = None) -> int:
         launch = active.server["launch"]
+        command = adopting(launch["command"], adopt) if adopt else launch["command"]
         env = {**os.environ, **launch.get("env", {})}
         env.pop("PREFECT_API_URL", None)
         log_path = Path(active.server.get("log") or self.folder / "server.log")
         with log_path.open("ab") as log:
-            log.write(f"[requant guardian {now_iso()}] keeper gone: starting it again\n".encode())
+            log.write(f"[requant guardian {now_iso()}] keeper gone: starting it again"
+                      f"{f', adopting server pid {adopt}' if adopt else ''}\n".encode())
             log.flush()
-            proc = subprocess.Popen(launch["command"], stdout=log, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env, cwd=self.folder,
                                     start_new_session=True)
         _say(f"started the keeper of {active.release.revision} again: pid {proc.pid}")
@@ -131,6 +143,15 @@ def keeper_runs(active: Deployed) -> bool:
                                                                  recorded_port(active))
 
 
+def running_server_of(active: Deployed, keeper: dict[str, Any] | None) -> int | None:
+    """The dead keeper's server when it still runs as the recorded server on the recorded port
+    (its pid from the keeper's record, checked by its command line: never a reused pid)."""
+    pid = (keeper or {}).get("server_pid")
+    if not pid or not pid_running(int(pid)):
+        return None
+    return int(pid) if runs_command(int(pid), "--port", recorded_port(active)) else None
+
+
 def recorded_port(d: Deployed) -> str:
     """The port of the recorded server's URL: a keeper's and a vLLM's command line hold
     ``--port N``, which tells a recorded pid from a reused one."""
@@ -144,21 +165,10 @@ def stop_leftovers(pid: int, timeout_s: float = 30.0) -> None:
     if pid_running(pid):
         return
     deadline = time.monotonic() + timeout_s
-    while _group_members(pid) and time.monotonic() < deadline:
+    while group_members(pid) and time.monotonic() < deadline:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
         time.sleep(0.1)
-
-
-def _group_members(pgid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-                if int(fields[2]) == pgid and fields[0] != "Z":
-                    found.append(int(entry))
-    return found
 
 
 def _reap_children() -> None:

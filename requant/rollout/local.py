@@ -26,7 +26,12 @@ import httpx
 from requant.atomic import write_text_atomic
 from requant.errors import DeploymentCheckFailed, RolloutFailed, ServerError, SettingsError
 from requant.killpoints import kill_point
-from requant.processes import pid_running, read_pid, stop_process_group
+from requant.processes import (
+    pid_running,
+    read_pid,
+    stop_leaderless_group,
+    stop_process_group,
+)
 from requant.rollout.guardian import STOPPED, guardian_command, recorded_port
 from requant.rollout.live_phases import (
     NewRevision,
@@ -168,9 +173,14 @@ def stop_router(settings: PipelineSettings) -> None:
 
 def _stop_deployed(d: Deployed | None, grace_s: float) -> None:
     """The recorded server's process group, if that pid still runs a server on the recorded
-    port (a keeper or vLLM: both command lines hold ``--port N``)."""
+    port (a keeper or vLLM: both command lines hold ``--port N``); and a server that outlived a
+    killed keeper, in that keeper's group or adopted by the recorded one (``adopted_group``)."""
     if d is not None and d.server.get("pid"):
-        stop_process_group(int(d.server["pid"]), grace_s, expect=("--port", recorded_port(d)))
+        expect = ("--port", recorded_port(d))
+        stop_process_group(int(d.server["pid"]), grace_s, expect=expect)
+        for group in (d.server["pid"], d.server.get("adopted_group")):
+            if group:
+                stop_leaderless_group(int(group), grace_s, expect=expect)
 
 
 def _server_alive(d: Deployed | None) -> bool:
