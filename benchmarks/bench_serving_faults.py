@@ -15,14 +15,17 @@ order, each in its own window:
                     the rollout rolls back at once, only the canary's share failing meanwhile
   kill-active-cold  SIGKILL of the serving vLLM alone with nothing warm: 503 + Retry-After
                     until its keeper has started it again (no promote, no person)
-  kill-keeper       SIGKILL of the serving keeper (its vLLM goes down with it), nothing warm:
-                    the guardian under supervisord starts the recorded launch again
+  kill-keeper       SIGKILL of the serving keeper, nothing warm: its vLLM keeps answering and
+                    the guardian under supervisord starts a keeper that adopts it (before
+                    2026-12-07 the vLLM went down with its keeper and was started again)
+  kill-supervisor   SIGKILL of supervisord itself: the router (its own process) and the
+                    model server keep answering; the next rollout supervises them again
 Per window: requests started, failed (by kind), the longest time with no successful answer, and
 for the kills the time from the kill to the first success. Result: docs/measurements/.
 
 Usage: .venvs/pipeline/bin/python benchmarks/bench_serving_faults.py
        [--only kill-active-cold --out docs/measurements/cpu-server-restart.json]
-       [--only kill-keeper --out docs/measurements/cpu-keeper-restart.json]
+       [--only kill-keeper,kill-supervisor --out docs/measurements/cpu-keeper-supervisor.json]
 """
 
 from __future__ import annotations
@@ -263,20 +266,31 @@ def scenarios(settings, warm_settings, load: Load, releases: dict, settle_s: flo
 
     def kill_keeper():
         active = load_state(settings.rollout.state_dir, "local").active
-        os.kill(int(active.server["pid"]), signal.SIGKILL)  # the keeper: its vLLM goes with it
+        os.kill(int(active.server["pid"]), signal.SIGKILL)  # the keeper alone
         at = time.time()
         deadline = time.monotonic() + 600
         while True:
             now = load_state(settings.rollout.state_dir, "local").active
             if now.server["pid"] != active.server["pid"] and router_status(url)["health"].get(
                     now.server["url"], {}).get("healthy") is True:
-                return at, (f"killed keeper pid {active.server['pid']}; the guardian started "
-                            f"pid {now.server['pid']}, no promote")
+                keeper = read_status(now.server["keeper"]) or {}
+                how = (f"adopted vLLM pid {keeper['server_pid']}" if keeper.get("adopted")
+                       else f"started vLLM pid {keeper.get('server_pid')}")
+                return at, (f"killed keeper pid {active.server['pid']}; the guardian's keeper "
+                            f"pid {now.server['pid']} {how}, no promote")
             if time.monotonic() > deadline:
                 return at, "not started again within 600 s"
             time.sleep(0.2)
 
     timed("kill-keeper", kill_keeper)
+
+    def kill_supervisor():
+        folder = Path(settings.rollout.state_dir) / "local"
+        pid = int((folder / "supervisord.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        return time.time(), f"killed supervisord pid {pid}; nothing started, no promote"
+
+    timed("kill-supervisor", kill_supervisor)
     return out
 
 
