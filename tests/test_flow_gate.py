@@ -161,6 +161,9 @@ def test_passing_run_publishes_and_a_failed_rollout_is_retried_by_the_next_run_t
             (published,) = (tmp_path / "cache" / "ledger").glob("[0-9a-f]*.json")
             sha, publisher = (json.loads(published.read_text())[k] for k in ("commit_sha",
                                                                              "run_id"))
+            # the failed run's record: the stage, the why, and what it had done before
+            assert_failed_in(tmp_path / "runs" / publisher, "rollout", "RolloutFailed",
+                             "max_p95_latency_s")
             assert load_state(tmp_path / "state", "local").active is None
             # the next run rolls that candidate out, without requantizing
             first = requantize(settings)
@@ -198,3 +201,63 @@ def test_passing_run_publishes_and_a_failed_rollout_is_retried_by_the_next_run_t
     assert passed and passed[0]["payload"]["revision"] == sha
     assert passed[0]["resource"]["prefect.resource.id"] == "requant.model.acme/inline"
     assert "hf_inlinetest" not in json.dumps(events)
+
+
+def assert_failed_in(run_dir: Path, stage: str, error: str, why: str) -> dict:
+    """The run's record says where (the stage) and why, and requant status prints it."""
+    from requant.status import run_line
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    failure = summary["failure"]
+    assert (failure["stage"], failure["error"]) == (stage, error), failure
+    assert why in failure["message"], failure
+    line = run_line(run_dir.name, run_dir, summary)
+    assert line["state"].startswith(f"FAILED in {stage}: {error} at "), line
+    assert why in line["why"]
+    return summary
+
+
+def test_runs_failing_in_quantization_and_in_publish_leave_their_stage_and_why(
+        vllm_tiny_source, tmp_path, monkeypatch):
+    """#39: a run that fails leaves its record whatever stage stopped it (calibration:
+    test_flow.py; gate and rollout: the tests above). Quantization: SmoothQuant mappings that do
+    not match the model (its exactness check). Publish: a Hub branch that does not exist (the
+    Hub's 404 at the commit); nothing published."""
+    from tests.conftest import requantize
+    from tests.fakehub import FakeHub
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("HF_TOKEN", "hf_stagetest")
+    data = write_jsonl(tmp_path / "calib.jsonl", [{"text": r["question"]} for r in gsm8k_rows(8)])
+    with FakeHub("hf_stagetest", tmp_path / "hub") as hub:
+        base = {
+            "source": {"model": str(vllm_tiny_source)},
+            "calibration": {"dataset": str(data), "num_samples": 8, "max_seq_len": 128},
+            "evaluation": {"tasks": ["gsm8k_local"], "task_limits": {}, "limit": 4,
+                           "num_fewshot": 0, "max_gen_toks": 16,
+                           "server": {"max_model_len": 1024,
+                                      "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}},
+            "gate": {"rules": [{"task": "gsm8k_local", "min_baseline": 0.0}], "looks": [1.0],
+                     "allow_inconclusive": True},
+            "hub": {"repo_id": "acme/stages", "endpoint": hub.endpoint},
+            "cache_dir": str(tmp_path / "cache"),
+        }
+        with pytest.raises(Exception, match="SmoothQuant"):
+            requantize(PipelineSettings.model_validate(base | {
+                "output_dir": str(tmp_path / "runs-q"),
+                "quantization": {"recipe": str(ROOT / "tests/data/broken-smoothing-recipe.yaml")},
+            }))
+        (quantized,) = (tmp_path / "runs-q").iterdir()
+        assert_failed_in(quantized, "quantization", "SmoothingNotExact",
+                         "SmoothQuant changed the model")
+        assert not (quantized / "checkpoint").exists()
+
+        with pytest.raises(Exception, match=r"hub\.branch"):
+            requantize(PipelineSettings.model_validate(base | {
+                "output_dir": str(tmp_path / "runs-p"),
+                "hub": base["hub"] | {"branch": "release"},
+            }))
+        (published,) = (tmp_path / "runs-p").iterdir()
+        summary = assert_failed_in(published, "publish", "PublishError", "hub.branch")
+        assert summary["gate"]["promote"] is True  # it got that far, and no further
+        assert hub.state.commit_count("acme/stages") == 0
