@@ -217,12 +217,14 @@ def assert_failed_in(run_dir: Path, stage: str, error: str, why: str) -> dict:
     return summary
 
 
-def test_runs_failing_in_quantization_and_in_publish_leave_their_stage_and_why(
-        vllm_tiny_source, tmp_path, monkeypatch):
+def test_runs_failing_in_each_stage_leave_their_stage_and_why(vllm_tiny_source, tmp_path,
+                                                              monkeypatch):
     """#39: a run that fails leaves its record whatever stage stopped it (calibration:
-    test_flow.py; gate and rollout: the tests above). Quantization: SmoothQuant mappings that do
-    not match the model (its exactness check). Publish: a Hub branch that does not exist (the
-    Hub's 404 at the commit); nothing published."""
+    test_flow.py; gate and rollout: the tests above; settings and preflight refuse before a run
+    folder exists: test_hostile_parameters.py, test_preflight_errors.py). Evaluation: a server
+    not ready within its deadline. Quantization: SmoothQuant mappings that do not match the
+    model (its exactness check). Verification: a recipe that quantizes q_proj only. Publish: a
+    Hub branch that does not exist (the Hub's 404 at the commit); nothing published."""
     from tests.conftest import requantize
     from tests.fakehub import FakeHub
 
@@ -242,6 +244,28 @@ def test_runs_failing_in_quantization_and_in_publish_leave_their_stage_and_why(
             "hub": {"repo_id": "acme/stages", "endpoint": hub.endpoint},
             "cache_dir": str(tmp_path / "cache"),
         }
+        with pytest.raises(Exception, match="startup_timeout_s"):
+            requantize(PipelineSettings.model_validate(base | {
+                "output_dir": str(tmp_path / "runs-e"),
+                "evaluation": base["evaluation"] | {
+                    "server": base["evaluation"]["server"] | {"startup_timeout_s": 0.2}},
+            }))
+        (evaluated,) = (tmp_path / "runs-e").iterdir()
+        assert_failed_in(evaluated, "evaluation", "ServerError",
+                         "evaluation.server.startup_timeout_s")
+        assert not (evaluated / "checkpoint").exists()  # before any quantization
+
+        with pytest.raises(Exception, match="failed verification"):
+            requantize(PipelineSettings.model_validate(base | {
+                "output_dir": str(tmp_path / "runs-v"),
+                "quantization": {"recipe": str(ROOT / "tests/data/partial-w8a8-recipe.yaml")},
+            }))
+        (verified,) = (tmp_path / "runs-v").iterdir()
+        assert_failed_in(verified, "verification", "CheckpointVerificationError",
+                         "was not quantized")
+        assert (verified / "checkpoint.rejected" / "verification.json").is_file()
+        assert not (verified / "checkpoint").exists()
+
         with pytest.raises(Exception, match="SmoothQuant"):
             requantize(PipelineSettings.model_validate(base | {
                 "output_dir": str(tmp_path / "runs-q"),
