@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from requant.serving.server import free_port
-from tests.conftest import ROOT, gsm8k_rows, tiny_server_settings, write_jsonl
+from tests.conftest import ROOT, gsm8k_rows, tiny_server_settings, wait_until, write_jsonl
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 TOKEN = "hf_platformTESTsecret0123456789"
@@ -92,14 +92,10 @@ def running_platform(home: Path, extra_env: dict[str, str] | None = None) -> Ite
 def wait_final(flow_run_id, timeout_s: float):
     from prefect.client.orchestration import get_client
 
-    deadline = time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
-        while True:
-            run = client.read_flow_run(flow_run_id)
-            if run.state and run.state.is_final():
-                return run
-            assert time.monotonic() < deadline, f"flow run {flow_run_id}: {run.state}"
-            time.sleep(2)
+        return wait_until(lambda: (run := client.read_flow_run(flow_run_id)).state
+                          and run.state.is_final() and run, timeout_s,
+                          f"flow run {flow_run_id} in a final state", every_s=2)
 
 
 def wait_events(client, prefix: str, match, timeout_s: float = 60) -> list[dict]:
@@ -108,13 +104,12 @@ def wait_events(client, prefix: str, match, timeout_s: float = 60) -> list[dict]
     from prefect.events.filters import EventFilter, EventNameFilter
 
     body = {"filter": EventFilter(event=EventNameFilter(prefix=[prefix])).model_dump(mode="json")}
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def matched() -> list[dict] | None:
         events = client.request("POST", "/events/filter", json=body).json()["events"]
-        if [e for e in events if match(e)]:
-            return events
-        assert time.monotonic() < deadline, f"no {prefix}* event matched in {timeout_s} s"
-        time.sleep(1)
+        return events if any(match(e) for e in events) else None
+
+    return wait_until(matched, timeout_s, f"a {prefix}* event that matches", every_s=1)
 
 
 @contextlib.contextmanager
@@ -182,11 +177,8 @@ class WebhookListener:
         self.server.server_close()
 
     def wait(self, match, timeout_s: float) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            found = [m for m in self.received if match(m)]
-            if found:
-                return found[0]
-            assert time.monotonic() < deadline, (
-                f"no matching notification in {timeout_s} s; received: {self.received[-5:]}")
-            time.sleep(0.5)
+        try:
+            return wait_until(lambda: next((m for m in self.received if match(m)), None),
+                              timeout_s, "a matching notification", every_s=0.5)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; received: {self.received[-5:]}") from None

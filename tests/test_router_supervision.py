@@ -15,7 +15,7 @@ from requant.serving.server import free_port
 from requant.serving.supervision import supervision
 from requant.settings import PipelineSettings
 from requant.status import local_status, render_status
-from tests.conftest import processes_mentioning
+from tests.conftest import processes_mentioning, wait_until
 
 
 @pytest.fixture
@@ -27,15 +27,6 @@ def local(tmp_path):
         yield settings, ensure_router(settings, lambda _m: None)
     finally:
         shutdown_local(settings)
-
-
-def wait_for(check, deadline_s: float, what: str):
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if (value := check()) is not None:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {deadline_s} s")
 
 
 def test_a_router_killed_with_kill_9_is_back_within_seconds_serving_the_same_backend(local):
@@ -53,7 +44,7 @@ def test_a_router_killed_with_kill_9_is_back_within_seconds_serving_the_same_bac
         status = router_status(url, timeout_s=1)
         return status if status and status["pid"] != first else None
 
-    back = wait_for(restarted, 10, "the router answering again")
+    back = wait_until(restarted, 10, "the router answering again")
     assert time.monotonic() - killed < 10
     assert (back["backend"], back["revision"]) == ("http://127.0.0.1:9", "rev-a")  # persisted
     assert not pid_running(first)
@@ -68,21 +59,21 @@ def test_the_endpoint_stays_up_when_supervisord_dies_and_the_next_rollout_superv
     assert supervision(folder).state == "RUNNING"
     supervisord = int((folder / "supervisord.pid").read_text())
     os.kill(supervisord, signal.SIGKILL)
-    wait_for(lambda: True if supervision(folder).state == "no supervisor" else None, 10,
-             "supervisorctl seeing supervisord gone")
+    wait_until(lambda: supervision(folder).state == "no supervisor", 10,
+               "supervisorctl seeing supervisord gone")
     assert router_status(url) is not None  # the router is its own process: still serving
     # the guardian goes with its supervisor: the next one does not find a second one running
-    wait_for(lambda: processes_mentioning("requant.rollout.guardian", str(folder.resolve()))
-             == [] or None, 10, "the guardian gone with supervisord")
+    wait_until(lambda: processes_mentioning("requant.rollout.guardian", str(folder.resolve()))
+               == [], 10, "the guardian gone with supervisord")
     assert "supervisord: no supervisor" in render_status(
         {"serving": {"target": "local", **local_status(settings)}, "last_published": None,
          "runs": []})
     ensure_router(settings, lambda _m: None)
     assert supervision(folder).state == "RUNNING"
     assert router_status(url)["pid"] == int(supervision(folder).detail.split()[1].rstrip(","))
-    guardians = wait_for(lambda: processes_mentioning("requant.rollout.guardian",
-                                                      str(folder.resolve())) or None, 10,
-                         "the guardian under the new supervisord")
+    guardians = wait_until(lambda: processes_mentioning("requant.rollout.guardian",
+                                                        str(folder.resolve())), 10,
+                           "the guardian under the new supervisord")
     assert len(guardians) == 1
 
 
@@ -98,8 +89,8 @@ def test_status_shows_the_router_supervised_and_shutdown_leaves_nothing_running(
     router_pid = router_status(url)["pid"]
     supervisord = int((folder / "supervisord.pid").read_text())
     shutdown_local(settings)
-    wait_for(lambda: True if not pid_running(router_pid) and not pid_running(supervisord)
-             else None, 15, "router and supervisord stopped")
+    wait_until(lambda: not pid_running(router_pid) and not pid_running(supervisord), 15,
+               "router and supervisord stopped")
     assert router_status(url, timeout_s=1) is None
 
 
