@@ -23,8 +23,9 @@ from pydantic import (
 )
 
 from requant.errors import SettingsError
+from requant.schemes import PRESETS
 
-QuantPreset = Literal["w8a8-int8", "fp8-dynamic"]
+QuantPreset = Literal[tuple(PRESETS)]  # type: ignore[valid-type]  # the preset table's names
 
 #: The checkout requant runs from (an editable install, as ``make envs`` makes it). Relative
 #: paths in settings resolve against the working directory; only tool defaults (the serving
@@ -98,9 +99,7 @@ class QuantizationSettings(_Section):
 
     preset: QuantPreset = Field(
         "w8a8-int8",
-        description="w8a8-int8: SmoothQuant + GPTQ, INT8 weights and dynamic per-token INT8 "
-        "activations. fp8-dynamic: FP8 weights and dynamic FP8 activations, for GPUs of compute "
-        "capability >= 10.0 where vLLM has no INT8 kernels.",
+        description=". ".join(f"{p.name}: {p.summary}" for p in PRESETS.values()) + ".",
     )
     recipe: Path | None = Field(
         None,

@@ -117,3 +117,18 @@ def test_fp8_is_refused_without_capability_89(acc):
 def test_fp8_is_servable_on_hopper_and_blackwell():
     check_scheme_supported("FP8_DYNAMIC", H100)
     check_scheme_supported("FP8_DYNAMIC", B200)
+
+
+def test_a_preset_is_a_row_of_the_table_rendered_with_the_runs_settings_never_the_table_itself():
+    from requant.schemes import PRESETS, SCHEMES, render_preset
+
+    q = QuantizationSettings(ignore=["lm_head", "re:.*gate"], smoothing_strength=0.5)
+    rendered = render_preset("w8a8-int8", q)["quant_stage"]["quant_modifiers"]
+    assert rendered["SmoothQuantModifier"] == {"smoothing_strength": 0.5}
+    assert rendered["GPTQModifier"]["ignore"] == ["lm_head", "re:.*gate"]
+    rendered["GPTQModifier"]["targets"].append("Embedding")  # a caller's change stays its own
+    assert PRESETS["w8a8-int8"].modifiers["GPTQModifier"]["targets"] == ["Linear"]
+    # every preset names a scheme the verification knows, and the settings offer every preset
+    assert {p.scheme for p in PRESETS.values()} <= set(SCHEMES)
+    assert set(QuantizationSettings.model_json_schema()["properties"]["preset"]["enum"]) == \
+        set(PRESETS)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from requant.errors import SettingsError
+from requant.schemes import kernels_for
 
 
 @dataclass(frozen=True)
@@ -70,29 +71,26 @@ def check_gpu_count(gpus: int, requested: str, acc: Accelerator) -> None:
 
 
 def check_scheme_supported(scheme: str | None, acc: Accelerator) -> None:
-    """Raise a SettingsError naming the fix when vLLM has no kernels for ``scheme`` on ``acc``."""
-    if scheme is None:
+    """Raise a SettingsError naming the fix when vLLM has no kernels for ``scheme`` on ``acc``
+    (the kernel table, ``requant.schemes.KERNELS``)."""
+    k = kernels_for(scheme)
+    if k is None:
         return
-    s = scheme.upper()
-    if s.startswith("W8A8") or s == "INT8":
-        if acc.kind == "cpu":
+    (lo, hi) = k.capability
+    if acc.kind == "cpu":
+        if k.cpu:
             return
+        where = "this run is on the CPU"
+    else:
         assert acc.capability is not None
-        if (7, 5) <= acc.capability < (10, 0):
+        if lo <= acc.capability and (hi is None or acc.capability < hi):
             return
-        raise SettingsError(
-            f"quantization.preset: vLLM has no INT8 W8A8 kernels for {acc.name} (compute "
-            f"capability {acc.capability[0]}.{acc.capability[1]}). Set "
-            "quantization.preset=fp8-dynamic for this GPU."
-        )
-    if s.startswith("FP8"):
-        if acc.kind == "cuda" and acc.capability is not None and acc.capability >= (8, 9):
-            return
-        where = acc.name if acc.kind == "cuda" else "the CPU"
-        raise SettingsError(
-            f"quantization.preset: FP8 W8A8 needs an NVIDIA GPU of compute capability >= 8.9; "
-            f"this run is on {where}. Set quantization.preset=w8a8-int8, or run on such a GPU."
-        )
+        where = (f"{acc.name} has compute capability "
+                 f"{acc.capability[0]}.{acc.capability[1]}")
+    span = f">= {lo[0]}.{lo[1]}" + (f" and < {hi[0]}.{hi[1]}" if hi else "")
+    raise SettingsError(
+        f"quantization.preset: vLLM has no {k.family} kernels here ({where}); they need "
+        f"{'the CPU or ' if k.cpu else ''}an NVIDIA GPU of compute capability {span}. {k.fix}")
 
 
 def cpu_has_native_bf16() -> bool:

@@ -14,6 +14,7 @@ import yaml
 
 from requant.errors import SettingsError, first_line
 from requant.hashing import fingerprint
+from requant.schemes import render_preset
 from requant.settings import QuantizationSettings
 
 
@@ -30,26 +31,8 @@ class ResolvedRecipe:
 
 
 def preset_recipe(q: QuantizationSettings) -> dict[str, Any]:
-    """The seed recipe (SmoothQuant 0.8 + GPTQ W8A8) or the data-free FP8 alternative."""
-    if q.preset == "w8a8-int8":
-        modifiers: dict[str, Any] = {
-            "SmoothQuantModifier": {"smoothing_strength": q.smoothing_strength},
-            "GPTQModifier": {
-                "targets": ["Linear"],
-                "scheme": "W8A8",
-                "ignore": list(q.ignore),
-                "dampening_frac": q.dampening_frac,
-            },
-        }
-    else:  # fp8-dynamic: per-channel FP8 weights, per-token dynamic FP8 activations; no data needed
-        modifiers = {
-            "QuantizationModifier": {
-                "targets": ["Linear"],
-                "scheme": "FP8_DYNAMIC",
-                "ignore": list(q.ignore),
-            }
-        }
-    return {"quant_stage": {"quant_modifiers": modifiers}}
+    """The preset's recipe (``requant.schemes.PRESETS``) with this run's settings in it."""
+    return render_preset(q.preset, q)
 
 
 def resolve_recipe(q: QuantizationSettings) -> ResolvedRecipe:

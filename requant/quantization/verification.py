@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from requant.schemes import SCHEMES
+
 
 @dataclass(frozen=True)
 class ExpectedScheme:
@@ -28,12 +30,12 @@ class ExpectedScheme:
 
     @classmethod
     def for_scheme(cls, scheme: str | None) -> ExpectedScheme:
-        s = (scheme or "").upper()
-        if s == "W8A8":
-            return cls()
-        if s == "FP8_DYNAMIC":
-            return cls("float", 8, "float", 8, True, "token")
-        return cls(None, None, None, None, None, None)
+        """What the scheme table (``requant.schemes.SCHEMES``) says a checkpoint of ``scheme``
+        declares; nothing checked for a scheme it does not know (a custom recipe's)."""
+        row = SCHEMES.get((scheme or "").upper())
+        if row is None:
+            return cls(None, None, None, None, None, None)
+        return cls(*row.weights, *row.activations)
 
 
 @dataclass
