@@ -61,8 +61,6 @@ def quantize_checkpoint(
     report: Report = no_progress,
 ) -> QuantizedCheckpoint:
     """Quantize and write ``out_dir`` atomically; the manifest is the last file written."""
-    import torch
-
     q = settings.quantization
     started = time.perf_counter()
     reset_gpu_peak()
@@ -70,12 +68,8 @@ def quantize_checkpoint(
     t_fetch = time.perf_counter()
     store = layer_store(settings, source, calib, recipe, acc)
     with atomic_directory(out_dir) as tmp:
-        if q.gpus > 1:
-            choices = calibrate_on_ranks(settings, source, calib, recipe, acc, tmp, report,
-                                         store)
-        else:
-            choices = calibrate_in_process(settings, source, calib, recipe, acc, tmp, report,
-                                           store)
+        calibrate = calibrate_on_ranks if q.gpus > 1 else calibrate_in_process
+        choices = calibrate(settings, source, calib, recipe, acc, tmp, report, store)
         smoothing = choices.pop("smoothing_check", None)
         distributed = choices.pop("distributed", {"ranks": 1})
         t_oneshot = choices.pop("oneshot_s")
@@ -83,41 +77,49 @@ def quantize_checkpoint(
         (tmp / "recipe.yaml").write_text(recipe.text)
         t_saved = time.perf_counter()
         with flushing(tmp):  # the saved bytes reach the disk while they are verified
-            report = verify_checkpoint(
+            verification = verify_checkpoint(
                 tmp, ExpectedScheme.for_scheme(recipe.scheme), recipe.ignore,
                 reload=q.verify_reload, trust_remote_code=settings.source.trust_remote_code,
             )
             t_verified = time.perf_counter()
         t_flushed = time.perf_counter()
-        if not report.ok:
-            _reject(tmp, out_dir, report)
-        manifest = render_manifest(
-            source=source.as_record(),
-            recipe={"origin": recipe.origin, "sha256": recipe.sha256, "scheme": recipe.scheme,
-                    "text": recipe.text},
-            calibration=calib.as_record() if calib is not None else {"fingerprint": None},
-            settings=settings.model_dump(mode="json"),
-            hardware={"kind": acc.kind, "name": acc.name,
-                      "capability": list(acc.capability) if acc.capability else None,
-                      "torch_threads": torch.get_num_threads(), **choices},
-            timings={"fetch_weights": round(t_fetch - started, 2),
-                     "oneshot": t_oneshot,
-                     "save": round(t_saved - t_fetch - t_oneshot, 2),
-                     "verify": round(t_verified - t_saved, 2),
-                     # what of the write-back the verification did not hide
-                     "flush": round(t_flushed - t_verified, 2),
-                     "total": round(t_flushed - started, 2)},
-            memory={"host_rss": peak_rss_gib(), "gpu_allocated": peak_gpu_gib()},
-            versions=library_versions(),
-            run=run,
-        )
-        manifest["verification"] = report.as_record()
-        manifest["smoothing_check"] = smoothing
-        manifest["distributed"] = distributed
+        if not verification.ok:
+            _reject(tmp, out_dir, verification)
+        manifest = checkpoint_manifest(settings, source, calib, recipe, acc, choices, run, {
+            "fetch_weights": round(t_fetch - started, 2),
+            "oneshot": t_oneshot,
+            "save": round(t_saved - t_fetch - t_oneshot, 2),
+            "verify": round(t_verified - t_saved, 2),
+            "flush": round(t_flushed - t_verified, 2),  # the write-back the check did not hide
+            "total": round(t_flushed - started, 2)})
+        manifest |= {"verification": verification.as_record(), "smoothing_check": smoothing,
+                     "distributed": distributed}
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
     if store is not None:
         store.remove()  # the checkpoint is verified and in place: nothing left to resume
     return QuantizedCheckpoint(Path(out_dir), manifest, source)
+
+
+def checkpoint_manifest(settings: PipelineSettings, source: ResolvedSource,
+                        calib: CalibrationSet | None, recipe: ResolvedRecipe, acc: Accelerator,
+                        choices: dict[str, Any], run: dict[str, Any],
+                        timings: dict[str, float]) -> dict[str, Any]:
+    import torch
+
+    return render_manifest(
+        source=source.as_record(),
+        recipe={"origin": recipe.origin, "sha256": recipe.sha256, "scheme": recipe.scheme,
+                "text": recipe.text},
+        calibration=calib.as_record() if calib is not None else {"fingerprint": None},
+        settings=settings.model_dump(mode="json"),
+        hardware={"kind": acc.kind, "name": acc.name,
+                  "capability": list(acc.capability) if acc.capability else None,
+                  "torch_threads": torch.get_num_threads(), **choices},
+        timings=timings,
+        memory={"host_rss": peak_rss_gib(), "gpu_allocated": peak_gpu_gib()},
+        versions=library_versions(),
+        run=run,
+    )
 
 
 def layer_store(settings: PipelineSettings, source: ResolvedSource,

@@ -1,4 +1,6 @@
-"""The one call into llm-compressor, kept free of Prefect so a bare GPU box can run and time it.
+"""Quantizing a loaded model: the pipeline registry (requant's single pass for the recipes it
+covers, else llm-compressor's oneshot) and the choices around it, kept free of Prefect so a bare
+GPU box can run and time it.
 
 Choices made here, each measured (docs/quantization.md):
 - TF32 matmuls on NVIDIA GPUs: GPTQ's Hessians are accumulated as X^T X in fp32, the biggest
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -108,61 +111,104 @@ def restore_source_dtype(model: Any, model_dir: Path, compute: Any) -> dict[str,
     return {"compute_dtype": str(compute).removeprefix("torch.")}
 
 
-def quantize_model(
-    model,
-    tokenizer,
-    recipe_text: str,
-    dataset,
-    max_seq_len: int,
-    acc: Accelerator,
-    *,
-    allow_tf32: bool = True,
-    activation_cache: ActivationCache = "auto",
-    smoothing_tolerance: float | None = None,
-    pipeline: str = "single-pass",
-    store: LayerStore | None = None,
-    batch_tokens: int = BATCH_TOKENS,
-    shared_weights: bool = False,
-    report: Report = no_progress,
-) -> dict[str, Any]:
-    """Quantize ``model`` in place (requant's single pass when it covers the recipe, else
-    oneshot); returns the choices made, for the manifest.
+@dataclass(frozen=True)
+class QuantizeJob:
+    """One model to quantize in place, and how (``quantize_model``'s arguments, typed).
 
     ``model.config.name_or_path`` must be a directory holding the config: oneshot re-reads it.
-    ``shared_weights`` (ranks, single pass only): ranks other than 0 hold a skeleton and
-    receive the weights from rank 0 (``requant.quantization.weights_home``).
-    """
+    ``shared_weights`` (ranks, single pass only): ranks other than 0 hold a skeleton and receive
+    the weights from rank 0 (``requant.quantization.weights_home``)."""
+
+    model: Any
+    tokenizer: Any
+    recipe_text: str
+    dataset: Any
+    max_seq_len: int
+    acc: Accelerator
+    allow_tf32: bool = True
+    activation_cache: ActivationCache = "auto"
+    smoothing_tolerance: float | None = None
+    pipeline: str = "single-pass"  # the one to prefer; llm-compressor's takes what it declines
+    store: LayerStore | None = None
+    batch_tokens: int = BATCH_TOKENS
+    shared_weights: bool = False
+    report: Report = no_progress
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A way to run a recipe: ``takes`` says whether it covers the job (its plan, or None after
+    noting why in the choices), ``run`` runs it with the calibration arguments."""
+
+    name: str
+    takes: Callable[[QuantizeJob, dict[str, Any]], Any]
+    run: Callable[[QuantizeJob, Any, dict[str, Any]], dict[str, Any]]
+
+
+def quantize_model(model, tokenizer, recipe_text: str, dataset, max_seq_len: int,
+                   acc: Accelerator, **options: Any) -> dict[str, Any]:
+    """Quantize ``model`` in place with the first pipeline of ``PIPELINES`` that takes the
+    recipe (requant's single pass, else llm-compressor's oneshot); returns the choices made,
+    for the manifest. ``options``: the other fields of ``QuantizeJob``."""
+    return run_job(QuantizeJob(model, tokenizer, recipe_text, dataset, max_seq_len, acc,
+                               **options))
+
+
+def run_job(job: QuantizeJob) -> dict[str, Any]:
+    import torch
+
+    choices: dict[str, Any] = {"allow_tf32": False, "activation_cache": "cpu"}
+    if job.acc.kind == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = job.allow_tf32
+        torch.backends.cudnn.allow_tf32 = job.allow_tf32
+        choices["allow_tf32"] = job.allow_tf32
+    kwargs: dict[str, Any] = {}
+    if job.dataset is not None:
+        kwargs = calibration_kwargs(job.model, job.dataset, job.max_seq_len, job.acc,
+                                    job.activation_cache)
+        choices["activation_cache"] = kwargs["sequential_offload_device"]
+    for pipeline in PIPELINES:
+        if (taken := pipeline.takes(job, choices)) is not None:
+            return pipeline.run(job, taken, choices | {"calibration": kwargs})
+    raise AssertionError("llm-compressor's pipeline takes every recipe")
+
+
+def _single_pass_takes(job: QuantizeJob, choices: dict[str, Any]) -> Any:
+    if job.pipeline != "single-pass" or job.dataset is None:
+        return None
+    single = plan(job.recipe_text)
+    if single is not None and (outside := outside_layers(job.model, single.gptq)):
+        choices["single_pass_declined"] = (f"quantizes {', '.join(outside[:3])} outside the "
+                                           "decoder layers, which the single pass does not "
+                                           "calibrate")
+        return None
+    return single
+
+
+def _single_pass_run(job: QuantizeJob, single: Any, choices: dict[str, Any]) -> dict[str, Any]:
+    kwargs = choices.pop("calibration")
+    # under torchrun: this rank's shard, merged per layer with the others
+    return choices | quantize_single_pass(
+        job.model, single, job.dataset, job.acc.torch_device,
+        kwargs["sequential_offload_device"], tolerance=job.smoothing_tolerance,
+        store=job.store, ranks=Ranks.current(), shared_weights=job.shared_weights,
+        batch_tokens=job.batch_tokens, report=job.report)
+
+
+def _llm_compressor_run(job: QuantizeJob, _taken: Any, choices: dict[str, Any]
+                        ) -> dict[str, Any]:
     import torch
     from llmcompressor import oneshot
 
     from requant.quantization.rank_safe import run_with_barriers, smooth_modifiers
 
-    choices: dict[str, Any] = {"allow_tf32": False, "activation_cache": "cpu"}
-    if acc.kind == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-        torch.backends.cudnn.allow_tf32 = allow_tf32
-        choices["allow_tf32"] = allow_tf32
-    kwargs: dict[str, Any] = {}
-    if dataset is not None:
-        kwargs = calibration_kwargs(model, dataset, max_seq_len, acc, activation_cache)
-        choices["activation_cache"] = kwargs["sequential_offload_device"]
-    samples = len(dataset) if dataset is not None else 0
-    single = plan(recipe_text) if pipeline == "single-pass" and dataset is not None else None
-    if single is not None and (outside := outside_layers(model, single.gptq)):
-        choices["single_pass_declined"] = (f"quantizes {', '.join(outside[:3])} outside the "
-                                           "decoder layers, which the single pass does not "
-                                           "calibrate")
-        single = None
-    if single is not None:  # under torchrun: this rank's shard, merged per layer with the others
-        return choices | quantize_single_pass(
-            model, single, dataset, acc.torch_device, kwargs["sequential_offload_device"],
-            tolerance=smoothing_tolerance, store=store, ranks=Ranks.current(),
-            shared_weights=shared_weights, batch_tokens=batch_tokens, report=report)
-    if shared_weights:
+    kwargs = choices.pop("calibration")
+    if job.shared_weights:
         raise ValueError("shared_weights needs the single pass, which this recipe or model "
                          "declined: every rank must load the weights")
     choices["pipeline"] = "llm-compressor"
-    smooth_text, rest_text = split_recipe(recipe_text)
+    smooth_text, rest_text = split_recipe(job.recipe_text)
+    model, tokenizer = job.model, job.tokenizer
 
     def run_rest(text: str) -> None:
         if torch.distributed.is_initialized():
@@ -170,17 +216,26 @@ def quantize_model(
         else:
             oneshot(model=model, processor=tokenizer, recipe=text, **kwargs)
 
-    with layer_progress(model, samples, calibration_passes(recipe_text), report):
-        if smooth_text is None or dataset is None:
-            run_rest(recipe_text)
+    samples = len(job.dataset) if job.dataset is not None else 0
+    with layer_progress(model, samples, calibration_passes(job.recipe_text), job.report):
+        if smooth_text is None or job.dataset is None:
+            run_rest(job.recipe_text)
             return choices
         choices["smoothing_check"] = smooth_checked(
-            model, smooth_text, dataset, smoothing_tolerance,
+            model, smooth_text, job.dataset, job.smoothing_tolerance,
             lambda text: oneshot(model=model, processor=tokenizer,
                                  recipe=smooth_modifiers(text), **kwargs))
         if rest_text is not None:
             run_rest(rest_text)
     return choices
+
+
+#: Tried in order; the first that takes the job runs it (as llm-compressor's own pipeline
+#: registry chooses by the recipe). The last takes every recipe.
+PIPELINES: tuple[Pipeline, ...] = (
+    Pipeline("single-pass", _single_pass_takes, _single_pass_run),
+    Pipeline("llm-compressor", lambda _job, _choices: True, _llm_compressor_run),
+)
 
 
 def calibration_kwargs(model, dataset, max_seq_len: int, acc: Accelerator,

@@ -137,28 +137,17 @@ def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, dev
     """Quantize ``model`` (on the host) in place, one decoder layer at a time on ``device``;
     returns the smoothing check's record and GPTQ's summed loss, for the manifest. With a
     ``store``, each finished layer is kept there, and the layers it already holds are read back
-    instead of calibrated (``requant.quantization.resume``). With several ``ranks``, ``dataset``
-    is this rank's shard and the layer's statistics and solves are shared
-    (``requant.quantization.ranks``); every rank ends with the same model. Resuming on ranks:
-    every rank holds the same finished layer, so rank 0 alone keeps it, and all ranks resume
-    from the count they all see (each then propagates its own shard through the stored layers,
-    as the uninterrupted run did). ``shared_weights``: ranks other than 0 hold the model's
-    skeleton and receive each module from rank 0 (``requant.quantization.weights_home``)."""
+    instead of calibrated (``resume_point``). With several ``ranks``, ``dataset`` is this
+    rank's shard and the layer's statistics and solves are shared (``requant.quantization.
+    ranks``); every rank ends with the same model. ``shared_weights``: ranks other than 0 hold
+    the model's skeleton and receive each module from rank 0 (``weights_home``)."""
     import torch
-    from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.transformers.compression.compressed_tensors_utils import (
         modify_save_pretrained,
     )
     from llmcompressor.utils.helpers import DisableQuantization
 
-    gptq = GPTQModifier(**the_plan.gptq)
-    gptq.initialize_quantization(model)
-    gptq.start_calibration(model)
-    known = ARCHITECTURES.get(model.config.model_type)
-    arch = Architecture(the_plan.mappings, offset_norm=bool(known and known.offset_norm))
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    check = LayerCheck(tolerances(dtype, tolerance), model.config.model_type)
-    model.eval()
+    gptq, arch, check = _start(model, the_plan, tolerance)
     home = WeightsHome(ranks, device, shared_weights)
     home.check_same_model(model)
     started, loss, phases = time.monotonic(), 0.0, Phases(device)
@@ -175,32 +164,19 @@ def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, dev
                 loss += skip_layer(layer, index, store, done[index], check, phases)
                 continue
             resumed = index < len(done)
-            with phases("layer to device"):
-                home.to_device(layer)
-            if resumed and home.holds_weights:
-                with phases("layer read back"):
-                    store.load(index, layer)
-            if home.shared:
-                with phases("layer shared from rank 0"):
-                    home.share(layer)
-            if resumed:
-                layer_loss = resume_layer(layer, index, batches, done[index], check, phases)
-            else:
-                mappings = layer_mappings(layer, names[layer], the_plan.mappings) \
-                    if the_plan.strength is not None else []
-                layer_loss = calibrate_layer(layer, index, batches, mappings,
-                                             the_plan.strength or 0.0, gptq, check, phases,
-                                             ranks)
+            _to_device(layer, index, home, store if resumed else None, phases)
+            layer_loss = resume_layer(layer, index, batches, done[index], check, phases) \
+                if resumed else calibrate_layer(
+                    layer, index, batches, layer_mappings(layer, names[layer], the_plan.mappings)
+                    if the_plan.strength is not None else [], the_plan.strength or 0.0, gptq,
+                    check, phases, ranks)
             loss += layer_loss
             with phases("layer back to host"):
                 home.to_host(layer)
             if keeper is not None and not resumed:
                 keep_layer(keeper, index, layer, layer_loss, check, batches, len(layers),
                            ranks, phases)
-            fraction = (index + 1) / len(layers)
-            report(min(fraction, 0.99), f"calibrated layer {index + 1} of {len(layers)}"
-                   f"{f' (resumed at layer {len(done) + 1})' if done else ''}, "
-                   f"{eta_text(started, fraction)}")
+            _progress(report, index, len(layers), len(done), started)
         if keeper is not None:
             with phases("layer kept for resuming (the previous write's wait)"):
                 keeper.wait()
@@ -213,12 +189,50 @@ def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, dev
             "resumed_inputs_at_layer": start if store is not None else None}
 
 
+def _progress(report: Report, index: int, layers: int, resumed: int, started: float) -> None:
+    fraction = (index + 1) / layers
+    report(min(fraction, 0.99), f"calibrated layer {index + 1} of {layers}"
+           f"{f' (resumed at layer {resumed + 1})' if resumed else ''}, "
+           f"{eta_text(started, fraction)}")
+
+
+def _start(model: Any, the_plan: SinglePassPlan, tolerance: float | None
+           ) -> tuple[Any, Architecture, LayerCheck]:
+    """GPTQ's observers on the model, the architecture's smoothing map, the layer check."""
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    gptq = GPTQModifier(**the_plan.gptq)
+    gptq.initialize_quantization(model)
+    gptq.start_calibration(model)
+    known = ARCHITECTURES.get(model.config.model_type)
+    arch = Architecture(the_plan.mappings, offset_norm=bool(known and known.offset_norm))
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    model.eval()
+    return gptq, arch, LayerCheck(tolerances(dtype, tolerance), model.config.model_type)
+
+
+def _to_device(layer: Any, index: int, home: WeightsHome, kept: LayerStore | None,
+               phases: Phases) -> None:
+    """The layer onto the device; its finished state read back from ``kept`` (resuming)."""
+    with phases("layer to device"):
+        home.to_device(layer)
+    if kept is not None and home.holds_weights:
+        with phases("layer read back"):
+            kept.load(index, layer)
+    if home.shared:
+        with phases("layer shared from rank 0"):
+            home.share(layer)
+
+
 def resume_point(store: LayerStore | None, ranks: Ranks, home: WeightsHome,
                  batches: list[list[Any]], layers: int, cache_device: str, phases: Phases,
                  report: Report) -> tuple[list[dict[str, Any]], int]:
     """(the finished layers' records, the layer the pass starts computing from). With kept
     inputs (one process only: each rank's would be its own shard), the layers before them
-    are only read back; the rest of the finished ones re-derive the next inputs."""
+    are only read back; the rest of the finished ones re-derive the next inputs. On ranks,
+    every rank holds the same finished layer, so rank 0 alone keeps it (``requant.
+    quantization.resume``), and all ranks resume from the count they all see, each then
+    propagating its own shard through the stored layers, as the uninterrupted run did."""
     if store is None:
         return [], 0
     done = store.finished(layers, verify=home.holds_weights)
