@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from requant.evaluation.staged import evaluate_staged  # noqa: E402
-from requant.evaluation.tasks import render_task_dir, task_dir  # noqa: E402
+from requant.evaluation.task_files import render_task_dir, task_dir  # noqa: E402
 from requant.settings import (  # noqa: E402
     EvaluationSettings,
     GateRule,

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from requant.evaluation.lmeval import per_doc_scores, run_lm_eval_on_server  # noqa: E402
-from requant.evaluation.tasks import render_task_dir, task_dir  # noqa: E402
+from requant.evaluation.task_files import render_task_dir, task_dir  # noqa: E402
 from requant.serving.server import running_server  # noqa: E402
 from requant.settings import EvaluationSettings, PipelineSettings  # noqa: E402
 

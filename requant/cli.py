@@ -243,7 +243,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_noise(args: argparse.Namespace) -> int:
     settings = _load(args)
     from requant.evaluation.noise import measure_noise, noise_key, noise_line, save_noise
-    from requant.evaluation.tasks import effective_looks, validate_tasks
+    from requant.evaluation.task_files import effective_looks, validate_tasks
     from requant.quantization.hardware import detect_accelerator
     from requant.source import resolve_source_files
 

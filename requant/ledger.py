@@ -36,7 +36,7 @@ _LEDGER_FIX = ("Delete it: the next run then redoes (or re-rolls out) this candi
 def candidate_key(settings: PipelineSettings, source_files: dict[str, str],
                   source_revision: str | None, recipe_sha256: str,
                   calibration_fingerprint: str | None) -> str:
-    from requant.evaluation.tasks import task_data_hashes, task_dir
+    from requant.evaluation.task_files import task_data_hashes, task_dir
 
     # Paths are left out (they are absolute, so they name the checkout, not the candidate); what
     # they point at is in: the recipe's bytes, the task files' hashes.

@@ -5,7 +5,7 @@ fails in seconds, not after an hour of calibration."""
 from __future__ import annotations
 
 from requant.errors import SettingsError
-from requant.evaluation.tasks import validate_tasks
+from requant.evaluation.task_files import validate_tasks
 from requant.gpu_memory import check_gpu_budget
 from requant.hub.client import check_publish_settings
 from requant.quantization.distributed import check_rank_inputs

@@ -12,7 +12,7 @@ import pytest
 from requant.evaluation.candidate_cache import CandidateCache, candidate_cache_key
 from requant.evaluation.lmeval import ModelEvaluation, save_record
 from requant.evaluation.staged import evaluate_candidate_gated
-from requant.evaluation.tasks import stage_plan
+from requant.evaluation.task_files import stage_plan
 from requant.settings import EvaluationSettings, GateRule, GateSettings
 
 KEY = "t|acc,none"

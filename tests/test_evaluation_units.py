@@ -16,7 +16,7 @@ from requant.evaluation.lmeval import (
     per_doc_scores,
 )
 from requant.evaluation.staged import check_baseline
-from requant.evaluation.tasks import render_task_dir, stage_plan, task_sizes, validate_tasks
+from requant.evaluation.task_files import render_task_dir, stage_plan, task_sizes, validate_tasks
 from requant.settings import EvaluationSettings, GateRule, GateSettings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def test_known_tasks_pass_validation(monkeypatch):
 
 
 def test_bundled_tasks_index_only_their_folder_and_a_built_in_name_indexes_lm_evals_too():
-    from requant.evaluation.tasks import task_manager
+    from requant.evaluation.task_files import task_manager
 
     bundled = ["gsm8k_local", "gsm8k_cloze_local"]
     assert sorted(task_manager(TASKS, bundled).all_tasks) == sorted(bundled)

@@ -570,7 +570,7 @@ def test_a_broken_model_folder_is_one_line_naming_source_model(tmp_path, name, t
 
 
 def test_a_task_folder_reaching_outside_itself_is_refused_before_lm_eval_reads_it(tmp_path):
-    from requant.evaluation.tasks import validate_tasks
+    from requant.evaluation.task_files import validate_tasks
     from requant.settings import EvaluationSettings
 
     tasks = hostile_task_folder(tmp_path)
@@ -584,7 +584,7 @@ def test_a_task_folder_reaching_outside_itself_is_refused_before_lm_eval_reads_i
 
 
 def test_the_bundled_task_folder_passes_the_same_check():
-    from requant.evaluation.tasks import check_task_files, task_roots
+    from requant.evaluation.task_files import check_task_files, task_roots
     from requant.settings import EvaluationSettings
 
     folder = ROOT / "deployments/lm_eval_tasks"

@@ -30,7 +30,7 @@ from requant.evaluation.lmeval import (
     load_record,
     save_record,
 )
-from requant.evaluation.tasks import effective_looks, stage_plan
+from requant.evaluation.task_files import effective_looks, stage_plan
 from requant.hashing import fingerprint, hash_files
 from requant.quantization.manifest import MANIFEST_NAME
 from requant.settings import EvaluationSettings, GateSettings

@@ -22,7 +22,7 @@ from requant.atomic import write_json_atomic
 from requant.errors import ServerError, SettingsError
 from requant.evaluation.gate import EvidenceRecord, rule_key
 from requant.evaluation.progress import RequestCounter, counting_completions_model
-from requant.evaluation.tasks import (
+from requant.evaluation.task_files import (
     effective_looks,
     task_data_hashes,
     task_dir,

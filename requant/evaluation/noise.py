@@ -23,7 +23,7 @@ from requant.evaluation.gate import decide, rule_key, unpaired_prompts
 from requant.evaluation.lmeval import baseline_cache_key, evaluated_with, hardware_name
 from requant.evaluation.sequential import critical_values
 from requant.evaluation.staged import evaluate_staged
-from requant.evaluation.tasks import effective_looks
+from requant.evaluation.task_files import effective_looks
 from requant.settings import EvaluationSettings, GateSettings
 
 NOISE_DIR = "baseline-noise"

@@ -36,7 +36,7 @@ from requant.evaluation.lmeval import (
     tokenizer_fingerprint,
 )
 from requant.evaluation.sequential import critical_values
-from requant.evaluation.tasks import (
+from requant.evaluation.task_files import (
     effective_looks,
     render_task_dir,
     stage_plan,
