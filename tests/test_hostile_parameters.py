@@ -609,7 +609,7 @@ def test_served_names_and_sources_cannot_start_an_option():
             load_settings(None, [item])
 
 
-def test_docs_trust_table_is_the_one_the_code_renders():
+def test_the_generated_docs_the_trust_table_and_the_module_map_are_what_the_code_renders():
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         from render_docs import rendered
