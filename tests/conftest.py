@@ -190,6 +190,26 @@ def tiny_server_settings(**overrides):
                              "startup_timeout_s": 300, "stop_grace_s": 15, **overrides})
 
 
+def tiny_settings(tmp_path: Path, model: Path, **sections) -> dict:
+    """The kit's settings for a whole run of a tiny model: 8 calibration rows, 4 gsm8k
+    questions on a small server, a gate that lets the honest inconclusive through, output and
+    cache under ``tmp_path``; ``sections`` replace whole sections."""
+    data = write_jsonl(tmp_path / "calib.jsonl", [{"text": r["question"]} for r in gsm8k_rows(8)])
+    base = {
+        "source": {"model": str(model)},
+        "calibration": {"dataset": str(data), "num_samples": 8, "max_seq_len": 128},
+        "evaluation": {"tasks": ["gsm8k_local"], "task_limits": {}, "limit": 4,
+                       "num_fewshot": 0, "max_gen_toks": 16,
+                       "server": tiny_server_settings().model_dump(mode="json")},
+        # a random tiny model scores 0 on gsm8k: no loss can be shown, so the rule asks no
+        # minimum baseline and the run lets the (honest) inconclusive through
+        "gate": {"rules": [{"task": "gsm8k_local", "min_baseline": 0.0}], "looks": [1.0],
+                 "allow_inconclusive": True},
+        "output_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
+    }
+    return base | sections
+
+
 def processes_mentioning(*texts: str) -> list:
     """Processes whose command line mentions every one of ``texts``. Name what only this test
     started (its tmp_path, its model's path): a bare served-model name also matches servers

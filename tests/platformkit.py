@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from requant.serving.server import free_port
-from tests.conftest import ROOT, gsm8k_rows, tiny_server_settings, wait_until, write_jsonl
+from tests.conftest import ROOT, wait_until
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 TOKEN = "hf_platformTESTsecret0123456789"
@@ -124,23 +124,6 @@ def worker_profile(settings: dict) -> Iterator[str]:
         yield name
     finally:
         path.unlink(missing_ok=True)
-
-
-def tiny_settings(tmp_path: Path, model: Path, **sections) -> dict:
-    data = write_jsonl(tmp_path / "calib.jsonl", [{"text": r["question"]} for r in gsm8k_rows(8)])
-    base = {
-        "source": {"model": str(model)},
-        "calibration": {"dataset": str(data), "num_samples": 8, "max_seq_len": 128},
-        "evaluation": {"tasks": ["gsm8k_local"], "task_limits": {}, "limit": 4,
-                       "num_fewshot": 0, "max_gen_toks": 16,
-                       "server": tiny_server_settings().model_dump(mode="json")},
-        # a random tiny model scores 0 on gsm8k: no loss can be shown, so the rule asks no
-        # minimum baseline and the run lets the (honest) inconclusive through
-        "gate": {"rules": [{"task": "gsm8k_local", "min_baseline": 0.0}], "looks": [1.0],
-                 "allow_inconclusive": True},
-        "output_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
-    }
-    return base | sections
 
 
 class WebhookListener:

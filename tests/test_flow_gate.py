@@ -16,7 +16,7 @@ import pytest
 from requant.errors import GateFailed, RolloutFailed
 from requant.rundir import MARKER
 from requant.settings import PipelineSettings
-from tests.conftest import ROOT, gsm8k_rows, processes_mentioning, write_jsonl
+from tests.conftest import ROOT, gsm8k_rows, processes_mentioning, tiny_settings, write_jsonl
 from tests.standin_vllm import standin_python
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server", "standin_servers")]
@@ -230,20 +230,9 @@ def test_runs_failing_in_each_stage_leave_their_stage_and_why(vllm_tiny_source, 
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_TOKEN", "hf_stagetest")
-    data = write_jsonl(tmp_path / "calib.jsonl", [{"text": r["question"]} for r in gsm8k_rows(8)])
     with FakeHub("hf_stagetest", tmp_path / "hub") as hub:
-        base = {
-            "source": {"model": str(vllm_tiny_source)},
-            "calibration": {"dataset": str(data), "num_samples": 8, "max_seq_len": 128},
-            "evaluation": {"tasks": ["gsm8k_local"], "task_limits": {}, "limit": 4,
-                           "num_fewshot": 0, "max_gen_toks": 16,
-                           "server": {"max_model_len": 1024,
-                                      "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}},
-            "gate": {"rules": [{"task": "gsm8k_local", "min_baseline": 0.0}], "looks": [1.0],
-                     "allow_inconclusive": True},
-            "hub": {"repo_id": "acme/stages", "endpoint": hub.endpoint},
-            "cache_dir": str(tmp_path / "cache"),
-        }
+        base = tiny_settings(tmp_path, vllm_tiny_source,
+                             hub={"repo_id": "acme/stages", "endpoint": hub.endpoint})
         with pytest.raises(Exception, match="startup_timeout_s"):
             requantize(PipelineSettings.model_validate(base | {
                 "output_dir": str(tmp_path / "runs-e"),

@@ -29,6 +29,7 @@ from tests.conftest import (
     needs_vllm,
     processes_mentioning,
     tiny_server_settings,
+    tiny_settings,
 )
 from tests.fakehub import FakeHub
 from tests.pgserver import pg_bin, postgres_server
@@ -36,7 +37,6 @@ from tests.platformkit import (
     TOKEN,
     WebhookListener,
     running_platform,
-    tiny_settings,
     wait_events,
     wait_final,
     worker_profile,
