@@ -243,6 +243,8 @@ def publish_and_promote(settings: PipelineSettings, request: RunRequest, run_dir
     pass, then roll out inline / through the promote deployment, or leave it to the automation.
     ``stages``: where the evaluation and gate records are (a search's winner's own folder)."""
     stages = stages or run_dir
+    # the record so far, on disk: a failure from here on adds its stage and why to it
+    write_json_atomic(run_dir.root / "summary.json", summary)
     gate = decision.as_record() | ({"search": summary["search"]} if summary.get("search")
                                    else {})
     published = publish.with_options(

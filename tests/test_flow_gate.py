@@ -231,7 +231,7 @@ def test_runs_failing_in_each_stage_leave_their_stage_and_why(vllm_tiny_source, 
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_TOKEN", "hf_stagetest")
     with FakeHub("hf_stagetest", tmp_path / "hub") as hub:
-        base = tiny_settings(tmp_path, vllm_tiny_source,
+        base = tiny_settings(tmp_path, vllm_tiny_source, rollout={"target": "none"},
                              hub={"repo_id": "acme/stages", "endpoint": hub.endpoint})
         with pytest.raises(Exception, match="startup_timeout_s"):
             requantize(PipelineSettings.model_validate(base | {
