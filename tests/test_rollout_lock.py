@@ -51,3 +51,38 @@ def test_rollouts_of_different_targets_do_not_wait_for_each_other(tmp_path):
         started = time.monotonic()
         with rollout_lock(tmp_path, "kubernetes"):
             assert time.monotonic() - started < 10
+
+
+def test_without_the_operators_limit_a_rollout_warns_nothing_and_with_it_holds_its_slot(
+        tmp_path, caplog):
+    """#39: the embedded default has no requant-rollout-<target> limit (prefect-apply makes
+    it), so the flock alone serialises rollouts there, and the run log says nothing of a
+    missing limit; where the operator made it, a rollout holds its one slot."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    from requant.rollout.lock import limit_name
+
+    name = limit_name("local")
+
+    @flow
+    def promote_like() -> int | None:
+        with rollout_lock(tmp_path, "local"), get_client(sync_client=True) as client:
+            try:
+                return client.read_global_concurrency_limit_by_name(name).active_slots
+            except ObjectNotFound:
+                return None
+
+    with caplog.at_level("WARNING"):
+        assert promote_like() is None
+    assert "do not exist" not in caplog.text
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name=name, limit=1, active=True))
+    try:
+        assert promote_like() == 1
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_global_concurrency_limit_by_name(name)

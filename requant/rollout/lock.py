@@ -6,9 +6,11 @@ The promote deployment's own concurrency limit covers runs started by the automa
 - an exclusive ``flock`` on ``<state_dir>/<target>/rollout.lock``: released by the kernel when
   the holder dies, ``kill -9`` included, so a crash never leaves the target locked;
 - the Prefect global concurrency limit ``requant-rollout-<target>`` (one slot, created by
-  scripts/prefect_apply.sh; absent: no-op), which spans hosts sharing one Prefect server. It is
-  not created here: a promote killed with ``kill -9`` keeps its slot until Prefect's lease
-  (300 s) runs out, so on one host the flock alone recovers at once.
+  scripts/prefect_apply.sh), which spans hosts sharing one Prefect server. It is not created
+  here: a promote killed with ``kill -9`` keeps its slot until Prefect's lease (300 s) runs
+  out, so on one host the flock alone recovers at once. Where it does not exist (the embedded
+  default), the flock alone serialises, and nothing is asked of Prefect (which would warn in
+  the run log that the limit does not exist).
 """
 
 from __future__ import annotations
@@ -28,10 +30,27 @@ def limit_name(target: str) -> str:
 @contextmanager
 def rollout_lock(state_dir: Path, target: str, log: Callable[[str], None] = print
                  ) -> Iterator[None]:
+    with target_lock(state_dir, target, log), operators_limit(limit_name(target)):
+        yield
+
+
+@contextmanager
+def operators_limit(name: str) -> Iterator[None]:
+    """One slot of the global concurrency limit ``name`` when the operator made it; nothing
+    without it (or without a server to ask)."""
+    from prefect.client.orchestration import get_client
     from prefect.concurrency.sync import concurrency
 
-    with target_lock(state_dir, target, log), \
-            concurrency(limit_name(target), occupy=1, strict=False):
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_global_concurrency_limit_by_name(name)
+        exists = True
+    except Exception:  # ObjectNotFound, or no server answering: the flock alone
+        exists = False
+    if not exists:
+        yield
+        return
+    with concurrency(name, occupy=1, strict=False):
         yield
 
 
