@@ -233,12 +233,17 @@ def test_runs_failing_in_each_stage_leave_their_stage_and_why(vllm_tiny_source, 
     with FakeHub("hf_stagetest", tmp_path / "hub") as hub:
         base = tiny_settings(tmp_path, vllm_tiny_source, rollout={"target": "none"},
                              hub={"repo_id": "acme/stages", "endpoint": hub.endpoint})
+        # a server that takes 5 s to answer, given 0.2 s: not ready at its deadline however
+        # the host's load shifts the polls (with the stand-in's usual 1 s it could be ready
+        # by the second poll, and the run went on: seen in CI beside other test files)
+        monkeypatch.setenv("STANDIN_STARTUP_S", "5")
         with pytest.raises(Exception, match="startup_timeout_s"):
             requantize(PipelineSettings.model_validate(base | {
                 "output_dir": str(tmp_path / "runs-e"),
                 "evaluation": base["evaluation"] | {
                     "server": base["evaluation"]["server"] | {"startup_timeout_s": 0.2}},
             }))
+        monkeypatch.setenv("STANDIN_STARTUP_S", "1")
         (evaluated,) = (tmp_path / "runs-e").iterdir()
         assert_failed_in(evaluated, "evaluation", "ServerError",
                          "evaluation.server.startup_timeout_s")
