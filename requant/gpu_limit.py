@@ -85,8 +85,7 @@ def gpu_slots(gpus: int, run_root: Path, log: Callable[[str], None]) -> Iterator
         log(f"waiting for {needed} slot(s) of '{GPU_LIMIT}' that other runs hold")
     try:
         with concurrency(GPU_LIMIT, occupy=needed, strict=False):
-            if mark.exists():
-                mark.unlink(missing_ok=True)
+            mark.unlink(missing_ok=True)
             log(f"holding {needed} slot(s) of '{GPU_LIMIT}'")
             yield
     finally:

@@ -65,13 +65,7 @@ def stop_leaderless_group(pgid: int, grace_s: float = 30.0, expect: tuple[str, .
     members = group_members(pgid)
     if not members or (expect and not any(runs_command(m, *expect) for m in members)):
         return
-
-    def wait_group(timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and group_members(pgid):
-            time.sleep(0.2)
-
-    terminate_group(pgid, grace_s, wait_group)
+    terminate_group(pgid, grace_s, lambda timeout_s: _wait_group_gone(pgid, timeout_s))
 
 
 def group_members(pgid: int) -> list[int]:

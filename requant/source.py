@@ -76,14 +76,14 @@ def hash_local_source_ahead(src: SourceSettings) -> None:
     with contextlib.suppress(Exception):
         local = Path(src.model).expanduser()
         if local.is_dir() and not src.revision:
-            hash_ahead(local, _local_files(local, with_weights=True))
+            hash_ahead(local, model_file_names(local, with_weights=True))
 
 
 def resolve_source_files(src: SourceSettings, *, with_weights: bool) -> ResolvedSource:
     """Plain function behind the task; also used by the quantization stage to fetch weights."""
     local = check_local_source(src)
     if local is not None:
-        names = _local_files(local, with_weights)
+        names = model_file_names(local, with_weights)
         return ResolvedSource(
             model_id=str(local), path=local.resolve(), revision=None,
             files=hash_files(local, names), with_weights=with_weights,
@@ -96,7 +96,8 @@ def resolve_source_files(src: SourceSettings, *, with_weights: bool) -> Resolved
     return _resolve_hub(src, with_weights)
 
 
-def _local_files(root: Path, with_weights: bool) -> list[str]:
+def model_file_names(root: Path, with_weights: bool) -> list[str]:
+    """The files of a model folder that identify it (and that a model server reads)."""
     import fnmatch
 
     patterns = METADATA_PATTERNS + (WEIGHT_PATTERNS if with_weights else [])
@@ -152,7 +153,7 @@ def _resolve_hub(src: SourceSettings, with_weights: bool) -> ResolvedSource:
         model_id=src.model,
         path=path,
         revision=commit,
-        files=hash_files(path, _local_files(path, with_weights)),
+        files=hash_files(path, model_file_names(path, with_weights)),
         is_local=False,
         with_weights=with_weights,
     )

@@ -233,49 +233,40 @@ def test_runs_failing_in_each_stage_leave_their_stage_and_why(vllm_tiny_source, 
     with FakeHub("hf_stagetest", tmp_path / "hub") as hub:
         base = tiny_settings(tmp_path, vllm_tiny_source, rollout={"target": "none"},
                              hub={"repo_id": "acme/stages", "endpoint": hub.endpoint})
+
+        def failed_run(name: str, match: str, **sections) -> Path:
+            """A run that must fail (``match``): its run folder."""
+            with pytest.raises(Exception, match=match):
+                requantize(PipelineSettings.model_validate(
+                    base | {"output_dir": str(tmp_path / name)} | sections))
+            (run_dir,) = (tmp_path / name).iterdir()
+            return run_dir
+
         # a server that takes 5 s to answer, given 0.2 s: not ready at its deadline however
         # the host's load shifts the polls (with the stand-in's usual 1 s it could be ready
         # by the second poll, and the run went on: seen in CI beside other test files)
         monkeypatch.setenv("STANDIN_STARTUP_S", "5")
-        with pytest.raises(Exception, match="startup_timeout_s"):
-            requantize(PipelineSettings.model_validate(base | {
-                "output_dir": str(tmp_path / "runs-e"),
-                "evaluation": base["evaluation"] | {
-                    "server": base["evaluation"]["server"] | {"startup_timeout_s": 0.2}},
-            }))
+        evaluated = failed_run("runs-e", "startup_timeout_s", evaluation=base["evaluation"] | {
+            "server": base["evaluation"]["server"] | {"startup_timeout_s": 0.2}})
         monkeypatch.setenv("STANDIN_STARTUP_S", "1")
-        (evaluated,) = (tmp_path / "runs-e").iterdir()
         assert_failed_in(evaluated, "evaluation", "ServerError",
                          "evaluation.server.startup_timeout_s")
         assert not (evaluated / "checkpoint").exists()  # before any quantization
 
-        with pytest.raises(Exception, match="failed verification"):
-            requantize(PipelineSettings.model_validate(base | {
-                "output_dir": str(tmp_path / "runs-v"),
-                "quantization": {"recipe": str(ROOT / "tests/data/partial-w8a8-recipe.yaml")},
-            }))
-        (verified,) = (tmp_path / "runs-v").iterdir()
+        verified = failed_run("runs-v", "failed verification", quantization={
+            "recipe": str(ROOT / "tests/data/partial-w8a8-recipe.yaml")})
         assert_failed_in(verified, "verification", "CheckpointVerificationError",
                          "was not quantized")
         assert (verified / "checkpoint.rejected" / "verification.json").is_file()
         assert not (verified / "checkpoint").exists()
 
-        with pytest.raises(Exception, match="SmoothQuant"):
-            requantize(PipelineSettings.model_validate(base | {
-                "output_dir": str(tmp_path / "runs-q"),
-                "quantization": {"recipe": str(ROOT / "tests/data/broken-smoothing-recipe.yaml")},
-            }))
-        (quantized,) = (tmp_path / "runs-q").iterdir()
+        quantized = failed_run("runs-q", "SmoothQuant", quantization={
+            "recipe": str(ROOT / "tests/data/broken-smoothing-recipe.yaml")})
         assert_failed_in(quantized, "quantization", "SmoothingNotExact",
                          "SmoothQuant changed the model")
         assert not (quantized / "checkpoint").exists()
 
-        with pytest.raises(Exception, match=r"hub\.branch"):
-            requantize(PipelineSettings.model_validate(base | {
-                "output_dir": str(tmp_path / "runs-p"),
-                "hub": base["hub"] | {"branch": "release"},
-            }))
-        (published,) = (tmp_path / "runs-p").iterdir()
+        published = failed_run("runs-p", r"hub\.branch", hub=base["hub"] | {"branch": "release"})
         summary = assert_failed_in(published, "publish", "PublishError", "hub.branch")
         assert summary["gate"]["promote"] is True  # it got that far, and no further
         assert hub.state.commit_count("acme/stages") == 0

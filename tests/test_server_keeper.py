@@ -101,13 +101,20 @@ def test_a_serving_server_that_does_not_answer_is_not_taken_as_serving_by_the_ni
 
 
 def keeper(tmp_path: Path, server: list[str], **kw) -> tuple[subprocess.Popen, Path]:
+    """A keeper of ``server`` (``adopt``: the pid of a running one it takes over)."""
     status = tmp_path / "keeper.json"
     port = kw.get("port", free_port())
-    proc = subprocess.Popen(keeper_command(sys.executable, server,
-                                           f"http://127.0.0.1:{port}/", status,
-                                           kw.get("max_failed_starts", 3)),
+    command = keeper_command(sys.executable, server, f"http://127.0.0.1:{port}/", status,
+                             kw.get("max_failed_starts", 3))
+    proc = subprocess.Popen(adopting(command, kw["adopt"]) if kw.get("adopt") else command,
                             start_new_session=True, stdout=subprocess.DEVNULL)
     return proc, status
+
+
+def ready_server(status: Path) -> int:
+    """The keeper's server pid, once its record says it serves."""
+    return wait_until(lambda: (read_status(status) or {}).get("state") == "serving"
+                      and read_status(status)["server_pid"], 20, "the server ready")
 
 
 def http_server(port: int) -> list[str]:
@@ -124,8 +131,7 @@ def test_a_server_that_never_became_ready_is_not_restarted(tmp_path):
 def test_stopping_the_keepers_group_stops_the_server_without_a_restart(tmp_path):
     port = free_port()
     proc, status = keeper(tmp_path, http_server(port), port=port)
-    server = wait_until(lambda: (read_status(status) or {}).get("state") == "serving"
-                      and read_status(status)["server_pid"], 20, "the server ready")
+    server = ready_server(status)
     stop_process_group(proc.pid, grace_s=5)
     assert proc.wait(5) == 0 and not pid_running(server)
     record = read_status(status)
@@ -136,8 +142,7 @@ def test_a_killed_keeper_leaves_its_server_answering_and_a_stop_of_its_group_sti
         tmp_path):
     port = free_port()
     proc, status = keeper(tmp_path, http_server(port), port=port)
-    server = wait_until(lambda: (read_status(status) or {}).get("state") == "serving"
-                        and read_status(status)["server_pid"], 20, "the server ready")
+    server = ready_server(status)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(5)
     assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200
@@ -151,14 +156,10 @@ def test_a_keeper_adopts_a_running_server_stops_it_with_its_own_stop_and_restart
     counts carried on); when it dies, the new keeper starts it again; its stop ends it."""
     port = free_port()
     first, status = keeper(tmp_path, http_server(port), port=port)
-    server = wait_until(lambda: (read_status(status) or {}).get("state") == "serving"
-                        and read_status(status)["server_pid"], 20, "the server ready")
+    server = ready_server(status)
     os.kill(first.pid, signal.SIGKILL)
     first.wait(5)
-    command = keeper_command(sys.executable, http_server(port), f"http://127.0.0.1:{port}/",
-                             status)
-    second = subprocess.Popen(adopting(command, server), start_new_session=True,
-                              stdout=subprocess.DEVNULL)
+    second, _ = keeper(tmp_path, http_server(port), port=port, adopt=server)
     try:
         record = wait_until(lambda: (r := read_status(status))["keeper_pid"] == second.pid
                             and r, 10, "the new keeper's record")
@@ -186,8 +187,7 @@ def test_a_server_that_keeps_failing_after_it_was_ready_is_given_up_after_its_fa
               "runpy.run_module('http.server', run_name='__main__')")
     proc, status = keeper(tmp_path, [sys.executable, "-c", script], port=port,
                           max_failed_starts=2)
-    server = wait_until(lambda: (read_status(status) or {}).get("state") == "serving"
-                      and read_status(status)["server_pid"], 20, "ready once")
+    server = ready_server(status)  # ready once
     os.kill(server, signal.SIGKILL)
     assert proc.wait(30) == 1  # 0 + 2 s of back-off: ready once, then 2 failed starts
     record = read_status(status)

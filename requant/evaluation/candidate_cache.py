@@ -16,7 +16,6 @@ candidate's record says ``cached`` and its folder holds ``cache.json`` (key and 
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import shutil
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from requant.evaluation.task_files import effective_looks, stage_plan
 from requant.hashing import fingerprint, hash_files
 from requant.quantization.manifest import MANIFEST_NAME
 from requant.settings import EvaluationSettings, GateSettings
-from requant.source import METADATA_PATTERNS, WEIGHT_PATTERNS
+from requant.source import model_file_names
 
 CACHE_DIR = "candidate-eval"
 #: After each stage: (the record so far, stage index, stages) -> is the decision final?
@@ -43,12 +42,9 @@ MARK = "cache.json"
 
 
 def served_files(checkpoint: Path) -> dict[str, str]:
-    """sha256 of every file a model server reads from ``checkpoint`` (the source's patterns)."""
-    patterns = METADATA_PATTERNS + WEIGHT_PATTERNS
-    names = [p.name for p in Path(checkpoint).iterdir()
-             if p.is_file() and p.name != MANIFEST_NAME
-             and any(fnmatch.fnmatch(p.name, pat) for pat in patterns)]
-    return hash_files(checkpoint, names)
+    """sha256 of every file a model server reads from ``checkpoint`` (a source's files)."""
+    return hash_files(checkpoint, [name for name in model_file_names(checkpoint, True)
+                                   if name != MANIFEST_NAME])
 
 
 def candidate_cache_key(checkpoint: Path, cfg: EvaluationSettings, gate: GateSettings) -> str:

@@ -138,11 +138,12 @@ class QuantizeJob:
 @dataclass(frozen=True)
 class Pipeline:
     """A way to run a recipe: ``takes`` says whether it covers the job (its plan, or None after
-    noting why in the choices), ``run`` runs it with the calibration arguments."""
+    noting why in the choices), ``run`` runs it (job, plan, choices so far, the calibration
+    arguments) and returns the choices for the manifest."""
 
     name: str
     takes: Callable[[QuantizeJob, dict[str, Any]], Any]
-    run: Callable[[QuantizeJob, Any, dict[str, Any]], dict[str, Any]]
+    run: Callable[[QuantizeJob, Any, dict[str, Any], dict[str, Any]], dict[str, Any]]
 
 
 def quantize_model(model, tokenizer, recipe_text: str, dataset, max_seq_len: int,
@@ -169,7 +170,7 @@ def run_job(job: QuantizeJob) -> dict[str, Any]:
         choices["activation_cache"] = kwargs["sequential_offload_device"]
     for pipeline in PIPELINES:
         if (taken := pipeline.takes(job, choices)) is not None:
-            return pipeline.run(job, taken, choices | {"calibration": kwargs})
+            return pipeline.run(job, taken, choices, kwargs)
     raise AssertionError("llm-compressor's pipeline takes every recipe")
 
 
@@ -185,8 +186,8 @@ def _single_pass_takes(job: QuantizeJob, choices: dict[str, Any]) -> Any:
     return single
 
 
-def _single_pass_run(job: QuantizeJob, single: Any, choices: dict[str, Any]) -> dict[str, Any]:
-    kwargs = choices.pop("calibration")
+def _single_pass_run(job: QuantizeJob, single: Any, choices: dict[str, Any],
+                     kwargs: dict[str, Any]) -> dict[str, Any]:
     # under torchrun: this rank's shard, merged per layer with the others
     return choices | quantize_single_pass(
         job.model, single, job.dataset, job.acc.torch_device,
@@ -195,14 +196,13 @@ def _single_pass_run(job: QuantizeJob, single: Any, choices: dict[str, Any]) -> 
         batch_tokens=job.batch_tokens, report=job.report)
 
 
-def _llm_compressor_run(job: QuantizeJob, _taken: Any, choices: dict[str, Any]
-                        ) -> dict[str, Any]:
+def _llm_compressor_run(job: QuantizeJob, _taken: Any, choices: dict[str, Any],
+                        kwargs: dict[str, Any]) -> dict[str, Any]:
     import torch
     from llmcompressor import oneshot
 
     from requant.quantization.rank_safe import run_with_barriers, smooth_modifiers
 
-    kwargs = choices.pop("calibration")
     if job.shared_weights:
         raise ValueError("shared_weights needs the single pass, which this recipe or model "
                          "declined: every rank must load the weights")

@@ -36,7 +36,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from requant.atomic import write_json_atomic
-from requant.processes import die_with_parent, group_members, pid_running, runs_command
+from requant.processes import die_with_parent, pid_running, runs_command, stop_leaderless_group
 from requant.rollout.lock import try_target_lock
 from requant.rollout.state import Deployed, load_state, now_iso, save_state
 from requant.serving.keeper import adopting
@@ -95,8 +95,8 @@ class Guardian:
                 f"the keeper of {active.release.revision} died {MAX_RESTARTS} times in "
                 f"{WINDOW_S / 60:.0f} min; not restarted again"))
         server = running_server_of(active, keeper)
-        if server is None:
-            stop_leftovers(pid)
+        if server is None:  # what the dead keeper's group left, so port and memory are free
+            stop_leaderless_group(pid, grace_s=0)
         new_pid = self._launch(active, adopt=server)
         state = load_state(self.state_dir, TARGET)  # under the lock: nobody wrote it meanwhile
         assert state.active is not None
@@ -156,19 +156,6 @@ def recorded_port(d: Deployed) -> str:
     """The port of the recorded server's URL: a keeper's and a vLLM's command line hold
     ``--port N``, which tells a recorded pid from a reused one."""
     return str(urlsplit(d.server.get("url", "")).port)
-
-
-def stop_leftovers(pid: int, timeout_s: float = 30.0) -> None:
-    """The dead keeper's process group (its vLLM and engine processes) killed, so the port and
-    the memory are free. Linux never reuses a pid that is still some group's id, so a group
-    named by a dead leader's pid is that leader's and no one else's."""
-    if pid_running(pid):
-        return
-    deadline = time.monotonic() + timeout_s
-    while group_members(pid) and time.monotonic() < deadline:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-        time.sleep(0.1)
 
 
 def _reap_children() -> None:
