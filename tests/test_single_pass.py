@@ -247,3 +247,21 @@ def test_unanchored_patterns_match_norms_and_linears_not_their_observers(tiny_mo
     text = (Path(__file__).parent / "data" / "broken-smoothing-recipe.yaml").read_text()
     with pytest.raises(SmoothingNotExact, match=r"Mapping at fault: \.\*input_layernorm -> "):
         quantize_single_pass(load(tiny_model), plan(text), dataset(), "cpu", "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kept_inputs_are_written_as_safetensors_that_read_back_equal_with_their_file_hash(
+        tmp_path, dtype):
+    """The kept inputs' writer builds the safetensors file itself (GIL released): the library
+    must read it back to the same tensor, and the digest recorded must be the file's."""
+    from safetensors.torch import load_file
+
+    from requant.hashing import sha256_file
+    from requant.quantization.resume import write_tensor
+
+    hidden = torch.randn(3, 5, 7).to(dtype)
+    path = tmp_path / "batch-00000.safetensors"
+    digest = write_tensor(path, "hidden", hidden)
+    assert digest == sha256_file(path)
+    back = load_file(str(path))["hidden"]
+    assert back.dtype == dtype and torch.equal(back, hidden)

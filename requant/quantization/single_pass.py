@@ -158,7 +158,7 @@ def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, dev
         names = {m: name for name, m in model.named_modules()}
         done, start = resume_point(store, ranks, home, batches, len(layers), cache_device,
                                    phases, report)
-        keeper = store if ranks.rank == 0 else None  # the one copy of what every rank holds
+        keeper = _keeper(store, ranks, batches)
         for index, layer in enumerate(layers):
             if index < start:  # before the kept inputs: only its stored state is needed
                 loss += skip_layer(layer, index, store, done[index], check, phases)
@@ -187,6 +187,17 @@ def quantize_single_pass(model: Any, the_plan: SinglePassPlan, dataset: Any, dev
             "batches": len(batches), "phases_s": phases.record(),
             "resumed_at_layer": len(done) if store is not None else None,
             "resumed_inputs_at_layer": start if store is not None else None}
+
+
+def _keeper(store: LayerStore | None, ranks: Ranks, batches: list[list[Any]]
+            ) -> LayerStore | None:
+    """Rank 0's store (the one copy of what every rank holds), its kept inputs' host buffers
+    being pinned from now on (one process only: each rank's inputs are its own shard)."""
+    if store is None or ranks.rank != 0:
+        return None
+    if ranks.world == 1:
+        store.prepare_inputs([batch[0] for batch in batches])
+    return store
 
 
 def _progress(report: Report, index: int, layers: int, resumed: int, started: float) -> None:
@@ -511,7 +522,9 @@ def calibrate(layer: Any, index: int, batches: list[list[Any]], hessians: Shared
 
 
 class Phases:
-    """Seconds per phase, summed over layers (with a GPU sync at each edge, so they add up)."""
+    """Seconds per phase, summed over layers (with a sync of the calibration's stream at each
+    edge, so they add up; not of the device: the kept inputs' copy on its side stream must not
+    be waited for by the phases around it)."""
 
     def __init__(self, device: str) -> None:
         self.cuda = device.startswith("cuda")
@@ -531,7 +544,7 @@ class Phases:
         if self.cuda:
             import torch
 
-            torch.cuda.synchronize()
+            torch.cuda.current_stream().synchronize()
 
     def record(self) -> dict[str, float]:
         return {name: round(value, 2) for name, value in self.seconds.items()}
