@@ -34,14 +34,10 @@ def run_preflight(settings: PipelineSettings) -> tuple[ResolvedRecipe, Accelerat
         validate_tasks(settings.evaluation)
     check_publish_settings(settings.hub)
     check_gpu_budget(settings, on_gpu=acc.kind == "cuda")
-    if settings.rollout.target == "kubernetes":
-        from requant.rollout.k8s_manifest import check_strategy
+    from requant.rollout.targets import target_of
 
-        check_strategy(settings.rollout.kubernetes)
-    if settings.rollout.target == "local":
-        from requant.rollout.local import check_local_settings
-
-        check_local_settings(settings)
+    if (target := target_of(settings)) is not None:
+        target.check(settings)
     return recipe, acc
 
 

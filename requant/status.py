@@ -18,10 +18,8 @@ from requant.settings import PipelineSettings
 def collect_status(settings: PipelineSettings, recent: int = 5) -> dict[str, Any]:
     target = settings.rollout.target
     serving: dict[str, Any] = {"target": target}
-    if target == "local":
-        serving |= local_status(settings)
-    elif target == "kubernetes":
-        serving |= kubernetes_status(settings)
+    if (read := _SERVING.get(target)) is not None:
+        serving |= read(settings)
     return {"serving": serving, "last_published": last_published(settings.cache_dir),
             "runs": [run_line(r.run_id, r.path, r.summary)
                      for r in list_runs(settings.output_dir)[:recent]]}
@@ -276,3 +274,7 @@ def _server_words(server: dict[str, Any]) -> str:
     answering = "answering" if server["answers"] else \
         f"NOT ANSWERING ({keeper.get('state') or server.get('not_ready')})"
     return f"server pid {server['pid']}, {answering}{restarts}"
+
+
+#: What ``requant status`` reads of each target (``requant.rollout.targets``), read only.
+_SERVING = {"local": local_status, "kubernetes": kubernetes_status}

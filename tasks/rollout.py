@@ -1,7 +1,7 @@
 """Rollout stage: fetch the release, hand it to the configured target, move the marker.
 
-One interface, two targets (``requant.rollout.local``: blue/green on this host;
-``requant.rollout.kubernetes``); each rolls itself back on any failed check.
+One interface, the targets of ``requant.rollout.targets``; each rolls itself back on any failed
+check.
 """
 
 from __future__ import annotations
@@ -18,11 +18,9 @@ from requant.hub.marker import move_production_marker
 from requant.killpoints import MARKER, kill_point
 from requant.progress import StageProgress
 from requant.report import render_rollout
-from requant.rollout.kubernetes import rollout_kubernetes
-from requant.rollout.kubernetes_router import rollout_kubernetes_router
-from requant.rollout.local import rollout_local
 from requant.rollout.release import fetch_release
 from requant.rollout.state import Deployed, Intent, Release, record_marker_moved
+from requant.rollout.targets import target_of
 from requant.settings import HubSettings, PipelineSettings
 
 #: About how many steps a target reports during a rollout (start, ready, verify, switch, drain,
@@ -49,11 +47,10 @@ def rollout(settings: PipelineSettings, release: Release, flow_run_id: str | Non
         logger.info(message)
         progress(min(next(phases) / ROLLOUT_STEPS, 0.95), message, force=True)
 
-    run = rollout_local if settings.rollout.target == "local" else (
-        rollout_kubernetes_router if settings.rollout.kubernetes.router.enabled
-        else rollout_kubernetes)
+    target = target_of(settings)
+    assert target is not None  # rollout.target none never reaches the rollout stage
     try:
-        deployed, changed = run(settings, release, flow_run_id, log, intent)
+        deployed, changed = target.rollout(settings, release, flow_run_id, log, intent)
     except RolloutFailed as exc:
         create_markdown_artifact(key="requant-rollout", markdown=render_rollout(
             settings, release, None, False, failure=exc))

@@ -25,13 +25,12 @@ import base64
 import contextlib
 import os
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from requant.errors import DeploymentCheckFailed, RolloutFailed
 from requant.killpoints import kill_point
+from requant.rollout.blue_green import Filled, Phases, Serving, blue_green
 from requant.rollout.k8s_api import (
     api_client,
     check_owned,
@@ -57,14 +56,7 @@ from requant.rollout.k8s_router_manifest import (
     slot_name,
     token_secret_name,
 )
-from requant.rollout.live_phases import (
-    NewRevision,
-    put_phase,
-    router_call,
-    run_phases,
-    run_shadow,
-    wait_drained,
-)
+from requant.rollout.live_phases import put_phase, router_call, wait_drained
 from requant.rollout.state import (
     Deployed,
     Intent,
@@ -73,7 +65,6 @@ from requant.rollout.state import (
     now_iso,
     save_state,
 )
-from requant.serving.checks import verify_deployment
 from requant.settings import KubernetesTargetSettings, PipelineSettings
 
 TARGET = "kubernetes"
@@ -215,29 +206,94 @@ def clear_phases(c: Cluster, log: Log) -> dict[str, Any]:
 def rollout_kubernetes_router(settings: PipelineSettings, release: Release,
                               flow_run_id: str | None, log: Log = print,
                               intent: Intent = Intent()) -> tuple[Deployed, bool]:
-    k = settings.rollout.kubernetes
-    c = connect(k, log)
-    status = clear_phases(c, log)
-    serving = c.serving_slot(status)
-    if serving is not None and notes_of(c.slot(serving)).get(
-            f"{ANNOTATION}/revision") == release.revision and c.available(serving):
-        log(f"{release.label()} is already served by {k.namespace}/{slot_name(k, serving)}")
-        retire(c, idle_slot(serving), log)
-        return record(settings, release, flow_run_id, serving, {}, intent, event=False), False
-    idle = idle_slot(serving)
-    started = time.monotonic()
-    fill(c, settings, release, idle, serving, flow_run_id, intent, log)
-    verification = verify_slot(c, settings, release, idle, serving, flow_run_id, log)
-    router_call("PUT", c.admin, "/-/backend", token=c.token, what="switch the router",
-                body={"url": slot_url(k, idle), "revision": release.revision})
-    kill_point("k8s-switched")
-    shifted = round(time.monotonic() - started, 2)
-    log(f"traffic shifted to {release.label()} ({slot_name(k, idle)}) after {shifted} s")
-    deployed = record(settings, release, flow_run_id, idle,
-                      verification | {"rollout_to_shift_s": shifted}, intent, event=True)
-    if serving is not None:
-        retire(c, serving, log)
-    return deployed, True
+    """Blue/green between the two slots (``requant.rollout.blue_green``)."""
+    c = connect(settings.rollout.kubernetes, log)
+    slots = RouterSlots(settings, c, clear_phases(c, log), flow_run_id, intent, log)
+    return blue_green(slots, settings, release, log)
+
+
+class RouterSlots:
+    """The cluster router's two places: slots ``a`` and ``b``, each a Deployment and its
+    Service. The truth is in the cluster (the router's backend, each slot's annotations); the
+    worker's record is an audit copy."""
+
+    verified_point = "k8s-verified"
+    ready_timeout_s = 120.0  # the slot's pods are available by then: its rollout waited
+
+    def __init__(self, settings: PipelineSettings, c: Cluster, status: dict[str, Any],
+                 flow_run_id: str | None, intent: Intent, log: Log) -> None:
+        self.settings, self.c, self.flow_run_id, self.intent, self.log = (
+            settings, c, flow_run_id, intent, log)
+        self.router, self.token = c.admin, c.token
+        self.phases = Phases(c.k.router.shadow, c.k.router.canary)
+        self.serving_slot = c.serving_slot(status)
+        self.idle = idle_slot(self.serving_slot)
+
+    def _revision(self, slot: str | None) -> str | None:
+        return notes_of(self.c.slot(slot)).get(f"{ANNOTATION}/revision") if slot else None
+
+    def serving(self) -> Serving | None:
+        slot, revision = self.serving_slot, self._revision(self.serving_slot)
+        return None if slot is None or revision is None else Serving(
+            revision, lambda: self.c.available(slot))
+
+    def already(self, release: Release, serving: Serving | None) -> Deployed | None:
+        slot, k = self.serving_slot, self.c.k
+        if slot is None or serving is None or serving.revision != release.revision \
+                or not serving.alive():
+            return None
+        self.log(f"{release.label()} is already served by {k.namespace}/{slot_name(k, slot)}")
+        retire(self.c, idle_slot(slot), self.log)
+        return record(self.settings, release, self.flow_run_id, slot, {}, self.intent,
+                      event=False)
+
+    def fill(self, release: Release, serving: Serving | None) -> Filled:
+        fill(self.c, self.settings, release, self.idle, self.serving_slot, self.flow_run_id,
+             self.intent, self.log)
+        idle = self.idle
+        return Filled(slot_url(self.c.k, idle), lambda: self.c.available(idle), idle)
+
+    def wait(self, new: Filled) -> None:
+        k = self.c.k
+        wait_rollout(self.c.apps, k, k.rollout_timeout_s, slot_name(k, self.idle))
+
+    def discard(self, new: Filled, release: Release, failure: tuple[str, str] | None) -> None:
+        """The slot scaled back to 0, its requests drained first after a failed check; the
+        serving slot untouched."""
+        if failure is None:
+            with contextlib.suppress(Exception):  # best effort: the next rollout refills it
+                self.c.scale(self.idle, 0)
+            return
+        try:
+            self.c.drain(new.url, self.c.k.router.drain_timeout_s)
+        except RuntimeError as unreachable:  # the rollback goes on: nothing routes there now
+            self.log(f"could not wait for the canary's requests: {unreachable}")
+        self.c.scale(self.idle, 0)
+        rcfg = self.settings.rollout
+        state = load_state(rcfg.state_dir, TARGET)
+        state.record_event("rolled-back", release, self.flow_run_id, now_iso(),
+                           f"{failure[0]}: {failure[1][:500]}")
+        save_state(rcfg.state_dir, state)
+
+    def verified(self, new: Filled) -> None:
+        mark_verified(self.c.apps, self.c.k, slot_name(self.c.k, self.idle))
+
+    def switch(self, new: Filled, release: Release) -> None:
+        router_call("PUT", self.c.admin, "/-/backend", token=self.c.token,
+                    what="switch the router", body={"url": new.url, "revision": release.revision})
+        kill_point("k8s-switched")
+
+    def record(self, new: Filled, release: Release, verification: dict[str, Any]) -> Deployed:
+        return record(self.settings, release, self.flow_run_id, self.idle, verification,
+                      self.intent, event=True)
+
+    def settle(self, new: Filled, release: Release, deployed: Deployed) -> None:
+        """Nothing: the old slot is scaled to 0 with its template kept (a rollback is a
+        scale-up away)."""
+
+    def retire(self) -> None:
+        if self.serving_slot is not None:
+            retire(self.c, self.serving_slot, self.log)
 
 
 def fill(c: Cluster, settings: PipelineSettings, release: Release, idle: str,
@@ -256,54 +312,6 @@ def fill(c: Cluster, settings: PipelineSettings, release: Release, idle: str,
     replace_deployment(c.apps, k, body, c.slot(idle))
     kill_point("k8s-slot-applied")
     log(f"applied {k.namespace}/{slot_name(k, idle)} at {release.label()}; waiting for it")
-
-
-def verify_slot(c: Cluster, settings: PipelineSettings, release: Release, idle: str,
-                serving: str | None, flow_run_id: str | None, log: Log) -> dict[str, Any]:
-    """Rollout status, smoke and load tests on the slot, then the live phases through the
-    router; any failure scales the slot back to 0 (its requests drained) and fails the
-    rollout, with the serving slot untouched."""
-    rcfg, k = settings.rollout, c.k
-    url = slot_url(k, idle)
-    try:
-        wait_rollout(c.apps, k, k.rollout_timeout_s, slot_name(k, idle))
-        report = verify_deployment(url, rcfg.served_model_name, rcfg.slo, rcfg.smoke_prompt,
-                                   ready_timeout_s=120)
-        kill_point("k8s-verified")
-        phases = live_phases(c, release, idle, serving, log)
-    except DeploymentCheckFailed as exc:
-        try:
-            c.drain(url, k.router.drain_timeout_s)
-        except RuntimeError as unreachable:  # the rollback goes on: nothing routes there now
-            log(f"could not wait for the canary's requests: {unreachable}")
-        c.scale(idle, 0)
-        state = load_state(rcfg.state_dir, TARGET)
-        state.record_event("rolled-back", release, flow_run_id, now_iso(),
-                           f"{exc.check}: {exc.reason[:500]}")
-        save_state(rcfg.state_dir, state)
-        raise RolloutFailed(release, exc.check, exc.reason, exc.report) from None
-    except BaseException:
-        with contextlib.suppress(Exception):  # best effort: the next rollout refills it anyway
-            c.scale(idle, 0)
-        raise
-    mark_verified(c.apps, k, slot_name(k, idle))
-    return report.as_record() | phases
-
-
-def live_phases(c: Cluster, release: Release, idle: str, serving: str | None,
-                log: Log) -> dict[str, Any]:
-    cfg = c.k.router
-    records: dict[str, Any] = {"shadow": None, "canary": []}
-    serving_rev = notes_of(c.slot(serving)).get(f"{ANNOTATION}/revision") if serving else None
-    if serving_rev is None or serving_rev == release.revision or not c.available(serving):
-        log("no serving revision to compare live traffic with: switching after the load test")
-        return records
-    phase = NewRevision(c.admin, c.token, slot_url(c.k, idle), release.revision, serving_rev,
-                        lambda: c.available(idle))
-    if cfg.shadow.seconds:
-        records["shadow"] = run_shadow(phase, cfg.shadow, cfg.canary.poll_s, log)
-    records["canary"] = run_phases(phase, cfg.canary, log)
-    return records
 
 
 def retire(c: Cluster, slot: str, log: Log) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,15 +31,9 @@ from requant.processes import (
     stop_leaderless_group,
     stop_process_group,
 )
+from requant.rollout.blue_green import Filled, Phases, Serving, blue_green
 from requant.rollout.guardian import STOPPED, guardian_command, recorded_port
-from requant.rollout.live_phases import (
-    NewRevision,
-    put_phase,
-    router_call,
-    run_phases,
-    run_shadow,
-    wait_drained,
-)
+from requant.rollout.live_phases import put_phase, router_call, wait_drained
 from requant.rollout.lock import target_lock
 from requant.rollout.state import (
     Deployed,
@@ -51,7 +44,7 @@ from requant.rollout.state import (
     now_iso,
     save_state,
 )
-from requant.serving.checks import verify_deployment, wait_until_ready
+from requant.serving.checks import wait_until_ready
 from requant.serving.server import log_tail, start_server, stop_server
 from requant.settings import PipelineSettings
 
@@ -258,76 +251,124 @@ def recover(settings: PipelineSettings, state: DeployState, url: str, flow_run_i
         _stop_deployed(old, grace)
 
 
-@dataclass(frozen=True)
-class _Rollout:
-    """One rollout's fixed inputs, so that its steps below read as the pipeline they are."""
-
-    settings: PipelineSettings
-    state: DeployState
-    release: Release
-    flow_run_id: str | None
-    url: str  # the router's
-    log: Log
-    intent: Intent
-
-
 def rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str | None,
                   log: Log = print, intent: Intent = Intent()) -> tuple[Deployed, bool]:
     """Blue/green to ``release``; returns (what now serves, whether anything changed)."""
     check_local_settings(settings)
     with target_lock(settings.rollout.state_dir, TARGET, log):  # the guardian waits its turn
         (Path(settings.rollout.state_dir) / TARGET / STOPPED).unlink(missing_ok=True)
-        return _rollout_local(settings, release, flow_run_id, log, intent)
+        state = load_state(settings.rollout.state_dir, TARGET)
+        url = ensure_router(settings, log)  # a restarted router resumes its persisted backend
+        recover(settings, state, url, flow_run_id, log)
+        slots = LocalSlots(settings, state, url, flow_run_id, log, intent)
+        return blue_green(slots, settings, release, log)
 
 
-def _rollout_local(settings: PipelineSettings, release: Release, flow_run_id: str | None,
-                   log: Log, intent: Intent) -> tuple[Deployed, bool]:
-    state = load_state(settings.rollout.state_dir, TARGET)
-    url = ensure_router(settings, log)  # a restarted router resumes its persisted backend
-    recover(settings, state, url, flow_run_id, log)
-    if _already_serving(settings, state, release, url):
-        log(f"{release.label()} is already serving at {url}; nothing to do")
-        assert state.active is not None
-        return state.active, False
-    if not release.checkpoint or not Path(release.checkpoint).is_dir():
-        raise SettingsError(f"release {release.label()}: checkpoint folder "
-                            f"{release.checkpoint!r} does not exist.")
-    r = _Rollout(settings, state, release, flow_run_id, url, log, intent)
-    started = time.monotonic()
-    blue, earlier = state.active, state.previous
-    green = _start_green(r)
-    verification = _verify_green(r, green, blue)
-    warm, switched, token = _switch_to_green(r, green, blue, verification, started)
-    deployed = state.active  # green, on record
-    assert deployed is not None
-    if warm is not None:
+class LocalSlots:
+    """The local target's two places (``requant.rollout.blue_green``): the serving revision's
+    model server (blue) and a new one started beside it on a free port (green), behind the
+    router on ``rollout.local.port``; the record of truth is the deployed state, written ahead
+    of every step, which ``recover`` reads back after a kill."""
+
+    verified_point = "verified"
+
+    def __init__(self, settings: PipelineSettings, state: DeployState, url: str,
+                 flow_run_id: str | None, log: Log, intent: Intent) -> None:
         cfg = settings.rollout.local
-        log(f"keeping {warm.release.label()} warm as the fallback for {cfg.keep_previous_s} s "
-            "(rollout.local.keep_previous_s)")
-        if not stays_healthy(url, green.base_url, cfg.keep_previous_s):
-            _undo(settings, state, warm, earlier, green, release, flow_run_id, url, token)
-        switch_router(url, green.base_url, release.revision, token)
-    kill_point("unwarmed")
-    _retire(settings, url, switched.get("previous"), blue, log)
-    return deployed, True
+        self.settings, self.state, self.router = settings, state, url
+        self.flow_run_id, self.log, self.intent = flow_run_id, log, intent
+        self.token = router_token(settings)
+        self.phases = Phases(cfg.shadow, cfg.canary)
+        self.ready_timeout_s = cfg.server.startup_timeout_s
+        self.blue, self.earlier = state.active, state.previous
+        self.warm: Deployed | None = None  # the router's fallback while blue is kept warm
+        self.switched: dict[str, Any] = {}
+
+    def serving(self) -> Serving | None:
+        blue = self.blue
+        return None if blue is None else Serving(blue.release.revision,
+                                                 lambda: _server_alive(blue))
+
+    def already(self, release: Release, serving: Serving | None) -> Deployed | None:
+        """Only if the record, the router and the server itself all say so."""
+        active, current = self.state.active, router_status(self.router) or {}
+        if (active and active.release.revision == release.revision
+                and current.get("backend") == active.server.get("url")
+                and answers(active, self.settings)):
+            self.log(f"{release.label()} is already serving at {self.router}; nothing to do")
+            return active
+        return None
+
+    def fill(self, release: Release, serving: Serving | None) -> Filled:
+        if not release.checkpoint or not Path(release.checkpoint).is_dir():
+            raise SettingsError(f"release {release.label()}: checkpoint folder "
+                                f"{release.checkpoint!r} does not exist.")
+        green = _start_green(self, release)
+        return Filled(green.base_url, green.unbroken, green, process_alive=green.unbroken)
+
+    def wait(self, new: Filled) -> None:
+        """Nothing: the server's start waited for its readiness."""
+
+    def discard(self, new: Filled, release: Release, failure: tuple[str, str] | None) -> None:
+        """Stop a green that failed its checks. A canary's clients may still be waiting on it
+        (its share already goes back to the serving revision): their requests finish first. A
+        router that does not answer is not waited on: nothing can be routed through it."""
+        green = new.handle
+        if (router_status(self.router) or {}).get("inflight", {}).get(green.base_url):
+            drain(self.router, green.base_url, self.settings.rollout.local.drain_timeout_s)
+        stop_server(green, self.settings.rollout.local.server.stop_grace_s)
+        self.state.pending = None
+        if failure is not None:
+            _record_failure(self.settings, self.state, release, self.flow_run_id, *failure)
+        else:
+            save_state(self.settings.rollout.state_dir, self.state)
+
+    def verified(self, new: Filled) -> None:
+        """Nothing more: the deployed state records green only once it serves."""
+
+    def switch(self, new: Filled, release: Release) -> None:
+        """The router to green, blue kept as its fallback while warm."""
+        blue, cfg = self.blue, self.settings.rollout.local
+        self.warm = blue if blue is not None and cfg.keep_previous_s > 0 \
+            and _server_alive(blue) else None
+        self.switched = switch_router(self.router, new.url, release.revision, self.token,
+                                      fallback=self.warm)
+        kill_point("switched")
+
+    def record(self, new: Filled, release: Release, verification: dict[str, Any]) -> Deployed:
+        pending = self.state.pending
+        assert pending is not None
+        pending.verification = verification
+        pending.deployed_at = now_iso()
+        self.state.activate(pending)
+        self.state.record_event("deployed", release, self.flow_run_id, pending.deployed_at)
+        save_state(self.settings.rollout.state_dir, self.state)
+        kill_point("recorded")
+        return pending
+
+    def settle(self, new: Filled, release: Release, deployed: Deployed) -> None:
+        """Blue kept warm as the router's fallback for ``rollout.local.keep_previous_s``; if
+        green fails the router's health checks meanwhile, blue serves again (``_undo``)."""
+        if self.warm is not None:
+            cfg = self.settings.rollout.local
+            self.log(f"keeping {self.warm.release.label()} warm as the fallback for "
+                     f"{cfg.keep_previous_s} s (rollout.local.keep_previous_s)")
+            if not stays_healthy(self.router, new.url, cfg.keep_previous_s):
+                _undo(self, self.warm, new.handle, release)
+            switch_router(self.router, new.url, release.revision, self.token)
+        kill_point("unwarmed")
+
+    def retire(self) -> None:
+        _retire(self.settings, self.router, self.switched.get("previous"), self.blue, self.log)
 
 
-def _already_serving(settings: PipelineSettings, state: DeployState, release: Release,
-                     url: str) -> bool:
-    """Only if the record, the router and the server itself all say so."""
-    current = router_status(url) or {}
-    return bool(state.active and state.active.release.revision == release.revision
-                and current.get("backend") == state.active.server.get("url")
-                and answers(state.active, settings))
-
-
-def _start_green(r: _Rollout) -> Any:
+def _start_green(r: LocalSlots, release: Release) -> Any:
     """The new revision's server beside the serving one, recorded as ``pending`` from the
     moment it exists: a rollout killed from then on is reaped by the next one."""
     rcfg, cfg = r.settings.rollout, r.settings.rollout.local
     folder = Path(rcfg.state_dir) / TARGET / "servers"
-    log_path = folder / f"{r.release.revision[:16]}-{datetime.now(UTC):%Y%m%dT%H%M%S}.log"
-    r.log(f"starting {r.release.label()} beside the serving revision")
+    log_path = folder / f"{release.revision[:16]}-{datetime.now(UTC):%Y%m%dT%H%M%S}.log"
+    r.log(f"starting {release.label()} beside the serving revision")
     # Two CPU servers side by side: vLLM's default pins each one's OpenMP threads to the same
     # cores with spin-waiting, and the busy old server then starves the new one's start-up
     # (measured: not ready after 300 s under client load). Unpinned + passive waiting shares
@@ -336,7 +377,7 @@ def _start_green(r: _Rollout) -> Any:
         "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_WAIT_POLICY": "PASSIVE", **cfg.server.env}})
 
     def record_spawned(handle: Any) -> None:  # before the wait: a kill from here on is reaped
-        r.state.pending = Deployed(r.release, now_iso(), r.flow_run_id, r.url,
+        r.state.pending = Deployed(release, now_iso(), r.flow_run_id, r.router,
                                    {"pid": handle.process.pid, "url": handle.base_url,
                                     "log": str(log_path),
                                     "keeper": str(handle.keeper_status)
@@ -349,92 +390,18 @@ def _start_green(r: _Rollout) -> Any:
         kill_point("spawned")
 
     try:
-        green = start_server(r.release.checkpoint, server_cfg, log_path,
+        green = start_server(release.checkpoint, server_cfg, log_path,
                              on_spawn=record_spawned, served_name=rcfg.served_model_name,
                              die_with_parent=False, keep_running=cfg.restart_server)
     except ServerError as exc:
         r.state.pending = None
-        _record_failure(r.settings, r.state, r.release, r.flow_run_id, "readiness", str(exc))
-        raise RolloutFailed(r.release, "readiness", str(exc)) from None
+        _record_failure(r.settings, r.state, release, r.flow_run_id, "readiness", str(exc))
+        raise RolloutFailed(release, "readiness", str(exc)) from None
     assert r.state.pending is not None
     r.state.pending.server["startup_s"] = green.startup_s
     save_state(rcfg.state_dir, r.state)
     kill_point("ready")
     return green
-
-
-def _verify_green(r: _Rollout, green: Any, blue: Deployed | None) -> dict[str, Any]:
-    """Smoke, load test and the live phases, on green only; any failure stops green and
-    leaves blue serving. Returns what the verification measured, for the record."""
-    rcfg, cfg = r.settings.rollout, r.settings.rollout.local
-    try:
-        report = verify_deployment(green.base_url, rcfg.served_model_name, rcfg.slo,
-                                   rcfg.smoke_prompt, cfg.server.startup_timeout_s, green.unbroken)
-        kill_point("verified")
-        phases = _live_phases(r.settings, r.url, green, r.release, blue, r.log)
-    except DeploymentCheckFailed as exc:
-        _stop_green(r, green)
-        r.state.pending = None
-        _record_failure(r.settings, r.state, r.release, r.flow_run_id, exc.check, exc.reason)
-        raise RolloutFailed(r.release, exc.check, exc.reason, exc.report) from None
-    except BaseException:
-        _stop_green(r, green)
-        r.state.pending = None
-        save_state(rcfg.state_dir, r.state)
-        raise
-    return report.as_record() | phases
-
-
-def _stop_green(r: _Rollout, green: Any) -> None:
-    """Stop a green that failed its checks. A canary's clients may still be waiting on it (its
-    share already goes back to the serving revision): their requests finish first. A router
-    that does not answer is not waited on: nothing can be routed through it either."""
-    if (router_status(r.url) or {}).get("inflight", {}).get(green.base_url):
-        drain(r.url, green.base_url, r.settings.rollout.local.drain_timeout_s)
-    stop_server(green, r.settings.rollout.local.server.stop_grace_s)
-
-
-def _switch_to_green(r: _Rollout, green: Any, blue: Deployed | None,
-                     verification: dict[str, Any], started: float,
-                     ) -> tuple[Deployed | None, dict[str, Any], str]:
-    """The router to green (blue kept as its fallback while warm), then the record.
-    Returns (the warm fallback or None, the router's answer, the admin token)."""
-    cfg = r.settings.rollout.local
-    warm = blue if blue is not None and cfg.keep_previous_s > 0 and _server_alive(blue) else None
-    token = router_token(r.settings)
-    switched = switch_router(r.url, green.base_url, r.release.revision, token, fallback=warm)
-    kill_point("switched")
-    shifted_s = round(time.monotonic() - started, 2)
-    r.log(f"traffic shifted to {r.release.label()} after {shifted_s} s")
-    pending = r.state.pending
-    assert pending is not None
-    pending.verification = {**verification, "rollout_to_shift_s": shifted_s}
-    pending.deployed_at = now_iso()
-    r.state.activate(pending)
-    r.state.record_event("deployed", r.release, r.flow_run_id, pending.deployed_at)
-    save_state(r.settings.rollout.state_dir, r.state)
-    kill_point("recorded")
-    return warm, switched, token
-
-
-def _live_phases(settings: PipelineSettings, url: str, green: Any, release: Release,
-                 blue: Deployed | None, log: Log) -> dict[str, Any]:
-    """The shadow phase, then the canary phases, where configured and a serving revision is
-    there to compare with (the first rollout, or a redeploy of the serving revision itself,
-    has none: it switches after the load test)."""
-    cfg = settings.rollout.local
-    records: dict[str, Any] = {"shadow": None, "canary": []}
-    if not cfg.shadow.seconds and not cfg.canary.phases:
-        return records
-    if blue is None or not _server_alive(blue) or blue.release.revision == release.revision:
-        log("no serving revision to compare live traffic with: switching after the load test")
-        return records
-    phase = NewRevision(url, router_token(settings), green.base_url, release.revision,
-                   blue.release.revision, green.unbroken)
-    if cfg.shadow.seconds:
-        records["shadow"] = run_shadow(phase, cfg.shadow, cfg.canary.poll_s, log)
-    records["canary"] = run_phases(phase, cfg.canary, log)
-    return records
 
 
 def stays_healthy(url: str, backend: str, seconds: float) -> bool:
@@ -448,17 +415,15 @@ def stays_healthy(url: str, backend: str, seconds: float) -> bool:
     return True
 
 
-def _undo(settings: PipelineSettings, state: DeployState, warm: Deployed,
-          earlier: Deployed | None, green: Any, release: Release, flow_run_id: str | None,
-          url: str, token: str) -> None:
+def _undo(r: LocalSlots, warm: Deployed, green: Any, release: Release) -> None:
     """The new revision died while the previous one was still warm: the previous one serves
     again (the router already sent it the traffic), on record too, and the rollout fails."""
-    switch_router(url, warm.server["url"], warm.release.revision, token)
-    state.active, state.previous = warm, earlier
-    stop_server(green, settings.rollout.local.server.stop_grace_s)
+    switch_router(r.router, warm.server["url"], warm.release.revision, r.token)
+    r.state.active, r.state.previous = warm, r.earlier
+    stop_server(green, r.settings.rollout.local.server.stop_grace_s)
     reason = (f"{green.base_url} failed the router's health checks within "
               f"rollout.local.keep_previous_s; {warm.release.label()} serves again")
-    _record_failure(settings, state, release, flow_run_id, "served", reason)
+    _record_failure(r.settings, r.state, release, r.flow_run_id, "served", reason)
     raise RolloutFailed(release, "served", reason)
 
 

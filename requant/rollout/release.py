@@ -13,6 +13,7 @@ from requant.errors import SettingsError
 from requant.hashing import fingerprint, hash_files
 from requant.hub.client import endpoint, resolve_token
 from requant.rollout.state import Release, load_state
+from requant.rollout.targets import TARGETS
 from requant.settings import HubSettings, PipelineSettings
 
 
@@ -30,12 +31,8 @@ def resolve_release(settings: PipelineSettings, revision: str | None = None,
             f"promote: give exactly one of revision (a published commit SHA), checkpoint (a "
             f"local folder) or rollback=true; got {given or 'none'}."
         )
-    if rollback and target == "kubernetes":
-        from requant.rollout.kubernetes import previous_release
-        from requant.rollout.kubernetes_router import previous_release_routed
-
-        k = settings.rollout.kubernetes
-        release, where = (previous_release_routed if k.router.enabled else previous_release)(k)
+    if rollback and (previous := TARGETS[target].previous) is not None:
+        release, where = previous(settings)
         if release is None:
             raise SettingsError(f"rollback: {where}; nothing to go back to.")
         return release
