@@ -41,7 +41,7 @@ def main() -> None:
     model = Path(settings.source.model)
     started = time.perf_counter()
     record = measure_noise(settings.evaluation, settings.gate, model, stages=args.stages,
-                           on_gpu=hardware_name().startswith("cuda"))
+                           on_gpu=hardware_name(True).startswith("cuda"))
     out = {"config": str(args.config), "overrides": args.overrides,
            "server_env": settings.evaluation.server.env, "wall_s": round(
                time.perf_counter() - started, 1)} | {

@@ -15,6 +15,7 @@ ones; and a scan of min_recovery against the good/bad goals at their hardest poi
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -48,12 +49,13 @@ def main() -> None:
         gate = gate.model_copy(update={"rules": gate.rules[:1]})
     r = gate.rules[0].min_recovery
     started = time.perf_counter()
+    seeds = itertools.count(1)  # each row its own random stream: rows are independent
 
     def run(recovery: float, flip: float, g=gate) -> dict | None:
         try:
             return simulate(g, recovery=recovery, discordance=flip, baseline=args.baseline,
                             questions=args.questions, runs=args.runs,
-                            agreement=args.agreement).as_record()
+                            agreement=args.agreement, seed=next(seeds)).as_record()
         except ValueError:  # this flip cannot produce that recovery at this baseline
             return None
 

@@ -229,7 +229,8 @@ def gpu_stages(
             ev, settings.gate, baseline, ckpt.path, eval_dir / "candidate", on_gpu,
             source.as_record(), source.path, settings.cache_dir)
         record_gate(decision, baseline, candidate, run_dir.stage("gate"),
-                    noise_for_source(settings.cache_dir, source.as_record(), ev, settings.gate))
+                    noise_for_source(settings.cache_dir, source.as_record(), ev, settings.gate,
+                                     on_gpu))
     return ckpt, decision, {"evaluate_baseline": round(t1 - t0, 2),
                             "quantize": round(t2 - t1, 2),
                             "evaluate_candidate_and_gate": round(time.perf_counter() - t2, 2)}

@@ -143,7 +143,8 @@ def _evaluate(entry: Entry, baseline: ModelEvaluation, source: ResolvedSource, o
             s.evaluation, s.gate, baseline, entry.ckpt.path, eval_dir / "candidate", on_gpu,
             source.as_record(), source.path, s.cache_dir)
         record_gate(decision, baseline, candidate, out.stage("gate"),
-                    noise_for_source(s.cache_dir, source.as_record(), s.evaluation, s.gate))
+                    noise_for_source(s.cache_dir, source.as_record(), s.evaluation, s.gate,
+                                     on_gpu))
     except Exception as exc:  # as in _quantize
         o.status, o.why = "error", f"evaluation: {first_line(exc)}"
         get_run_logger().warning("candidate %s: %s", o.name, o.why)

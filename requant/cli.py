@@ -253,9 +253,9 @@ def cmd_noise(args: argparse.Namespace) -> int:
         raise SettingsError(f"--stages: the gate has {stages} stage(s); choose 1 to {stages}.")
     validate_tasks(ev)
     source = resolve_source_files(settings.source, with_weights=True)
-    key = noise_key(source.as_record(), ev, settings.gate)
-    record = measure_noise(ev, settings.gate, source.path, stages=args.stages,
-                           on_gpu=detect_accelerator(settings.quantization.device).kind == "cuda")
+    on_gpu = detect_accelerator(settings.quantization.device).kind == "cuda"
+    key = noise_key(source.as_record(), ev, settings.gate, on_gpu)
+    record = measure_noise(ev, settings.gate, source.path, stages=args.stages, on_gpu=on_gpu)
     path = save_noise(settings.cache_dir, key, record)
     print(noise_line(record))
     print(f"prompts paired: {record['prompts_paired']}; the gate on A vs A: "

@@ -121,6 +121,18 @@ class GateFailed(RequantError, RuntimeError):
         )
 
 
+class EvaluationStalled(RequantError, RuntimeError):
+    """The baseline was asked for more stages and came back with no more: the candidate's
+    staged evaluation would ask again forever. Nothing was published."""
+
+    def __init__(self, asked: int, answered: int) -> None:
+        super().__init__(
+            f"evaluation: the baseline was asked to answer up to stage {asked} and came back "
+            f"with {answered} stage(s); the gate cannot look further. Delete the baseline's "
+            "cache entry (cache_dir/baseline-eval/) so it is evaluated again, and re-run.")
+        self.asked, self.answered = asked, answered
+
+
 class RolloutFailed(RequantError, RuntimeError):
     """The new revision was not put into service; what served before still does."""
 

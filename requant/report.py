@@ -61,7 +61,8 @@ STAGE_OF_CODE = (
     ("/requant/preflight.py", "preflight"), ("/tasks/preflight.py", "preflight"),
 )
 #: Errors that name their stage whatever code raised them.
-STAGE_OF_ERROR = {"GateFailed": "gate", "RolloutFailed": "rollout",
+STAGE_OF_ERROR = {"GateFailed": "gate", "EvaluationStalled": "evaluation",
+                  "RolloutFailed": "rollout",
                   "CheckpointVerificationError": "verification"}
 
 

@@ -77,9 +77,16 @@ def evaluate_candidate(
                                         baseline.result_dir, on_gpu, report=progress,
                                         upto=upto)
 
+    def fresh_baseline(upto: int) -> ModelEvaluation:
+        get_run_logger().warning("the cached baseline was asked with other prompts than the "
+                                 "candidate (its task data changed): it answers again")
+        return evaluate_baseline_cached(cfg, gate, source_record, source_dir, cache_dir,
+                                        baseline.result_dir, on_gpu, report=progress,
+                                        upto=upto, refresh=True)
+
     result, decision, baseline = evaluate_candidate_gated(
         cfg, gate, baseline, checkpoint, out_dir, on_gpu, report=progress,
-        more_baseline=more_baseline, cache_dir=cache_dir)
+        more_baseline=more_baseline, cache_dir=cache_dir, fresh_baseline=fresh_baseline)
     progress.done(f"gate {decision.status} after {decision.questions} of {decision.total} "
                   "questions")
     _report(result)

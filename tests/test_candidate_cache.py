@@ -25,7 +25,7 @@ def no_server(monkeypatch, tmp_path):
     """Any model server start fails (no serving Python): what passes here started none."""
     monkeypatch.setenv("REQUANT_SERVING_PYTHON", str(tmp_path / "no-python"))
     monkeypatch.setattr("requant.evaluation.candidate_cache.evaluated_with",
-                        lambda cfg, gate: WITH)
+                        lambda cfg, gate, on_gpu: WITH)
     monkeypatch.setattr("requant.evaluation.staged.tokenizer_fingerprint", lambda _: "tok")
 
 
@@ -62,15 +62,15 @@ def record(folder: Path, label: str, scores: dict[int, float], stages: int) -> M
 
 def test_the_key_follows_the_served_bytes_not_the_manifest_that_names_the_run(tmp_path):
     cfg, gate = settings()
-    one = candidate_cache_key(checkpoint(tmp_path / "a"), cfg, gate)
+    one = candidate_cache_key(checkpoint(tmp_path / "a"), cfg, gate, False)
     other_run = checkpoint(tmp_path / "b")
     (other_run / "manifest.json").write_text('{"run": {"flow_run_id": "two"}}')
     (other_run / "recipe.yaml").write_text("# the recipe as it ran")
-    assert candidate_cache_key(other_run, cfg, gate) == one
-    assert candidate_cache_key(checkpoint(tmp_path / "c", b"w" * 63 + b"x"), cfg, gate) != one
+    assert candidate_cache_key(other_run, cfg, gate, False) == one
+    assert candidate_cache_key(checkpoint(tmp_path / "c", b"w" * 63 + b"x"), cfg, gate, False) != one
     config_changed = checkpoint(tmp_path / "d")
     (config_changed / "config.json").write_text('{"quantization_config": {"format": "float"}}')
-    assert candidate_cache_key(config_changed, cfg, gate) != one
+    assert candidate_cache_key(config_changed, cfg, gate, False) != one
 
 
 def test_a_kept_two_stage_record_decides_look_1_on_look_1s_questions_only(tmp_path):
@@ -82,7 +82,7 @@ def test_a_kept_two_stage_record_decides_look_1_on_look_1s_questions_only(tmp_pa
     plan = stage_plan({"t": TOTAL}, [0.5, 1.0], gate.order_seed)
     live = record(tmp_path / "live", "candidate",
                   {d: 0.0 for d in plan[0]["t"]} | {d: 1.0 for d in plan[1]["t"]}, stages=2)
-    cache = CandidateCache(tmp_path / "cache", ckpt, cfg, gate)
+    cache = CandidateCache(tmp_path / "cache", ckpt, cfg, gate, False)
     cache.keep(live)
     baseline = record(tmp_path / "baseline", "baseline", dict.fromkeys(range(TOTAL), 1.0), 2)
 
@@ -107,7 +107,7 @@ def test_a_kept_two_stage_record_decides_look_1_on_look_1s_questions_only(tmp_pa
 def test_other_served_bytes_are_evaluated_live_not_read_from_anothers_answers(tmp_path):
     cfg, gate = settings()
     plan = stage_plan({"t": TOTAL}, [0.5, 1.0], gate.order_seed)
-    cache = CandidateCache(tmp_path / "cache", checkpoint(tmp_path / "kept"), cfg, gate)
+    cache = CandidateCache(tmp_path / "cache", checkpoint(tmp_path / "kept"), cfg, gate, False)
     cache.keep(record(tmp_path / "live", "candidate", dict.fromkeys(range(TOTAL), 1.0), 2))
     baseline = record(tmp_path / "baseline", "baseline", dict.fromkeys(range(TOTAL), 1.0), 2)
     other = checkpoint(tmp_path / "other", b"v" * 64)
@@ -119,7 +119,7 @@ def test_other_served_bytes_are_evaluated_live_not_read_from_anothers_answers(tm
 
 def test_a_longer_record_replaces_a_shorter_one_and_a_shorter_never_replaces_a_longer(tmp_path):
     cfg, gate = settings()
-    cache = CandidateCache(tmp_path / "cache", checkpoint(tmp_path / "ckpt"), cfg, gate)
+    cache = CandidateCache(tmp_path / "cache", checkpoint(tmp_path / "ckpt"), cfg, gate, False)
     scores = dict.fromkeys(range(TOTAL), 1.0)
     cache.keep(record(tmp_path / "one", "candidate", scores, 1))
     assert cache.kept().stages == 1

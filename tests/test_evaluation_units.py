@@ -96,25 +96,26 @@ def test_baseline_cache_key_covers_source_and_everything_the_scores_depend_on(mo
     monkeypatch.chdir(ROOT)
     src = {"model": "m", "revision": None, "files": {"model.safetensors": "aa"}}
     gate = GateSettings()
-    with_ = evaluated_with(EvaluationSettings(task_limits={}, limit=10), gate)
+    with_ = evaluated_with(EvaluationSettings(task_limits={}, limit=10), gate, False)
     key = baseline_cache_key(src, with_)
     assert {"task_files", "num_fewshot", "limits", "max_gen_toks", "add_bos_token", "server",
             "lm_eval", "vllm", "looks", "order_seed", "tasks", "backend",
             "cpu_native_bf16"} <= set(with_)
     assert with_["vllm"].startswith("0.32.0")  # the serving environment's vLLM, asked there
-    assert baseline_cache_key(dict(src), evaluated_with(EvaluationSettings(task_limits={}, limit=10), gate)) == key
+    assert baseline_cache_key(dict(src), evaluated_with(EvaluationSettings(task_limits={}, limit=10), gate, False)) == key
     assert baseline_cache_key(src | {"files": {"model.safetensors": "bb"}}, with_) != key
     for changed in (EvaluationSettings(task_limits={}, limit=11), EvaluationSettings(task_limits={}, limit=10, num_fewshot=3),
                     EvaluationSettings(task_limits={}, limit=10, add_bos_token=False),
                     EvaluationSettings.model_validate({"limit": 10, "task_limits": {},
                                                        "server": {"max_model_len": 1024}})):
-        assert baseline_cache_key(src, evaluated_with(changed, gate)) != key, changed
+        assert baseline_cache_key(src, evaluated_with(changed, gate, False)) != key, changed
     assert baseline_cache_key(src, evaluated_with(
-        EvaluationSettings(task_limits={}, limit=10), GateSettings(looks=[0.25, 1.0]))) != key
+        EvaluationSettings(task_limits={}, limit=10), GateSettings(looks=[0.25, 1.0]),
+        False)) != key
     for changed_env in ({"VLLM_BATCH_INVARIANT": "1"}, {}):  # server env, not only flags
         other = EvaluationSettings.model_validate({"limit": 10, "task_limits": {},
                                                    "server": {"env": changed_env}})
-        assert baseline_cache_key(src, evaluated_with(other, gate)) != key
+        assert baseline_cache_key(src, evaluated_with(other, gate, False)) != key
     assert {"server_env", "hardware", "transformers", "datasets"} <= set(with_)
 
 

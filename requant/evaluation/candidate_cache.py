@@ -47,17 +47,18 @@ def served_files(checkpoint: Path) -> dict[str, str]:
                                    if name != MANIFEST_NAME])
 
 
-def candidate_cache_key(checkpoint: Path, cfg: EvaluationSettings, gate: GateSettings) -> str:
+def candidate_cache_key(checkpoint: Path, cfg: EvaluationSettings, gate: GateSettings,
+                        on_gpu: bool) -> str:
     return fingerprint({"served_files": served_files(checkpoint),
-                        "evaluated_with": evaluated_with(cfg, gate)})
+                        "evaluated_with": evaluated_with(cfg, gate, on_gpu)})
 
 
 class CandidateCache:
     """One candidate's kept answers under ``cache_dir/candidate-eval/<key>``."""
 
     def __init__(self, cache_dir: Path, checkpoint: Path, cfg: EvaluationSettings,
-                 gate: GateSettings) -> None:
-        self.key = candidate_cache_key(checkpoint, cfg, gate)
+                 gate: GateSettings, on_gpu: bool) -> None:
+        self.key = candidate_cache_key(checkpoint, cfg, gate, on_gpu)
         self.folder = Path(cache_dir) / CACHE_DIR / self.key
         self.looks = effective_looks(cfg, gate)
         self.seed = gate.order_seed

@@ -33,7 +33,7 @@ from requant.evaluation.task_files import (
 from requant.hashing import fingerprint
 from requant.progress import Report, no_progress, polling
 from requant.quantization.hardware import cpu_has_native_bf16
-from requant.serving.server import log_tail, serving_python
+from requant.serving.server import effective_flags, log_tail, serving_python
 from requant.settings import EvaluationSettings, GateSettings, ServerSettings
 
 
@@ -96,8 +96,10 @@ def serving_vllm_version(python: str) -> str:
     return out.stdout.strip() or f"unknown ({out.stderr.strip()[-200:]})"
 
 
-def evaluated_with(cfg: EvaluationSettings, gate: GateSettings) -> dict[str, Any]:
-    """Everything that changes a score or the questions asked; equal for comparable records."""
+def evaluated_with(cfg: EvaluationSettings, gate: GateSettings, on_gpu: bool) -> dict[str, Any]:
+    """Everything that changes a score or the questions asked; equal for comparable records.
+    ``on_gpu``: whether the evaluation servers run on the GPU (the run's accelerator), which
+    decides flags the settings leave open (eager, dtype) and what they compute on."""
     server: ServerSettings = cfg.server
     return {
         "tasks": list(cfg.tasks),
@@ -110,24 +112,26 @@ def evaluated_with(cfg: EvaluationSettings, gate: GateSettings) -> dict[str, Any
         "server": server.model_dump(mode="json", include={
             "max_model_len", "max_num_seqs", "max_num_batched_tokens", "enforce_eager",
             "extra_args"}),
+        "server_flags": effective_flags(server, on_gpu),  # as started, not as configured
         "server_env": dict(sorted(server.env.items())),  # batch invariance, attention backend
         "lm_eval": metadata.version("lm_eval"),
         "transformers": metadata.version("transformers"),  # the prompts' tokenizer code
         "datasets": metadata.version("datasets"),
         "vllm": serving_vllm_version(str(serving_python(server))),
-        "hardware": hardware_name(),
+        "hardware": hardware_name(on_gpu),
         "cpu_native_bf16": cpu_has_native_bf16(),  # else CPU servers compute in fp32
         "looks": effective_looks(cfg, gate),
         "order_seed": gate.order_seed,
     }
 
 
-def hardware_name() -> str:
+def hardware_name(on_gpu: bool) -> str:
     """What the evaluation servers compute on: scores move with the kernels (a cached baseline
-    from another GPU model or CPU is never reused, nor compared)."""
+    from another GPU model or CPU is never reused, nor compared). The host's CPU where they do
+    not run on its GPU."""
     from requant.quantization.hardware import detect_accelerator
 
-    acc = detect_accelerator("auto")
+    acc = detect_accelerator("auto" if on_gpu else "cpu")
     return f"{acc.kind}: {acc.name}"
 
 

@@ -51,7 +51,7 @@ def measure_noise(cfg: EvaluationSettings, gate: GateSettings, model_dir: Path, 
                       "score_a1": a1.score(rule.task, rule.metric),
                       "score_a2": a2.score(rule.task, rule.metric)})
     return {"measured": True, "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "model": str(model_dir), "hardware": hardware_name(), "stages": stages,
+            "model": str(model_dir), "hardware": hardware_name(on_gpu), "stages": stages,
             "rules": rules, "evaluated_with": a1.evaluated_with,
             "prompts_paired": not unpaired_prompts(a1.evidence(), a2.evidence(),
                                                    {r.task for r in gate.rules}),
@@ -83,14 +83,14 @@ def noise_for(cache_dir: Path, key: str) -> dict[str, Any]:
 
 
 def noise_key(source_record: dict[str, Any], cfg: EvaluationSettings,
-              gate: GateSettings) -> str:
+              gate: GateSettings, on_gpu: bool) -> str:
     """The key the baseline cache gives this source and evaluation."""
-    return baseline_cache_key(source_record, evaluated_with(cfg, gate))
+    return baseline_cache_key(source_record, evaluated_with(cfg, gate, on_gpu))
 
 
 def noise_for_source(cache_dir: Path, source_record: dict[str, Any], cfg: EvaluationSettings,
-                     gate: GateSettings) -> dict[str, Any]:
-    return noise_for(cache_dir, noise_key(source_record, cfg, gate))
+                     gate: GateSettings, on_gpu: bool) -> dict[str, Any]:
+    return noise_for(cache_dir, noise_key(source_record, cfg, gate, on_gpu))
 
 
 def noise_line(noise: dict[str, Any]) -> str:

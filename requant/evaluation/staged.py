@@ -20,9 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from requant.atomic import atomic_directory, write_json_atomic
-from requant.errors import SettingsError
+from requant.errors import EvaluationStalled, SettingsError
 from requant.evaluation.candidate_cache import CandidateCache, StopRule
-from requant.evaluation.gate import EvidenceRecord, GateDecision, decide, rule_key
+from requant.evaluation.gate import (
+    EvidenceRecord,
+    GateDecision,
+    decide,
+    rule_key,
+    unpaired_prompts,
+)
 from requant.evaluation.lmeval import (
     ModelEvaluation,
     baseline_cache_key,
@@ -58,7 +64,7 @@ def evaluate_staged(
     to stage ``upto`` (all), until ``stop`` says so; writes ``out_dir`` atomically (per-question
     scores, lm-eval's samples and results, the summary), ``prior``'s answers included."""
     started = time.monotonic()
-    with_ = (with_ if with_ is not None else evaluated_with(cfg, gate)) | {
+    with_ = (with_ if with_ is not None else evaluated_with(cfg, gate, on_gpu)) | {
         "tokenizer": tokenizer_fingerprint(model_dir)}
     with atomic_directory(out_dir) as tmp:
         if prior is not None:  # its samples and results files; its scores are merged below
@@ -156,16 +162,17 @@ def _merge(per_doc: dict[str, dict[int, float]], samples: dict[str, list[dict[st
 def evaluate_baseline_cached(
     cfg: EvaluationSettings, gate: GateSettings, source_record: dict[str, Any], model_dir: Path,
     cache_dir: Path, out_dir: Path, on_gpu: bool, report: Report = no_progress,
-    upto: int | None = None,
+    upto: int | None = None, refresh: bool = False,
 ) -> ModelEvaluation:
     """The unquantized source's answers to the first ``upto`` stages (all by default): the
     stages the cache holds are reused (the key: source identity + everything in
-    ``evaluated_with``), the missing ones answered and added to it."""
-    with_ = evaluated_with(cfg, gate)
+    ``evaluated_with``), the missing ones answered and added to it. ``refresh``: the cache's
+    stages are asked again and replace it (the questions were found to have changed)."""
+    with_ = evaluated_with(cfg, gate, on_gpu)
     key = baseline_cache_key(source_record, with_)
     cached = Path(cache_dir) / "baseline-eval" / key
     have = load_record("baseline", cached, cached=True) \
-        if (cached / "summary.json").is_file() else None
+        if (cached / "summary.json").is_file() and not refresh else None
     stages = len(effective_looks(cfg, gate))
     need = stages if upto is None else min(upto, stages)
     if have is not None and have.stages >= need:
@@ -224,6 +231,31 @@ def evaluate_candidate_gated(
     out_dir: Path, on_gpu: bool, report: Report = no_progress,
     more_baseline: Callable[[int], ModelEvaluation] | None = None,
     cache_dir: Path | None = None,
+    fresh_baseline: Callable[[int], ModelEvaluation] | None = None,
+) -> tuple[ModelEvaluation, GateDecision, ModelEvaluation]:
+    """``_gated`` (below); and with ``fresh_baseline``, once: when the baseline's questions were
+    asked with other prompts than the candidate's (a Hub dataset or a task file changed since
+    the baseline was cached), the baseline is asked again (``fresh_baseline(stages)``
+    replaces its cache entry) and the gate decides on that, instead of failing every later
+    run until someone deletes the cache by hand. A pairing that still fails is a real
+    difference between the two and fails the gate."""
+    candidate, decision, baseline = _gated(cfg, gate, baseline, checkpoint, out_dir, on_gpu,
+                                           report, more_baseline, cache_dir)
+    tasks = {r.task for r in gate.rules}
+    if fresh_baseline is None or not unpaired_prompts(baseline.evidence(),
+                                                      candidate.evidence(), tasks):
+        return candidate, decision, baseline
+    report(0.0, "the baseline's questions were asked with other prompts than the candidate's "
+                "(the task's data changed since it was cached): asking the baseline again")
+    baseline = fresh_baseline(candidate.stages)
+    return _gated(cfg, gate, baseline, checkpoint, out_dir, on_gpu, report, more_baseline,
+                  cache_dir)
+
+
+def _gated(
+    cfg: EvaluationSettings, gate: GateSettings, baseline: ModelEvaluation, checkpoint: Path,
+    out_dir: Path, on_gpu: bool, report: Report,
+    more_baseline: Callable[[int], ModelEvaluation] | None, cache_dir: Path | None,
 ) -> tuple[ModelEvaluation, GateDecision, ModelEvaluation]:
     """The candidate, stage by stage, stopping as soon as the gate's decision is clear. When it
     reaches a stage the baseline has not answered, ``more_baseline(k)`` answers the baseline's
@@ -234,7 +266,8 @@ def evaluate_candidate_gated(
     looks = effective_looks(cfg, gate)
     decisions: list[GateDecision] = []
     candidate: ModelEvaluation | None = None
-    cache = CandidateCache(cache_dir, checkpoint, cfg, gate) if cache_dir is not None else None
+    cache = CandidateCache(cache_dir, checkpoint, cfg, gate, on_gpu) \
+        if cache_dir is not None else None
     kept = cache.kept() if cache is not None else None
     while True:
         rule = gate_stop_rule(baseline.evidence(), gate, looks, decisions.append)
@@ -253,4 +286,7 @@ def evaluate_candidate_gated(
                 cache.keep(candidate)
         if decisions[-1].final or more_baseline is None or baseline.stages >= len(looks):
             return candidate, decisions[-1], baseline
-        baseline = more_baseline(candidate.stages + 1)
+        asked, had = candidate.stages + 1, baseline.stages
+        baseline = more_baseline(asked)
+        if baseline.stages <= had:  # no progress: the loop would ask again forever
+            raise EvaluationStalled(asked, baseline.stages)

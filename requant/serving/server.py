@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -141,14 +142,25 @@ def build_command(
         cmd += ["--revision", revision]
     if cfg.max_num_batched_tokens:
         cmd += ["--max-num-batched-tokens", str(cfg.max_num_batched_tokens)]
-    if on_gpu:
-        cmd += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
-    eager = cfg.enforce_eager if cfg.enforce_eager is not None else not on_gpu
-    if eager:
+    flags = effective_flags(cfg, on_gpu)
+    if flags["gpu_memory_utilization"] is not None:
+        cmd += ["--gpu-memory-utilization", str(flags["gpu_memory_utilization"])]
+    if flags["enforce_eager"]:
         cmd.append("--enforce-eager")
-    if (dtype := serving_dtype(cfg, on_gpu)) is not None:
-        cmd += ["--dtype", dtype]
+    if flags["dtype"] is not None:
+        cmd += ["--dtype", flags["dtype"]]
     return cmd + list(cfg.extra_args)
+
+
+def effective_flags(cfg: ServerSettings, on_gpu: bool) -> dict[str, Any]:
+    """The flags a server is started with that requant chooses from where it runs, not from
+    the settings alone: eager mode (on unless on a GPU), the dtype (float32 on a CPU without
+    native bf16), the GPU memory share (on a GPU only). What an evaluation records, so two
+    records compare only if their servers really ran alike."""
+    return {"on_gpu": on_gpu,
+            "enforce_eager": cfg.enforce_eager if cfg.enforce_eager is not None else not on_gpu,
+            "dtype": serving_dtype(cfg, on_gpu),
+            "gpu_memory_utilization": cfg.gpu_memory_utilization if on_gpu else None}
 
 
 def serving_dtype(cfg: ServerSettings, on_gpu: bool) -> str | None:
