@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from requant.evaluation.staged import evaluate_staged  # noqa: E402
+from requant.evaluation.staged import EvalJob, evaluate_staged  # noqa: E402
 from requant.evaluation.task_files import render_task_dir, task_dir  # noqa: E402
 from requant.settings import (  # noqa: E402
     EvaluationSettings,
@@ -50,7 +50,8 @@ def main() -> None:
                         looks=[1.0])
     work = Path(tempfile.mkdtemp(prefix="requant-evalspeed-"))
     started = time.perf_counter()
-    served = evaluate_staged("baseline", args.model, cfg, gate, work / "server", on_gpu=False)
+    served = evaluate_staged(EvalJob(cfg, gate, on_gpu=False), "baseline", args.model,
+                             work / "server")
     server_s = time.perf_counter() - started
 
     tasks = render_task_dir(task_dir(cfg), work / "tasks")

@@ -13,6 +13,7 @@ from prefect.logging import get_run_logger
 from requant.evaluation.gate import GateDecision
 from requant.evaluation.lmeval import ModelEvaluation
 from requant.evaluation.staged import (
+    EvalJob,
     check_baseline,
     evaluate_baseline_cached,
     evaluate_candidate_gated,
@@ -49,8 +50,8 @@ def evaluate_baseline(
     candidate's first look is undecided (``evaluate_candidate``). Cached per stage: a nightly
     run does not re-evaluate an unchanged source."""
     progress = StageProgress("evaluation-baseline", "evaluating the baseline")
-    result = evaluate_baseline_cached(cfg, gate, source_record, model_dir, cache_dir, out_dir,
-                                      on_gpu, report=progress, upto=1)
+    result = evaluate_baseline_cached(EvalJob(cfg, gate, on_gpu, progress), source_record,
+                                      model_dir, cache_dir, out_dir, upto=1)
     progress.done(("from the cache, " if result.cached else "") + f"{result.stages} stage(s)")
     _report(result)
     check_baseline(result, gate)
@@ -69,24 +70,23 @@ def evaluate_candidate(
     the candidate needs it. Answers of the same served bytes are read back from the cache
     (``requant.evaluation.candidate_cache``), look by look."""
     progress = StageProgress("evaluation-candidate", "evaluating the candidate")
+    job = EvalJob(cfg, gate, on_gpu, progress)
 
     def more_baseline(upto: int) -> ModelEvaluation:
         get_run_logger().info("look %d is undecided: the baseline answers stage %d (cached for "
                               "later runs), then the candidate continues", upto - 1, upto)
-        return evaluate_baseline_cached(cfg, gate, source_record, source_dir, cache_dir,
-                                        baseline.result_dir, on_gpu, report=progress,
-                                        upto=upto)
+        return evaluate_baseline_cached(job, source_record, source_dir, cache_dir,
+                                        baseline.result_dir, upto=upto)
 
     def fresh_baseline(upto: int) -> ModelEvaluation:
         get_run_logger().warning("the cached baseline was asked with other prompts than the "
                                  "candidate (its task data changed): it answers again")
-        return evaluate_baseline_cached(cfg, gate, source_record, source_dir, cache_dir,
-                                        baseline.result_dir, on_gpu, report=progress,
-                                        upto=upto, refresh=True)
+        return evaluate_baseline_cached(job, source_record, source_dir, cache_dir,
+                                        baseline.result_dir, upto=upto, refresh=True)
 
     result, decision, baseline = evaluate_candidate_gated(
-        cfg, gate, baseline, checkpoint, out_dir, on_gpu, report=progress,
-        more_baseline=more_baseline, cache_dir=cache_dir, fresh_baseline=fresh_baseline)
+        job, baseline, checkpoint, out_dir, more_baseline=more_baseline, cache_dir=cache_dir,
+        fresh_baseline=fresh_baseline)
     progress.done(f"gate {decision.status} after {decision.questions} of {decision.total} "
                   "questions")
     _report(result)

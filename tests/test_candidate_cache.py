@@ -11,7 +11,7 @@ import pytest
 
 from requant.evaluation.candidate_cache import CandidateCache, candidate_cache_key
 from requant.evaluation.lmeval import ModelEvaluation, save_record
-from requant.evaluation.staged import evaluate_candidate_gated
+from requant.evaluation.staged import EvalJob, evaluate_candidate_gated
 from requant.evaluation.task_files import stage_plan
 from requant.settings import EvaluationSettings, GateRule, GateSettings
 
@@ -87,8 +87,8 @@ def test_a_kept_two_stage_record_decides_look_1_on_look_1s_questions_only(tmp_pa
     baseline = record(tmp_path / "baseline", "baseline", dict.fromkeys(range(TOTAL), 1.0), 2)
 
     out = tmp_path / "run2" / "candidate"
-    candidate, decision, _ = evaluate_candidate_gated(cfg, gate, baseline, ckpt, out, False,
-                                                      cache_dir=tmp_path / "cache")
+    candidate, decision, _ = evaluate_candidate_gated(EvalJob(cfg, gate, False), baseline, ckpt,
+                                                      out, cache_dir=tmp_path / "cache")
     assert (decision.look, decision.status) == (1, "fail")
     assert decision.questions == len(plan[0]["t"]) == TOTAL // 2
     assert candidate.cached and candidate.stages == 1
@@ -112,7 +112,7 @@ def test_other_served_bytes_are_evaluated_live_not_read_from_anothers_answers(tm
     baseline = record(tmp_path / "baseline", "baseline", dict.fromkeys(range(TOTAL), 1.0), 2)
     other = checkpoint(tmp_path / "other", b"v" * 64)
     with pytest.raises(Exception, match="no-python"):  # a live evaluation tried a server
-        evaluate_candidate_gated(cfg, gate, baseline, other, tmp_path / "out", False,
+        evaluate_candidate_gated(EvalJob(cfg, gate, False), baseline, other, tmp_path / "out",
                                  cache_dir=tmp_path / "cache")
     assert not (tmp_path / "out").exists() and len(plan) == 2
 

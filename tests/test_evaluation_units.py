@@ -191,7 +191,7 @@ def test_a_runs_gate_record_gets_the_noise_measured_for_exactly_its_evaluation(t
 
 
 def test_a_model_whose_stages_are_all_answered_starts_no_server(tmp_path, monkeypatch):
-    from requant.evaluation.staged import evaluate_staged
+    from requant.evaluation.staged import EvalJob, evaluate_staged
     from requant.settings import GateSettings
 
     monkeypatch.chdir(ROOT)
@@ -203,8 +203,10 @@ def test_a_model_whose_stages_are_all_answered_starts_no_server(tmp_path, monkey
     gate = GateSettings(rules=[GateRule(task="gsm8k_local")], looks=[0.5, 1.0])
     prior = ModelEvaluation("candidate", "m", {"gsm8k_local|exact_match,strict-match": {0: 1.0}},
                             {"gsm8k_local": 4}, {"x": 1}, tmp_path / "prior", stages=1)
-    again = evaluate_staged("candidate", tmp_path, cfg, gate, tmp_path / "out", on_gpu=False,
-                            with_={"x": 1}, upto=1, prior=prior)
+    monkeypatch.setattr("requant.evaluation.staged.evaluated_with",
+                        lambda cfg, gate, on_gpu: {"x": 1})
+    again = evaluate_staged(EvalJob(cfg, gate, on_gpu=False), "candidate", tmp_path,
+                            tmp_path / "out", upto=1, prior=prior)
     assert again.stages == 1 and again.per_doc == prior.per_doc
     assert (tmp_path / "out" / "summary.json").is_file()
 

@@ -23,7 +23,11 @@ from requant.evaluation.lmeval import (
     tokenizer_fingerprint,
 )
 from requant.evaluation.sequential import recovery_test
-from requant.evaluation.staged import evaluate_baseline_cached, evaluate_candidate_gated
+from requant.evaluation.staged import (
+    EvalJob,
+    evaluate_baseline_cached,
+    evaluate_candidate_gated,
+)
 from requant.settings import EvaluationSettings, GateRule, GateSettings, ServerSettings
 from tests.conftest import ROOT
 from tests.standin_vllm import standin_python
@@ -142,11 +146,10 @@ def test_a_cached_baseline_short_of_the_stages_needed_is_extended_not_reused_nor
         staged, tmp_path):
     cfg, gate, source, model = staged
     cache = tmp_path / "cache"
-    first = evaluate_baseline_cached(cfg, gate, source, model, cache, tmp_path / "b1",
-                                     on_gpu=False, upto=1)
+    job = EvalJob(cfg, gate, False)
+    first = evaluate_baseline_cached(job, source, model, cache, tmp_path / "b1", upto=1)
     assert first.stages == 1 and not first.cached
-    second = evaluate_baseline_cached(cfg, gate, source, model, cache, tmp_path / "b2",
-                                      on_gpu=False, upto=2)
+    second = evaluate_baseline_cached(job, source, model, cache, tmp_path / "b2", upto=2)
     assert second.stages == 2  # extended: a one-stage record is not enough for look 2
     assert questions_asked(tmp_path / "b2") == Counter({1: 4, 2: 4})
     # stage 1 was not asked again: its lm-eval results are the first run's, byte for byte
@@ -157,8 +160,7 @@ def test_a_cached_baseline_short_of_the_stages_needed_is_extended_not_reused_nor
     assert {d: both[d] for d in stage1} == first.per_doc["gsm8k_local|exact_match,strict-match"]
     # the tokenizer's fingerprint is part of what the record says it was evaluated with
     assert second.evaluated_with["tokenizer"] == tokenizer_fingerprint(model)
-    third = evaluate_baseline_cached(cfg, gate, source, model, cache, tmp_path / "b3",
-                                     on_gpu=False, upto=2)
+    third = evaluate_baseline_cached(job, source, model, cache, tmp_path / "b3", upto=2)
     assert third.cached and third.stages == 2  # now enough: reused as it is
 
 
@@ -167,10 +169,10 @@ def test_the_candidate_answers_no_stage_the_baseline_has_not(staged, tmp_path):
     stage 1 whatever its look said: the gate never pairs it with questions the baseline has
     not answered."""
     cfg, gate, source, model = staged
-    baseline = evaluate_baseline_cached(cfg, gate, source, model, tmp_path / "cache",
-                                        tmp_path / "base", on_gpu=False, upto=1)
+    baseline = evaluate_baseline_cached(EvalJob(cfg, gate, False), source, model,
+                                        tmp_path / "cache", tmp_path / "base", upto=1)
     candidate, decision, base_after = evaluate_candidate_gated(
-        cfg, gate, baseline, model, tmp_path / "cand", on_gpu=False)
+        EvalJob(cfg, gate, False), baseline, model, tmp_path / "cand")
     assert candidate.stages == 1 and base_after.stages == 1
     assert questions_asked(tmp_path / "cand") == Counter({1: 4})
     assert decision.look == 1
@@ -181,8 +183,8 @@ def test_a_baseline_that_answers_no_further_stage_ends_the_candidates_loop_with_
     """A progress guard: if extending the baseline adds no stage, the loop would ask for it
     forever; it stops, saying which stage was asked for and what came back."""
     cfg, gate, source, model = staged
-    baseline = evaluate_baseline_cached(cfg, gate, source, model, tmp_path / "cache",
-                                        tmp_path / "base", on_gpu=False, upto=1)
+    baseline = evaluate_baseline_cached(EvalJob(cfg, gate, False), source, model,
+                                        tmp_path / "cache", tmp_path / "base", upto=1)
     undecided = ModelEvaluation(baseline.label, baseline.model, baseline.per_doc,
                                 baseline.totals, baseline.evaluated_with, baseline.result_dir,
                                 stages=1, prompts=baseline.prompts)
@@ -196,8 +198,8 @@ def test_a_baseline_that_answers_no_further_stage_ends_the_candidates_loop_with_
 
     # a gate that cannot decide at look 1 on 4 questions: the loop asks for stage 2
     with pytest.raises(EvaluationStalled, match="stage 2"):
-        evaluate_candidate_gated(cfg, gate, undecided, model, tmp_path / "cand", on_gpu=False,
-                                 more_baseline=no_progress)
+        evaluate_candidate_gated(EvalJob(cfg, gate, False), undecided, model,
+                                 tmp_path / "cand", more_baseline=no_progress)
     assert asked == [2]
 
 
@@ -210,8 +212,8 @@ def test_a_cached_baseline_asked_with_other_prompts_is_asked_again_once_not_fail
     cache = tmp_path / "cache"
 
     def baseline_run(out: str, refresh: bool = False, upto: int = 1) -> ModelEvaluation:
-        return evaluate_baseline_cached(cfg, gate, source, model, cache, tmp_path / out,
-                                        on_gpu=False, upto=upto, refresh=refresh)
+        return evaluate_baseline_cached(EvalJob(cfg, gate, False), source, model, cache,
+                                        tmp_path / out, upto=upto, refresh=refresh)
 
     first = baseline_run("b1")
     entry = next((cache / "baseline-eval").iterdir())
@@ -227,12 +229,12 @@ def test_a_cached_baseline_asked_with_other_prompts_is_asked_again_once_not_fail
         return baseline_run("b2", refresh=True, upto=upto)
 
     candidate, decision, base = evaluate_candidate_gated(
-        cfg, gate, stale, model, tmp_path / "cand", on_gpu=False, fresh_baseline=fresh)
+        EvalJob(cfg, gate, False), stale, model, tmp_path / "cand", fresh_baseline=fresh)
     assert refreshed == [candidate.stages]
     assert not any("different prompt" in r for r in decision.reasons), decision.reasons
     assert base.prompts == first.prompts
     assert json.loads((entry / "prompts.json").read_text()) == prompts  # the entry replaced
     # without the refresh, the same stale record fails the gate on the pairing
-    _, failed, _ = evaluate_candidate_gated(cfg, gate, stale, model, tmp_path / "cand2",
-                                            on_gpu=False)
+    _, failed, _ = evaluate_candidate_gated(EvalJob(cfg, gate, False), stale, model,
+                                            tmp_path / "cand2")
     assert failed.status == "fail" and any("different prompt" in r for r in failed.reasons)

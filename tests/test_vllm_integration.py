@@ -50,7 +50,7 @@ def test_checkpoint_vllm_cannot_load_fails_with_the_log_and_leaves_nothing(vllm_
 
 def test_server_killed_mid_evaluation_is_reported_as_a_server_failure(vllm_tiny_w8a8, tmp_path):
     """lm-eval must not turn a dead server into a score of zero."""
-    from requant.evaluation.staged import evaluate_staged
+    from requant.evaluation.staged import EvalJob, evaluate_staged
 
     port = free_port()
     cfg = EvaluationSettings(tasks=["gsm8k_local"], task_limits={}, limit=40, num_fewshot=5, max_gen_toks=64, num_concurrent=2,
@@ -75,8 +75,8 @@ def test_server_killed_mid_evaluation_is_reported_as_a_server_failure(vllm_tiny_
     killer.start()
     out = tmp_path / "eval" / "candidate"
     with pytest.raises(ServerError, match="exited with code"):
-        evaluate_staged("candidate", vllm_tiny_w8a8, cfg, GateSettings(looks=[1.0]), out,
-                        on_gpu=False)
+        evaluate_staged(EvalJob(cfg, GateSettings(looks=[1.0]), on_gpu=False), "candidate",
+                        vllm_tiny_w8a8, out)
     killer.join(5)
     assert not out.exists()  # no result directory that could be mistaken for a finished one
     assert processes_mentioning("requant-candidate", str(vllm_tiny_w8a8)) == []
@@ -154,13 +154,13 @@ def test_staged_gsm8k_slice_gated_with_bos_the_baseline_answering_stages_only_as
 
 def test_add_bos_token_false_is_the_negative_control_no_prompt_starts_with_bos(
         vllm_tiny_w8a8, tmp_path, monkeypatch):
-    from requant.evaluation.staged import evaluate_staged
+    from requant.evaluation.staged import EvalJob, evaluate_staged
 
     monkeypatch.chdir(ROOT)
     cfg = EvaluationSettings(tasks=["gsm8k_local"], task_limits={}, limit=4, num_fewshot=2, max_gen_toks=8, add_bos_token=False,
                              server=logging_server())
-    result = evaluate_staged("candidate", vllm_tiny_w8a8, cfg, GateSettings(looks=[1.0]),
-                             tmp_path / "candidate", on_gpu=False)
+    result = evaluate_staged(EvalJob(cfg, GateSettings(looks=[1.0]), on_gpu=False),
+                             "candidate", vllm_tiny_w8a8, tmp_path / "candidate")
     firsts = bos_first(result.result_dir)
     assert len(firsts) >= 4 and "1" not in firsts, firsts  # the same path, no BOS this time
 
@@ -168,13 +168,13 @@ def test_add_bos_token_false_is_the_negative_control_no_prompt_starts_with_bos(
 def test_in_process_vllm_backend_runs_the_seed_command_in_the_serving_env(vllm_tiny_w8a8,
                                                                           tmp_path, monkeypatch):
     """evaluation.backend=vllm: `lm_eval --model vllm ... add_bos_token=True` as the seed ran it."""
-    from requant.evaluation.staged import evaluate_staged
+    from requant.evaluation.staged import EvalJob, evaluate_staged
 
     monkeypatch.chdir(ROOT)
     cfg = EvaluationSettings(backend="vllm", tasks=["gsm8k_local"], task_limits={}, limit=4, num_fewshot=1, max_gen_toks=16,
                              server=tiny_server_settings(max_model_len=2048))
-    result = evaluate_staged("candidate", vllm_tiny_w8a8, cfg, GateSettings(), tmp_path /
-                             "candidate", on_gpu=False)
+    result = evaluate_staged(EvalJob(cfg, GateSettings(), on_gpu=False), "candidate",
+                             vllm_tiny_w8a8, tmp_path / "candidate")
     assert result.stages == 1  # one go: a stage would reload the model in-process
     assert sorted(result.per_doc["gsm8k_local|exact_match,strict-match"]) == [0, 1, 2, 3]
     log = (tmp_path / "candidate" / "lm_eval.log").read_text()

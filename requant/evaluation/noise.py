@@ -22,7 +22,7 @@ from requant.atomic import write_json_atomic
 from requant.evaluation.gate import decide, rule_key, unpaired_prompts
 from requant.evaluation.lmeval import baseline_cache_key, evaluated_with, hardware_name
 from requant.evaluation.sequential import critical_values
-from requant.evaluation.staged import evaluate_staged
+from requant.evaluation.staged import EvalJob, evaluate_staged
 from requant.evaluation.task_files import effective_looks
 from requant.settings import EvaluationSettings, GateSettings
 
@@ -36,8 +36,8 @@ def measure_noise(cfg: EvaluationSettings, gate: GateSettings, model_dir: Path, 
     runs = []
     with tempfile.TemporaryDirectory(prefix="requant-aa-", dir=work) as tmp:
         for label in ("a1", "a2"):
-            runs.append(evaluate_staged(label, model_dir, cfg, gate, Path(tmp) / label,
-                                        on_gpu=on_gpu, upto=stages))
+            runs.append(evaluate_staged(EvalJob(cfg, gate, on_gpu), label, model_dir,
+                                        Path(tmp) / label, upto=stages))
     a1, a2 = runs
     looks = effective_looks(cfg, gate)
     z = critical_values(tuple(looks), 1 - gate.confidence)[stages - 1]

@@ -15,7 +15,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,18 +54,42 @@ from requant.serving.server import running_server
 from requant.settings import EvaluationSettings, GateSettings
 
 
+@dataclass(frozen=True)
+class EvalJob:
+    """How every model of a run is evaluated: the tasks and server (``evaluation``), the gate's
+    stages (``gate``), whether the servers run on the GPU, and where progress goes."""
+
+    cfg: EvaluationSettings
+    gate: GateSettings
+    on_gpu: bool
+    report: Report = no_progress
+
+    def evaluated_with(self) -> dict[str, Any]:
+        return evaluated_with(self.cfg, self.gate, self.on_gpu)
+
+
+@dataclass(frozen=True)
+class _Staging:
+    """One model's staged evaluation in progress: what it is, where it writes, what it asks."""
+
+    label: str
+    model_dir: Path
+    out_dir: Path
+    tmp: Path  # the atomic directory that becomes out_dir
+    rendered: Path | None  # the task files rendered for this evaluation
+    sizes: dict[str, int]
+    with_: dict[str, Any]
+
+
 def evaluate_staged(
-    label: str, model_dir: Path, cfg: EvaluationSettings, gate: GateSettings, out_dir: Path,
-    *, on_gpu: bool, report: Report = no_progress, stop: StopRule | None = None,
-    with_: dict[str, Any] | None = None, upto: int | None = None,
-    prior: ModelEvaluation | None = None,
+    job: EvalJob, label: str, model_dir: Path, out_dir: Path, *,
+    stop: StopRule | None = None, upto: int | None = None, prior: ModelEvaluation | None = None,
 ) -> ModelEvaluation:
     """Serve ``model_dir`` and answer the stages after ``prior``'s (all of them without one) up
     to stage ``upto`` (all), until ``stop`` says so; writes ``out_dir`` atomically (per-question
     scores, lm-eval's samples and results, the summary), ``prior``'s answers included."""
-    started = time.monotonic()
-    with_ = (with_ if with_ is not None else evaluated_with(cfg, gate, on_gpu)) | {
-        "tokenizer": tokenizer_fingerprint(model_dir)}
+    started, cfg = time.monotonic(), job.cfg
+    with_ = job.evaluated_with() | {"tokenizer": tokenizer_fingerprint(model_dir)}
     with atomic_directory(out_dir) as tmp:
         if prior is not None:  # its samples and results files; its scores are merged below
             shutil.copytree(prior.result_dir, tmp, dirs_exist_ok=True)
@@ -85,8 +109,8 @@ def evaluate_staged(
             if stop:
                 stop(evaluation, 0, 1)
         else:
-            evaluation = _serve_stages(label, model_dir, cfg, gate, rendered, sizes, with_,
-                                       tmp, out_dir, on_gpu, report, stop, upto, prior)
+            evaluation = _serve_stages(job, _Staging(label, model_dir, out_dir, tmp, rendered,
+                                                     sizes, with_), stop, upto, prior)
         total = round(time.monotonic() - started + (prior.timings_s.get("total", 0.0)
                                                     if prior else 0.0), 1)
         evaluation = replace(evaluation, result_dir=out_dir, cached=False,
@@ -95,12 +119,10 @@ def evaluate_staged(
     return evaluation
 
 
-def _serve_stages(label: str, model_dir: Path, cfg: EvaluationSettings, gate: GateSettings,
-                  rendered: Path | None, sizes: dict[str, int], with_: dict[str, Any],
-                  tmp: Path, out_dir: Path, on_gpu: bool, report: Report,
-                  stop: StopRule | None, upto: int | None,
+def _serve_stages(job: EvalJob, s: _Staging, stop: StopRule | None, upto: int | None,
                   prior: ModelEvaluation | None) -> ModelEvaluation:
-    plan = stage_plan(sizes, effective_looks(cfg, gate), gate.order_seed)
+    cfg, label, tmp = job.cfg, s.label, s.tmp
+    plan = stage_plan(s.sizes, effective_looks(cfg, job.gate), job.gate.order_seed)
     first = prior.stages if prior else 0
     last = len(plan) if upto is None else min(upto, len(plan))
     if first >= last:  # nothing left to answer: no server started for nothing
@@ -111,8 +133,8 @@ def _serve_stages(label: str, model_dir: Path, cfg: EvaluationSettings, gate: Ga
     prompts = {k: dict(v) for k, v in prior.prompts.items()} if prior else {}
     timings = {k: v for k, v in (prior.timings_s if prior else {}).items() if k != "total"}
     evaluation = prior
-    with running_server(model_dir, cfg.server, tmp / "server.log",
-                        served_name=f"requant-{label}", on_gpu=on_gpu) as server:
+    with running_server(s.model_dir, cfg.server, tmp / "server.log",
+                        served_name=f"requant-{label}", on_gpu=job.on_gpu) as server:
         timings["server_startup"] = round(timings.get("server_startup", 0.0)
                                           + server.startup_s, 1)
         for k in range(first, last):
@@ -124,8 +146,8 @@ def _serve_stages(label: str, model_dir: Path, cfg: EvaluationSettings, gate: Ga
                 t0 = time.monotonic()
                 try:
                     results = run_lm_eval_on_server(
-                        model_dir, server.base_url, server.served_model_name, cfg, rendered,
-                        task, questions, f"{label} stage {k + 1}/{len(plan)}", report)
+                        s.model_dir, server.base_url, server.served_model_name, cfg, s.rendered,
+                        task, questions, f"{label} stage {k + 1}/{len(plan)}", job.report)
                 except Exception:
                     server.check_alive()  # a dead server is the cause: say so, with its log
                     raise
@@ -139,8 +161,9 @@ def _serve_stages(label: str, model_dir: Path, cfg: EvaluationSettings, gate: Ga
             per_doc = _merge(per_doc, samples, tmp, k)
             for task, rows in samples.items():
                 prompts.setdefault(task, {}).update(prompt_hashes(rows))
-            evaluation = ModelEvaluation(label, str(model_dir), per_doc, sizes, with_, out_dir,
-                                         timings_s=timings, stages=k + 1, prompts=prompts)
+            evaluation = ModelEvaluation(label, str(s.model_dir), per_doc, s.sizes, s.with_,
+                                         s.out_dir, timings_s=timings, stages=k + 1,
+                                         prompts=prompts)
             if stop is not None and stop(evaluation, k, len(plan)):
                 break
     assert evaluation is not None, "no stage left to answer"
@@ -160,20 +183,18 @@ def _merge(per_doc: dict[str, dict[int, float]], samples: dict[str, list[dict[st
 
 
 def evaluate_baseline_cached(
-    cfg: EvaluationSettings, gate: GateSettings, source_record: dict[str, Any], model_dir: Path,
-    cache_dir: Path, out_dir: Path, on_gpu: bool, report: Report = no_progress,
-    upto: int | None = None, refresh: bool = False,
+    job: EvalJob, source_record: dict[str, Any], model_dir: Path, cache_dir: Path,
+    out_dir: Path, upto: int | None = None, refresh: bool = False,
 ) -> ModelEvaluation:
     """The unquantized source's answers to the first ``upto`` stages (all by default): the
     stages the cache holds are reused (the key: source identity + everything in
     ``evaluated_with``), the missing ones answered and added to it. ``refresh``: the cache's
     stages are asked again and replace it (the questions were found to have changed)."""
-    with_ = evaluated_with(cfg, gate, on_gpu)
-    key = baseline_cache_key(source_record, with_)
+    key = baseline_cache_key(source_record, job.evaluated_with())
     cached = Path(cache_dir) / "baseline-eval" / key
     have = load_record("baseline", cached, cached=True) \
         if (cached / "summary.json").is_file() and not refresh else None
-    stages = len(effective_looks(cfg, gate))
+    stages = len(effective_looks(job.cfg, job.gate))
     need = stages if upto is None else min(upto, stages)
     if have is not None and have.stages >= need:
         with atomic_directory(out_dir) as tmp:
@@ -181,8 +202,7 @@ def evaluate_baseline_cached(
             write_json_atomic(tmp / "cache.json", {"key": key, "from": str(cached),
                                                    "stages": have.stages})
         return load_record("baseline", out_dir, cached=True)
-    result = evaluate_staged("baseline", model_dir, cfg, gate, out_dir, on_gpu=on_gpu,
-                             report=report, with_=with_, upto=need, prior=have)
+    result = evaluate_staged(job, "baseline", model_dir, out_dir, upto=need, prior=have)
     with atomic_directory(cached) as tmp:
         shutil.copytree(out_dir, tmp, dirs_exist_ok=True)
     return result
@@ -227,8 +247,7 @@ def gate_stop_rule(baseline: EvidenceRecord, gate: GateSettings, looks: list[flo
 
 
 def evaluate_candidate_gated(
-    cfg: EvaluationSettings, gate: GateSettings, baseline: ModelEvaluation, checkpoint: Path,
-    out_dir: Path, on_gpu: bool, report: Report = no_progress,
+    job: EvalJob, baseline: ModelEvaluation, checkpoint: Path, out_dir: Path, *,
     more_baseline: Callable[[int], ModelEvaluation] | None = None,
     cache_dir: Path | None = None,
     fresh_baseline: Callable[[int], ModelEvaluation] | None = None,
@@ -239,22 +258,21 @@ def evaluate_candidate_gated(
     replaces its cache entry) and the gate decides on that, instead of failing every later
     run until someone deletes the cache by hand. A pairing that still fails is a real
     difference between the two and fails the gate."""
-    candidate, decision, baseline = _gated(cfg, gate, baseline, checkpoint, out_dir, on_gpu,
-                                           report, more_baseline, cache_dir)
-    tasks = {r.task for r in gate.rules}
+    candidate, decision, baseline = _gated(job, baseline, checkpoint, out_dir, more_baseline,
+                                           cache_dir)
+    tasks = {r.task for r in job.gate.rules}
     if fresh_baseline is None or not unpaired_prompts(baseline.evidence(),
                                                       candidate.evidence(), tasks):
         return candidate, decision, baseline
-    report(0.0, "the baseline's questions were asked with other prompts than the candidate's "
-                "(the task's data changed since it was cached): asking the baseline again")
+    job.report(0.0, "the baseline's questions were asked with other prompts than the "
+                    "candidate's (the task's data changed since it was cached): asking the "
+                    "baseline again")
     baseline = fresh_baseline(candidate.stages)
-    return _gated(cfg, gate, baseline, checkpoint, out_dir, on_gpu, report, more_baseline,
-                  cache_dir)
+    return _gated(job, baseline, checkpoint, out_dir, more_baseline, cache_dir)
 
 
 def _gated(
-    cfg: EvaluationSettings, gate: GateSettings, baseline: ModelEvaluation, checkpoint: Path,
-    out_dir: Path, on_gpu: bool, report: Report,
+    job: EvalJob, baseline: ModelEvaluation, checkpoint: Path, out_dir: Path,
     more_baseline: Callable[[int], ModelEvaluation] | None, cache_dir: Path | None,
 ) -> tuple[ModelEvaluation, GateDecision, ModelEvaluation]:
     """The candidate, stage by stage, stopping as soon as the gate's decision is clear. When it
@@ -263,10 +281,10 @@ def _gated(
     baseline never answers a question the decision did not need. With ``cache_dir``, stages the
     same served bytes already answered are read back (``candidate_cache``), look by look, and
     new ones kept. Returns (candidate, decision, the baseline as far as it was answered)."""
-    looks = effective_looks(cfg, gate)
+    gate, looks = job.gate, effective_looks(job.cfg, job.gate)
     decisions: list[GateDecision] = []
     candidate: ModelEvaluation | None = None
-    cache = CandidateCache(cache_dir, checkpoint, cfg, gate, on_gpu) \
+    cache = CandidateCache(cache_dir, checkpoint, job.cfg, gate, job.on_gpu) \
         if cache_dir is not None else None
     kept = cache.kept() if cache is not None else None
     while True:
@@ -279,9 +297,8 @@ def _gated(
                                 stop, out_dir) if cache is not None and kept else None
         candidate = replayed or candidate
         if replayed is None or not (decisions[-1].final or replayed.stages >= baseline.stages):
-            candidate = evaluate_staged(
-                "candidate", checkpoint, cfg, gate, out_dir, on_gpu=on_gpu, report=report,
-                stop=stop, upto=baseline.stages, prior=candidate)
+            candidate = evaluate_staged(job, "candidate", checkpoint, out_dir, stop=stop,
+                                        upto=baseline.stages, prior=candidate)
             if cache is not None:
                 cache.keep(candidate)
         if decisions[-1].final or more_baseline is None or baseline.stages >= len(looks):
