@@ -16,6 +16,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,11 @@ class EvalJob:
     on_gpu: bool
     report: Report = no_progress
 
-    def evaluated_with(self) -> dict[str, Any]:
+    @cached_property
+    def with_(self) -> dict[str, Any]:
+        """``evaluated_with`` for this job, computed once: the baseline cache's key and every
+        record the job writes share it (it hashes the task files and asks the serving
+        environment its vLLM version)."""
         return evaluated_with(self.cfg, self.gate, self.on_gpu)
 
 
@@ -89,7 +94,7 @@ def evaluate_staged(
     to stage ``upto`` (all), until ``stop`` says so; writes ``out_dir`` atomically (per-question
     scores, lm-eval's samples and results, the summary), ``prior``'s answers included."""
     started, cfg = time.monotonic(), job.cfg
-    with_ = job.evaluated_with() | {"tokenizer": tokenizer_fingerprint(model_dir)}
+    with_ = job.with_ | {"tokenizer": tokenizer_fingerprint(model_dir)}
     with atomic_directory(out_dir) as tmp:
         if prior is not None:  # its samples and results files; its scores are merged below
             shutil.copytree(prior.result_dir, tmp, dirs_exist_ok=True)
@@ -190,7 +195,7 @@ def evaluate_baseline_cached(
     stages the cache holds are reused (the key: source identity + everything in
     ``evaluated_with``), the missing ones answered and added to it. ``refresh``: the cache's
     stages are asked again and replace it (the questions were found to have changed)."""
-    key = baseline_cache_key(source_record, job.evaluated_with())
+    key = baseline_cache_key(source_record, job.with_)
     cached = Path(cache_dir) / "baseline-eval" / key
     have = load_record("baseline", cached, cached=True) \
         if (cached / "summary.json").is_file() and not refresh else None

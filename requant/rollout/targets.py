@@ -23,13 +23,11 @@ from requant.rollout.state import Deployed, Intent, Release
 from requant.settings import PipelineSettings
 
 Log = Callable[[str], None]
-Rollout = Callable[[PipelineSettings, Release, "str | None", Log, Intent],
-                   "tuple[Deployed, bool]"]
+Rollout = Callable[[PipelineSettings, Release, str | None, Log, Intent], tuple[Deployed, bool]]
 
 
 @dataclass(frozen=True)
 class Target:
-    name: str
     #: the rollout to a release: (what serves now, whether anything changed)
     rollout: Rollout
     #: the target's settings checked at the preflight (bad input before expensive work)
@@ -53,9 +51,9 @@ def _kubernetes_previous(settings: PipelineSettings) -> tuple[Release | None, st
 
 
 TARGETS: dict[str, Target] = {
-    "local": Target("local", local.rollout_local, local.check_local_settings),
-    "kubernetes": Target("kubernetes", _kubernetes_rollout,
-                         lambda s: check_strategy(s.rollout.kubernetes), _kubernetes_previous),
+    "local": Target(local.rollout_local, local.check_local_settings),
+    "kubernetes": Target(_kubernetes_rollout, lambda s: check_strategy(s.rollout.kubernetes),
+                         _kubernetes_previous),
 }
 
 
