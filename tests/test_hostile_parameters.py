@@ -20,7 +20,7 @@ import yaml
 
 from requant.errors import EXIT_BAD_INPUT, NotOurs, SecretInCommit, SettingsError
 from requant.run_request import RunRequest, operator_fields, request_fields
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 
 REQUANT = str(Path(sys.executable).parent / "requant")
 TOKEN = "hf_workerWriteToken0123456789abcdef"
@@ -67,7 +67,12 @@ class Listener:
 @pytest.fixture
 def decoy():
     """A process group of somebody else's that nothing of requant's may signal."""
+    from requant.processes import runs_command
+
     proc = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    # its command line reads empty for a moment inside exec: a check before it shows would not
+    # be tested against a real "sleep 600" (and the test's own check of it would race)
+    wait_until(lambda: runs_command(proc.pid, "sleep", "600"), 10, "the decoy's command line")
     yield proc
     assert proc.poll() is None, "the decoy process group was signalled"
     os.killpg(proc.pid, signal.SIGKILL)
